@@ -1,0 +1,504 @@
+"""Opening PyTorch checkpoints without running their code.
+
+A `.bin`, `.ckpt` or `.pt` file is a pickle, and unpickling calls whatever functions the file
+names: `torch.load(..., weights_only=False)` on a stranger's file runs a stranger's program. So
+this module unpickles with an allow-list (`RestrictedUnpickler.find_class`): the functions that
+rebuild tensors, plain containers, dtypes, and nothing else. Three layouts are read:
+
+- the zip format (`torch.save`, PyTorch >= 1.6): `<name>/data.pkl` holds the object graph, each
+  tensor's bytes are a separate member `<name>/data/<key>` (torch/serialization.py `_load`);
+- the legacy format (`torch.save(..., _use_new_zipfile_serialization=False)`, e.g. GPT-2's 2019
+  `pytorch_model.bin`): five pickles in a row (magic number, protocol version, sys info, the
+  object graph, the list of storage keys), then each storage as an int64 element count followed
+  by its raw bytes (`_legacy_load`);
+- TorchScript archives (`torch.jit.save`, e.g. OpenAI's `ViT-B-32.pt`): the zip format again, but
+  `data.pkl` pickles the module objects themselves as `__torch__.*` classes. They load as inert
+  `Placeholder`s; `code/**.py` (read as text, never run) says which tensor attributes are
+  parameters or buffers, which gives the same keys as `torch.jit.load(f).state_dict()`.
+
+Objects that official files carry but nobody needs for inference (the PyTorch Lightning callback
+classes inside Stable Diffusion's `.ckpt`) load as `Placeholder`s too, for the module prefixes in
+`PLACEHOLDER_PREFIXES`. Any other global (`os.system`, `builtins.eval`, `subprocess.Popen`, ...)
+stops the load with `UnsafeCheckpointError` naming it. Everything else that is wrong with a file
+is one `ValueError`.
+"""
+import ast
+import collections
+import io
+import math
+import pickle
+import re
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .safetensors_format import atomic_write, read_safetensors
+
+# Classes that official checkpoints contain but that carry nothing we need: they become inert
+# Placeholder objects (their pickled arguments and state are kept as plain data, nothing runs).
+PLACEHOLDER_PREFIXES = (
+    "pytorch_lightning.",   # SD 1.x .ckpt: ModelCheckpoint callback used as a dict key, AttributeDict
+    "lightning.",           # the same package under its newer name
+    "lightning_fabric.",
+    "omegaconf.",           # configs saved beside Lightning hyper-parameters
+    "argparse.Namespace",   # old checkpoints store their command-line args
+)
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
+LEGACY_PROTOCOL = 1001
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint asked for a function or class outside the allow-list; nothing was called."""
+
+
+class Placeholder:
+    """An inert stand-in for a class we do not import: it records what the pickle gave it."""
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):  # pickle NEWOBJ calls __new__ without __init__
+        self = super().__new__(cls)
+        self.args, self.kwargs, self.state, self.items, self.list_items = args, kwargs, None, {}, []
+        return self
+
+    def __init__(self, *args, **kwargs):  # pickle REDUCE calls the class: __new__ did the work
+        pass
+
+    def __setstate__(self, state):  # pickle BUILD
+        self.state = state
+
+    def __setitem__(self, key, value):  # pickle SETITEM(S) on dict subclasses
+        self.items[key] = value
+
+    def append(self, value):  # pickle APPEND(S) on list subclasses
+        self.list_items.append(value)
+
+    def extend(self, values):
+        self.list_items.extend(values)
+
+    def __repr__(self):
+        return f"Placeholder({self.qualname})"
+
+
+def _placeholder_class(qualname):
+    # A fresh class per global, so that identity (e.g. a class used as a dict key) survives.
+    return type(qualname.rsplit(".", 1)[-1], (Placeholder,), {"qualname": qualname,
+                                                              "__module__": "weights.readers"})
+
+
+# Storage classes as they appear in pickles (torch.FloatStorage, ...) -> element dtype.
+STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
+}
+
+
+class StorageType:
+    """What `torch.FloatStorage` unpickles to here: a marker holding the dtype, not callable."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+class Storage:
+    """One storage of a checkpoint: a flat uint8 buffer plus the element dtype of its tensors."""
+
+    def __init__(self, data, dtype):
+        self.data, self.dtype = data, dtype
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+    """torch._utils._rebuild_tensor(_v2): a strided view into a storage, bounds-checked first."""
+    if not isinstance(storage, Storage):
+        raise ValueError(f"tensor rebuilt from {type(storage).__name__}, not from a storage")
+    size, stride = tuple(size), tuple(stride)
+    numbers = (storage_offset,) + size + stride
+    if not all(type(n) is int and n >= 0 for n in numbers) or len(size) != len(stride):
+        raise ValueError(f"bad tensor geometry: offset {storage_offset!r}, size {size!r}, stride {stride!r}")
+    elements = storage.data.numel() // storage.dtype.itemsize
+    if math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= elements:
+        raise ValueError(f"tensor of size {size} stride {stride} at offset {storage_offset} "
+                         f"overruns its storage of {elements} elements")
+    return storage.data.view(storage.dtype).as_strided(size, stride, storage_offset)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+    """torch._utils._rebuild_parameter(_with_state): a Parameter is just its tensor here."""
+    return data
+
+
+def _rebuild_from_type_v2(function, new_type, args, state):
+    """torch._tensor._rebuild_from_type_v2: only for plain tensors and parameters."""
+    if new_type not in (torch.Tensor, torch.nn.Parameter):
+        raise UnsafeCheckpointError(f"refusing to rebuild a tensor as {new_type!r}")
+    return function(*args)
+
+
+def _codecs_encode(text, encoding="utf-8"):
+    """_codecs.encode, which protocol-2 pickles use to build bytes objects."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError("refusing _codecs.encode with anything but (str, 'latin1')")
+    return text.encode("latin1")
+
+
+def _numpy_scalar(dtype, data=None):
+    """numpy.core.multiarray.scalar for plain (non-object) dtypes."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise UnsafeCheckpointError("refusing a numpy scalar of object dtype")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _identity(value, *unused):
+    return value
+
+
+ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray,
+    ("__builtin__", "set"): set, ("_codecs", "encode"): _codecs_encode,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): torch.Tensor, ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
+    # TorchScript archives wrap typed lists: the value itself is all we need
+    ("torch.jit._pickle", "build_intlist"): _identity, ("torch.jit._pickle", "build_doublelist"): _identity,
+    ("torch.jit._pickle", "build_boollist"): _identity, ("torch.jit._pickle", "build_tensorlist"): _identity,
+    ("torch.jit._pickle", "build_strlist"): _identity, ("torch.jit._pickle", "restore_type_tag"): _identity,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar, ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler whose globals come from the allow-list above, and whose persistent ids
+    ('storage', type, key, location, numel[, view]) resolve through `load_storage(key, dtype, numel)`."""
+
+    def __init__(self, file, load_storage, path, torchscript=False):
+        super().__init__(file, encoding="utf-8")
+        self.load_storage, self.path, self.torchscript = load_storage, path, torchscript
+        self.placeholders = {}
+
+    def find_class(self, module, name):
+        if (module, name) in ALLOWED_GLOBALS:
+            return ALLOWED_GLOBALS[(module, name)]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return StorageType(STORAGE_DTYPES[name])
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        qualname = f"{module}.{name}"
+        if (qualname.startswith(PLACEHOLDER_PREFIXES)
+                or (self.torchscript and (module == "__torch__" or module.startswith("__torch__.")))):
+            if qualname not in self.placeholders:
+                self.placeholders[qualname] = _placeholder_class(qualname)
+            return self.placeholders[qualname]
+        raise UnsafeCheckpointError(
+            f"{self.path}: refusing to load global '{qualname}': this checkpoint asks to call code "
+            f"that is not on the allow-list of weights/readers.py (tensors, containers, dtypes). "
+            f"It may be malicious; nothing was executed.")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] not in ("storage", b"storage"):
+            raise ValueError(f"{self.path}: unsupported persistent id {pid!r:.100} (only storages are)")
+        storage_type, key, _location, numel = pid[1:5]
+        if not isinstance(storage_type, StorageType) or type(numel) is not int or numel < 0:
+            raise ValueError(f"{self.path}: malformed storage reference {pid!r:.100}")
+        key = key.decode("ascii") if isinstance(key, bytes) else str(key)
+        storage = self.load_storage(key, storage_type.dtype, numel)
+        view = pid[5] if len(pid) > 5 else None
+        if view is not None:  # legacy format: a storage that is a slice of another
+            _view_key, offset, view_numel = view
+            itemsize = storage_type.dtype.itemsize
+            if not (0 <= offset and 0 <= view_numel and offset + view_numel <= numel):
+                raise ValueError(f"{self.path}: storage view {view!r} outside its storage of {numel} elements")
+            storage = Storage(storage.data[offset * itemsize:(offset + view_numel) * itemsize], storage.dtype)
+        return storage
+
+
+def _unpickle(data, load_storage, path, torchscript=False):
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), load_storage, path, torchscript).load()
+    except (UnsafeCheckpointError, ValueError):
+        raise
+    except Exception as error:  # truncated or corrupt pickle: EOFError, UnpicklingError, TypeError, ...
+        raise ValueError(f"{path}: corrupt checkpoint pickle ({type(error).__name__}: {error})") from error
+
+
+# ----------------------------------------------------------------------------- zip archives
+
+def _zip_records(path, archive):
+    """The archive's common prefix ('archive/', 'a/', ...) and its member names."""
+    names = archive.namelist()
+    pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise ValueError(f"{path}: zip file without exactly one <name>/data.pkl, not a PyTorch checkpoint")
+    prefix = pickles[0][: -len("data.pkl")]
+    byteorder = prefix + "byteorder"
+    if byteorder in names and archive.read(byteorder).strip() != b"little":
+        raise ValueError(f"{path}: big-endian checkpoints are not supported")
+    return prefix, set(names)
+
+
+def _read_zip_member(path, archive, f, name, nbytes):
+    """Read one stored member straight into a fresh uint8 tensor: one read, no extra copy."""
+    info = archive.getinfo(name)
+    if info.file_size != nbytes:
+        raise ValueError(f"{path}: {name} holds {info.file_size} bytes, the pickle expects {nbytes}")
+    data = torch.empty(nbytes, dtype=torch.uint8)
+    if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses, but zip tools might
+        data.numpy()[:] = np.frombuffer(archive.read(name), dtype=np.uint8)
+        return data
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise ValueError(f"{path}: corrupt zip local header for {name}")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    f.seek(info.header_offset + 30 + name_length + extra_length)
+    if nbytes and f.readinto(memoryview(data.numpy())) != nbytes:
+        raise ValueError(f"{path}: {name} is truncated")
+    return data
+
+
+def _load_zip(path, torchscript=None):
+    """Unpickle a torch zip archive. Returns (object, archive names, prefix, zip) for TorchScript use."""
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        prefix, names = _zip_records(path, archive)
+        if torchscript is None:
+            torchscript = f"{prefix}code/" in {n[: len(prefix) + 5] for n in names}
+        storages = {}
+
+        def load_storage(key, dtype, numel):
+            if key not in storages:
+                member = f"{prefix}data/{key}"
+                if member not in names:
+                    raise ValueError(f"{path}: the pickle refers to storage {key!r}, missing from the archive")
+                storages[key] = Storage(_read_zip_member(path, archive, f, member, numel * dtype.itemsize), dtype)
+            return storages[key]
+
+        obj = _unpickle(archive.read(prefix + "data.pkl"), load_storage, path, torchscript)
+        code = {}
+        if torchscript:
+            for name in names:
+                if name.startswith(prefix + "code/") and name.endswith(".py"):
+                    code[name[len(prefix + "code/"):]] = archive.read(name).decode("utf-8", "replace")
+        return obj, code
+
+
+# ----------------------------------------------------------------------------- legacy format
+
+def _load_legacy(path):
+    """Unpickle a pre-zip `torch.save` file (torch/serialization.py `_legacy_load`)."""
+    with open(path, "rb") as f:
+        file_size = Path(path).stat().st_size
+
+        def next_pickle():
+            try:
+                return RestrictedUnpickler(f, None, path).load()
+            except UnsafeCheckpointError:
+                raise
+            except Exception as error:
+                raise ValueError(f"{path}: corrupt legacy checkpoint ({type(error).__name__}: {error})") from error
+
+        if next_pickle() != LEGACY_MAGIC:
+            raise ValueError(f"{path}: not a PyTorch checkpoint (wrong magic number)")
+        if next_pickle() != LEGACY_PROTOCOL:
+            raise ValueError(f"{path}: unsupported legacy checkpoint protocol version")
+        sys_info = next_pickle()
+        if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
+            raise ValueError(f"{path}: big-endian checkpoints are not supported")
+
+        # The storages come AFTER the object graph: allocate each one (bounded by the file size),
+        # let the tensors view it, then fill it from the file below.
+        storages, total = {}, 0
+
+        def load_storage(key, dtype, numel):
+            nonlocal total
+            if key not in storages:
+                nbytes = numel * dtype.itemsize
+                total += nbytes
+                if total > file_size:
+                    raise ValueError(f"{path}: storages claim {total} bytes, more than the file's {file_size}")
+                storages[key] = Storage(torch.empty(nbytes, dtype=torch.uint8), dtype)
+            return storages[key]
+
+        unpickler = RestrictedUnpickler(f, load_storage, path)
+        try:
+            obj = unpickler.load()
+        except (UnsafeCheckpointError, ValueError):
+            raise
+        except Exception as error:
+            raise ValueError(f"{path}: corrupt legacy checkpoint ({type(error).__name__}: {error})") from error
+
+        keys = next_pickle()
+        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
+            raise ValueError(f"{path}: storage key list does not match the storages the pickle uses")
+        for key in map(str, keys):
+            storage = storages[key]
+            count = f.read(8)
+            if len(count) != 8:
+                raise ValueError(f"{path}: truncated before storage {key!r}")
+            (numel,) = struct.unpack("<q", count)
+            if numel * storage.dtype.itemsize != storage.data.numel():
+                raise ValueError(f"{path}: storage {key!r} holds {numel} elements, the pickle expects "
+                                 f"{storage.data.numel() // storage.dtype.itemsize}")
+            if numel and f.readinto(memoryview(storage.data.numpy())) != storage.data.numel():
+                raise ValueError(f"{path}: truncated inside storage {key!r}")
+    return obj
+
+
+# ----------------------------------------------------------------------------- TorchScript
+
+def _torchscript_tensor_names(code):
+    """{(module, class name): (parameter names, buffer names)} from the archive's code/ files.
+
+    The files are TorchScript source; we only read two literal lines per class, e.g.
+    `__parameters__ = ["weight", "bias", ]`. File `__torch__/torch/nn/modules/linear.py` defines
+    module `__torch__.torch.nn.modules.linear`."""
+    classes = {}
+    for file_name, text in code.items():
+        module = file_name[: -len(".py")].replace("/", ".")
+        current = None
+        for line in text.splitlines():
+            match = re.match(r"class ([\w.]+)\(Module\):", line)
+            if match:
+                # mangled classes are written as `class ___torch_mangle_3.Linear(Module)`
+                inner_module, _, class_name = match.group(1).rpartition(".")
+                current = (f"{module}.{inner_module}" if inner_module else module, class_name)
+                classes[current] = ([], [])
+                continue
+            match = re.match(r"  __(parameters|buffers)__ = (\[.*\])$", line)
+            if match and current is not None:
+                classes[current][0 if match.group(1) == "parameters" else 1].extend(ast.literal_eval(match.group(2)))
+    return classes
+
+
+def torchscript_state_dict(module_object, code):
+    """Flatten unpickled TorchScript module placeholders into {'a.b.weight': tensor}.
+
+    Order and content equal `torch.jit.load(f).state_dict()`: a module's parameters, then its
+    buffers, then each submodule's, in attribute order; None-valued parameters are skipped.
+    Tensor attributes that are neither (plain attributes) are left out, as state_dict does."""
+    classes = _torchscript_tensor_names(code)
+    state = {}
+
+    def walk(obj, prefix):
+        attributes = obj.state if isinstance(obj.state, dict) else {}
+        module, _, name = obj.qualname.rpartition(".")
+        parameters, buffers = classes.get((module, name), (None, None))
+        if parameters is None:  # no code for this class: keep every tensor attribute
+            parameters, buffers = [k for k, v in attributes.items() if isinstance(v, torch.Tensor)], []
+        for key in list(parameters) + list(buffers):
+            if isinstance(attributes.get(key), torch.Tensor):
+                state[prefix + key] = attributes[key]
+        for key, value in attributes.items():
+            if isinstance(value, Placeholder) and value.qualname.startswith("__torch__"):
+                walk(value, f"{prefix}{key}.")
+
+    if not isinstance(module_object, Placeholder):
+        raise ValueError("TorchScript archive whose data.pkl is not a module")
+    walk(module_object, "")
+    return state
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _sniff(path):
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 1:
+        return "safetensors"
+    if head[:1] == b"\x80":  # a pickle protocol opcode: the legacy format starts with the magic number
+        return "legacy"
+    raise ValueError(f"{path}: unrecognised checkpoint format (not safetensors, not a PyTorch zip or "
+                     f"legacy pickle, not TorchScript); first bytes {head[:8]!r}")
+
+
+def load_checkpoint(path):
+    """Restricted unpickle of a whole torch-saved object (zip or legacy format).
+
+    Dicts, lists, tuples, numbers, strings, tensors come back as they were saved; allowed
+    foreign classes come back as `Placeholder`s; anything else raises UnsafeCheckpointError.
+    A safetensors file is returned as its dict of tensors."""
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return read_safetensors(path)
+    if kind == "legacy":
+        return _load_legacy(path)
+    try:
+        return _load_zip(path, torchscript=False)[0]
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{path}: corrupt zip archive ({error})") from error
+
+
+def load_state_dict(path):
+    """Every tensor of a checkpoint in any supported format, as {name: tensor}, stored dtypes kept.
+
+    safetensors, torch zip (.bin/.ckpt/.pt), legacy pickle, or a TorchScript archive. A top-level
+    {'state_dict': {...}} (PyTorch Lightning, e.g. SD 1.5 .ckpt) is unwrapped; the other
+    top-level entries (epoch, callbacks, ...) are dropped."""
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return read_safetensors(path)
+    if kind == "legacy":
+        obj = _load_legacy(path)
+    else:
+        try:
+            obj, code = _load_zip(path)
+        except zipfile.BadZipFile as error:
+            raise ValueError(f"{path}: corrupt zip archive ({error})") from error
+        if isinstance(obj, Placeholder):
+            return torchscript_state_dict(obj, code)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    wrong = sorted(str(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
+    if wrong:
+        raise ValueError(f"{path}: not a state dict, entries that are not tensors: {wrong[:10]}")
+    return dict(obj)
+
+
+SAVEABLE = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def save_checkpoint(obj, path):
+    """torch.save `obj` atomically (temporary file, fsync, os.replace).
+
+    Only what load_checkpoint can read back is accepted (dicts, lists, tuples, sets, numbers,
+    strings, tensors, dtypes): anything else raises TypeError naming its place in `obj`, before
+    anything is written. Store configs as dicts (dataclasses.asdict), not as objects."""
+
+    def check(value, where):
+        if isinstance(value, torch.Tensor):
+            if type(value) not in (torch.Tensor, torch.nn.Parameter):
+                raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}, a tensor subclass")
+        elif isinstance(value, (dict, collections.OrderedDict)):
+            if type(value) not in (dict, collections.OrderedDict):
+                raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; use a plain dict")
+            for key, item in value.items():
+                check(key, f"{where} key {key!r}")
+                check(item, f"{where}[{key!r}]")
+        elif type(value) in (list, tuple, set, frozenset):
+            for index, item in enumerate(value):
+                check(item, f"{where}[{index}]")
+        elif type(value) not in SAVEABLE and not isinstance(value, torch.dtype):
+            raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}, which load_checkpoint "
+                            f"would refuse; convert it to plain data (dict, list, str, number, tensor)")
+
+    check(obj, "checkpoint")
+    path = Path(path)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+    return path
