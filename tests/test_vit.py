@@ -1,0 +1,137 @@
+"""vit.py: CLIP image preprocessing against transformers' CLIPImageProcessor on photo-like images of odd modes
+and sizes generated here, bad image files, and the plain attention path against the SDPA path."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+from transformers.image_utils import load_image
+
+import vit
+
+# Pillow decodes, converts and resizes (on uint8) identically on both sides; only the float rounding of the
+# rescale/normalise steps could differ (transformers goes through float64, we stay in float32). Measured: 0.
+PREPROCESS_TOL = 1e-5
+
+
+def photo(w, h, seed=0):
+    """A smooth colour gradient with sensor-like noise: resizing and JPEG behave as on a real photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    rgb = np.stack([np.sin(3 * x + 1) * 0.5 + 0.5, y, (x * y) ** 0.5], axis=-1) * 230 + 10
+    rgb += rng.normal(0, 8, rgb.shape)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def reference(image):
+    return CLIPImageProcessorPil()(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def check(ours, ref, what):
+    diff = (ours - ref).abs().max().item()
+    print(f"preprocess {what}: max |ours - CLIPImageProcessor| = {diff:.2e}")
+    assert ours.shape == (3, 224, 224) and diff <= PREPROCESS_TOL, (what, diff)
+
+
+def saved(image, path, **kw):
+    image.save(path, **kw)
+    return path
+
+
+def test_preprocess_matches_clip_image_processor(tmp_path):
+    base = photo(517, 301)
+    alpha = Image.fromarray(np.tile(np.linspace(0, 255, 517), (301, 1)).astype(np.uint8), "L")
+    rgba = base.copy()
+    rgba.putalpha(alpha)
+    la = base.convert("L")
+    la.putalpha(alpha)
+    palette = base.quantize(64)
+    palette.info["transparency"] = 3  # one palette entry transparent, as in GIFs and PNGs
+    cases = {
+        "RGB JPEG 517x301": saved(base, tmp_path / "rgb.jpg", quality=90),
+        "RGB PNG portrait 223x401": saved(photo(223, 401, 1), tmp_path / "tall.png"),
+        "RGB tiny 90x61 (upscaled)": saved(photo(90, 61, 2), tmp_path / "tiny.png"),
+        "L JPEG": saved(base.convert("L"), tmp_path / "l.jpg"),
+        "LA PNG": saved(la, tmp_path / "la.png"),
+        "RGBA PNG": saved(rgba, tmp_path / "rgba.png"),
+        "P PNG with transparency": saved(palette, tmp_path / "p.png"),
+        "CMYK JPEG": saved(base.convert("CMYK"), tmp_path / "cmyk.jpg"),
+    }
+    for what, path in cases.items():
+        with Image.open(path) as image:
+            image.load()
+            ref = reference(image)
+        check(vit.preprocess(path), ref, what)
+    assert Image.open(cases["P PNG with transparency"]).info.get("transparency") is not None
+
+
+def test_preprocess_exif_orientation(tmp_path):
+    image = photo(400, 250)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was rotated, show the picture turned 90 degrees clockwise
+    path = saved(image, tmp_path / "rotated.jpg", exif=exif, quality=95)
+    ours = vit.preprocess(path)
+    check(ours, reference(load_image(str(path))), "EXIF-rotated JPEG (transformers load_image transposes)")
+    with Image.open(path) as unrotated:
+        assert (ours - reference(unrotated)).abs().max() > 0.1  # the tag really changed the picture
+
+
+def test_preprocess_16_bit_equals_8_bit(tmp_path):
+    """A 16-bit greyscale file of a picture gives the same input as its 8-bit version. (Pillow's own
+    convert("RGB"), used by transformers and openai/CLIP, clips 16-bit values at 255 and would turn this
+    photo almost white, so the 16-bit file is compared with the reference on the 8-bit picture.)"""
+    grey8 = np.asarray(photo(333, 257).convert("L"))
+    path16 = saved(Image.fromarray(grey8.astype(np.uint16) * 257), tmp_path / "grey16.png")
+    with Image.open(path16) as image:
+        assert image.mode in ("I;16", "I")
+    check(vit.preprocess(path16), reference(Image.fromarray(grey8, "L")), "16-bit greyscale PNG")
+    i32 = Image.fromarray(grey8.astype(np.int32) * 257, "I")
+    check(vit.preprocess(i32), reference(Image.fromarray(grey8, "L")), "32-bit integer (mode I)")
+    f32 = Image.fromarray(grey8.astype(np.float32), "F")
+    check(vit.preprocess(f32), reference(Image.fromarray(grey8, "L")), "float (mode F, 0..255)")
+
+
+def test_bad_image_files_give_one_clear_error(tmp_path):
+    good = saved(photo(200, 200), tmp_path / "good.jpg")
+    data = good.read_bytes()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.jpg").write_text("not an image at all\n")
+    for name in ("empty.jpg", "truncated.jpg", "text.jpg", "missing.jpg"):
+        with pytest.raises(vit.ImageReadError, match=name):
+            vit.preprocess(tmp_path / name)
+    assert (tmp_path / "truncated.jpg").read_bytes() == data[: len(data) // 2]  # input left untouched
+
+
+def test_sdpa_equals_plain_attention_and_tokens():
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(vit.VISION_PRESETS["ViT-B/32"]).eval()
+    image = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        fast, tokens = model(image, return_tokens=True)
+        plain = vit.set_sdpa(model, False)(image)
+    assert tokens.shape == (2, 50, 768) and fast.shape == (2, 512)
+    diff = (fast - plain).abs().max().item()
+    print(f"ViT-B/32 SDPA vs plain attention: max diff {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_bf16_fast_path_close_to_fp32():
+    torch.manual_seed(0)
+    config = vit.VisionConfig(image_resolution=64, vision_layers=2, vision_width=128, vision_patch_size=16,
+                              embed_dim=32)
+    model = vit.VisionTransformer(config).eval()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = model(image)
+        half = model.to(torch.bfloat16)(image).float()
+    assert half.dtype == torch.float32 and torch.nn.functional.cosine_similarity(full, half).min() > 0.99
+
+
+def test_config_read_off_shapes_and_checked_against_preset():
+    with torch.device("meta"):
+        model = vit.VisionTransformer(vit.VISION_PRESETS["ViT-B/16"])
+    sd = {"visual." + k: v for k, v in model.state_dict().items()}
+    assert vit.VisionConfig.from_state_dict(sd) == vit.VISION_PRESETS["ViT-B/16"]
+    with pytest.raises(ValueError, match="vision_patch_size: checkpoint 16 != preset 32"):
+        vit.VisionTransformer.from_state_dict(sd, preset="ViT-B/32")

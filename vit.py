@@ -1,0 +1,260 @@
+"""The Vision Transformer exactly as CLIP builds it, and CLIP's image preprocessing.
+
+Paper: Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words" (the ViT), as used by Radford et al. 2021,
+"Learning Transferable Visual Models From Natural Language Supervision" (CLIP).
+Official code: openai/CLIP `clip/model.py` (`VisionTransformer`, `Transformer`, `ResidualAttentionBlock`,
+`QuickGELU`, `build_model`) and `clip/clip.py` (`_transform`). Module names equal the keys under `visual.` in
+OpenAI's checkpoint, so `visual.transformer.resblocks.0.attn.in_proj_weight` loads with no renaming. Unlike the
+official code, everything is batch-first: no sequence-first (LND) permutes around `nn.MultiheadAttention`.
+
+The text tower, the whole CLIP model and the Hugging Face key mapping live in clip.py.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+# -----------------------------------------------------------------------------------------------------------
+# Building blocks (shared with clip.py's text tower)
+
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation x * sigmoid(1.702 x); the weights were trained with it, so it is not optional."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter layout (q; k; v packed as rows of
+    `in_proj_weight`, then `out_proj`), written out batch-first."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's own initialisation
+
+    def forward(self, x, causal_mask=None, use_sdpa=True):
+        B, T, C = x.shape
+        H, D = self.heads, C // self.heads
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=-1)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if use_sdpa:  # fast path: fused kernel, same math
+            # the only mask CLIP uses is causal, so the fused kernel gets is_causal instead of the mask tensor
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal_mask is not None)
+        else:
+            att = q @ k.transpose(-2, -1) * D**-0.5  # (B, H, T, T)
+            if causal_mask is not None:
+                att = att + causal_mask[:T, :T].to(att.dtype)  # -inf above the diagonal: no looking ahead
+            y = att.softmax(dim=-1) @ v  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.out_proj(y)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ln_1 = nn.LayerNorm(width)  # eps 1e-5, PyTorch's default, as in the official code
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, 4 * width)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(4 * width, width)),
+        ]))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x, causal_mask=None, use_sdpa=True):
+        x = x + self.attn(self.ln_1(x), causal_mask, use_sdpa)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks. `use_sdpa` is the one switch between the plain attention math and
+    F.scaled_dot_product_attention; tests prove both give the same numbers."""
+
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.use_sdpa = True
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x, causal_mask=None):
+        for block in self.resblocks:
+            x = block(x, causal_mask, self.use_sdpa)
+        return x
+
+
+def set_sdpa(model, enabled):
+    """Switch every transformer inside `model` between the plain math (False) and SDPA (True)."""
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            module.use_sdpa = enabled
+    return model
+
+# -----------------------------------------------------------------------------------------------------------
+# Config: OpenAI's build_model names
+
+
+@dataclass
+class VisionConfig:
+    image_resolution: int = 224
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 32
+    embed_dim: int = 512  # width of the joint image-text space (columns of `proj`)
+
+    @property
+    def vision_heads(self):
+        return self.vision_width // 64  # openai/CLIP build_model: one head per 64 channels
+
+    @staticmethod
+    def from_state_dict(sd, prefix="visual."):
+        """Read the config off the tensor shapes, as openai/CLIP `build_model` does."""
+        width, _, patch, _ = sd[prefix + "conv1.weight"].shape
+        layers = len({k.split(".")[3] for k in sd if k.startswith(prefix + "transformer.resblocks.")})
+        grid = round((sd[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
+        return VisionConfig(patch * grid, layers, width, patch, sd[prefix + "proj"].shape[1])
+
+
+# Parameter counts are of the image tower alone (conv1 ... proj); sources: openai/CLIP `_MODELS`.
+VISION_PRESETS = {
+    "ViT-B/32": VisionConfig(224, 12, 768, 32, 512),   # 87,849,216 params
+    "ViT-B/16": VisionConfig(224, 12, 768, 16, 512),   # 86,192,640 params
+    "ViT-L/14": VisionConfig(224, 24, 1024, 14, 768),  # 303,966,208 params
+}
+
+
+def check_config(found, preset, name):
+    """Fail naming every field where the checkpoint's shapes disagree with the preset."""
+    diffs = [f"{f.name}: checkpoint {getattr(found, f.name)} != preset {getattr(preset, f.name)}"
+             for f in fields(found) if getattr(found, f.name) != getattr(preset, f.name)]
+    if diffs:
+        raise ValueError(f"checkpoint does not match preset {name}: " + "; ".join(diffs))
+
+# -----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        C, P = config.vision_width, config.vision_patch_size
+        scale = C**-0.5
+        self.conv1 = nn.Conv2d(3, C, kernel_size=P, stride=P, bias=False)  # patchify: one token per P x P patch
+        self.class_embedding = nn.Parameter(scale * torch.randn(C))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((config.image_resolution // P) ** 2 + 1, C))
+        self.ln_pre = nn.LayerNorm(C)
+        self.transformer = Transformer(C, config.vision_layers, config.vision_heads)
+        self.ln_post = nn.LayerNorm(C)
+        self.proj = nn.Parameter(scale * torch.randn(C, config.embed_dim))  # used as x @ proj
+
+    def forward(self, image, return_tokens=False):
+        """image: (B, 3, 224, 224) normalised pixels. Returns the pooled, projected embedding (B, embed_dim);
+        with return_tokens=True also every token's hidden state after the last block (B, 1 + h*w, C), before
+        ln_post (Hugging Face's `last_hidden_state`)."""
+        x = self.conv1(image.to(self.conv1.weight.dtype))  # (B, C, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, T, C) with T = h*w
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + T, C)
+        x = self.transformer(self.ln_pre(x))
+        pooled = self.ln_post(x[:, 0]) @ self.proj  # (B, embed_dim): the class token is the image summary
+        return (pooled, x) if return_tokens else pooled
+
+    @classmethod
+    def from_state_dict(cls, sd, prefix="visual.", preset="ViT-B/32"):
+        """Build from a state dict with OpenAI's names (keys under `prefix`); the config is read off the
+        shapes and checked against VISION_PRESETS[preset] (preset=None skips the check)."""
+        config = VisionConfig.from_state_dict(sd, prefix)
+        if preset is not None:
+            check_config(config, VISION_PRESETS[preset], preset)
+        model = cls(config)
+        load_checked(model, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        return model
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading: sets, not counts
+
+
+def load_checked(model, sd, ignored=()):
+    """Copy `sd` into `model` after checking key sets and every shape; keys named in `ignored` are dropped.
+    Tensors are cast to the model's dtype (OpenAI stores many weights in fp16)."""
+    sd = {k: v for k, v in sd.items() if k not in ignored}
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} != model {tuple(expected[k].shape)}"
+                   for k in expected.keys() & sd.keys() if sd[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"state dict does not match {type(model).__name__}:\n  missing {missing}\n"
+                         f"  unexpected {unexpected}\n  wrong shapes {wrong}")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+# -----------------------------------------------------------------------------------------------------------
+# Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageReadError(ValueError):
+    """A file that is empty, truncated or not an image."""
+
+
+def open_image(path):
+    """Open and fully decode an image file, or raise one ImageReadError naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later
+            return ImageOps.exif_transpose(image)  # apply the camera's orientation tag (a copy)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def to_rgb(image):
+    """Any Pillow mode to 8-bit RGB. Transparency is composited on white, as Hugging Face's
+    CLIPImageProcessor does (openai/CLIP's `convert("RGB")` drops alpha instead, which turns transparent
+    pixels into whatever colour they happen to store). 16/32-bit integer greyscale (I;16*, I) is scaled by
+    1/257 so 65535 maps to 255 (Pillow's own conversion clips at 255 and turns most of a 16-bit photo
+    white); float images (F) follow Pillow's convention of 0..255. CMYK uses Pillow's conversion."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        values = values / 257 if image.mode != "F" else values
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image_or_path, resolution=224):
+    """A path or PIL image to CLIP's input, a (3, resolution, resolution) float tensor: EXIF orientation,
+    RGB, short side to `resolution` with bicubic filtering (long side int(resolution * long / short), as
+    torchvision and Hugging Face compute it), centre crop, scale to [0, 1], CLIP's mean and std.
+    The crop offset is floor((size - resolution) / 2) like Hugging Face; torchvision's CenterCrop rounds
+    half to even instead, so a few sizes are offset by one pixel from openai/CLIP."""
+    if isinstance(image_or_path, (str, Path)):
+        image = open_image(image_or_path)
+    else:
+        image = ImageOps.exif_transpose(image_or_path)
+    image = to_rgb(image)
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    long = int(resolution * long / short)
+    w, h = (resolution, long) if w <= h else (long, resolution)
+    image = image.resize((w, h), Image.BICUBIC)
+    top, left = (h - resolution) // 2, (w - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255  # (3, h, w)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
