@@ -1,12 +1,24 @@
 """Where official and trained checkpoints live, and the code that fetches and opens them.
 
-    read_safetensors / write_safetensors   the safetensors format, by hand (safetensors_format.py)
-    load_state_dict / load_checkpoint      PyTorch pickles without running their code (readers.py)
-    save_checkpoint                        atomic torch.save for this project's own checkpoints
+    registry.py            REGISTRY: the official files (URL, size, sha256, format)
+    download.py            weights_dir, download (resumable, verified, atomic), fetch
+    safetensors_format.py  read_safetensors / write_safetensors, by hand
+    readers.py             load_state_dict / load_checkpoint for PyTorch pickles (zip, legacy,
+                           TorchScript) without running their code; save_checkpoint (atomic)
+
+Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
+never committed; only weights/vocab/ (tokenizer files) is.
 """
+from .download import (ChecksumMismatch, WeightsUnavailable, download, fetch, find_in_hub_cache,
+                       weights_dir)
 from .readers import (Placeholder, UnsafeCheckpointError, load_checkpoint, load_state_dict,
                       save_checkpoint)
+from .registry import REGISTRY, WeightsFile
 from .safetensors_format import read_safetensors, read_safetensors_metadata, write_safetensors
 
-__all__ = ["read_safetensors", "read_safetensors_metadata", "write_safetensors", "load_state_dict",
-           "load_checkpoint", "save_checkpoint", "UnsafeCheckpointError", "Placeholder"]
+__all__ = [
+    "REGISTRY", "WeightsFile", "weights_dir", "download", "fetch", "find_in_hub_cache",
+    "WeightsUnavailable", "ChecksumMismatch",
+    "read_safetensors", "read_safetensors_metadata", "write_safetensors",
+    "load_state_dict", "load_checkpoint", "save_checkpoint", "UnsafeCheckpointError", "Placeholder",
+]

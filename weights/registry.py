@@ -1,0 +1,136 @@
+"""The official files this project can fetch: where each lives, its size, its sha256, its format.
+
+A name is "<model>/<file>" and is also the file's place under the weights directory
+(`weights/gpt2/model.safetensors`). Every size and hash comes from ../shared/WEIGHTS.md (research
+notes with sources: Hugging Face LFS pages, hash pins in independent projects, tiktoken's pins,
+the sha256 that OpenAI puts in its CLIP URLs). None means "not published where we could check",
+never a guess: the download then checks nothing for that field. The official hosts were not
+reachable from where this table was written, so no hash here was computed from a download.
+
+`hf_repos` lists the Hugging Face repositories that carry the same bytes under `hf_file`, so that
+a copy already in a local Hugging Face hub cache is found instead of downloaded again. `bundled`
+names a copy committed in this repository (weights/vocab/), used before any download.
+"""
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    url: str
+    size: int | None          # bytes
+    sha256: str | None
+    format: str               # safetensors | torch-pickle | torchscript | json | text | gzip
+    hf_repos: tuple = ()      # repositories whose hub-cache snapshots may hold this file
+    hf_file: str | None = None
+    bundled: str | None = None  # path relative to the weights/ package, committed to git
+    note: str = field(default="", compare=False)
+
+
+HF = "https://huggingface.co"
+GPT2_OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TIMM_CLIP = "timm/vit_base_patch32_clip_224.openai"
+TIMM_CLIP_REVISION = "a6f597a30f7b82c51704746581f9a4e41421e878"
+
+
+def _hf(repo, file, size, sha256, format, legacy_ids=(), revision="main", **extra):
+    return WeightsFile(f"{HF}/{repo}/resolve/{revision}/{file}", size, sha256, format,
+                       hf_repos=(repo,) + tuple(legacy_ids), hf_file=file, **extra)
+
+
+REGISTRY = {
+    # GPT-2 small, openai-community/gpt2 (main = 607a30d7, WEIGHTS.md §1.1). The legacy id "gpt2"
+    # redirects there, and older transformers cached it as models--gpt2.
+    "gpt2/model.safetensors": _hf(
+        "openai-community/gpt2", "model.safetensors", 548_105_171,
+        "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707", "safetensors", ["gpt2"],
+        note="160 F32 tensors, no 'transformer.' prefix, no lm_head; header not padded to 8 bytes"),
+    "gpt2/pytorch_model.bin": _hf(
+        "openai-community/gpt2", "pytorch_model.bin", 548_118_077,
+        "7c5d3f4b8b76583b422fcb9189ad6c89d5d97a094541ce8932dce3ecabde1421", "torch-pickle", ["gpt2"],
+        note="from 2019: most likely torch's legacy (pre-zip) format"),
+    "gpt2/config.json": _hf(
+        "openai-community/gpt2", "config.json", 665,
+        "0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4", "json", ["gpt2"]),
+    "gpt2/vocab.json": _hf(
+        "openai-community/gpt2", "vocab.json", 1_042_301,
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", "json", ["gpt2"],
+        bundled="vocab/encoder.json", note="byte-identical to OpenAI's encoder.json"),
+    "gpt2/merges.txt": _hf(
+        "openai-community/gpt2", "merges.txt", 456_318,
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5", "text", ["gpt2"],
+        bundled="vocab/vocab.bpe", note="byte-identical to OpenAI's vocab.bpe"),
+    "gpt2/tokenizer.json": _hf(
+        "openai-community/gpt2", "tokenizer.json", 1_355_256,
+        "8414cab924d8b9b33013f0d221c5862f365ee9be39c5c2bfae8a5a9e970478a6", "json", ["gpt2"]),
+    # OpenAI's own tokenizer pair for GPT-2, hashes pinned by tiktoken (openai_public.py gpt2()).
+    "gpt2/encoder.json": WeightsFile(
+        f"{GPT2_OPENAI}/encoder.json", 1_042_301,
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", "json",
+        bundled="vocab/encoder.json"),
+    "gpt2/vocab.bpe": WeightsFile(
+        f"{GPT2_OPENAI}/vocab.bpe", 456_318,
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5", "text",
+        bundled="vocab/vocab.bpe"),
+
+    # CLIP ViT-B/32. OpenAI's TorchScript archive: the sha256 is the URL's second-to-last segment
+    # (openai/CLIP clip.py checks it the same way); fp16 matmul weights, fp32 the rest.
+    "clip-vit-b-32/ViT-B-32.pt": WeightsFile(
+        "https://openaipublic.azureedge.net/clip/models/"
+        "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt", 353_976_522,
+        "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "torchscript",
+        note="TorchScript-only buffers input_resolution, context_length, vocab_size appear in its state dict"),
+    # The same weights without TorchScript, with OpenAI's key names, fp32; open_clip's source for
+    # the 'openai' tag since it dropped torch.jit.load. Preferred by the CLIP loader. Size and hash
+    # are third-party pins for this revision (two independent projects agree).
+    "clip-vit-b-32/open_clip_model.safetensors": _hf(
+        TIMM_CLIP, "open_clip_model.safetensors", 605_143_284,
+        "e6d1bd7789aa45192b3bf90570a789b478bae1b74ebcce7eddd908e83a2b7c31", "safetensors",
+        revision=TIMM_CLIP_REVISION),
+    # Hugging Face's conversion (vision_model.* / text_model.* names). main has no safetensors; a
+    # third party fetches model.safetensors from the refs/pr/15 branch (single source).
+    "clip-vit-b-32/hf/pytorch_model.bin": _hf(
+        "openai/clip-vit-base-patch32", "pytorch_model.bin", None,
+        "a63082132ba4f97a80bea76823f544493bffa8082296d62d71581a4feff1576f", "torch-pickle",
+        note="size published only as '605 MB'"),
+    "clip-vit-b-32/hf/model.safetensors": _hf(
+        "openai/clip-vit-base-patch32", "model.safetensors", 605_157_884,
+        "99d28a652e6ec46629ab7047a0ac82c69b1fe11e0ce672c43af65d3a9a3fc05d", "safetensors",
+        revision="refs%2Fpr%2F15"),
+    "clip-vit-b-32/hf/vocab.json": _hf(
+        "openai/clip-vit-base-patch32", "vocab.json", 862_328,
+        "5047b556ce86ccaf6aa22b3ffccfc52d391ea4accdab9c2f2407da5b742d4363", "json"),
+    "clip-vit-b-32/hf/merges.txt": _hf(
+        "openai/clip-vit-base-patch32", "merges.txt", 524_657,
+        "f526393189112391ce6f9795d4695f704121ce452c3aad1f5335cc41337eba85", "text"),
+    "clip/bpe_simple_vocab_16e6.txt.gz": WeightsFile(
+        "https://raw.githubusercontent.com/openai/CLIP/main/clip/bpe_simple_vocab_16e6.txt.gz", 1_356_917,
+        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a", "gzip",
+        bundled="vocab/bpe_simple_vocab_16e6.txt.gz"),
+    # CLIP ViT-L/14 tokenizer files, the ones Stable Diffusion 1.x uses (same vocabulary as above).
+    "clip-vit-l-14/vocab.json": _hf(
+        "openai/clip-vit-large-patch14", "vocab.json", 961_143,
+        "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69", "json"),
+    "clip-vit-l-14/merges.txt": _hf(
+        "openai/clip-vit-large-patch14", "merges.txt", 524_619,
+        "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a", "text"),
+
+    # Stable Diffusion 1.5. runwayml/stable-diffusion-v1-5 was deleted in 2024; this mirror is the
+    # one diffusers maps "v1" to. Whether it needs a login was not checked (set HF_TOKEN if so).
+    "sd15/v1-5-pruned-emaonly.safetensors": _hf(
+        SD15, "v1-5-pruned-emaonly.safetensors", 4_265_146_304,
+        "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa", "safetensors",
+        ["runwayml/stable-diffusion-v1-5", "Comfy-Org/stable-diffusion-v1-5-archive"]),
+    "sd15/v1-5-pruned-emaonly.ckpt": _hf(
+        SD15, "v1-5-pruned-emaonly.ckpt", 4_265_380_512,
+        "cc6cb27103417325ff94f52b7a5d2dde45a7515b25c255d8e396c90014281516", "torch-pickle",
+        ["runwayml/stable-diffusion-v1-5"],
+        note="torch zip; weights under 'state_dict'; holds PyTorch Lightning callback objects"),
+}
+
+# GPT-2 medium / large / xl: same files and layout as gpt2. No size or sha256 of these files was
+# found in a source we could check, so both stay None (the loader still checks every key and shape).
+for _size in ("gpt2-medium", "gpt2-large", "gpt2-xl"):
+    for _file, _format in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "torch-pickle"),
+                           ("config.json", "json"), ("vocab.json", "json"), ("merges.txt", "text")):
+        REGISTRY[f"{_size}/{_file}"] = _hf(f"openai-community/{_size}", _file, None, None, _format, [_size])
