@@ -13,8 +13,20 @@ images (the CLIP feature cache is built over these), `ds.load_image(image_id)` o
 3. Scoring captions: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), equal to the
    scorers of the COCO caption evaluation code (github.com/tylin/coco-caption, pip `pycocoevalcap`).
 """
+import copy
+import csv
+import hashlib
+import json
 import math
+import os
+import pickle
 import random
+import re
+import sys
+import tarfile
+import zipfile
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,3 +230,327 @@ def images_to_tensor(images):
     """A list of RGB PIL images of one size -> float tensor (B, 3, h, w) in [0, 1]."""
     array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])  # (B, h, w, 3)
     return torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255)  # (B, 3, h, w)
+
+
+# -----------------------------------------------------------------------------
+# 2. Images and captions on disk
+
+COCO_URL = "http://images.cocodataset.org/"
+COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served)
+    "annotations": ("annotations/annotations_trainval2017.zip", 252907541),
+    "train2017": ("zips/train2017.zip", 19336861798), "val2017": ("zips/val2017.zip", 815585330)}
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5, CIFAR100_SIZE = "eb9058c3a382ffc7106e4002c42a8d85", 169001437  # md5 from the authors' page
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def data_dir(root=None):
+    """Where datasets are downloaded: `root`, else env MINIMODAL_DATA, else data_cache/ beside this file."""
+    return Path(root or os.environ.get("MINIMODAL_DATA") or Path(__file__).resolve().parent / "data_cache")
+
+
+class CaptionPairs:
+    """(image, caption) pairs whose images live in files: the interface every dataset here shares.
+
+    A bad image (0-byte, truncated, not an image, missing) is reported once with its file name, remembered
+    in `skipped`, and passed over; `report_skipped()` says at the end how many there were."""
+
+    def __init__(self, pairs, files):
+        self.pairs = pairs  # [(image_id, caption)], several captions of one image in a row or not
+        self.files = files  # image_id -> Path
+        self.skipped = set()
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        for step in range(len(self.pairs)):  # a bad image: go on with the next pair
+            image_id, caption = self.pairs[(index + step) % len(self.pairs)]
+            image = self.load_image(image_id)
+            if image is not None:
+                return image, caption, image_id
+        raise RuntimeError(f"no readable image among the {len(self.pairs)} pairs")
+
+    def image_ids(self):
+        return list(dict.fromkeys(image_id for image_id, _ in self.pairs))
+
+    def references(self):
+        references = {}
+        for image_id, caption in self.pairs:
+            references.setdefault(image_id, []).append(caption)
+        return references
+
+    def open_image(self, image_id):
+        with Image.open(self.files[image_id]) as image:
+            return image.convert("RGB")  # convert() decodes every byte: a truncated file fails here, not later
+
+    def load_image(self, image_id):
+        """The image as RGB, or None (reported the first time) when it cannot be read."""
+        if image_id in self.skipped:
+            return None
+        try:
+            return self.open_image(image_id)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            self.skipped.add(image_id)
+            print(f"skipping bad image {self.files.get(image_id, image_id)}: {error}", file=sys.stderr)
+            return None
+
+    def report_skipped(self):
+        if self.skipped:
+            print(f"skipped {len(self.skipped)} bad image(s) of {len(self.image_ids())}", file=sys.stderr)
+        return len(self.skipped)
+
+    def subset(self, image_ids):
+        keep, subset = set(image_ids), copy.copy(self)
+        subset.pairs = [pair for pair in self.pairs if pair[0] in keep]
+        return subset
+
+    def split_by_image(self, val_fraction=0.05, seed=0):
+        """(train, val) with every caption of one image on the same side, so no image is scored after training."""
+        image_ids = self.image_ids()
+        random.Random(seed).shuffle(image_ids)
+        n_val = max(1, round(val_fraction * len(image_ids)))
+        return self.subset(image_ids[n_val:]), self.subset(image_ids[:n_val])
+
+
+def _download_and_unpack(name, root):
+    """Fetch one official COCO archive (progress, resume) and unpack it into root, once."""
+    import weights
+    done = root / f".{name}.unpacked"
+    if done.exists():
+        return
+    url_path, size = COCO_ARCHIVES[name]
+    archive = weights.download(COCO_URL + url_path, root / Path(url_path).name, size=size)
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.namelist():  # refuse members that would land outside root ("../", absolute paths)
+            if not (root / member).resolve().is_relative_to(root.resolve()):
+                raise ValueError(f"{archive}: member {member!r} points outside {root}")
+        print(f"unpacking {archive} into {root}", file=sys.stderr)
+        zf.extractall(root)
+    done.touch()
+
+
+def coco_captions(root=None, split="train", download=False):
+    """COCO captions 2017: root/annotations/captions_{split}2017.json and the images in root/{split}2017/."""
+    if split not in ("train", "val"):
+        raise ValueError(f"COCO split must be 'train' or 'val', got {split!r}")
+    root = data_dir(root) / "coco" if root is None else Path(root)
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+        for name in ("annotations", f"{split}2017"):
+            _download_and_unpack(name, root)
+    annotations = root / "annotations" / f"captions_{split}2017.json"
+    if not annotations.exists():
+        raise FileNotFoundError(f"{annotations} not found: pass download=True (--download) to fetch "
+                                f"{COCO_URL}{COCO_ARCHIVES['annotations'][0]}, or unpack it into {root}")
+    index = json.loads(annotations.read_text())
+    files = {image["id"]: root / f"{split}2017" / image["file_name"] for image in index["images"]}
+    return CaptionPairs([(a["image_id"], a["caption"].strip()) for a in index["annotations"]], files)
+
+
+def karpathy_coco(karpathy_json, image_root, split="train"):
+    """Karpathy's splits (dataset_coco.json: train, restval, val, test), "train" including "restval" as
+    ClipCap and most captioning papers use it. Images are looked up as filepath/filename (the 2014 names),
+    then as train2017/ or val2017/{cocoid:012d}.jpg, the same picture under its 2017 name."""
+    splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",), "restval": ("restval",)}[split]
+    image_root, pairs, files = Path(image_root), [], {}
+    for image in json.loads(Path(karpathy_json).read_text())["images"]:
+        if image["split"] not in splits:
+            continue
+        image_id = image.get("cocoid", image["filename"])
+        candidates = [image_root / image.get("filepath", "") / image["filename"]]
+        if "cocoid" in image:
+            candidates += [image_root / f"{folder}/{image['cocoid']:012d}.jpg" for folder in ("train2017", "val2017")]
+        files[image_id] = next((path for path in candidates if path.exists()), candidates[0])
+        pairs += [(image_id, sentence["raw"].strip()) for sentence in image["sentences"]]
+    return CaptionPairs(pairs, files)
+
+
+def read_captions_file(path):
+    """[(file name, caption)] from JSON lines {"file", "caption"}, CSV with a header (file or image, caption),
+    or plain text: `file<TAB>caption` or, failing a tab, the first word is the image (descriptions.txt of
+    the Flickr8k tutorials: `1000268201_693b08cb0e child in pink dress ...`; Flickr8k.token.txt's `#0`
+    caption numbers are dropped)."""
+    path, pairs = Path(path), []
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            column = next((c for c in ("file", "image", "file_name", "filename") if c in (reader.fieldnames or ())), None)
+            if column is None or "caption" not in reader.fieldnames:
+                raise ValueError(f"{path}: the CSV header must name a file (or image) and a caption column, "
+                                 f"got {reader.fieldnames}")
+            return [(row[column].strip(), row["caption"].strip()) for row in reader]
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            if path.suffix in (".jsonl", ".json"):
+                record = json.loads(line)
+                name, caption = record["file"], record["caption"]
+            else:
+                name, caption = line.split("\t", 1) if "\t" in line else line.split(None, 1)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: cannot read an image and a caption from {line[:80]!r} ({error})")
+        pairs.append((name.strip().split("#")[0], caption.strip()))
+    return pairs
+
+
+def image_folder(root, captions_file=None):
+    """A folder of images plus a captions file (by default the first of captions.jsonl, captions.csv,
+    captions.txt, descriptions.txt found in it). Image names without a suffix get the one found on disk."""
+    root = Path(root)
+    if captions_file is None:
+        found = [root / name for name in ("captions.jsonl", "captions.csv", "captions.txt", "descriptions.txt")]
+        captions_file = next((path for path in found if path.exists()), None)
+        if captions_file is None:
+            raise FileNotFoundError(f"no captions file in {root}: expected one of {[p.name for p in found]}")
+    pairs, files = read_captions_file(captions_file), {}
+    for name, _ in pairs:
+        if name not in files:
+            candidates = [root / name] + [root / (name + suffix) for suffix in IMAGE_SUFFIXES]
+            files[name] = next((path for path in candidates if path.exists()), root / name)
+    return CaptionPairs(pairs, files)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles lists, dicts, strings, numbers and numpy arrays, and refuses every other global: a
+    downloaded pickle can otherwise run any code as it loads."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(tar, member):
+    try:
+        data = _ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
+    except KeyError:
+        raise ValueError(f"{tar.name}: no member {member!r}; is this the CIFAR-100 python version?")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
+
+
+class CIFAR100Captions(CaptionPairs):
+    """CIFAR-100 (32 x 32 photos, 100 classes) read from the official python tarball, without unpacking it;
+    caption "a photo of a {class}" (class names with spaces for underscores), the CLIP prompt template."""
+
+    def __init__(self, root=None, split="train", download=False):
+        if split not in ("train", "test"):
+            raise ValueError(f"CIFAR-100 split must be 'train' or 'test', got {split!r}")
+        archive = data_dir(root) / Path(CIFAR100_URL).name
+        if download and not archive.exists():
+            import weights
+            weights.download(CIFAR100_URL, archive, size=CIFAR100_SIZE)
+            md5 = hashlib.md5()
+            with open(archive, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    md5.update(block)
+            if md5.hexdigest() != CIFAR100_MD5:
+                archive.rename(archive.with_suffix(".gz.bad"))
+                raise ValueError(f"{CIFAR100_URL}: md5 {md5.hexdigest()} is not the published {CIFAR100_MD5}; "
+                                 f"kept as {archive.with_suffix('.gz.bad')}")
+        if not archive.exists():
+            raise FileNotFoundError(f"{archive} not found: pass download=True or fetch {CIFAR100_URL} there")
+        with tarfile.open(archive, "r:gz") as tar:
+            batch = _read_cifar_pickle(tar, f"cifar-100-python/{split}")
+            meta = _read_cifar_pickle(tar, "cifar-100-python/meta")
+        classes = [(c.decode() if isinstance(c, bytes) else c).replace("_", " ") for c in meta["fine_label_names"]]
+        self.images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = batch["fine_labels"]
+        super().__init__([(i, f"a photo of a {classes[label]}") for i, label in enumerate(labels)],
+                         {i: f"{archive}:{split}[{i}]" for i in range(len(labels))})
+        self.classes = classes
+
+    def open_image(self, image_id):
+        return Image.fromarray(self.images[image_id], "RGB")
+
+
+# -----------------------------------------------------------------------------
+# 3. Scoring captions
+# Both metrics take references {image_id: [caption, ...]} and hypotheses {image_id: caption}, already
+# tokenised (words joined by single spaces), and follow pycocoevalcap line for line, quirks included.
+
+PTB_SUFFIXES = re.compile(r"(?<=\w)('s|'re|'ve|'ll|'d|'m|n't)\b")
+
+
+def tokenize_caption(text):
+    """The COCO evaluation's tokenisation without Java: Stanford's PTBTokenizer lowercased, then its
+    punctuation tokens dropped. Here: lowercase, split off clitics as PTB does ("man's" -> "man 's",
+    "don't" -> "do n't"), drop punctuation, keep hyphenated words and decimals whole."""
+    text = PTB_SUFFIXES.sub(r" \1", text.lower())
+    return " ".join(re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:[-.'][a-z0-9]+)*", text))
+
+
+def _ngram_counts(words, n=4):
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def bleu(references, hypotheses, n=4):
+    """Corpus BLEU-1..n as pycocoevalcap's Bleu computes it: clipped n-gram matches summed over the corpus,
+    the reference length of each sentence the one closest to its hypothesis (the shorter on a tie), a brevity
+    penalty exp(1 - r/c) on the corpus lengths, and 1e-15 / 1e-9 added so that no count divides by zero."""
+    test_length = reference_length = 0
+    guess, correct = [0] * n, [0] * n
+    for image_id, hypothesis in hypotheses.items():
+        words = hypothesis.split()
+        lengths, max_counts = [], Counter()
+        for reference in references[image_id]:
+            lengths.append(len(reference.split()))
+            max_counts |= _ngram_counts(reference.split(), n)  # | keeps the larger count of each n-gram
+        test_length += len(words)
+        reference_length += min((abs(length - len(words)), length) for length in lengths)[1]
+        for ngram, count in _ngram_counts(words, n).items():
+            correct[len(ngram) - 1] += min(max_counts[ngram], count)
+        for k in range(n):
+            guess[k] += max(0, len(words) - k)
+    scores, product = [], 1.0
+    for k in range(n):  # BLEU-k is the geometric mean of the first k precisions
+        product *= (correct[k] + 1e-15) / (guess[k] + 1e-9)
+        scores.append(product ** (1 / (k + 1)))
+    ratio = (test_length + 1e-15) / (reference_length + 1e-9)
+    return [score * math.exp(1 - 1 / ratio) for score in scores] if ratio < 1 else scores
+
+
+def cider_d(references, hypotheses, n=4, sigma=6.0):
+    """CIDEr-D as pycocoevalcap's Cider computes it -> (corpus score, per-image scores).
+
+    Each caption becomes tf-idf vectors of its 1..n-grams, document frequency counted over the references of
+    the evaluated images; the hypothesis' weights are clipped at the reference's, a Gaussian penalty on the
+    length difference (sigma) applies, the cosine similarities average over n and references, times 10. As
+    in the reference code, "length" counts a caption's bigrams."""
+    reference_counts = {i: [_ngram_counts(r.split(), n) for r in references[i]] for i in hypotheses}
+    document_frequency = Counter(g for counts in reference_counts.values() for g in set().union(*counts))
+    log_images = math.log(len(reference_counts))
+
+    def vectors(counts):
+        vec, norm = [{} for _ in range(n)], [0.0] * n
+        for ngram, term_frequency in counts.items():
+            weight = term_frequency * (log_images - math.log(max(1.0, document_frequency[ngram])))
+            vec[len(ngram) - 1][ngram] = weight
+            norm[len(ngram) - 1] += weight * weight
+        return vec, [math.sqrt(x) for x in norm], sum(c for g, c in counts.items() if len(g) == 2)
+
+    scores = []
+    for image_id, hypothesis in hypotheses.items():
+        vec, norm, length = vectors(_ngram_counts(hypothesis.split(), n))
+        total = np.zeros(n)
+        for counts in reference_counts[image_id]:
+            vec_ref, norm_ref, length_ref = vectors(counts)
+            for k in range(n):
+                value = sum(min(weight, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0) for g, weight in vec[k].items())
+                if norm[k] != 0 and norm_ref[k] != 0:
+                    value /= norm[k] * norm_ref[k]
+                total[k] += value * math.exp(-((length - length_ref) ** 2) / (2 * sigma ** 2))
+        scores.append(float(np.mean(total)) / len(reference_counts[image_id]) * 10.0)
+    return float(np.mean(scores)), scores
+
+
+def caption_scores(references, hypotheses):
+    """Raw captions in, {"BLEU-1".."BLEU-4", "CIDEr-D"} out: tokenise as COCO does, then score."""
+    references = {i: [tokenize_caption(r) for r in references[i]] for i in hypotheses}
+    hypotheses = {i: tokenize_caption(h) for i, h in hypotheses.items()}
+    scores = {f"BLEU-{k + 1}": value for k, value in enumerate(bleu(references, hypotheses))}
+    scores["CIDEr-D"] = cider_d(references, hypotheses)[0]
+    return scores

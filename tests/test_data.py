@@ -131,3 +131,235 @@ def test_shapes_common_interface_and_tensor():
     batch = data.images_to_tensor([ds[i][0] for i in range(6)])
     assert batch.shape == (6, 3, 20, 20) and batch.dtype.is_floating_point
     assert 0.0 <= batch.min() and batch.max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- files on disk
+
+def _jpeg_bytes(colour, size=(20, 16)):
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _coco_fixture(root, split="val"):
+    """A COCO captions 2017 tree: 3 good JPEGs, a 0-byte one and a truncated one, 2 captions each."""
+    import json
+    images = root / f"{split}2017"
+    images.mkdir(parents=True)
+    (root / "annotations").mkdir()
+    entries, annotations = [], []
+    for n, image_id in enumerate([139, 285, 632, 724, 776]):
+        name = f"{image_id:012d}.jpg"
+        payload = _jpeg_bytes((40 * n, 200, 100))
+        payload = {3: b"", 4: payload[: len(payload) // 2]}.get(n, payload)  # 0-byte, truncated
+        (images / name).write_bytes(payload)
+        entries.append({"license": 1, "file_name": name, "coco_url": f"http://images.cocodataset.org/{split}2017/{name}",
+                        "height": 16, "width": 20, "date_captured": "2013-11-14 17:02:52", "id": image_id})
+        annotations += [{"image_id": image_id, "id": 1000 + 2 * n + k, "caption": f"Picture {n} caption {k}. "}
+                        for k in range(2)]
+    index = {"info": {"description": "COCO 2017 Dataset"}, "licenses": [], "images": entries,
+             "annotations": annotations}
+    (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(index))
+    return root
+
+
+def test_coco_captions_skips_bad_images_once_and_counts_them(tmp_path, capsys):
+    ds = data.coco_captions(_coco_fixture(tmp_path / "coco"), split="val")
+    assert len(ds) == 10 and ds.image_ids() == [139, 285, 632, 724, 776]
+    assert ds.references()[285] == ["Picture 1 caption 0.", "Picture 1 caption 1."]
+    seen = [ds[i] for i in range(len(ds))] + [ds[i] for i in range(len(ds))]  # every pair twice
+    assert {image_id for _, _, image_id in seen} == {139, 285, 632}
+    assert all(image.mode == "RGB" and image.size == (20, 16) for image, _, _ in seen)
+    assert ds.report_skipped() == 2
+    err = capsys.readouterr().err
+    for name in ("000000000724.jpg", "000000000776.jpg"):  # reported once each
+        assert len([line for line in err.splitlines() if name in line]) == 1, err
+    assert "skipped 2 bad image(s) of 5" in err
+    assert ds.load_image(724) is None
+    with pytest.raises(FileNotFoundError, match="download"):
+        data.coco_captions(tmp_path / "empty", split="train")
+
+
+def test_split_by_image_keeps_all_captions_of_an_image_together(tmp_path):
+    ds = data.coco_captions(_coco_fixture(tmp_path / "coco"), split="val")
+    train, val = ds.split_by_image(val_fraction=0.4, seed=1)
+    assert len(val.image_ids()) == 2 and len(train.image_ids()) == 3
+    assert not set(train.image_ids()) & set(val.image_ids())
+    assert sorted(train.pairs + val.pairs) == sorted(ds.pairs)
+    assert (train.pairs, val.pairs) == tuple(s.pairs for s in ds.split_by_image(val_fraction=0.4, seed=1))
+
+
+def test_karpathy_splits_find_2017_file_names(tmp_path):
+    import json
+    root = _coco_fixture(tmp_path / "coco")
+    karpathy = {"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": f"COCO_val2014_{cocoid:012d}.jpg", "cocoid": cocoid, "imgid": n,
+         "split": split, "sentids": [n], "sentences": [{"tokens": ["a", "b"], "raw": f"Raw {cocoid}.", "imgid": n,
+                                                          "sentid": n}]}
+        for n, (cocoid, split) in enumerate([(139, "train"), (285, "restval"), (632, "test"), (724, "val")])]}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    train = data.karpathy_coco(tmp_path / "dataset_coco.json", root, split="train")
+    assert train.pairs == [(139, "Raw 139."), (285, "Raw 285.")]
+    test = data.karpathy_coco(tmp_path / "dataset_coco.json", root, split="test")
+    assert test.files[632] == root / "val2017" / "000000000632.jpg" and test[0][0].size == (20, 16)
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "csv", "csv-image", "tsv", "descriptions", "flickr-token"])
+def test_image_folder_with_captions_file(tmp_path, layout):
+    import json
+    names = ["cat.jpg", "dog one.png", "bird.jpeg"]
+    for n, name in enumerate(names):
+        from PIL import Image
+        Image.new("RGB", (8, 8), (60 * n, 0, 0)).save(tmp_path / name)
+    captions = [("cat.jpg", "a cat, sitting"), ("dog one.png", "a dog"), ("cat.jpg", "a cat again"),
+                ("bird.jpeg", "a bird")]
+    if layout == "jsonl":
+        path = tmp_path / "captions.jsonl"
+        path.write_text("".join(json.dumps({"file": f, "caption": c}) + "\n" for f, c in captions))
+    elif layout.startswith("csv"):
+        path = tmp_path / "captions.csv"
+        column = "image" if layout == "csv-image" else "file"
+        path.write_text(f"{column},caption\n" + "".join(f'"{f}","{c}"\n' for f, c in captions))
+    elif layout == "tsv":
+        path = tmp_path / "captions.txt"
+        path.write_text("".join(f"{f}\t{c}\n" for f, c in captions) + "\n")
+    else:  # ids without suffix separated by a space, or Flickr8k.token.txt's "file#n<TAB>caption"
+        captions = [(f, c) for f, c in captions if " " not in f]
+        path = tmp_path / ("descriptions.txt" if layout == "descriptions" else "Flickr8k.token.txt")
+        lines = [f"{f.split('.')[0]} {c}" if layout == "descriptions" else f"{f}#{n}\t{c}" for n, (f, c) in enumerate(captions)]
+        path.write_text("\n".join(lines) + "\n")
+    ds = data.image_folder(tmp_path, None if layout != "flickr-token" else path)
+    expected_ids = [f.split(".")[0] if layout == "descriptions" else f for f, _ in captions]
+    assert [pair for pair in ds.pairs] == [(i, c) for i, (_, c) in zip(expected_ids, captions)]
+    for index in range(len(ds)):
+        image, caption, image_id = ds[index]
+        assert image.size == (8, 8) and caption == ds.pairs[index][1] and image_id == ds.pairs[index][0]
+    assert ds.report_skipped() == 0
+
+
+def test_captions_file_errors_name_the_line(tmp_path):
+    (tmp_path / "captions.jsonl").write_text('{"file": "a.jpg", "caption": "x"}\n{"file": "b.jpg"}\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl:2"):
+        data.image_folder(tmp_path)
+    (tmp_path / "bad.csv").write_text("name,text\na.jpg,x\n")
+    with pytest.raises(ValueError, match="header"):
+        data.read_captions_file(tmp_path / "bad.csv")
+    with pytest.raises(FileNotFoundError, match="captions file"):
+        data.image_folder(tmp_path / "nothing")
+
+
+def _cifar_fixture(root, n_train=6, n_test=4, evil=False):
+    """cifar-100-python.tar.gz in the official layout: Python-2-era pickles (protocol 2, bytes keys)."""
+    import io
+    import pickle
+    import tarfile
+    rng = np.random.default_rng(0)
+    names = [f"class_{k}".encode() for k in range(98)] + [b"maple_tree", b"apple"]
+    members = {"meta": {b"fine_label_names": names, b"coarse_label_names": [b"trees"] * 20}}
+    for split, n in (("train", n_train), ("test", n_test)):
+        members[split] = {b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+                          b"batch_label": f"{split} batch".encode(), b"fine_labels": [98 + i % 2 for i in range(n)],
+                          b"coarse_labels": [0] * n, b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / "cifar-100-python.tar.gz", "w:gz") as tar:
+        for name, content in members.items():
+            payload = pickle.dumps(content, protocol=2)
+            if evil and name == "test":
+                payload = b"cos\nsystem\n(S'echo pwned'\ntR."  # os.system("echo pwned") if plainly unpickled
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return members
+
+
+def test_cifar100_from_official_tarball_layout(tmp_path):
+    members = _cifar_fixture(tmp_path)
+    ds = data.CIFAR100Captions(tmp_path, split="train")
+    assert len(ds) == 6 and ds.classes[98] == "maple tree"
+    image, caption, image_id = ds[1]
+    assert caption == "a photo of a apple" and image_id == 1 and image.size == (32, 32)
+    row = members["train"][b"data"][1]  # 1024 red, then 1024 green, then 1024 blue values, row-major
+    assert np.asarray(image)[2, 5].tolist() == [row[2 * 32 + 5], row[1024 + 2 * 32 + 5], row[2048 + 2 * 32 + 5]]
+    assert data.CIFAR100Captions(tmp_path, split="test").pairs[0] == (0, "a photo of a maple tree")
+    with pytest.raises(FileNotFoundError, match="download"):
+        data.CIFAR100Captions(tmp_path / "missing")
+
+
+def test_cifar100_refuses_a_pickle_that_runs_code(tmp_path):
+    _cifar_fixture(tmp_path, evil=True)
+    assert len(data.CIFAR100Captions(tmp_path, split="train")) == 6
+    with pytest.raises(Exception, match="refusing to load os.system"):
+        data.CIFAR100Captions(tmp_path, split="test")
+
+
+# ----------------------------------------------------------------------------- downloads (127.0.0.1 only)
+
+@pytest.fixture
+def local_server(tmp_path):
+    """Serves tmp_path/served over HTTP on 127.0.0.1 (Range requests ignored: full responses only)."""
+    import functools
+    import http.server
+    import threading
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_coco_download_and_unpack_from_local_server(tmp_path, local_server, monkeypatch):
+    import zipfile
+    served, url = local_server
+    source = _coco_fixture(tmp_path / "source")
+    (served / "annotations").mkdir()
+    (served / "zips").mkdir()
+    with zipfile.ZipFile(served / "annotations" / "annotations_trainval2017.zip", "w") as zf:
+        zf.write(source / "annotations" / "captions_val2017.json", "annotations/captions_val2017.json")
+    with zipfile.ZipFile(served / "zips" / "val2017.zip", "w") as zf:
+        for path in sorted((source / "val2017").iterdir()):
+            zf.write(path, f"val2017/{path.name}")
+    sizes = {name: (path, (served / path).stat().st_size) for name, (path, _) in data.COCO_ARCHIVES.items()
+             if name != "train2017"}
+    monkeypatch.setattr(data, "COCO_URL", url)
+    monkeypatch.setattr(data, "COCO_ARCHIVES", sizes)
+    ds = data.coco_captions(tmp_path / "coco", split="val", download=True)
+    assert len(ds) == 10 and ds[0][0].size == (20, 16)
+    assert (tmp_path / "coco" / ".val2017.unpacked").exists()
+    (served / "zips" / "val2017.zip").unlink()  # unpacked once: a second call needs no server file
+    assert len(data.coco_captions(tmp_path / "coco", split="val", download=True)) == 10
+
+
+def test_coco_unpack_refuses_paths_outside_the_root(tmp_path, local_server, monkeypatch):
+    import zipfile
+    served, url = local_server
+    (served / "zips").mkdir()
+    with zipfile.ZipFile(served / "zips" / "val2017.zip", "w") as zf:
+        zf.writestr("../escaped.txt", "x")
+    monkeypatch.setattr(data, "COCO_URL", url)
+    monkeypatch.setattr(data, "COCO_ARCHIVES", {"val2017": ("zips/val2017.zip", None)})
+    (tmp_path / "coco").mkdir()
+    with pytest.raises(ValueError, match="outside"):
+        data._download_and_unpack("val2017", tmp_path / "coco")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_cifar100_download_checks_the_md5(tmp_path, local_server, monkeypatch):
+    import hashlib
+    served, url = local_server
+    _cifar_fixture(served)
+    archive = served / "cifar-100-python.tar.gz"
+    monkeypatch.setattr(data, "CIFAR100_URL", url + archive.name)
+    monkeypatch.setattr(data, "CIFAR100_SIZE", archive.stat().st_size)
+    monkeypatch.setattr(data, "CIFAR100_MD5", "0" * 32)
+    with pytest.raises(ValueError, match="md5"):
+        data.CIFAR100Captions(tmp_path / "a", download=True)
+    assert (tmp_path / "a" / "cifar-100-python.tar.gz.bad").exists()  # kept aside, not silently used
+    monkeypatch.setattr(data, "CIFAR100_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    assert len(data.CIFAR100Captions(tmp_path / "b", download=True)) == 6
