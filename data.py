@@ -1,17 +1,12 @@
 """Datasets of (image, caption) pairs, and the metrics captions are scored with.
 
-Every dataset here speaks one small interface, so train.py and generate.py never care where pairs come from:
-`ds[i] -> (image, caption, image_id)` with `image` an RGB PIL image, `ds.image_ids()` lists the distinct
-images (the CLIP feature cache is built over these), `ds.load_image(image_id)` opens one, and
-`ds.references()` maps each image to all of its captions (for BLEU and CIDEr).
-
-1. shapes: a synthetic, deterministic, offline set drawn on the fly ("a small red circle left of a large
-   blue square"), the measuring stick of the offline tour.
-2. Files on disk: COCO captions 2017 (Chen et al. 2015, https://cocodataset.org), Karpathy's splits
-   (`dataset_coco.json`), the `descriptions.txt` layout of the Flickr8k tutorials, and any folder of
-   images with a captions file. CIFAR-100 (Krizhevsky 2009) with "a photo of a {class}" captions.
+Every dataset speaks one interface: `ds[i] -> (RGB PIL image, caption, image_id)`, `ds.image_ids()` (distinct
+images, for the CLIP feature cache), `ds.load_image(image_id)`, `ds.references()` (image_id -> its captions).
+1. shapes: a synthetic, deterministic, offline set drawn on the fly, the measuring stick of the offline tour.
+2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, the Flickr8k tutorials'
+   descriptions.txt, any folder of images with a captions file, CIFAR-100 (Krizhevsky 2009).
 3. Scoring captions: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), equal to the
-   scorers of the COCO caption evaluation code (github.com/tylin/coco-caption, pip `pycocoevalcap`).
+   COCO caption evaluation code (github.com/tylin/coco-caption, pip pycocoevalcap).
 """
 import copy
 import csv
@@ -29,31 +24,36 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+
+import weights
 
 # -----------------------------------------------------------------------------
 # 1. shapes
-# A scene is a dict: {"objects": [{"size", "colour", "shape", "x", "y"}, ...], "relation": None or one of
-# RELATIONS}. x and y are the object's centre as fractions of the image side (y grows downwards), so one
-# scene draws at any image size. The caption names the objects in the order of "objects".
+# A scene: {"objects": [{"size", "colour", "shape", "x", "y"}, ...] in caption order, "relation": None or one of
+# RELATIONS}; x, y: an object's centre as a fraction of the image side (y down), so it draws at any size.
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPE_MASKS = {  # which sub-pixel samples (offsets dx, dy from the centre; radius r) lie inside each shape
+    "circle": lambda dx, dy, r: dx * dx + dy * dy <= r * r,
+    "square": lambda dx, dy, r: np.maximum(abs(dx), abs(dy)) <= 0.85 * r,  # about the circle's area
+    "triangle": lambda dx, dy, r: (dy <= 0.9 * r) & (abs(dx) <= (dy + 0.9 * r) / 1.8),  # apex up, centred in its box
+    "diamond": lambda dx, dy, r: abs(dx) + abs(dy) <= r,
+    "cross": lambda dx, dy, r: ((abs(dx) <= 0.36 * r) & (abs(dy) <= r)) | ((abs(dy) <= 0.36 * r) & (abs(dx) <= r)),
+}
+SHAPES = tuple(SHAPE_MASKS)
 COLOURS = {  # saturated and far apart in RGB so that 8 pixels are enough to tell them apart
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
-    "purple": (150, 60, 210), "orange": (245, 140, 20), "white": (240, 240, 240),
-}
+    "purple": (150, 60, 210), "orange": (245, 140, 20), "white": (240, 240, 240)}
 SIZES = {"small": 0.12, "large": 0.2}  # the object's radius as a fraction of the image side
 RELATIONS = ("left of", "right of", "above", "below")
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 BACKGROUND = (16, 16, 20)
 MARGIN, GAP = 0.03, 0.06  # free border around the image and least free space between two objects
 
 
 def shapes_vocabulary():
     """Every word a shapes caption can use, sorted."""
-    words = {"a", "of"} | set(SIZES) | set(COLOURS) | set(SHAPES)
-    words |= {word for relation in RELATIONS for word in relation.split()}
-    return sorted(words)
+    return sorted({"a", *SIZES, *COLOURS, *SHAPES, *" ".join(RELATIONS).split()})
 
 
 def shapes_caption(scene):
@@ -63,61 +63,37 @@ def shapes_caption(scene):
 
 
 def parse_shapes_caption(caption):
-    """A caption of the shapes grammar -> {"objects": [{"size", "colour", "shape"}, ...], "relation"}.
-
-    Returns None for text outside the grammar, so a generated caption that is not a caption simply scores
-    as wrong. Accepts every relation, whether or not the dataset's canonical order would have used it."""
+    """A caption of the grammar -> {"objects": [{"size", "colour", "shape"}, ...], "relation"}, or None for
+    text outside it (a generated non-caption then simply scores as wrong). Accepts all four relations."""
     words = caption.strip().lower().rstrip(".").split()
-    relation = None
-    for candidate in RELATIONS:  # the relation sits in the middle: 4 words, relation, 4 words
-        if " ".join(words[4:4 + len(candidate.split())]) == candidate:
-            relation = candidate
+    relation = next((r for r in RELATIONS if " ".join(words[4:4 + len(r.split())]) == r), None)  # after 4 words
     parts = [words] if relation is None else [words[:4], words[4 + len(relation.split()):]]
-    objects = []
-    for part in parts:
-        if len(part) != 4 or part[0] != "a" or part[1] not in SIZES or part[2] not in COLOURS \
-                or part[3] not in SHAPES:
-            return None
-        objects.append({"size": part[1], "colour": part[2], "shape": part[3]})
-    return {"objects": objects, "relation": relation}
-
-
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    if not all(len(p) == 4 and p[0] == "a" and p[1] in SIZES and p[2] in COLOURS and p[3] in SHAPES for p in parts):
+        return None
+    return {"objects": [{"size": p[1], "colour": p[2], "shape": p[3]} for p in parts], "relation": relation}
 
 
 def canonical_shapes_caption(caption):
-    """Rewrite any caption of the grammar in the dataset's canonical order (None outside the grammar).
-
-    One picture must have one caption, or exact match means nothing: "A left of B" and "B right of A" are
-    the same picture. The rule: the larger object is named first; for two of one size, the left (or upper)
-    one, so ties use only "left of" and "above". Two captions describe the same picture if and only if
-    their canonical forms are equal."""
+    """A caption in the dataset's canonical order (None outside the grammar): one picture must have one caption
+    ("A left of B" is "B right of A"), or exact match means nothing. The larger object comes first; of two of
+    one size, the left (or upper) one. Two captions describe one picture iff their canonical forms are equal."""
     scene = parse_shapes_caption(caption)
-    if scene is None:
-        return None
-    if scene["relation"] is not None:
-        first, second = scene["objects"]
-        swap = (first["size"], second["size"]) == ("small", "large") or \
-            (first["size"] == second["size"] and scene["relation"] in ("right of", "below"))
-        if swap:
-            scene = {"objects": [second, first], "relation": INVERSE[scene["relation"]]}
-    return shapes_caption(scene)
+    if scene is not None and scene["relation"] is not None:
+        (first, second), relation = scene["objects"], scene["relation"]
+        if (first["size"], second["size"]) == ("small", "large") or \
+                (first["size"] == second["size"] and relation in ("right of", "below")):
+            scene = {"objects": [second, first], "relation": INVERSE[relation]}
+    return None if scene is None else shapes_caption(scene)
 
 
 def place_shapes(scene, rng):
-    """Give every object of a scene a centre (x, y) that makes its relation visibly true; returns the scene.
-
-    Two objects never overlap (GAP between their bounding boxes) and lie on one axis: for "left of" the
-    first object's box ends left of the second's, and their centres differ vertically by at most a quarter
-    of the smaller radius, so neither "above" nor "below" could also be said."""
-    objects = scene["objects"]
-    radii = [SIZES[o["size"]] for o in objects]
+    """Give each object a centre (x, y) that makes the relation visibly true: GAP between the boxes along its
+    axis, centres at most a quarter of the smaller radius apart across it (no second relation holds)."""
+    objects, radii = scene["objects"], [SIZES[o["size"]] for o in scene["objects"]]
     if len(objects) == 1:
-        objects[0]["x"], objects[0]["y"] = (rng.uniform(MARGIN + radii[0], 1 - MARGIN - radii[0])
-                                           for _ in range(2))
+        objects[0]["x"], objects[0]["y"] = (rng.uniform(MARGIN + radii[0], 1 - MARGIN - radii[0]) for _ in "xy")
         return scene
-    # place along the axis as "first left of second", then mirror / transpose for the other relations
-    r1, r2 = radii
+    r1, r2 = radii  # place as "first left of second", then mirror and / or transpose for the other relations
     along1 = rng.uniform(MARGIN + r1, 1 - MARGIN - r2 - (r1 + r2 + GAP))
     along2 = rng.uniform(along1 + r1 + r2 + GAP, 1 - MARGIN - r2)
     r_max, jitter = max(r1, r2), min(r1, r2) / 8
@@ -125,10 +101,8 @@ def place_shapes(scene, rng):
     across1, across2 = across + rng.uniform(-jitter, jitter), across + rng.uniform(-jitter, jitter)
     if scene["relation"] in ("right of", "below"):
         along1, along2 = 1 - along1, 1 - along2
-    if scene["relation"] in ("left of", "right of"):
-        (objects[0]["x"], objects[0]["y"]), (objects[1]["x"], objects[1]["y"]) = (along1, across1), (along2, across2)
-    else:
-        (objects[0]["x"], objects[0]["y"]), (objects[1]["x"], objects[1]["y"]) = (across1, along1), (across2, along2)
+    for obj, along, across in ((objects[0], along1, across1), (objects[1], along2, across2)):
+        obj["x"], obj["y"] = (along, across) if scene["relation"] in ("left of", "right of") else (across, along)
     return scene
 
 
@@ -146,30 +120,10 @@ def sample_shapes_scene(rng, max_objects=2):
     return scene
 
 
-def _shape_mask(shape, dx, dy, radius):
-    """Which sample points (offsets dx, dy from the centre, in pixels) lie inside the shape."""
-    if shape == "circle":
-        return dx * dx + dy * dy <= radius * radius
-    if shape == "square":  # half-side 0.85 r: about the area of the circle
-        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * radius
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= radius
-    if shape == "triangle":  # apex up at -0.9 r, flat base at +0.9 r, base half-width r: centred in its box
-        return (dy <= 0.9 * radius) & (np.abs(dx) <= (dy + 0.9 * radius) / 1.8)
-    if shape == "cross":  # a plus sign with arms a third of the radius thick
-        arm = 0.36 * radius
-        return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
-    raise ValueError(f"unknown shape {shape!r}, expected one of {SHAPES}")
-
-
 def draw_shapes(scene, image_size=32, supersample=4):
-    """Rasterise a placed scene into an RGB PIL image of image_size x image_size.
-
-    Anti-aliased: each pixel's coverage is the fraction of its supersample x supersample sub-pixel samples
-    inside the shape, and the colour is blended by it. Only the box around each object is computed, so a
-    32 x 32 image takes a fraction of a millisecond."""
-    canvas = np.empty((image_size, image_size, 3), dtype=np.float32)
-    canvas[:] = BACKGROUND
+    """A placed scene -> RGB PIL image, anti-aliased: a pixel's colour is blended by the fraction of its
+    supersample x supersample sub-pixel samples inside the shape. Only each object's box is computed."""
+    canvas = np.full((image_size, image_size, 3), BACKGROUND, dtype=np.float32)
     for obj in scene["objects"]:
         radius, cx, cy = SIZES[obj["size"]] * image_size, obj["x"] * image_size, obj["y"] * image_size
         x0, x1 = max(int(cx - radius) - 1, 0), min(int(cx + radius) + 2, image_size)  # box in whole pixels
@@ -177,7 +131,7 @@ def draw_shapes(scene, image_size=32, supersample=4):
         offsets = (np.arange(supersample, dtype=np.float32) + 0.5) / supersample  # sub-pixel sample centres
         xs = (np.arange(x0, x1, dtype=np.float32)[:, None] + offsets).reshape(1, -1) - cx
         ys = (np.arange(y0, y1, dtype=np.float32)[:, None] + offsets).reshape(-1, 1) - cy
-        inside = _shape_mask(obj["shape"], xs, ys, radius)
+        inside = SHAPE_MASKS[obj["shape"]](xs, ys, radius)  # (h * supersample, w * supersample)
         coverage = inside.reshape(y1 - y0, supersample, x1 - x0, supersample).mean(axis=(1, 3))[..., None]
         box = canvas[y0:y1, x0:x1]
         box += coverage * (np.asarray(COLOURS[obj["colour"]], dtype=np.float32) - box)
@@ -185,19 +139,13 @@ def draw_shapes(scene, image_size=32, supersample=4):
 
 
 class ShapesDataset:
-    """n shapes scenes, drawn on the fly; scene i of a split and seed is the same on every call and machine.
-
-    Each item has its own random stream, seeded by the string "shapes/{split}/{seed}/{i}" (Python hashes a
-    str seed with SHA-512, so streams of different splits are unrelated). The splits are disjoint as scenes
-    (positions are continuous floats); they share captions, as the 70 single-object captions must occur in
-    both. Rarely, two scenes a fraction of a pixel apart draw the same pixels (a lone small square: about
-    one image in 1,500 at 32 x 32); that is the task, not a leak."""
+    """n scenes drawn on the fly; item i is the same on every call and machine: its own random stream, seeded
+    by the string "shapes/{split}/{seed}/{i}" (hashed with SHA-512). The splits are disjoint as scenes and share
+    captions (all 70 single-object ones); rarely two scenes draw the same pixels (1 in 1,500 at 32 x 32)."""
 
     def __init__(self, n, image_size=32, seed=0, max_objects=2, split="train"):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if max_objects not in (1, 2):
-            raise ValueError(f"max_objects must be 1 or 2, got {max_objects}")
+        if split not in ("train", "val") or max_objects not in (1, 2):
+            raise ValueError(f"split must be 'train' or 'val' and max_objects 1 or 2, got {split!r}, {max_objects}")
         self.n, self.image_size, self.seed, self.max_objects, self.split = n, image_size, seed, max_objects, split
         self.skipped = set()  # drawn images are never bad; kept for the common interface
 
@@ -226,12 +174,6 @@ class ShapesDataset:
         return {index: [self.caption(index)] for index in range(self.n)}
 
 
-def images_to_tensor(images):
-    """A list of RGB PIL images of one size -> float tensor (B, 3, h, w) in [0, 1]."""
-    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])  # (B, h, w, 3)
-    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255)  # (B, 3, h, w)
-
-
 # -----------------------------------------------------------------------------
 # 2. Images and captions on disk
 
@@ -241,7 +183,6 @@ COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served)
     "train2017": ("zips/train2017.zip", 19336861798), "val2017": ("zips/val2017.zip", 815585330)}
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5, CIFAR100_SIZE = "eb9058c3a382ffc7106e4002c42a8d85", 169001437  # md5 from the authors' page
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 def data_dir(root=None):
@@ -250,15 +191,11 @@ def data_dir(root=None):
 
 
 class CaptionPairs:
-    """(image, caption) pairs whose images live in files: the interface every dataset here shares.
-
-    A bad image (0-byte, truncated, not an image, missing) is reported once with its file name, remembered
-    in `skipped`, and passed over; `report_skipped()` says at the end how many there were."""
+    """(image_id, caption) pairs with image files. A bad image (0-byte, truncated, not an image, missing) is
+    reported once with its file name, kept in `skipped` and passed over; `report_skipped()` counts them."""
 
     def __init__(self, pairs, files):
-        self.pairs = pairs  # [(image_id, caption)], several captions of one image in a row or not
-        self.files = files  # image_id -> Path
-        self.skipped = set()
+        self.pairs, self.files, self.skipped = pairs, files, set()  # files: image_id -> Path
 
     def __len__(self):
         return len(self.pairs)
@@ -266,8 +203,7 @@ class CaptionPairs:
     def __getitem__(self, index):
         for step in range(len(self.pairs)):  # a bad image: go on with the next pair
             image_id, caption = self.pairs[(index + step) % len(self.pairs)]
-            image = self.load_image(image_id)
-            if image is not None:
+            if (image := self.load_image(image_id)) is not None:
                 return image, caption, image_id
         raise RuntimeError(f"no readable image among the {len(self.pairs)} pairs")
 
@@ -275,9 +211,9 @@ class CaptionPairs:
         return list(dict.fromkeys(image_id for image_id, _ in self.pairs))
 
     def references(self):
-        references = {}
+        references = {image_id: [] for image_id, _ in self.pairs}
         for image_id, caption in self.pairs:
-            references.setdefault(image_id, []).append(caption)
+            references[image_id].append(caption)
         return references
 
     def open_image(self, image_id):
@@ -285,7 +221,6 @@ class CaptionPairs:
             return image.convert("RGB")  # convert() decodes every byte: a truncated file fails here, not later
 
     def load_image(self, image_id):
-        """The image as RGB, or None (reported the first time) when it cannot be read."""
         if image_id in self.skipped:
             return None
         try:
@@ -296,8 +231,7 @@ class CaptionPairs:
             return None
 
     def report_skipped(self):
-        if self.skipped:
-            print(f"skipped {len(self.skipped)} bad image(s) of {len(self.image_ids())}", file=sys.stderr)
+        print(f"skipped {len(self.skipped)} bad image(s) of {len(self.image_ids())}", file=sys.stderr)
         return len(self.skipped)
 
     def subset(self, image_ids):
@@ -309,15 +243,13 @@ class CaptionPairs:
         """(train, val) with every caption of one image on the same side, so no image is scored after training."""
         image_ids = self.image_ids()
         random.Random(seed).shuffle(image_ids)
-        n_val = max(1, round(val_fraction * len(image_ids)))
+        n_val = max(1, round(val_fraction * len(image_ids)))  # at least one image to validate on
         return self.subset(image_ids[n_val:]), self.subset(image_ids[:n_val])
 
 
 def _download_and_unpack(name, root):
     """Fetch one official COCO archive (progress, resume) and unpack it into root, once."""
-    import weights
-    done = root / f".{name}.unpacked"
-    if done.exists():
+    if (done := root / f".{name}.unpacked").exists():
         return
     url_path, size = COCO_ARCHIVES[name]
     archive = weights.download(COCO_URL + url_path, root / Path(url_path).name, size=size)
@@ -325,7 +257,6 @@ def _download_and_unpack(name, root):
         for member in zf.namelist():  # refuse members that would land outside root ("../", absolute paths)
             if not (root / member).resolve().is_relative_to(root.resolve()):
                 raise ValueError(f"{archive}: member {member!r} points outside {root}")
-        print(f"unpacking {archive} into {root}", file=sys.stderr)
         zf.extractall(root)
     done.touch()
 
@@ -335,12 +266,9 @@ def coco_captions(root=None, split="train", download=False):
     if split not in ("train", "val"):
         raise ValueError(f"COCO split must be 'train' or 'val', got {split!r}")
     root = data_dir(root) / "coco" if root is None else Path(root)
-    if download:
-        root.mkdir(parents=True, exist_ok=True)
-        for name in ("annotations", f"{split}2017"):
-            _download_and_unpack(name, root)
-    annotations = root / "annotations" / f"captions_{split}2017.json"
-    if not annotations.exists():
+    for name in ("annotations", f"{split}2017") if download else ():
+        _download_and_unpack(name, root)
+    if not (annotations := root / "annotations" / f"captions_{split}2017.json").exists():
         raise FileNotFoundError(f"{annotations} not found: pass download=True (--download) to fetch "
                                 f"{COCO_URL}{COCO_ARCHIVES['annotations'][0]}, or unpack it into {root}")
     index = json.loads(annotations.read_text())
@@ -349,14 +277,11 @@ def coco_captions(root=None, split="train", download=False):
 
 
 def karpathy_coco(karpathy_json, image_root, split="train"):
-    """Karpathy's splits (dataset_coco.json: train, restval, val, test), "train" including "restval" as
-    ClipCap and most captioning papers use it. Images are looked up as filepath/filename (the 2014 names),
-    then as train2017/ or val2017/{cocoid:012d}.jpg, the same picture under its 2017 name."""
+    """Karpathy's splits (dataset_coco.json), "train" with "restval" as ClipCap and most papers use it. An
+    image is filepath/filename (2014 names), else train2017/ or val2017/{cocoid:012d}.jpg (its 2017 name)."""
     splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",), "restval": ("restval",)}[split]
     image_root, pairs, files = Path(image_root), [], {}
-    for image in json.loads(Path(karpathy_json).read_text())["images"]:
-        if image["split"] not in splits:
-            continue
+    for image in [i for i in json.loads(Path(karpathy_json).read_text())["images"] if i["split"] in splits]:
         image_id = image.get("cocoid", image["filename"])
         candidates = [image_root / image.get("filepath", "") / image["filename"]]
         if "cocoid" in image:
@@ -368,27 +293,24 @@ def karpathy_coco(karpathy_json, image_root, split="train"):
 
 def read_captions_file(path):
     """[(file name, caption)] from JSON lines {"file", "caption"}, CSV with a header (file or image, caption),
-    or plain text: `file<TAB>caption` or, failing a tab, the first word is the image (descriptions.txt of
-    the Flickr8k tutorials: `1000268201_693b08cb0e child in pink dress ...`; Flickr8k.token.txt's `#0`
-    caption numbers are dropped)."""
+    or text lines `file<TAB>caption`, or without a tab `image_id caption` (the Flickr8k tutorials'
+    descriptions.txt). Flickr8k.token.txt's caption numbers (`1000268201_693b08cb0e.jpg#0`) are dropped."""
     path, pairs = Path(path), []
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            column = next((c for c in ("file", "image", "file_name", "filename") if c in (reader.fieldnames or ())), None)
-            if column is None or "caption" not in reader.fieldnames:
-                raise ValueError(f"{path}: the CSV header must name a file (or image) and a caption column, "
-                                 f"got {reader.fieldnames}")
+            columns = reader.fieldnames or []
+            column = next((c for c in ("file", "image", "file_name", "filename") if c in columns), None)
+            if column is None or "caption" not in columns:
+                raise ValueError(f"{path}: the CSV header must name a file (or image) and a caption column: {columns}")
             return [(row[column].strip(), row["caption"].strip()) for row in reader]
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            if path.suffix in (".jsonl", ".json"):
-                record = json.loads(line)
-                name, caption = record["file"], record["caption"]
-            else:
-                name, caption = line.split("\t", 1) if "\t" in line else line.split(None, 1)
+            record = json.loads(line) if path.suffix in (".jsonl", ".json") else None
+            name, caption = (record["file"], record["caption"]) if record is not None else \
+                line.split("\t", 1) if "\t" in line else line.split(None, 1)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path}:{number}: cannot read an image and a caption from {line[:80]!r} ({error})")
         pairs.append((name.strip().split("#")[0], caption.strip()))
@@ -396,25 +318,22 @@ def read_captions_file(path):
 
 
 def image_folder(root, captions_file=None):
-    """A folder of images plus a captions file (by default the first of captions.jsonl, captions.csv,
-    captions.txt, descriptions.txt found in it). Image names without a suffix get the one found on disk."""
-    root = Path(root)
+    """A folder of images and a captions file (by default its captions.jsonl, .csv, .txt or descriptions.txt).
+    Image names without a suffix get the one found on disk."""
+    root, found = Path(root), ("captions.jsonl", "captions.csv", "captions.txt", "descriptions.txt")
+    captions_file = captions_file or next((root / name for name in found if (root / name).exists()), None)
     if captions_file is None:
-        found = [root / name for name in ("captions.jsonl", "captions.csv", "captions.txt", "descriptions.txt")]
-        captions_file = next((path for path in found if path.exists()), None)
-        if captions_file is None:
-            raise FileNotFoundError(f"no captions file in {root}: expected one of {[p.name for p in found]}")
+        raise FileNotFoundError(f"no captions file in {root}: expected one of {found}")
     pairs, files = read_captions_file(captions_file), {}
     for name, _ in pairs:
         if name not in files:
-            candidates = [root / name] + [root / (name + suffix) for suffix in IMAGE_SUFFIXES]
+            candidates = [root / (name + suffix) for suffix in ("", ".jpg", ".jpeg", ".png", ".webp", ".bmp")]
             files[name] = next((path for path in candidates if path.exists()), root / name)
     return CaptionPairs(pairs, files)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles lists, dicts, strings, numbers and numpy arrays, and refuses every other global: a
-    downloaded pickle can otherwise run any code as it loads."""
+    """Lists, dicts, strings, numbers and numpy arrays; any other global is refused (a pickle can run code)."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
@@ -424,43 +343,26 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_pickle(tar, member):
-    try:
-        data = _ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
-    except KeyError:
-        raise ValueError(f"{tar.name}: no member {member!r}; is this the CIFAR-100 python version?")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
-
-
 class CIFAR100Captions(CaptionPairs):
-    """CIFAR-100 (32 x 32 photos, 100 classes) read from the official python tarball, without unpacking it;
-    caption "a photo of a {class}" (class names with spaces for underscores), the CLIP prompt template."""
+    """CIFAR-100 (32 x 32 photos, 100 classes) read from the official python tarball without unpacking it;
+    captions "a photo of a {class}" (CLIP's prompt template; "maple_tree" -> "maple tree")."""
 
     def __init__(self, root=None, split="train", download=False):
-        if split not in ("train", "test"):
-            raise ValueError(f"CIFAR-100 split must be 'train' or 'test', got {split!r}")
         archive = data_dir(root) / Path(CIFAR100_URL).name
         if download and not archive.exists():
-            import weights
             weights.download(CIFAR100_URL, archive, size=CIFAR100_SIZE)
-            md5 = hashlib.md5()
-            with open(archive, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    md5.update(block)
-            if md5.hexdigest() != CIFAR100_MD5:
-                archive.rename(archive.with_suffix(".gz.bad"))
-                raise ValueError(f"{CIFAR100_URL}: md5 {md5.hexdigest()} is not the published {CIFAR100_MD5}; "
-                                 f"kept as {archive.with_suffix('.gz.bad')}")
+            if (md5 := hashlib.md5(archive.read_bytes()).hexdigest()) != CIFAR100_MD5:  # the authors publish md5
+                archive.rename(bad := archive.with_suffix(".gz.bad"))
+                raise ValueError(f"{CIFAR100_URL}: md5 {md5} is not the published {CIFAR100_MD5}; kept as {bad}")
         if not archive.exists():
             raise FileNotFoundError(f"{archive} not found: pass download=True or fetch {CIFAR100_URL} there")
-        with tarfile.open(archive, "r:gz") as tar:
-            batch = _read_cifar_pickle(tar, f"cifar-100-python/{split}")
-            meta = _read_cifar_pickle(tar, "cifar-100-python/meta")
-        classes = [(c.decode() if isinstance(c, bytes) else c).replace("_", " ") for c in meta["fine_label_names"]]
-        self.images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = batch["fine_labels"]
-        super().__init__([(i, f"a photo of a {classes[label]}") for i, label in enumerate(labels)],
-                         {i: f"{archive}:{split}[{i}]" for i in range(len(labels))})
+        with tarfile.open(archive, "r:gz") as tar:  # Python 2 pickles: bytes keys, read with encoding="bytes"
+            batch, meta = (_ArrayUnpickler(tar.extractfile(f"cifar-100-python/{name}"), encoding="bytes").load()
+                           for name in (split, "meta"))
+        classes = [name.decode().replace("_", " ") for name in meta[b"fine_label_names"]]
+        self.images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        super().__init__([(i, f"a photo of a {classes[label]}") for i, label in enumerate(batch[b"fine_labels"])],
+                         dict.fromkeys(range(len(self.images)), archive))  # the archive stands for each image
         self.classes = classes
 
     def open_image(self, image_id):
@@ -469,17 +371,13 @@ class CIFAR100Captions(CaptionPairs):
 
 # -----------------------------------------------------------------------------
 # 3. Scoring captions
-# Both metrics take references {image_id: [caption, ...]} and hypotheses {image_id: caption}, already
-# tokenised (words joined by single spaces), and follow pycocoevalcap line for line, quirks included.
-
-PTB_SUFFIXES = re.compile(r"(?<=\w)('s|'re|'ve|'ll|'d|'m|n't)\b")
-
+# Both take references {image_id: [caption, ...]} and hypotheses {image_id: caption} already tokenised
+# (words joined by spaces), and follow pycocoevalcap line for line, quirks included.
 
 def tokenize_caption(text):
-    """The COCO evaluation's tokenisation without Java: Stanford's PTBTokenizer lowercased, then its
-    punctuation tokens dropped. Here: lowercase, split off clitics as PTB does ("man's" -> "man 's",
-    "don't" -> "do n't"), drop punctuation, keep hyphenated words and decimals whole."""
-    text = PTB_SUFFIXES.sub(r" \1", text.lower())
+    """COCO evaluation's PTBTokenizer (Java) done plainly: lowercase, split off clitics as PTB does ("man's" ->
+    "man 's", "don't" -> "do n't"), drop punctuation, keep hyphenated words and decimals whole."""
+    text = re.sub(r"(?<=\w)('s|'re|'ve|'ll|'d|'m|n't)\b", r" \1", text.lower())
     return " ".join(re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:[-.'][a-z0-9]+)*", text))
 
 
@@ -488,11 +386,10 @@ def _ngram_counts(words, n=4):
 
 
 def bleu(references, hypotheses, n=4):
-    """Corpus BLEU-1..n as pycocoevalcap's Bleu computes it: clipped n-gram matches summed over the corpus,
-    the reference length of each sentence the one closest to its hypothesis (the shorter on a tie), a brevity
-    penalty exp(1 - r/c) on the corpus lengths, and 1e-15 / 1e-9 added so that no count divides by zero."""
-    test_length = reference_length = 0
-    guess, correct = [0] * n, [0] * n
+    """Corpus BLEU-1..n as pycocoevalcap's Bleu: clipped n-gram matches summed over the corpus, each reference
+    length the one closest to its hypothesis (the shorter on a tie), brevity penalty exp(1 - r/c) on the
+    corpus lengths, and 1e-15 / 1e-9 added so that no count divides by zero."""
+    test_length, reference_length, guess, correct = 0, 0, [0] * n, [0] * n
     for image_id, hypothesis in hypotheses.items():
         words = hypothesis.split()
         lengths, max_counts = [], Counter()
@@ -514,12 +411,10 @@ def bleu(references, hypotheses, n=4):
 
 
 def cider_d(references, hypotheses, n=4, sigma=6.0):
-    """CIDEr-D as pycocoevalcap's Cider computes it -> (corpus score, per-image scores).
-
-    Each caption becomes tf-idf vectors of its 1..n-grams, document frequency counted over the references of
-    the evaluated images; the hypothesis' weights are clipped at the reference's, a Gaussian penalty on the
-    length difference (sigma) applies, the cosine similarities average over n and references, times 10. As
-    in the reference code, "length" counts a caption's bigrams."""
+    """CIDEr-D as pycocoevalcap's Cider -> (corpus score, per-image scores). tf-idf vectors of 1..n-grams (document
+    frequency over the evaluated images' references); hypothesis weights clipped at the reference's; a Gaussian
+    penalty on the length difference; cosines averaged over n and references, times 10. As in the reference
+    code, "length" counts a caption's bigrams."""
     reference_counts = {i: [_ngram_counts(r.split(), n) for r in references[i]] for i in hypotheses}
     document_frequency = Counter(g for counts in reference_counts.values() for g in set().union(*counts))
     log_images = math.log(len(reference_counts))
@@ -539,9 +434,8 @@ def cider_d(references, hypotheses, n=4, sigma=6.0):
         for counts in reference_counts[image_id]:
             vec_ref, norm_ref, length_ref = vectors(counts)
             for k in range(n):
-                value = sum(min(weight, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0) for g, weight in vec[k].items())
-                if norm[k] != 0 and norm_ref[k] != 0:
-                    value /= norm[k] * norm_ref[k]
+                value = sum(min(w, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0) for g, w in vec[k].items())
+                value = value / (norm[k] * norm_ref[k]) if norm[k] != 0 and norm_ref[k] != 0 else value
                 total[k] += value * math.exp(-((length - length_ref) ** 2) / (2 * sigma ** 2))
         scores.append(float(np.mean(total)) / len(reference_counts[image_id]) * 10.0)
     return float(np.mean(scores)), scores
