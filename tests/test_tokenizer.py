@@ -1,0 +1,306 @@
+"""tokenizer.py against the reference tokenizers, id for id, on a corpus of more than 1 MB.
+
+- GPT-2: tiktoken built offline from the committed encoder.json + vocab.bpe (hash-checked: the files
+  tiktoken pins for its `gpt2` encoding) with GPT-2's original split pattern; `decode(encode(s)) == s`.
+- CLIP: transformers' CLIPTokenizer on the Hugging Face files derived from bpe_simple_vocab_16e6.txt.gz
+  (byte-identical to openai/clip-vit-large-patch14's, hash-checked). OpenAI's cleaner runs ftfy.fix_text,
+  which tokenizer.py leaves out, so the tests give ours `ftfy.fix_text(text)`; transformers skips ftfy and
+  HTML unescaping, so it gets OpenAI's whole cleaned text (ftfy, html.unescape twice, whitespace, lower).
+- The split patterns, built with the standard library `re`, equal the `regex` package's on the corpus and
+  on every assigned code point.
+- Golden ids from published examples need no library at all.
+"""
+import gzip
+import hashlib
+import html
+import json
+import os
+import re
+import unicodedata
+
+import ftfy
+import pytest
+import regex
+import tiktoken
+import torch
+import transformers
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from tokenizer import VOCAB_DIR, CLIPTokenizer, GPT2Tokenizer, char_class, clean_clip_text, unicode_classes
+from tokenizer_corpus import build_corpus
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # openai/gpt-2
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+SHA256 = {  # tiktoken_ext/openai_public.py pins; openai/CLIP's blob (../shared/WEIGHTS.md §4.1)
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "bpe_simple_vocab_16e6.txt.gz": "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+}
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def openai_clip_clean_after_ftfy(text: str) -> str:
+    """openai/CLIP simple_tokenizer.py basic_clean + whitespace_clean + lower, after its ftfy.fix_text."""
+    text = html.unescape(html.unescape(text)).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+def first_difference(ours: list, reference: list) -> str:
+    i = next((k for k, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+    return f"first difference at {i}: ours {ours[i - 3 : i + 4]} reference {reference[i - 3 : i + 4]}"
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    chunks = build_corpus()
+    assert len("".join(chunks).encode("utf-8")) >= 1_000_000
+    return chunks
+
+
+@pytest.fixture(scope="module")
+def clip_corpus(corpus) -> list[tuple[str, str]]:
+    """(ftfy.fix_text(chunk), OpenAI's cleaning of chunk) per chunk: ftfy runs once, here, for all CLIP tests."""
+    fixed = [ftfy.fix_text(chunk) for chunk in corpus]
+    return [(text, openai_clip_clean_after_ftfy(text)) for text in fixed]
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> GPT2Tokenizer:
+    return GPT2Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def clip() -> CLIPTokenizer:
+    return CLIPTokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2() -> tiktoken.Encoding:
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the local files directly, cache nothing, download nothing
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(str(VOCAB_DIR / "vocab.bpe"), str(VOCAB_DIR / "encoder.json"),
+                                                SHA256["vocab.bpe"], SHA256["encoder.json"])
+    finally:
+        os.environ.pop("TIKTOKEN_CACHE_DIR") if old is None else os.environ.update(TIKTOKEN_CACHE_DIR=old)
+    return tiktoken.Encoding("gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+@pytest.fixture(scope="module")
+def clip_hf_files(tmp_path_factory) -> dict:
+    """The Hugging Face CLIP files, rebuilt from the .gz as ../shared/WEIGHTS.md §2.6 describes."""
+    folder = tmp_path_factory.mktemp("clip_hf")
+    lines = gzip.decompress((VOCAB_DIR / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0xAD)] + [chr(c) for c in range(0xAE, 0x100)]
+    symbols += [chr(256 + n) for n in range(256 - len(symbols))]  # GPT-2's bytes_to_unicode, written out again
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    encoder = {token: i for i, token in enumerate(vocab)}
+    files = {}
+    for name, dump, header in [("large", dict(), "#version: 0.2\n"),
+                               ("base", dict(separators=(",", ":")), "#version: 0.2 - Trained by `huggingface/tokenizers`\n")]:
+        (folder / name).mkdir()
+        (folder / name / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False, **dump), encoding="utf-8")
+        (folder / name / "merges.txt").write_text(header + "\n".join(merges) + "\n", encoding="utf-8")
+        files[name] = folder / name
+    return files
+
+
+@pytest.fixture(scope="module")
+def clip_hf(clip_hf_files):
+    return transformers.CLIPTokenizer.from_pretrained(clip_hf_files["large"])
+
+
+# ---------------------------------------------------------------------------------------- files and golden ids
+
+
+def test_committed_vocabulary_files_are_the_official_ones():
+    for name, digest in SHA256.items():
+        assert sha256(VOCAB_DIR / name) == digest, name
+
+
+def test_gpt2_golden_ids(gpt2):
+    # transformers GPT2Tokenizer docstring, tiktoken tests/test_encoding.py, WEIGHTS.md §5
+    assert gpt2.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    assert gpt2.encode("Hello world") == [15496, 995] and gpt2.encode(" Hello world") == [18435, 995]
+    assert gpt2.encode("hello world") == [31373, 995]
+    zeros = {1: [15], 2: [405], 3: [830], 4: [2388], 8: [8269], 16: [25645], 17: [8269, 10535, 830]}
+    for n, ids in zeros.items():
+        assert gpt2.encode("0" * n) == ids, n
+    assert gpt2.encode("") == [] and gpt2.decode([]) == ""
+    assert (gpt2.eot_token, gpt2.n_vocab) == (50256, 50257)
+
+
+def test_gpt2_special_tokens_only_where_allowed(gpt2, tiktoken_gpt2):
+    text = "hello <|endoftext|>"
+    assert gpt2.encode(text, allowed_special="all") == [31373, 220, 50256]
+    assert gpt2.encode(text, allowed_special={"<|endoftext|>"}) == [31373, 220, 50256]
+    assert gpt2.encode(text) == [31373, 1279, 91, 437, 1659, 5239, 91, 29]  # plain text when not allowed
+    assert gpt2.encode(text) == tiktoken_gpt2.encode(text, disallowed_special=())
+    for text in ["<|endoftext|>", "a<|endoftext|><|endoftext|>b", " <|endoftext|> x\n<|endoftext|>", "<|endoftext"]:
+        assert gpt2.encode(text, allowed_special="all") == tiktoken_gpt2.encode(text, allowed_special="all"), text
+        assert gpt2.decode(gpt2.encode(text, allowed_special="all")) == text
+    with pytest.raises(ValueError, match="unknown special"):
+        gpt2.encode(text, allowed_special={"<|startoftext|>"})
+
+
+def test_clip_golden_ids(clip):
+    # openai/CLIP notebooks/Interacting_with_CLIP.ipynb; README ("a dog")
+    row = clip.tokenize("Hello World!")
+    assert row.shape == (1, 77) and row.dtype == torch.long
+    assert row[0, :5].tolist() == [49406, 3306, 1002, 256, 49407] and row[0, 5:].eq(0).all()
+    assert clip.tokenize("a dog", pad="eot")[0].tolist() == [49406, 320, 1929] + [49407] * 74
+    assert clip.tokenize("")[0, :3].tolist() == [49406, 49407, 0]
+    assert clip.encode("  Hello\n\tWORLD!  ") == clip.encode("hello world!") == [3306, 1002, 256]
+    assert clip.encode("&amp;lt;3") == clip.encode("<3")  # html.unescape twice, as OpenAI's cleaner
+    assert (clip.sot_token, clip.eot_token, clip.n_vocab) == (49406, 49407, 49408)
+
+
+# ---------------------------------------------------------------------------------------- the split patterns
+
+
+def test_unicode_classes_equal_regex_on_every_assigned_code_point():
+    """Our \\p{L} / \\p{N} / \\s and CLIP's IGNORECASE classes against `regex`, one code point at a time.
+    Only code points assigned in this Python's Unicode are compared: `regex` may know a newer version."""
+    text = "".join(chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs"))
+    classes = unicode_classes()
+    ours = {name: set(re.findall(char_class(classes[name]), text)) for name in ("L", "N", "space")}
+    ours["other"] = set(re.findall(char_class(sorted(classes["other"] + classes["case"])), text))
+    ours["clip_other"] = set(re.findall(char_class(classes["other"]), text))
+    reference = {"L": r"\p{L}", "N": r"\p{N}", "other": r"[^\s\p{L}\p{N}]", "space": r"\s"}
+    for name, pattern in reference.items():
+        assert ours[name] == set(regex.findall(pattern, text)), (name, unicodedata.unidata_version)
+    # CLIP's pattern is compiled with IGNORECASE, under which U+0345 is neither letter nor "other"
+    assert ours["L"] == set(regex.findall(r"[\p{L}]", text, flags=regex.IGNORECASE))
+    assert ours["clip_other"] == set(regex.findall(r"[^\s\p{L}\p{N}]", text, flags=regex.IGNORECASE))
+    assert ours["L"] | ours["N"] | ours["other"] | ours["space"] == set(text)
+
+
+def test_gpt2_split_equals_regex(gpt2, corpus):
+    text = "".join(corpus)
+    ours, reference = gpt2.pattern.findall(text), regex.findall(GPT2_PATTERN, text)
+    assert ours == reference, first_difference(ours, reference)
+
+
+def test_clip_split_and_cleaning_equal_openai(clip, clip_corpus):
+    """Our cleaner equals OpenAI's after ftfy; the split equals OpenAI's IGNORECASE `regex` pattern,
+    including its quirks ("'ſ" is a contraction, U+0345 vanishes), which the corpus contains."""
+    for fixed, cleaned in clip_corpus:
+        assert clean_clip_text(fixed) == cleaned
+        ours, reference = clip.pattern.findall(cleaned), regex.findall(CLIP_PATTERN, cleaned, flags=regex.IGNORECASE)
+        assert ours == reference, first_difference(ours, reference)
+
+
+# ---------------------------------------------------------------------------------------- parity on the corpus
+
+
+def test_gpt2_ids_equal_tiktoken_on_corpus(gpt2, tiktoken_gpt2, corpus):
+    text = "".join(corpus)
+    ours, reference = gpt2.encode(text), tiktoken_gpt2.encode_ordinary(text)
+    assert ours == reference, first_difference(ours, reference)
+    assert gpt2.decode(ours) == text
+    for chunk in corpus:  # the corpus holds "<|endoftext|>" here and there
+        assert gpt2.encode(chunk, allowed_special="all") == tiktoken_gpt2.encode(chunk, allowed_special="all")
+
+
+def test_clip_ids_equal_transformers_on_corpus(clip, clip_hf, clip_corpus):
+    # The only characters where transformers' case-sensitive split differs from OpenAI's IGNORECASE one
+    # (checked against `regex` above) are taken out of the text for this comparison.
+    def drop(text):
+        return text.replace("ſ", "").replace("\u0345", "")
+
+    reference = clip_hf([drop(cleaned) for _, cleaned in clip_corpus], add_special_tokens=False)["input_ids"]
+    for (fixed, _), expected in zip(clip_corpus, reference):
+        ours = clip.encode(drop(fixed))
+        assert ours == expected, first_difference(ours, expected)
+
+
+def test_clip_tokenize_pads_and_truncates_like_transformers_and_openai(clip, clip_hf):
+    long_prompt = "a photograph of an astronaut riding a horse on mars, " * 12
+    texts = ["a dog", "", long_prompt, "Hello World!", "x " * 75, "x " * 76]
+    ours = clip.tokenize(texts, pad="eot")
+    reference = clip_hf(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(ours, reference)  # Stable Diffusion's tokenizer call
+    zero = clip.tokenize(texts)  # OpenAI's clip.tokenize(texts, truncate=True): same tokens, padded with 0
+    for row_ours, row_zero in zip(ours, zero):
+        n = int((row_ours == 49407).nonzero()[0]) + 1
+        assert torch.equal(row_ours[:n], row_zero[:n]) and row_zero[n:].eq(0).all()
+    full = [49406] + clip.encode(long_prompt) + [49407]
+    assert len(full) > 77 and ours[2].tolist() == full[:76] + [49407]
+    assert clip.tokenize("x " * 75, truncate=False)[0, 76] == 49407  # exactly 77 fits
+    with pytest.raises(ValueError, match="78 tokens long"):
+        clip.tokenize(["ok", "x " * 76], truncate=False)
+    with pytest.raises(ValueError, match="pad must be"):
+        clip.tokenize("a dog", pad="left")
+
+
+# ---------------------------------------------------------------------------------------- files, shortcut, cache
+
+
+def test_openai_and_hugging_face_files_give_the_same_tokenizer(gpt2, clip, clip_hf_files, tmp_path):
+    (tmp_path / "vocab.json").write_bytes((VOCAB_DIR / "encoder.json").read_bytes())
+    (tmp_path / "merges.txt").write_bytes((VOCAB_DIR / "vocab.bpe").read_bytes())
+    gpt2_hf = GPT2Tokenizer.from_hf(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert (gpt2_hf.encoder, gpt2_hf.ranks) == (gpt2.encoder, gpt2.ranks)
+    # the rebuilt HF CLIP files are byte-identical to the published ones (hashes in WEIGHTS.md §2.6)
+    pins = {("large", "vocab.json"): "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69",
+            ("large", "merges.txt"): "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+            ("base", "vocab.json"): "5047b556ce86ccaf6aa22b3ffccfc52d391ea4accdab9c2f2407da5b742d4363",
+            ("base", "merges.txt"): "f526393189112391ce6f9795d4695f704121ce452c3aad1f5335cc41337eba85"}
+    for (name, file), digest in pins.items():
+        assert sha256(clip_hf_files[name] / file) == digest, (name, file)
+    for folder in clip_hf_files.values():
+        clip_hf = CLIPTokenizer.from_hf(folder / "vocab.json", folder / "merges.txt")
+        assert (clip_hf.encoder, clip_hf.ranks, clip_hf.special_tokens) == (clip.encoder, clip.ranks, clip.special_tokens)
+
+
+def test_whole_token_shortcut_is_exact(gpt2, clip):
+    """encode_piece returns a pre-token that is itself a token without running BPE (tiktoken does the same).
+    That is exact only if BPE rebuilds every token from its bytes; it does, for both vocabularies."""
+    for tokenizer in (gpt2, clip):
+        suffix = tokenizer.end_of_word
+        for token in tokenizer.encoder:
+            cut = len(token) - len(suffix) - 1 if suffix and token.endswith(suffix) else len(token)
+            symbols = list(token[:cut]) + ([token[cut:]] if cut < len(token) else [])
+            assert tokenizer.merge(symbols) == [token], token
+
+
+def test_cache_is_bounded_and_changes_nothing(corpus):
+    tokenizer = GPT2Tokenizer.default()
+    text = "".join(corpus[:60])
+    expected = tokenizer.encode(text)
+    tokenizer.cache_size = 100
+    tokenizer._cache.clear()
+    assert tokenizer.encode(text) == expected and len(tokenizer._cache) <= 100
+
+
+def test_default_files_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert GPT2Tokenizer.default().encode("hello world") == [31373, 995]
+
+
+def test_bad_files_and_ids_give_one_clear_error(tmp_path, gpt2):
+    bad_gz = tmp_path / "bpe.txt.gz"
+    bad_gz.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="not a gzip"):
+        CLIPTokenizer.from_file(bad_gz)
+    bad_merges = tmp_path / "merges.txt"
+    bad_merges.write_text("#version: 0.2\nĠ t\nĠt he extra\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 3 is not a merge"):
+        GPT2Tokenizer.from_files(VOCAB_DIR / "encoder.json", bad_merges)
+    bad_json = tmp_path / "vocab.json"
+    bad_json.write_text('{"a": 0,', encoding="utf-8")
+    with pytest.raises(ValueError, match="not a JSON vocabulary"):
+        GPT2Tokenizer.from_hf(bad_json, VOCAB_DIR / "vocab.bpe")
+    clip_merges = tmp_path / "clip_merges.txt"
+    clip_merges.write_text("#version: 0.2\nh e</w>\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="same tokenizer"):
+        GPT2Tokenizer.from_files(VOCAB_DIR / "encoder.json", clip_merges)
+    with pytest.raises(ValueError, match="not GPT-2's vocabulary"):
+        GPT2Tokenizer({"a": 0}, [])
+    with pytest.raises(ValueError, match="token id 50257"):
+        gpt2.decode([15496, 50257])

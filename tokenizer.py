@@ -1,0 +1,368 @@
+"""Byte-level BPE tokenizers of GPT-2 and CLIP, written out by hand.
+
+Byte pair encoding (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units")
+starts from single symbols and repeatedly joins the adjacent pair that came first in a learned list of
+merges. GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", §2.2) runs it on
+the UTF-8 *bytes* of the text, so every string can be encoded and nothing is ever unknown. CLIP (Radford
+et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision") reuses the idea with
+lower-cased text, an end-of-word mark `</w>` and its own merges.
+
+Both tokenizers first cut the text into pre-tokens with a regular expression (a merge never crosses a
+pre-token), then run BPE on each pre-token. Official code this matches, id for id (tests/test_tokenizer.py):
+- GPT-2: openai/gpt-2 `src/encoder.py` and openai/tiktoken's `gpt2` encoding.
+- CLIP: openai/CLIP `clip/simple_tokenizer.py` and `clip.tokenize`; Stable Diffusion's tokenizer (Hugging Face
+  `CLIPTokenizer` on openai/clip-vit-large-patch14) is the same BPE, padded with end-of-text instead of 0.
+"""
+import functools
+import gzip
+import html
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+import torch
+
+VOCAB_DIR = Path(__file__).resolve().parent / "weights" / "vocab"  # committed copies of the official files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2 encoder.py).
+
+    Printable Latin-1 bytes stand for themselves; the rest (control codes, space, ...) are shifted to 256 and
+    up, so that a merges file can be plain text with one space between the two halves of a merge. The order
+    of the dict is the order of the first 256 CLIP ids, so it matters.
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)  # 188 printable bytes above; the others take 256, 257, ...
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+# White_Space property: what `\s` means in the `regex` package, in Rust's regex (tiktoken) and in Unicode.
+# Python's `re` also counts U+001C..U+001F as space (str.isspace), so we spell the class out.
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@functools.lru_cache(maxsize=None)
+def unicode_classes() -> dict[str, list[tuple[int, int]]]:
+    """Every code point sorted into "L" (letters), "N" (numbers), "space" or "other", as ranges (first, last).
+
+    `re` has no `\\p{L}`/`\\p{N}`, so we read the general category of all 1,114,112 code points from this
+    Python's `unicodedata` (Unicode `unicodedata.unidata_version`); characters assigned by a later Unicode
+    version count as "other" here. "case" holds the non-letters that have a letter as case variant (U+0345
+    in Unicode 14): under IGNORECASE, CLIP's `regex` pattern matches them with no alternative, so they
+    vanish from its text. About 0.5 s, once per process (`lru_cache`; the result is never modified).
+    """
+    spaces = set(re.findall(f"[{WHITESPACE}]", "".join(map(chr, range(0x3001)))))  # all below U+3001
+    classes = {"L": [], "N": [], "space": [], "case": [], "other": []}
+    previous = None
+    for code in range(0x110000):
+        char = chr(code)
+        category = unicodedata.category(char)
+        kind = "space" if char in spaces else category[0]
+        if kind not in ("L", "N", "space"):  # upper() only for assigned, non-private characters (speed)
+            upper = char.upper() if category not in ("Cn", "Co") else char
+            kind = "case" if upper != char and unicodedata.category(upper[0])[0] in "LN" else "other"
+        if kind == previous:
+            classes[kind][-1] = (classes[kind][-1][0], code)
+        else:
+            classes[kind].append((code, code))
+        previous = kind
+    return classes
+
+
+def char_class(ranges: list[tuple[int, int]], repeat: str = "") -> str:
+    """A pattern for one character (or with `repeat="+"` a run of characters) in `ranges`.
+
+    sre looks up a class's characters below U+10000 in a bitmap but compares those above it one range at a
+    time, so a plain `[...]` with the 268 astral letter ranges made the split 3 times slower (every character
+    that is *not* a letter walked them all). The astral ranges therefore sit behind a one-range lookahead.
+    """
+    def body(part):
+        return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in part)
+    bmp = body((a, min(b, 0xFFFF)) for a, b in ranges if a <= 0xFFFF)
+    astral = body((max(a, 0x10000), b) for a, b in ranges if b > 0xFFFF)
+    if not astral:
+        return f"[{bmp}]{repeat}"
+    return f"(?:[{bmp}]{repeat}|(?=[\\U00010000-\\U0010ffff])[{astral}]){repeat}"
+
+
+def gpt2_split_pattern() -> re.Pattern:
+    r"""openai/gpt-2 encoder.py: `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
+
+    Contractions (lower case only: "DON'T" gives "DON", "'", "T"), words with one leading space, numbers
+    of any length, runs of other symbols, and whitespace, where `\s+(?!\S)` leaves the last space of a run
+    to the word after it.
+    """
+    c = unicode_classes()
+    letters, numbers = char_class(c["L"], "+"), char_class(c["N"], "+")
+    others = char_class(sorted(c["other"] + c["case"]), "+")
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?{letters}| ?{numbers}| ?{others}"
+                      rf"|[{WHITESPACE}]+(?![^{WHITESPACE}])|[{WHITESPACE}]+")
+
+
+def clip_split_pattern() -> re.Pattern:
+    r"""openai/CLIP simple_tokenizer.py, compiled with IGNORECASE:
+    `<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`.
+
+    Digits are single tokens and whitespace is dropped. The text is lower-cased already, so IGNORECASE
+    only matters through the few characters with an unusual case mapping: "ſ" (U+017F) matches `s`, which
+    `(?i:...)` reproduces, and U+0345, which matches no alternative (see `unicode_classes`).
+    """
+    c = unicode_classes()
+    specials = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+    return re.compile(rf"(?i:{specials})|{char_class(c['L'], '+')}|{char_class(c['N'])}|{char_class(c['other'], '+')}")
+
+
+def read_merges(lines: list[str], path) -> list[tuple[str, str]]:
+    """Merges as written in vocab.bpe / merges.txt: an optional `#version` line, then `left right` per line."""
+    merges = []
+    for number, line in enumerate(lines, start=1):
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        pair = line.split()
+        if len(pair) != 2:
+            raise ValueError(f"{path}: line {number} is not a merge of two symbols: {line[:80]!r}")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
+def read_json_vocab(path) -> dict[str, int]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a JSON vocabulary ({error})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared BPE machinery
+
+
+class BytePairEncoder:
+    """Vocabulary, merge ranks and the BPE loop shared by both tokenizers.
+
+    `encoder` maps a token, spelled in `bytes_to_unicode` characters, to its id; `merges` lists the pairs in
+    the order they were learned; `special_tokens` maps text such as "<|endoftext|>" to ids that BPE never
+    produces. Finished pre-tokens go to a cache (a dict emptied when it holds `cache_size` entries), since
+    the words of real text repeat: most of the time a pre-token costs one dict lookup.
+    """
+
+    end_of_word = ""  # CLIP: "</w>" on the last symbol of each pre-token
+
+    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]], special_tokens: dict[str, int],
+                 cache_size: int = 100_000):
+        unknown = [a + b for a, b in merges if a + b not in encoder]
+        if unknown:
+            raise ValueError(f"{len(unknown)} merges make tokens missing from the vocabulary, e.g. {unknown[:3]}; "
+                             "are the vocabulary and the merges from the same tokenizer?")
+        self.encoder = {token: i for token, i in encoder.items() if token not in special_tokens}
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.special_tokens = dict(special_tokens)
+        self.byte_symbols = bytes_to_unicode()  # also a str.translate table from Latin-1 characters to symbols
+        byte_of = {symbol: byte for byte, symbol in self.byte_symbols.items()}
+        self.bytes_of_id = {i: token.encode("utf-8") for token, i in special_tokens.items()}
+        for token, i in self.encoder.items():  # CLIP's "</w>" decodes as a space, as in OpenAI's decode
+            word = token[: -len(self.end_of_word)] if self.end_of_word and token.endswith(self.end_of_word) else token
+            self.bytes_of_id[i] = bytes(byte_of[c] for c in word) + (b" " if word != token else b"")
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self.cache_size = cache_size
+
+    def merge(self, symbols: list[str]) -> list[str]:
+        """Join the adjacent pair with the lowest merge rank until no pair has one (the BPE loop).
+
+        `pair_ranks[i]` is the rank of (symbols[i], symbols[i + 1]); after a merge only its two neighbours
+        change. Ties go to the leftmost pair, which merges all copies of a pair left to right, as openai/gpt-2
+        `Encoder.bpe` does in one sweep.
+        """
+        never = len(self.ranks)
+        rank_of = self.ranks.get
+        pair_ranks = [rank_of(pair, never) for pair in zip(symbols, symbols[1:])]
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == never:
+                break
+            i = pair_ranks.index(best)
+            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = rank_of((symbols[i - 1], symbols[i]), never)
+            if i < len(pair_ranks):
+                pair_ranks[i] = rank_of((symbols[i], symbols[i + 1]), never)
+        return symbols
+
+    def encode_piece(self, piece: str) -> tuple[int, ...]:
+        """Ids of one pre-token: its UTF-8 bytes as symbols, `end_of_word` on the last one, then BPE."""
+        if piece in self.special_tokens:  # CLIP's pattern keeps "<|endoftext|>" in one piece
+            return (self.special_tokens[piece],)
+        # bytes -> symbols at C speed: each byte, read as a Latin-1 character, goes through str.translate
+        word = piece.encode("utf-8").decode("latin-1").translate(self.byte_symbols) + self.end_of_word
+        token = self.encoder.get(word)
+        if token is not None:  # the whole pre-token is one token: tiktoken's shortcut, exact here (a test proves it)
+            return (token,)
+        last = len(word) - len(self.end_of_word) - 1  # the last byte keeps its end-of-word mark
+        return tuple(self.encoder[symbol] for symbol in self.merge(list(word[:last]) + [word[last:]]))
+
+    def encode_pieces(self, pieces: list[str]) -> list[int]:
+        ids, cache = [], self._cache
+        for piece in pieces:
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                if len(cache) >= self.cache_size:
+                    cache.clear()  # bounded memory; refilling is cheap
+                piece_ids = cache[piece] = self.encode_piece(piece)
+            ids += piece_ids
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; a multi-byte character cut in the middle becomes U+FFFD, as in tiktoken."""
+        try:
+            data = b"".join([self.bytes_of_id[int(i)] for i in ids])
+        except KeyError as error:
+            raise ValueError(f"token id {error.args[0]} is not in the vocabulary of {len(self.bytes_of_id)}") from None
+        return data.decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPT-2
+
+
+class GPT2Tokenizer(BytePairEncoder):
+    """GPT-2's tokenizer: 50,000 merges over bytes plus `<|endoftext|>` = 50256 (50,257 ids).
+
+    `encode(text)` equals tiktoken's `encode_ordinary`; `<|endoftext|>` becomes the special id only where
+    `allowed_special` allows it ("all" or a set of names), as in tiktoken. Special text that is not allowed is
+    encoded as plain text (`[27, 91, 437, 1659, 5239, 91, 29]`), which is tiktoken's
+    `encode(text, allowed_special=..., disallowed_special=())`; tiktoken's default would raise instead.
+    """
+
+    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
+        if encoder.get("<|endoftext|>") != 50256 or len(encoder) != 50257:
+            raise ValueError(f"not GPT-2's vocabulary: {len(encoder)} entries (want 50257 with <|endoftext|> = 50256)")
+        super().__init__(encoder, merges, {"<|endoftext|>": 50256})
+        self.pattern = gpt2_split_pattern()
+        self.eot_token = 50256
+        self.n_vocab = len(encoder)
+
+    @classmethod
+    def from_files(cls, encoder_json, vocab_bpe) -> "GPT2Tokenizer":
+        """OpenAI's pair, as openai/gpt-2 download_model.py fetches it."""
+        return cls(read_json_vocab(encoder_json), read_merges(Path(vocab_bpe).read_text("utf-8").split("\n"), vocab_bpe))
+
+    @classmethod
+    def from_hf(cls, vocab_json, merges_txt) -> "GPT2Tokenizer":
+        """Hugging Face's pair (openai-community/gpt2): the same content under other names."""
+        return cls.from_files(vocab_json, merges_txt)
+
+    @classmethod
+    def default(cls) -> "GPT2Tokenizer":
+        return cls.from_files(VOCAB_DIR / "encoder.json", VOCAB_DIR / "vocab.bpe")
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.encode_pieces(self.pattern.findall(text))
+
+    def encode(self, text: str, allowed_special=()) -> list[int]:
+        """Token ids of `text`; `allowed_special` is "all" or a set of special-token names."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        if allowed - set(self.special_tokens):
+            raise ValueError(f"unknown special tokens {sorted(allowed - set(self.special_tokens))}")
+        if not allowed or not any(name in text for name in allowed):
+            return self.encode_ordinary(text)
+        # Cut at every allowed special token; the pattern then runs on each stretch between them separately.
+        splitter = re.compile("(" + "|".join(re.escape(name) for name in sorted(allowed)) + ")")
+        ids = []
+        for k, part in enumerate(splitter.split(text)):
+            ids += [self.special_tokens[part]] if k % 2 else self.encode_ordinary(part)
+        return ids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP
+
+
+def clean_clip_text(text: str) -> str:
+    """openai/CLIP `basic_clean` + `whitespace_clean` + `.lower()`, without `ftfy.fix_text`.
+
+    Skipped: ftfy repairs mojibake ("cafÃ©" -> "café"), applies NFC, straightens curly quotes, turns
+    full-width forms (common in CJK text: "！", "ＡＢ") and ligatures ("ﬁ") into plain ones, normalizes
+    line breaks and removes some control and terminal-escape characters. For such input our ids differ
+    from OpenAI's; pass `ftfy.fix_text(text)` to get OpenAI's exactly. Hugging Face's CLIPTokenizer (the one
+    Stable Diffusion calls) skips ftfy too, and also the HTML unescaping, but applies NFC.
+    """
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(f"[{WHITESPACE}]+", " ", text).strip().lower()
+
+
+class CLIPTokenizer(BytePairEncoder):
+    """CLIP's tokenizer: 256 bytes, the same 256 with `</w>`, 48,894 merges, SOT 49406, EOT 49407 (49,408 ids).
+
+    `encode` cleans the text (see `clean_clip_text`) and returns ids without SOT/EOT. The text
+    "<|startoftext|>" / "<|endoftext|>" inside a prompt becomes the special id, as in OpenAI's code.
+    """
+
+    end_of_word = "</w>"
+
+    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
+        if encoder.get("<|startoftext|>") != 49406 or encoder.get("<|endoftext|>") != 49407 or len(encoder) != 49408:
+            raise ValueError(f"not CLIP's vocabulary: {len(encoder)} entries (want 49408 with SOT 49406, EOT 49407)")
+        super().__init__(encoder, merges, {"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+        self.pattern = clip_split_pattern()
+        self.sot_token, self.eot_token = 49406, 49407
+        self.n_vocab = len(encoder)
+
+    @classmethod
+    def from_file(cls, bpe_gz) -> "CLIPTokenizer":
+        """openai/CLIP's `bpe_simple_vocab_16e6.txt.gz`: a header line, then merges, of which CLIP uses the
+        first 49152 - 256 - 2 = 48,894. The vocabulary is built from them as `SimpleTokenizer.__init__` does."""
+        try:
+            lines = gzip.decompress(Path(bpe_gz).read_bytes()).decode("utf-8").split("\n")
+        except (OSError, EOFError, UnicodeDecodeError) as error:
+            raise ValueError(f"{bpe_gz}: not a gzip-compressed merges file ({error})") from None
+        merges = read_merges(["#version"] + lines[1 : 49152 - 256 - 2 + 1], bpe_gz)
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        return cls({token: i for i, token in enumerate(vocab)}, merges)
+
+    @classmethod
+    def from_hf(cls, vocab_json, merges_txt) -> "CLIPTokenizer":
+        """Hugging Face's pair (openai/clip-vit-large-patch14, Stable Diffusion's `tokenizer/`)."""
+        return cls(read_json_vocab(vocab_json), read_merges(Path(merges_txt).read_text("utf-8").split("\n"), merges_txt))
+
+    @classmethod
+    def default(cls) -> "CLIPTokenizer":
+        return cls.from_file(VOCAB_DIR / "bpe_simple_vocab_16e6.txt.gz")
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_pieces(self.pattern.findall(clean_clip_text(text)))
+
+    def tokenize(self, texts, context_length: int = 77, pad: str = "zero", truncate: bool = True) -> torch.Tensor:
+        """`[SOT] + encode(text) + [EOT]`, padded to `context_length`, as a LongTensor (B, T), B = len(texts).
+
+        Padding: `pad="zero"` is OpenAI's `clip.tokenize` (id 0, the token "!"); `pad="eot"` repeats 49407 as
+        Hugging Face's CLIPTokenizer does for Stable Diffusion 1.x. The CLIP text tower reads its feature at
+        the first EOT and masks causally, so it does not care; Stable Diffusion's UNet attends to all 77
+        positions, so it needs `pad="eot"`. A text longer than the context is cut, keeping EOT last (what
+        `clip.tokenize(truncate=True)` and SD do); with `truncate=False` it raises ValueError instead.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if pad not in ("zero", "eot"):
+            raise ValueError(f"pad must be 'zero' (OpenAI) or 'eot' (Stable Diffusion), not {pad!r}")
+        if context_length < 2:
+            raise ValueError(f"context_length must leave room for SOT and EOT, got {context_length}")
+        out = torch.full((len(texts), context_length), 0 if pad == "zero" else self.eot_token, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.sot_token] + self.encode(text) + [self.eot_token]
+            if len(ids) > context_length:
+                if not truncate:
+                    raise ValueError(f"text {row} is {len(ids)} tokens long, more than the context of "
+                                     f"{context_length}: shorten it or pass truncate=True: {text[:60]!r}...")
+                ids = ids[: context_length - 1] + [self.eot_token]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
