@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 import weights
 
@@ -254,10 +255,10 @@ def _download_and_unpack(name, root):
     url_path, size = COCO_ARCHIVES[name]
     archive = weights.download(COCO_URL + url_path, root / Path(url_path).name, size=size)
     with zipfile.ZipFile(archive) as zf:
-        for member in zf.namelist():  # refuse members that would land outside root ("../", absolute paths)
-            if not (root / member).resolve().is_relative_to(root.resolve()):
+        for member in tqdm(zf.namelist(), desc=f"unpacking {archive.name}", unit="file", disable=None):
+            if not (root / member).resolve().is_relative_to(root.resolve()):  # "../" or an absolute path
                 raise ValueError(f"{archive}: member {member!r} points outside {root}")
-        zf.extractall(root)
+            zf.extract(member, root)
     done.touch()
 
 
@@ -313,7 +314,7 @@ def read_captions_file(path):
                 line.split("\t", 1) if "\t" in line else line.split(None, 1)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path}:{number}: cannot read an image and a caption from {line[:80]!r} ({error})")
-        pairs.append((name.strip().split("#")[0], caption.strip()))
+        pairs.append((re.sub(r"#\d+$", "", name.strip()), caption.strip()))
     return pairs
 
 
@@ -325,22 +326,22 @@ def image_folder(root, captions_file=None):
     if captions_file is None:
         raise FileNotFoundError(f"no captions file in {root}: expected one of {found}")
     pairs, files = read_captions_file(captions_file), {}
-    for name, _ in pairs:
-        if name not in files:
-            candidates = [root / (name + suffix) for suffix in ("", ".jpg", ".jpeg", ".png", ".webp", ".bmp")]
-            files[name] = next((path for path in candidates if path.exists()), root / name)
+    for name in dict.fromkeys(name for name, _ in pairs):  # each image once
+        candidates = [root / (name + suffix) for suffix in ("", ".jpg", ".jpeg", ".png", ".webp", ".bmp")]
+        files[name] = next((path for path in candidates if path.exists()), root / name)
     return CaptionPairs(pairs, files)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
     """Lists, dicts, strings, numbers and numpy arrays; any other global is refused (a pickle can run code)."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    reconstruct = np.empty(0).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy version keeps it
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): reconstruct, ("numpy", "ndarray"): np.ndarray,
+               ("numpy._core.multiarray", "_reconstruct"): reconstruct, ("numpy", "dtype"): np.dtype}
 
-    def find_class(self, module, name):
+    def find_class(self, module, name):  # returns the allowed object itself: nothing is imported by name
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
-        return super().find_class(module, name)
+        return self.ALLOWED[module, name]
 
 
 class CIFAR100Captions(CaptionPairs):
@@ -370,9 +371,9 @@ class CIFAR100Captions(CaptionPairs):
 
 
 # -----------------------------------------------------------------------------
-# 3. Scoring captions
-# Both take references {image_id: [caption, ...]} and hypotheses {image_id: caption} already tokenised
-# (words joined by spaces), and follow pycocoevalcap line for line, quirks included.
+# 3. Scoring captions: references {image_id: [caption, ...]} and hypotheses {image_id: caption}, tokenised
+# (words joined by spaces), scored as pycocoevalcap scores them, line for line, quirks included.
+
 
 def tokenize_caption(text):
     """COCO evaluation's PTBTokenizer (Java) done plainly: lowercase, split off clitics as PTB does ("man's" ->
@@ -391,10 +392,9 @@ def bleu(references, hypotheses, n=4):
     corpus lengths, and 1e-15 / 1e-9 added so that no count divides by zero."""
     test_length, reference_length, guess, correct = 0, 0, [0] * n, [0] * n
     for image_id, hypothesis in hypotheses.items():
-        words = hypothesis.split()
-        lengths, max_counts = [], Counter()
+        words, lengths = hypothesis.split(), [len(reference.split()) for reference in references[image_id]]
+        max_counts = Counter()
         for reference in references[image_id]:
-            lengths.append(len(reference.split()))
             max_counts |= _ngram_counts(reference.split(), n)  # | keeps the larger count of each n-gram
         test_length += len(words)
         reference_length += min((abs(length - len(words)), length) for length in lengths)[1]

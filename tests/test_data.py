@@ -1,5 +1,6 @@
 """data.py: the shapes set, and the datasets read from files (fixtures made by the tests, real layouts)."""
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -255,10 +256,35 @@ def test_captions_file_errors_name_the_line(tmp_path):
         data.image_folder(tmp_path / "nothing")
 
 
+def _python2_pickle(obj):
+    """Protocol 2 as Python 2's cPickle wrote the official files: str as BINSTRING (bytes when read with
+    encoding="bytes"), numpy arrays through numpy.core.multiarray._reconstruct and a dtype state of byte strings."""
+    out = [b"\x80\x02"]
+
+    def write(o):
+        if o is None or isinstance(o, bool):
+            out.append({None: b"N", True: b"\x88", False: b"\x89"}[o])
+        elif isinstance(o, int):
+            out.append(b"J" + struct.pack("<i", o))
+        elif isinstance(o, bytes):
+            out.append(b"U" + bytes([len(o)]) + o if len(o) < 256 else b"T" + struct.pack("<i", len(o)) + o)
+        elif isinstance(o, (list, tuple, dict)):
+            out.append({list: b"](", tuple: b"(", dict: b"}("}[type(o)])
+            for item in (x for pair in o.items() for x in pair) if isinstance(o, dict) else o:
+                write(item)
+            out.append({list: b"e", tuple: b"t", dict: b"u"}[type(o)])
+        else:  # _reconstruct(ndarray, (0,), 'b'), then BUILD with (1, shape, dtype, False, raw bytes)
+            out.append(b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n")
+            write((0,)), write(b"b"), out.append(b"tR(K\x01"), write(o.shape)
+            out.append(b"cnumpy\ndtype\n"), write((o.dtype.str[1:].encode(), False, True)), out.append(b"R")
+            write((3, b"|", None, None, None, -1, -1, 0)), out.append(b"b\x89"), write(o.tobytes()), out.append(b"tb")
+    write(obj)
+    return b"".join(out) + b"."
+
+
 def _cifar_fixture(root, n_train=6, n_test=4, evil=False):
-    """cifar-100-python.tar.gz in the official layout: Python-2-era pickles (protocol 2, bytes keys)."""
+    """cifar-100-python.tar.gz in the official layout: Python 2 pickles with bytes keys."""
     import io
-    import pickle
     import tarfile
     rng = np.random.default_rng(0)
     names = [f"class_{k}".encode() for k in range(98)] + [b"maple_tree", b"apple"]
@@ -270,13 +296,21 @@ def _cifar_fixture(root, n_train=6, n_test=4, evil=False):
     root.mkdir(parents=True, exist_ok=True)
     with tarfile.open(root / "cifar-100-python.tar.gz", "w:gz") as tar:
         for name, content in members.items():
-            payload = pickle.dumps(content, protocol=2)
+            payload = _python2_pickle(content)
             if evil and name == "test":
                 payload = b"cos\nsystem\n(S'echo pwned'\ntR."  # os.system("echo pwned") if plainly unpickled
             info = tarfile.TarInfo(f"cifar-100-python/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return members
+
+
+def test_python2_pickle_writer_reads_back_with_plain_pickle():
+    import pickle
+    content = {b"data": np.arange(12, dtype=np.uint8).reshape(2, 6), b"labels": [1, 2], b"name": b"x" * 300}
+    loaded = pickle.loads(_python2_pickle(content), encoding="bytes")  # our own bytes: safe to unpickle plainly
+    assert loaded[b"labels"] == [1, 2] and loaded[b"name"] == b"x" * 300
+    assert loaded[b"data"].dtype == np.uint8 and (loaded[b"data"] == content[b"data"]).all()
 
 
 def test_cifar100_from_official_tarball_layout(tmp_path):
