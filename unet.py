@@ -1,0 +1,354 @@
+"""The denoising UNet of Stable Diffusion 1.x: predicts the noise eps in a noisy latent, given the timestep and
+the text (the "context" from CLIP's text tower).
+
+Papers: Ho et al. 2020 (DDPM, the eps-prediction UNet), Dhariwal & Nichol 2021 (the "ADM" UNet this code
+descends from), Rombach et al. 2022 (latent diffusion, section 3.3: cross-attention to a text encoding inside
+SpatialTransformers). Official code matched here: CompVis/stable-diffusion
+`ldm/modules/diffusionmodules/openaimodel.py` (UNetModel, ResBlock, Downsample, Upsample),
+`ldm/modules/attention.py` (SpatialTransformer, BasicTransformerBlock, CrossAttention, GEGLU) and
+`ldm/modules/diffusionmodules/util.py` (timestep_embedding), with the unet_config of
+`configs/stable-diffusion/v1-inference.yaml`. Module names are the keys under `model.diffusion_model.`.
+This file knows nothing about noise schedules: that is ddpm.py.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embedding of the timesteps (B,) -> (B, dim): [cos(t f_i), sin(t f_i)] with
+    f_i = max_period^(-i / (dim/2)). Cosines first, as in CompVis util.py (diffusers: flip_sin_to_cos=True).
+    Always float32: t up to 999 times f_i loses the phase in fp16."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]  # (B, dim/2)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32, C) computed in float32 and cast back: openaimodel's `normalization()` (eps 1e-5) does this
+    explicitly; the transformers' `Normalize` (eps 1e-6) gets it from torch.autocast in the official fp16 runs."""
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__(32, channels, eps=eps)
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def attention(q, k, v, use_sdpa=True, slice_size=None):
+    """softmax(q k^T / sqrt(D)) v for q (B, H, T, D) and k, v (B, H, S, D).
+    `use_sdpa` picks F.scaled_dot_product_attention (fused, memory-efficient) over the plain math; a test
+    proves them equal. `slice_size` computes the queries in chunks, so the (T, S) score matrix of 64x64
+    latents (4096 x 4096 per head) never exists at once: less memory, same result."""
+    if slice_size is not None and q.shape[2] > slice_size:
+        return torch.cat([attention(q[:, :, i:i + slice_size], k, v, use_sdpa)
+                          for i in range(0, q.shape[2], slice_size)], dim=2)
+    if use_sdpa:
+        return F.scaled_dot_product_attention(q, k, v)
+    att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    return att.float().softmax(dim=-1).to(v.dtype) @ v  # softmax in fp32, as autocast runs it officially
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x (B, T, C) to context (B, S, Cc); self-attention when context is None."""
+
+    def __init__(self, query_dim, n_heads, d_head, context_dim=None, dropout=0.0):
+        super().__init__()
+        inner = n_heads * d_head
+        self.n_heads, self.use_sdpa, self.slice_size = n_heads, True, None  # set by UNetModel.set_attention
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        B, T, _ = x.shape
+        q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (B, H, T or S, D)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        y = attention(q, k, v, self.use_sdpa, self.slice_size).transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
+        return self.to_out(y)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection to twice the width, half of it gates the other half."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, dropout=0.0, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm: self-attention, cross-attention to the text, GEGLU feed-forward; LayerNorm eps 1e-5."""
+
+    def __init__(self, dim, n_heads, d_head, context_dim, dropout=0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, n_heads, d_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout)
+        self.attn2 = CrossAttention(dim, n_heads, d_head, context_dim, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Image (B, C, h, w) -> h*w tokens -> transformer blocks -> image, plus the input (a residual)."""
+
+    def __init__(self, channels, n_heads, d_head, depth, context_dim, use_linear, dropout=0.0):
+        super().__init__()
+        inner, self.use_linear = n_heads * d_head, use_linear
+        self.norm = GroupNorm32(channels, eps=1e-6)
+        # SD 1.x projects with 1x1 convolutions, SD 2.x with linear layers: the same map, another weight shape
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, n_heads, d_head, context_dim, dropout) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x, context):
+        B, C, h, w = x.shape
+        y = self.norm(x)
+        y = y if self.use_linear else self.proj_in(y)
+        y = y.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        y = self.proj_in(y) if self.use_linear else y
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        y = self.proj_out(y) if self.use_linear else y
+        y = y.transpose(1, 2).reshape(B, -1, h, w)  # (B, C, h, w)
+        return x + (y if self.use_linear else self.proj_out(y))
+
+
+class ResBlock(nn.Module):
+    """Two norm -> SiLU -> conv3x3 stages; the timestep embedding is added per channel between them."""
+
+    def __init__(self, channels, emb_channels, out_channels, dropout=0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)  # (B, C, h/2, w/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2h, 2w)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands the timestep embedding to ResBlocks and the context to SpatialTransformers."""
+
+    def forward(self, x, emb, context):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class UNetConfig:
+    """Names as in v1-inference.yaml `unet_config.params` (openaimodel.UNetModel arguments)."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple = (4, 2, 1)  # downsampling factors ("ds") whose levels get transformers
+    num_heads: int = 8
+    num_head_channels: int = -1  # -1: the head size is width // num_heads (SD 1.x); else fixed (SD 2.x: 64)
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False
+    dropout: float = 0.0
+
+
+PRESETS = {
+    "sd15": UNetConfig(),  # 859,520,964 parameters; SD 1.x model.diffusion_model (v1-inference.yaml)
+    # small text-to-image models trained from scratch: pixels (3 channels) or SD latents (4), context 512 or 768
+    "tiny-pixel": UNetConfig(in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2),
+                             num_res_blocks=1, attention_resolutions=(4, 2), num_heads=4, context_dim=512),
+    # 7,402,563 parameters
+    "tiny-latent": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                              attention_resolutions=(2, 1), num_heads=2, context_dim=32),  # 1,055,044 parameters
+}
+PREFIX = "model.diffusion_model."  # where an SD 1.x single-file checkpoint keeps the UNet
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class UNetModel(nn.Module):
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = cfg = config or UNetConfig()
+        mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(ch):
+            heads = cfg.num_heads if cfg.num_head_channels == -1 else ch // cfg.num_head_channels
+            return SpatialTransformer(ch, heads, ch // heads, cfg.transformer_depth, cfg.context_dim,
+                                      cfg.use_linear_in_transformer, cfg.dropout)
+
+        # Encoder half: every block's output is kept for the skip connection to the decoder half.
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout), transformer(ch),
+                                                    ResBlock(ch, emb_dim, ch, cfg.dropout))
+        # Decoder half: one more block per level than the encoder, each eating one skip connection.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg.dropout)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x, timesteps, context=None):
+        """x (B, C, h, w) noisy latents, timesteps (B,) or a number, context (B, S, context_dim) -> eps (B, C, h, w).
+        Runs in the parameters' dtype and returns x's dtype."""
+        dtype = self.time_embed[0].weight.dtype
+        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))  # (B, 4*mc)
+        context = None if context is None else context.to(dtype)
+        h, skips = x.to(dtype), []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, h, w)
+        return self.out(h).to(x.dtype)
+
+    def set_attention(self, use_sdpa=True, slice_size=None):
+        """The one switch for every attention layer: fused SDPA or plain math, and optional query slicing."""
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.use_sdpa, m.slice_size = use_sdpa, slice_size
+
+    # ------------------------------------------------------------------------------------------------------
+    # Loading the official weights
+
+    @classmethod
+    def from_checkpoint(cls, state_dict, prefix=PREFIX, config=None, dtype=torch.float32):
+        """Build the UNet from a whole SD 1.x single-file state dict (weights.load_state_dict of a .safetensors
+        or .ckpt), picking the keys under `prefix`; use prefix="" for a bare UNet state dict.
+
+        Ignored: every key outside the prefix: `first_stage_model.*` (vae.py), `cond_stage_model.*` (clip.py),
+        `model_ema.*` (the EMA copy of v1-5-pruned.ckpt, whose UNet keys are already the EMA weights in the
+        -emaonly files) and the 12 noise-schedule buffers (`betas`, `alphas_cumprod`, ...: ddpm.py recomputes
+        them). The config is read off the tensors unless given."""
+        own = {k[len(prefix):]: v.to(dtype) for k, v in state_dict.items() if k.startswith(prefix)}
+        if not own:
+            raise KeyError(f"no UNet keys: none start with {prefix!r} (first keys: {sorted(state_dict)[:3]})")
+        config = config or config_from_state_dict(own)
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model, own, "UNet", prefix)
+        model.load_state_dict(own, strict=True, assign=True)
+        return model
+
+
+def config_from_state_dict(sd):
+    """Read the architecture off the tensors; the number of heads is not in them and stays SD 1.x's 8."""
+    mc = sd["input_blocks.0.0.weight"].shape[0]
+    n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    downsamples = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.") and ".op.weight" in k)
+    per_level = downsamples[0] if downsamples else n_input - 1  # ResBlocks + Downsample of one level
+    first_block = [1 + level * per_level for level in range(len(downsamples) + 1)]
+    attention_at = [2 ** level for level, n in enumerate(first_block) if f"input_blocks.{n}.1.norm.weight" in sd]
+    depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("middle_block.1.transformer_blocks."))
+    return UNetConfig(
+        in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+        model_channels=mc, num_res_blocks=per_level - 1 if downsamples else per_level,
+        channel_mult=tuple(sd[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0] // mc for n in first_block),
+        attention_resolutions=tuple(sorted(attention_at, reverse=True)), transformer_depth=depth,
+        context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2)
+
+
+def check_state_dict(model, sd, what, prefix):
+    """Compare key sets and every shape; fail with the sorted differences."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} != model {s}" for k, s in expected.items()
+                   if k in sd and tuple(sd[k].shape) != s)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} checkpoint (prefix {prefix!r}) does not match the model:\n"
+                         f"  missing {len(missing)}: {missing[:20]}\n  unexpected {len(unexpected)}: "
+                         f"{unexpected[:20]}\n  wrong shapes {len(wrong)}: {wrong[:20]}")
+
+
+def expected_shapes(config=None, prefix=PREFIX):
+    """The official parameter keys (with prefix) and shapes of an SD 1.x UNet, without allocating memory."""
+    with torch.device("meta"):
+        model = UNetModel(config or PRESETS["sd15"])
+    return {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def count_parameters(config):
+    return sum(math.prod(s) for s in expected_shapes(config, "").values())
