@@ -35,7 +35,7 @@ DTYPES = {
     "U64": torch.uint64, "I64": torch.int64, "F64": torch.float64, "C64": torch.complex64,
     "F32": torch.float32, "U32": torch.uint32, "I32": torch.int32,
     "BF16": torch.bfloat16, "F16": torch.float16, "U16": torch.uint16, "I16": torch.int16,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
@@ -57,6 +57,9 @@ def parse_header(header_bytes, data_length, path="<bytes>"):
         text = header_bytes.decode("utf-8")
     except UnicodeDecodeError as error:
         _fail(path, f"header is not UTF-8 ({error})")
+
+    if not text.startswith("{"):  # as the official reader: no leading whitespace
+        _fail(path, f"header must start with '{{', got {text[:10]!r}")
 
     def no_duplicates(pairs):
         keys = [key for key, _ in pairs]
@@ -94,6 +97,10 @@ def parse_header(header_bytes, data_length, path="<bytes>"):
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
             _fail(path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r:.200}")
+        # the element count and every stride must fit in int64 (torch's limit; also no overflow
+        # in readers that multiply as they go, like the official one)
+        if math.prod(max(d, 1) for d in shape) >= 2 ** 63:
+            _fail(path, f"tensor {name!r}: shape {shape} is too large")
         begin, end = offsets
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected:
