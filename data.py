@@ -376,7 +376,7 @@ class CIFAR100Captions(CaptionPairs):
 
 
 def tokenize_caption(text):
-    """COCO evaluation's PTBTokenizer (Java) done plainly: lowercase, split off clitics as PTB does ("man's" ->
+    """COCO evaluation's PTBTokenizer (Java) approximated: lowercase, split off clitics as PTB does ("man's" ->
     "man 's", "don't" -> "do n't"), drop punctuation, keep hyphenated words and decimals whole."""
     text = re.sub(r"(?<=\w)('s|'re|'ve|'ll|'d|'m|n't)\b", r" \1", text.lower())
     return " ".join(re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:[-.'][a-z0-9]+)*", text))

@@ -50,10 +50,11 @@ def test_bleu_brevity_penalty_and_closest_length():
 
 
 def test_tokenize_caption_matches_ptb_outputs():
-    # outputs of pycocoevalcap's PTBTokenizer (Stanford CoreNLP, -lowerCase, punctuation removed)
+    # what pycocoevalcap's PTBTokenizer (Stanford CoreNLP 3.4.1, -lowerCase, its punctuation list removed) gives;
+    # it differs on rarer input: brackets (-lrb-), numbers with commas, non-ASCII text
     assert tokenize_caption("A man's dog, running on the beach.") == "a man 's dog running on the beach"
     assert tokenize_caption("Don't stop!") == "do n't stop"
-    assert tokenize_caption("A T-shirt costs 3.50 dollars; (cheap)") == "a t-shirt costs 3.50 dollars cheap"
+    assert tokenize_caption("A T-shirt costs 3.50 dollars; cheap") == "a t-shirt costs 3.50 dollars cheap"
     assert tokenize_caption("  Two   dogs ... playing?  ") == "two dogs playing"
     assert tokenize_caption("A sign saying 'STOP' -- we'll see") == "a sign saying stop we 'll see"
 
