@@ -1,0 +1,318 @@
+"""CLIP: an image tower and a text tower trained so that matching image-text pairs have similar embeddings.
+
+Paper: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision".
+Official code: openai/CLIP `clip/model.py` (`CLIP.encode_text`, `build_model`) and `clip/clip.py` (`load`).
+The image tower is vit.py's VisionTransformer; this file adds the text tower, the whole model, and loaders for:
+- OpenAI's `ViT-B-32.pt` (a TorchScript archive, read by weights/' restricted reader, never torch.jit.load) and
+  open_clip's `open_clip_model.safetensors`, both with OpenAI's key names, which our modules carry;
+- Hugging Face's layout (`openai/clip-vit-base-patch32`), through one rule-based mapping table;
+- Stable Diffusion 1.x's text encoder: the text tower of CLIP ViT-L/14, stored in HF's layout under
+  `cond_stage_model.transformer.text_model.` in the SD file, or standalone as a `CLIPTextModel` file.
+
+    python clip.py photo.jpg "a dog" "a cat"      # zero-shot label probabilities
+"""
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import weights
+from vit import (VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, check_config,
+                 load_checked, preprocess, set_sdpa)
+
+__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "preprocess", "set_sdpa",
+           "hf_to_openai", "openai_to_hf", "sd_text_encoder_shapes", "load_clip_state_dict", "classify"]
+
+# -----------------------------------------------------------------------------------------------------------
+# Config: OpenAI's build_model names
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    transformer_width: int = 512
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+
+    @staticmethod
+    def from_state_dict(sd):
+        """Read the config off the tensor shapes (OpenAI names), as openai/CLIP `build_model` does."""
+        vocab_size, width = sd["token_embedding.weight"].shape
+        layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+        return TextConfig(sd["positional_embedding"].shape[0], vocab_size, width, width // 64, layers)
+
+
+@dataclass
+class CLIPConfig:
+    vision: VisionConfig
+    text: TextConfig
+
+
+PRESETS = {
+    # 151,277,313 params (openai/CLIP notebooks/Interacting_with_CLIP.ipynb); ViT-B-32.pt
+    "ViT-B/32": CLIPConfig(VISION_PRESETS["ViT-B/32"], TextConfig(77, 49408, 512, 8, 12)),
+    # 427,616,513 params; its text tower alone (123,060,480 params, no text_projection) conditions SD 1.x
+    "ViT-L/14": CLIPConfig(VISION_PRESETS["ViT-L/14"], TextConfig(77, 49408, 768, 12, 12)),
+}
+# preset -> weights.fetch names, preferred first: open_clip's safetensors holds the same weights as OpenAI's
+# TorchScript archive in fp32 and with the same key names, and needs no pickle at all
+REGISTRY_NAMES = {"ViT-B/32": ("clip-vit-b-32/open_clip_model.safetensors", "clip-vit-b-32/ViT-B-32.pt")}
+
+# -----------------------------------------------------------------------------------------------------------
+# The text tower and the whole model
+
+
+class CLIPTextTransformer(nn.Module):
+    """Token + position embeddings, a causal transformer, a final LayerNorm. Stable Diffusion takes this last
+    hidden state (B, 77, C) as its cross-attention context; CLIP pools it at the end-of-text token."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        C, T = config.transformer_width, config.context_length
+        self.token_embedding = nn.Embedding(config.vocab_size, C)
+        self.positional_embedding = nn.Parameter(torch.empty(T, C))
+        self.transformer = Transformer(C, config.transformer_layers, config.transformer_heads)
+        self.ln_final = nn.LayerNorm(C)
+        # additive mask, -inf above the diagonal: token t attends to tokens <= t (derived, so not saved)
+        self.register_buffer("causal_mask", torch.full((T, T), float("-inf")).triu(1), persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)  # openai/CLIP initialize_parameters
+        nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def forward(self, tokens):
+        """tokens: (B, T) ids with T <= context_length. Returns the last hidden state (B, T, C) after ln_final."""
+        T = tokens.shape[1]
+        if T > self.positional_embedding.shape[0]:
+            raise ValueError(f"{T} tokens exceed the context length {self.positional_embedding.shape[0]}; "
+                             "tokenize with truncate=True")
+        x = self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, C)
+        x = self.transformer(x, self.causal_mask)
+        return self.ln_final(x)
+
+    @classmethod
+    def from_checkpoint(cls, sd, prefix="cond_stage_model.transformer.", preset="ViT-L/14"):
+        """Pick the text tower out of a whole checkpoint: the keys under `prefix`, in HF's `CLIPTextModel`
+        layout (`text_model.…`). The SD 1.x single file needs the default prefix; a standalone
+        `CLIPTextModel` file needs prefix="". The config is read off the shapes and checked against
+        PRESETS[preset].text (preset=None skips the check); `position_ids` is ignored."""
+        picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not picked:
+            raise ValueError(f"no key of the checkpoint starts with {prefix!r}; is it a Stable Diffusion file?")
+        if not any(k.startswith("text_model.") for k in picked):  # transformers >= 5 saves CLIPTextModel
+            picked = {"text_model." + k: v for k, v in picked.items()}  # without its text_model. level
+        picked = hf_to_openai(picked)
+        config = TextConfig.from_state_dict(picked)
+        if preset is not None:
+            check_config(config, PRESETS[preset].text, preset + " text tower")
+        return load_checked(cls(config), picked)
+
+
+class CLIP(CLIPTextTransformer):
+    """The whole CLIP model. OpenAI keeps the text tower's modules at the top level of the state dict
+    (`token_embedding`, `transformer`, `ln_final`) beside `visual`, so CLIP extends the text tower rather
+    than holding one, and its state_dict() is OpenAI's key set exactly."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__(config.text)
+        self.config = config
+        self.visual = VisionTransformer(config.vision)
+        width = config.text.transformer_width
+        self.text_projection = nn.Parameter(torch.randn(width, config.vision.embed_dim) * width**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature, paper §2.5
+
+    def encode_image(self, image):
+        """(B, 3, 224, 224) preprocessed images -> (B, embed_dim) image embeddings."""
+        return self.visual(image)
+
+    def encode_text(self, tokens):
+        """(B, T) token ids (tokenizer.CLIPTokenizer.tokenize) -> (B, embed_dim) text embeddings."""
+        x = super().forward(tokens)  # (B, T, C)
+        # pool at the end-of-text token: it has the largest id (49407), and argmax returns the first one
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, C)
+        return x @ self.text_projection  # (B, embed_dim)
+
+    def forward(self, image, tokens):
+        """Returns (logits_per_image (B_img, B_txt), logits_per_text): scaled cosine similarities."""
+        image_features = self.encode_image(image)
+        text_features = self.encode_text(tokens)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+    @classmethod
+    def from_state_dict(cls, sd, preset="ViT-B/32"):
+        """Build from a state dict in OpenAI's, open_clip's or Hugging Face's layout; the config is read off
+        the shapes and checked against PRESETS[preset] (preset=None skips the check)."""
+        sd = to_openai_layout(sd)
+        config = CLIPConfig(VisionConfig.from_state_dict(sd), TextConfig.from_state_dict(sd))
+        if preset is not None:
+            check_config(config.vision, PRESETS[preset].vision, preset + " image tower")
+            check_config(config.text, PRESETS[preset].text, preset + " text tower")
+        return load_checked(cls(config), sd)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path="ViT-B/32", root=None, offline=False):
+        """A preset name (fetched through weights.fetch into `root`) or a checkpoint path."""
+        if name_or_path in REGISTRY_NAMES:
+            path, preset = fetch_first(REGISTRY_NAMES[name_or_path], root, offline), name_or_path
+        else:
+            path, preset = Path(name_or_path), None
+        return cls.from_state_dict(load_clip_state_dict(path), preset=preset)
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading official weights: OpenAI's names are ours; Hugging Face's go through one table
+
+# Hugging Face name -> OpenAI name (transformers' convert_clip_original_pytorch_to_hf.py, read backwards).
+# A rule starting with "." renames a part anywhere in the key (inside every block); any other rule renames
+# the start of the key. The same table read right-to-left gives openai_to_hf.
+HF_TO_OPENAI = [
+    ("text_model.embeddings.token_embedding.", "token_embedding."),
+    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+    ("text_model.encoder.layers.", "transformer.resblocks."),
+    ("text_model.final_layer_norm.", "ln_final."),
+    ("vision_model.embeddings.patch_embedding.", "visual.conv1."),
+    ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
+    ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
+    ("vision_model.pre_layrnorm.", "visual.ln_pre."),  # sic: HF's spelling
+    ("vision_model.encoder.layers.", "visual.transformer.resblocks."),
+    ("vision_model.post_layernorm.", "visual.ln_post."),
+    ("visual_projection.weight", "visual.proj"),
+    ("text_projection.weight", "text_projection"),
+    (".self_attn.out_proj.", ".attn.out_proj."),
+    (".layer_norm1.", ".ln_1."),
+    (".layer_norm2.", ".ln_2."),
+    (".mlp.fc1.", ".mlp.c_fc."),
+    (".mlp.fc2.", ".mlp.c_proj."),
+]
+# Special cases, each named once:
+# - q/k/v packing: HF keeps self_attn.{q,k,v}_proj; nn.MultiheadAttention packs them as the rows q; k; v
+#   of attn.in_proj_weight / in_proj_bias.
+TRANSPOSED = {"visual.proj", "text_projection"}  # HF stores nn.Linear [out, in]; OpenAI computes x @ proj
+HF_IGNORED = ("position_ids",)  # HF's arange(T) buffer, found in SD files and older HF files
+TORCHSCRIPT_ONLY = ("input_resolution", "context_length", "vocab_size")  # ViT-B-32.pt extras, as build_model
+
+
+def _rename(key, rules):
+    for old, new in rules:
+        if old.startswith("."):
+            key = key.replace(old, new)
+        elif key.startswith(old):
+            key = new + key[len(old):]
+    return key
+
+
+def hf_to_openai(sd):
+    """A state dict in Hugging Face's CLIP layout -> OpenAI's names. Keys that match no rule pass through."""
+    out = {}
+    for key, value in sd.items():
+        if key.rsplit(".", 1)[-1] in HF_IGNORED:
+            continue
+        key = _rename(key, HF_TO_OPENAI)
+        out[key] = value.t() if key in TRANSPOSED else value
+    for key in [k for k in out if ".self_attn.q_proj." in k]:
+        stem, kind = key.split(".self_attn.q_proj.")  # kind: weight or bias
+        parts = [f"{stem}.self_attn.{n}_proj.{kind}" for n in "qkv"]
+        if all(p in out for p in parts):
+            out[f"{stem}.attn.in_proj_{kind}"] = torch.cat([out.pop(p) for p in parts])
+    return out
+
+
+def openai_to_hf(sd):
+    """The inverse of hf_to_openai (used to list the official SD key set; works on meta tensors)."""
+    rules = [(new, old) for old, new in HF_TO_OPENAI]
+    out = {}
+    for key, value in sd.items():
+        value = value.t() if key in TRANSPOSED else value
+        if ".attn.in_proj_" in key:
+            stem, kind = key.split(".attn.in_proj_")
+            for n, part in zip("qkv", value.chunk(3)):
+                out[_rename(f"{stem}.self_attn.{n}_proj.{kind}", rules)] = part
+        else:
+            out[_rename(key, rules)] = value
+    return out
+
+
+def to_openai_layout(sd):
+    """Any supported CLIP state dict -> OpenAI's key names, without the TorchScript-only entries."""
+    if any(k.startswith(("vision_model.", "text_model.")) for k in sd):
+        sd = hf_to_openai(sd)
+    return {k: v for k, v in sd.items() if k not in TORCHSCRIPT_ONLY}
+
+
+def fetch_first(names, root=None, offline=False):
+    """The first of `names` already on disk; else download them in order until one succeeds. On failure the
+    error is the preferred file's (its URL and where to put it)."""
+    for name in names:
+        try:
+            return weights.fetch(name, root=root, offline=True)
+        except weights.WeightsUnavailable as e:
+            first_error = first_error if name != names[0] else e
+    for name in names if not offline else ():
+        try:
+            return weights.fetch(name, root=root)
+        except weights.WeightsUnavailable as e:
+            first_error = first_error if name != names[0] else e
+    raise first_error
+
+
+def load_clip_state_dict(path):
+    """Read ViT-B-32.pt (TorchScript zip), open_clip_model.safetensors or an HF CLIPModel file -> OpenAI names."""
+    return to_openai_layout(weights.load_state_dict(path))
+
+
+def sd_text_encoder_shapes(prefix="cond_stage_model.transformer."):
+    """The official key -> shape table of SD 1.x's text encoder (196 tensors, 123,060,480 params), with HF's
+    names under `prefix` as in v1-5-pruned-emaonly.safetensors; `…embeddings.position_ids` is not listed."""
+    with torch.device("meta"):
+        model = CLIPTextTransformer(PRESETS["ViT-L/14"].text)
+    return {prefix + k: tuple(v.shape) for k, v in openai_to_hf(model.state_dict()).items()}
+
+# -----------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+
+@torch.no_grad()
+def classify(model, tokenizer, images, labels):
+    """Zero-shot: (B, 3, 224, 224) images and L label strings -> (B, L) probabilities (softmax of the logits)."""
+    tokens = tokenizer.tokenize(labels).to(images.device)
+    logits_per_image, _ = model(images, tokens)
+    return logits_per_image.softmax(dim=-1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Zero-shot image classification with CLIP ViT-B/32.")
+    parser.add_argument("image", help="an image file (any format and mode Pillow reads)")
+    parser.add_argument("labels", nargs="+", help='candidate labels, e.g. "a dog" "a cat"')
+    parser.add_argument("--weights", default="ViT-B/32",
+                        help="ViT-B/32 (fetched through weights/) or a checkpoint path: ViT-B-32.pt, "
+                             "open_clip_model.safetensors or a Hugging Face CLIPModel file")
+    parser.add_argument("--weights-dir", default=None, help="where official weights live (default: weights/ "
+                        "or $MINIMODAL_WEIGHTS)")
+    parser.add_argument("--offline", action="store_true", help="never download; fail if the file is missing")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    args = parser.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if args.weights not in REGISTRY_NAMES and not Path(args.weights).is_file():
+        parser.error(f"--weights: {args.weights} is neither a preset ({', '.join(REGISTRY_NAMES)}) nor a file")
+
+    from tokenizer import CLIPTokenizer
+    try:
+        image = preprocess(args.image).unsqueeze(0).to(device)  # (1, 3, 224, 224)
+        model = CLIP.from_pretrained(args.weights, root=args.weights_dir, offline=args.offline).to(device).eval()
+    except (ImageReadError, weights.WeightsUnavailable) as e:
+        sys.exit(f"error: {e}")
+    probs = classify(model, CLIPTokenizer.default(), image, args.labels)[0]
+    for p, label in sorted(zip(probs.tolist(), args.labels), reverse=True):
+        print(f"{p:7.2%}  {label}")
+
+
+if __name__ == "__main__":
+    main()
