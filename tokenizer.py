@@ -16,6 +16,7 @@ pre-token), then run BPE on each pre-token. Official code this matches, id for i
 import functools
 import gzip
 import html
+import itertools
 import json
 import re
 import unicodedata
@@ -33,17 +34,13 @@ VOCAB_DIR = Path(__file__).resolve().parent / "weights" / "vocab"  # committed c
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2 encoder.py).
 
-    Printable Latin-1 bytes stand for themselves; the rest (control codes, space, ...) are shifted to 256 and
-    up, so that a merges file can be plain text with one space between the two halves of a merge. The order
-    of the dict is the order of the first 256 CLIP ids, so it matters.
+    Printable Latin-1 bytes stand for themselves; the others (control codes, space, ...) move to U+0100 and up,
+    so a merges file is plain text with a space between the halves of a merge. CLIP's first 256 ids follow
+    this order.
     """
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs = bs[:]
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + len(cs) - 188)  # 188 printable bytes above; the others take 256, 257, ...
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
 
 
 # White_Space property: what `\s` means in the `regex` package, in Rust's regex (tiktoken) and in Unicode.
@@ -86,44 +83,16 @@ def char_class(ranges: list[tuple[int, int]], repeat: str = "") -> str:
     time, so a plain `[...]` with the 268 astral letter ranges made the split 3 times slower (every character
     that is *not* a letter walked them all). The astral ranges therefore sit behind a one-range lookahead.
     """
-    def body(part):
-        return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in part)
-    bmp = body((a, min(b, 0xFFFF)) for a, b in ranges if a <= 0xFFFF)
-    astral = body((max(a, 0x10000), b) for a, b in ranges if b > 0xFFFF)
+    bmp = "".join(f"\\U{a:08x}-\\U{min(b, 0xFFFF):08x}" for a, b in ranges if a <= 0xFFFF)
+    astral = "".join(f"\\U{max(a, 0x10000):08x}-\\U{b:08x}" for a, b in ranges if b > 0xFFFF)
     if not astral:
         return f"[{bmp}]{repeat}"
     return f"(?:[{bmp}]{repeat}|(?=[\\U00010000-\\U0010ffff])[{astral}]){repeat}"
 
 
-def gpt2_split_pattern() -> re.Pattern:
-    r"""openai/gpt-2 encoder.py: `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
-
-    Contractions (lower case only: "DON'T" gives "DON", "'", "T"), words with one leading space, numbers
-    of any length, runs of other symbols, and whitespace, where `\s+(?!\S)` leaves the last space of a run
-    to the word after it.
-    """
-    c = unicode_classes()
-    letters, numbers = char_class(c["L"], "+"), char_class(c["N"], "+")
-    others = char_class(sorted(c["other"] + c["case"]), "+")
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?{letters}| ?{numbers}| ?{others}"
-                      rf"|[{WHITESPACE}]+(?![^{WHITESPACE}])|[{WHITESPACE}]+")
-
-
-def clip_split_pattern() -> re.Pattern:
-    r"""openai/CLIP simple_tokenizer.py, compiled with IGNORECASE:
-    `<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`.
-
-    Digits are single tokens and whitespace is dropped. The text is lower-cased already, so IGNORECASE
-    only matters through the few characters with an unusual case mapping: "ſ" (U+017F) matches `s`, which
-    `(?i:...)` reproduces, and U+0345, which matches no alternative (see `unicode_classes`).
-    """
-    c = unicode_classes()
-    specials = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-    return re.compile(rf"(?i:{specials})|{char_class(c['L'], '+')}|{char_class(c['N'])}|{char_class(c['other'], '+')}")
-
-
-def read_merges(lines: list[str], path) -> list[tuple[str, str]]:
-    """Merges as written in vocab.bpe / merges.txt: an optional `#version` line, then `left right` per line."""
+def read_merges(path, lines: list[str] | None = None) -> list[tuple[str, str]]:
+    """vocab.bpe / merges.txt (or `lines` read elsewhere): an optional `#version` line, then `left right`."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n") if lines is None else lines
     merges = []
     for number, line in enumerate(lines, start=1):
         if not line or (number == 1 and line.startswith("#version")):
@@ -160,8 +129,8 @@ class BytePairEncoder:
     def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]], special_tokens: dict[str, int],
                  cache_size: int = 100_000):
         unknown = [a + b for a, b in merges if a + b not in encoder]
-        if unknown:
-            raise ValueError(f"{len(unknown)} merges make tokens missing from the vocabulary, e.g. {unknown[:3]}; "
+        if unknown:  # e.g. GPT-2's vocabulary with CLIP's merges
+            raise ValueError(f"{len(unknown)} merges make tokens missing from the vocabulary, e.g. {unknown[:3]}: "
                              "are the vocabulary and the merges from the same tokenizer?")
         self.encoder = {token: i for token, i in encoder.items() if token not in special_tokens}
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
@@ -170,21 +139,21 @@ class BytePairEncoder:
         byte_of = {symbol: byte for byte, symbol in self.byte_symbols.items()}
         self.bytes_of_id = {i: token.encode("utf-8") for token, i in special_tokens.items()}
         for token, i in self.encoder.items():  # CLIP's "</w>" decodes as a space, as in OpenAI's decode
-            word = token[: -len(self.end_of_word)] if self.end_of_word and token.endswith(self.end_of_word) else token
+            word = token.removesuffix(self.end_of_word)
             self.bytes_of_id[i] = bytes(byte_of[c] for c in word) + (b" " if word != token else b"")
+        self.n_vocab = len(encoder)
         self._cache: dict[str, tuple[int, ...]] = {}
         self.cache_size = cache_size
 
     def merge(self, symbols: list[str]) -> list[str]:
-        """Join the adjacent pair with the lowest merge rank until no pair has one (the BPE loop).
+        """The BPE loop: join the adjacent pair with the lowest merge rank until no pair has a rank.
 
-        `pair_ranks[i]` is the rank of (symbols[i], symbols[i + 1]); after a merge only its two neighbours
-        change. Ties go to the leftmost pair, which merges all copies of a pair left to right, as openai/gpt-2
-        `Encoder.bpe` does in one sweep.
+        `pair_ranks[i]` is the rank of (symbols[i], symbols[i + 1]); a merge changes only its neighbours.
+        Ties go to the leftmost pair, so all copies of a pair merge left to right, as in openai/gpt-2's sweep.
         """
         never = len(self.ranks)
         rank_of = self.ranks.get
-        pair_ranks = [rank_of(pair, never) for pair in zip(symbols, symbols[1:])]
+        pair_ranks = list(map(rank_of, zip(symbols, symbols[1:]), itertools.repeat(never)))
         while pair_ranks:
             best = min(pair_ranks)
             if best == never:
@@ -208,7 +177,7 @@ class BytePairEncoder:
         if token is not None:  # the whole pre-token is one token: tiktoken's shortcut, exact here (a test proves it)
             return (token,)
         last = len(word) - len(self.end_of_word) - 1  # the last byte keeps its end-of-word mark
-        return tuple(self.encoder[symbol] for symbol in self.merge(list(word[:last]) + [word[last:]]))
+        return tuple(map(self.encoder.__getitem__, self.merge(list(word[:last]) + [word[last:]])))
 
     def encode_pieces(self, pieces: list[str]) -> list[int]:
         ids, cache = [], self._cache
@@ -247,14 +216,19 @@ class GPT2Tokenizer(BytePairEncoder):
         if encoder.get("<|endoftext|>") != 50256 or len(encoder) != 50257:
             raise ValueError(f"not GPT-2's vocabulary: {len(encoder)} entries (want 50257 with <|endoftext|> = 50256)")
         super().__init__(encoder, merges, {"<|endoftext|>": 50256})
-        self.pattern = gpt2_split_pattern()
+        # openai/gpt-2 encoder.py: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+        # Contractions (lower case only: "DON'T" gives "DON", "'", "T"), words with at most one leading space,
+        # numbers of any length, runs of other symbols; `\s+(?!\S)` leaves a run's last space to the next word.
+        c = unicode_classes()
+        others = char_class(sorted(c["other"] + c["case"]), "+")
+        self.pattern = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?{char_class(c['L'], '+')}| ?{char_class(c['N'], '+')}"
+                                  rf"| ?{others}|[{WHITESPACE}]+(?![^{WHITESPACE}])|[{WHITESPACE}]+")
         self.eot_token = 50256
-        self.n_vocab = len(encoder)
 
     @classmethod
     def from_files(cls, encoder_json, vocab_bpe) -> "GPT2Tokenizer":
         """OpenAI's pair, as openai/gpt-2 download_model.py fetches it."""
-        return cls(read_json_vocab(encoder_json), read_merges(Path(vocab_bpe).read_text("utf-8").split("\n"), vocab_bpe))
+        return cls(read_json_vocab(encoder_json), read_merges(vocab_bpe))
 
     @classmethod
     def from_hf(cls, vocab_json, merges_txt) -> "GPT2Tokenizer":
@@ -291,10 +265,11 @@ def clean_clip_text(text: str) -> str:
     """openai/CLIP `basic_clean` + `whitespace_clean` + `.lower()`, without `ftfy.fix_text`.
 
     Skipped: ftfy repairs mojibake ("cafÃ©" -> "café"), applies NFC, straightens curly quotes, turns
-    full-width forms (common in CJK text: "！", "ＡＢ") and ligatures ("ﬁ") into plain ones, normalizes
-    line breaks and removes some control and terminal-escape characters. For such input our ids differ
-    from OpenAI's; pass `ftfy.fix_text(text)` to get OpenAI's exactly. Hugging Face's CLIPTokenizer (the one
-    Stable Diffusion calls) skips ftfy too, and also the HTML unescaping, but applies NFC.
+    full-width forms (common in CJK text: "！", "ＡＢ") and ligatures ("ﬁ") into plain ones, maps C1 control
+    codes to Windows-1252 characters and removes other control and terminal-escape characters. On such input
+    our ids differ from OpenAI's; pass `ftfy.fix_text(text)` to get OpenAI's exactly. Hugging Face's
+    CLIPTokenizer (the one Stable Diffusion calls) skips ftfy and the HTML unescaping, applies NFC, and splits
+    case-sensitively, which differs from OpenAI's pattern only on "'ſ" and U+0345.
     """
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(f"[{WHITESPACE}]+", " ", text).strip().lower()
@@ -313,9 +288,14 @@ class CLIPTokenizer(BytePairEncoder):
         if encoder.get("<|startoftext|>") != 49406 or encoder.get("<|endoftext|>") != 49407 or len(encoder) != 49408:
             raise ValueError(f"not CLIP's vocabulary: {len(encoder)} entries (want 49408 with SOT 49406, EOT 49407)")
         super().__init__(encoder, merges, {"<|startoftext|>": 49406, "<|endoftext|>": 49407})
-        self.pattern = clip_split_pattern()
+        # openai/CLIP simple_tokenizer.py, IGNORECASE: <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|
+        # [\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+ . Digits are single tokens; whitespace is dropped. The text is lower
+        # case already, so IGNORECASE only shows in "ſ" (U+017F), which matches `s` (hence `(?i:...)`), and in
+        # U+0345, which matches no alternative and vanishes (`unicode_classes` keeps it out of "other").
+        c, specials = unicode_classes(), r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+        self.pattern = re.compile(rf"(?i:{specials})|{char_class(c['L'], '+')}|{char_class(c['N'])}"
+                                  rf"|{char_class(c['other'], '+')}")
         self.sot_token, self.eot_token = 49406, 49407
-        self.n_vocab = len(encoder)
 
     @classmethod
     def from_file(cls, bpe_gz) -> "CLIPTokenizer":
@@ -325,7 +305,7 @@ class CLIPTokenizer(BytePairEncoder):
             lines = gzip.decompress(Path(bpe_gz).read_bytes()).decode("utf-8").split("\n")
         except (OSError, EOFError, UnicodeDecodeError) as error:
             raise ValueError(f"{bpe_gz}: not a gzip-compressed merges file ({error})") from None
-        merges = read_merges(["#version"] + lines[1 : 49152 - 256 - 2 + 1], bpe_gz)
+        merges = read_merges(bpe_gz, ["#version"] + lines[1 : 49152 - 256 - 2 + 1])
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
         return cls({token: i for i, token in enumerate(vocab)}, merges)
@@ -333,7 +313,7 @@ class CLIPTokenizer(BytePairEncoder):
     @classmethod
     def from_hf(cls, vocab_json, merges_txt) -> "CLIPTokenizer":
         """Hugging Face's pair (openai/clip-vit-large-patch14, Stable Diffusion's `tokenizer/`)."""
-        return cls(read_json_vocab(vocab_json), read_merges(Path(merges_txt).read_text("utf-8").split("\n"), merges_txt))
+        return cls(read_json_vocab(vocab_json), read_merges(merges_txt))
 
     @classmethod
     def default(cls) -> "CLIPTokenizer":

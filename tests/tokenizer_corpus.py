@@ -102,19 +102,24 @@ def generated_chunks(rng: random.Random, n_chunks: int) -> list[str]:
     return chunks
 
 
-def build_corpus(min_bytes: int = 1_100_000, seed: int = 1234) -> list[str]:
-    """Chunks of code, prose and generated text, together at least `min_bytes` of UTF-8."""
+def stdlib_chunks() -> list[str]:
+    """Code (source of the MODULES, in 4,000-character pieces) and prose (their docstrings)."""
     code, prose = [], []
     for name in MODULES:
         with open(importlib.util.find_spec(name).origin, encoding="utf-8") as f:
             source = f.read()
-        code += [source[i : i + 4000] for i in range(0, min(len(source), 20_000), 4000)]
+        code += [source[i : i + 4000] for i in range(0, min(len(source), 12_000), 4000)]
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 docstring = ast.get_docstring(node)
                 if docstring and len(docstring) > 40:
                     prose.append(docstring + "\n\n")
-    chunks = code + prose
+    return code + prose
+
+
+def build_corpus(min_bytes: int = 1_100_000, seed: int = 1234) -> list[str]:
+    """Chunks of code, prose and generated text, together at least `min_bytes` of UTF-8."""
+    chunks = stdlib_chunks()
     rng = random.Random(seed)
     while sum(len(c.encode("utf-8")) for c in chunks) < min_bytes:
         chunks += generated_chunks(rng, 200)
@@ -122,6 +127,7 @@ def build_corpus(min_bytes: int = 1_100_000, seed: int = 1234) -> list[str]:
 
 
 if __name__ == "__main__":
-    corpus = build_corpus()
-    text = "".join(corpus)
-    print(f"{len(corpus)} chunks, {len(text):,} characters, {len(text.encode('utf-8')):,} bytes")
+    corpus, stdlib = build_corpus(), stdlib_chunks()
+    for name, chunks in [("corpus", corpus), ("code and prose", stdlib), ("generated", corpus[len(stdlib) :])]:
+        text = "".join(chunks)
+        print(f"{name}: {len(chunks)} chunks, {len(text):,} characters, {len(text.encode('utf-8')):,} bytes")
