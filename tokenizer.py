@@ -32,12 +32,9 @@ VOCAB_DIR = Path(__file__).resolve().parent / "weights" / "vocab"  # committed c
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2 encoder.py).
-
-    Printable Latin-1 bytes stand for themselves; the others (control codes, space, ...) move to U+0100 and up,
-    so a merges file is plain text with a space between the halves of a merge. CLIP's first 256 ids follow
-    this order.
-    """
+    """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2 encoder.py):
+    printable Latin-1 bytes stand for themselves, the others (control codes, space, ...) move to U+0100 and up,
+    so a merges file is plain text with a space between the halves of a merge. CLIP's first ids follow it."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     shifted = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
@@ -54,10 +51,9 @@ def unicode_classes() -> dict[str, list[tuple[int, int]]]:
 
     `re` has no `\\p{L}`/`\\p{N}`, so we read the general category of all 1,114,112 code points from this
     Python's `unicodedata` (Unicode `unicodedata.unidata_version`); characters assigned by a later Unicode
-    version count as "other" here. "case" holds the non-letters that have a letter as case variant (U+0345
-    in Unicode 14): under IGNORECASE, CLIP's `regex` pattern matches them with no alternative, so they
-    vanish from its text. About 0.5 s, once per process (`lru_cache`; the result is never modified).
-    """
+    version count as "other" here. "case" holds non-letters with a letter as case variant (U+0345 in Unicode
+    14): under IGNORECASE, CLIP's `regex` pattern matches them with no alternative, so they vanish from its
+    text. About 0.5 s, once per process (`lru_cache`; the result is never modified)."""
     spaces = set(re.findall(f"[{WHITESPACE}]", "".join(map(chr, range(0x3001)))))  # all below U+3001
     classes = {"L": [], "N": [], "space": [], "case": [], "other": []}
     previous = None
@@ -116,68 +112,74 @@ def read_json_vocab(path) -> dict[str, int]:
 
 
 class BytePairEncoder:
-    """Vocabulary, merge ranks and the BPE loop shared by both tokenizers.
-
-    `encoder` maps a token, spelled in `bytes_to_unicode` characters, to its id; `merges` lists the pairs in
-    the order they were learned; `special_tokens` maps text such as "<|endoftext|>" to ids that BPE never
-    produces. Finished pre-tokens go to a cache (a dict emptied when it holds `cache_size` entries), since
-    the words of real text repeat: most of the time a pre-token costs one dict lookup.
+    """Vocabulary, merges and the BPE loop shared by both tokenizers. `encoder`: token (in `bytes_to_unicode`
+    characters) -> id; `merges`: pairs in the order they were learned; `special_tokens`: text -> id, never made
+    by BPE. Finished pre-tokens go to a cache (a dict emptied when it holds `cache_size` entries): words
+    repeat, so most pre-tokens cost one dict lookup.
     """
 
     end_of_word = ""  # CLIP: "</w>" on the last symbol of each pre-token
 
     def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]], special_tokens: dict[str, int],
                  cache_size: int = 100_000):
-        unknown = [a + b for a, b in merges if a + b not in encoder]
+        unknown = [a + b for a, b in merges if not (a in encoder and b in encoder and a + b in encoder)]
         if unknown:  # e.g. GPT-2's vocabulary with CLIP's merges
             raise ValueError(f"{len(unknown)} merges make tokens missing from the vocabulary, e.g. {unknown[:3]}: "
                              "are the vocabulary and the merges from the same tokenizer?")
+        merged = [encoder[a + b] for a, b in merges]
+        if any(later <= earlier for earlier, later in zip(merged, merged[1:])):
+            raise ValueError("the ids of merged tokens must grow with the merge order, as in GPT-2's and CLIP's files")
+        # (left id, right id) -> id of the joined token. Ids grow with the merge rank, so the lowest id wins.
+        self.merges = {(encoder[a], encoder[b]): i for (a, b), i in zip(merges, merged)}
         self.encoder = {token: i for token, i in encoder.items() if token not in special_tokens}
-        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.special_tokens = dict(special_tokens)
-        self.byte_symbols = bytes_to_unicode()  # also a str.translate table from Latin-1 characters to symbols
-        byte_of = {symbol: byte for byte, symbol in self.byte_symbols.items()}
-        self.bytes_of_id = {i: token.encode("utf-8") for token, i in special_tokens.items()}
-        for token, i in self.encoder.items():  # CLIP's "</w>" decodes as a space, as in OpenAI's decode
-            word = token.removesuffix(self.end_of_word)
-            self.bytes_of_id[i] = bytes(byte_of[c] for c in word) + (b" " if word != token else b"")
         self.n_vocab = len(encoder)
+        symbols = bytes_to_unicode()
+        self.byte_ids = [encoder[symbols[b]] for b in range(256)]
+        self.last_byte_ids = [encoder[symbols[b] + self.end_of_word] for b in range(256)]
+        byte_of = {symbol: byte for byte, symbol in symbols.items()}
+        self.bytes_of_id = {i: token.encode("utf-8") for token, i in special_tokens.items()}
+        self.word_ids = {}  # bytes -> id of the tokens that can end a pre-token (CLIP: those with "</w>")
+        for token, i in self.encoder.items():
+            word = token.removesuffix(self.end_of_word)
+            data = bytes(byte_of[c] for c in word)
+            self.bytes_of_id[i] = data + b" " if word != token else data  # "</w>" decodes as a space (OpenAI)
+            if word != token or not self.end_of_word:  # a token that can end a pre-token
+                self.word_ids[data] = i
         self._cache: dict[str, tuple[int, ...]] = {}
         self.cache_size = cache_size
 
-    def merge(self, symbols: list[str]) -> list[str]:
-        """The BPE loop: join the adjacent pair with the lowest merge rank until no pair has a rank.
+    def merge(self, ids: list[int]) -> list[int]:
+        """The BPE loop: join the adjacent pair that was learned first, until no pair is a merge.
 
-        `pair_ranks[i]` is the rank of (symbols[i], symbols[i + 1]); a merge changes only its neighbours.
+        `pair_ids[i]` is the id that (ids[i], ids[i + 1]) would merge into; a merge changes only its neighbours.
         Ties go to the leftmost pair, so all copies of a pair merge left to right, as in openai/gpt-2's sweep.
         """
-        never = len(self.ranks)
-        rank_of = self.ranks.get
-        pair_ranks = list(map(rank_of, zip(symbols, symbols[1:]), itertools.repeat(never)))
-        while pair_ranks:
-            best = min(pair_ranks)
+        never = self.n_vocab  # larger than every id
+        merge_of = self.merges.get
+        pair_ids = list(map(merge_of, zip(ids, ids[1:]), itertools.repeat(never)))
+        while pair_ids:
+            best = min(pair_ids)
             if best == never:
                 break
-            i = pair_ranks.index(best)
-            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-            del pair_ranks[i]
+            i = pair_ids.index(best)
+            ids[i : i + 2] = [best]
+            del pair_ids[i]
             if i > 0:
-                pair_ranks[i - 1] = rank_of((symbols[i - 1], symbols[i]), never)
-            if i < len(pair_ranks):
-                pair_ranks[i] = rank_of((symbols[i], symbols[i + 1]), never)
-        return symbols
+                pair_ids[i - 1] = merge_of((ids[i - 1], best), never)
+            if i < len(pair_ids):
+                pair_ids[i] = merge_of((best, ids[i + 1]), never)
+        return ids
 
     def encode_piece(self, piece: str) -> tuple[int, ...]:
-        """Ids of one pre-token: its UTF-8 bytes as symbols, `end_of_word` on the last one, then BPE."""
+        """Ids of one pre-token: its UTF-8 bytes as byte tokens, `end_of_word` on the last one, then BPE."""
         if piece in self.special_tokens:  # CLIP's pattern keeps "<|endoftext|>" in one piece
             return (self.special_tokens[piece],)
-        # bytes -> symbols at C speed: each byte, read as a Latin-1 character, goes through str.translate
-        word = piece.encode("utf-8").decode("latin-1").translate(self.byte_symbols) + self.end_of_word
-        token = self.encoder.get(word)
+        data = piece.encode("utf-8")
+        token = self.word_ids.get(data)
         if token is not None:  # the whole pre-token is one token: tiktoken's shortcut, exact here (a test proves it)
             return (token,)
-        last = len(word) - len(self.end_of_word) - 1  # the last byte keeps its end-of-word mark
-        return tuple(map(self.encoder.__getitem__, self.merge(list(word[:last]) + [word[last:]])))
+        return tuple(self.merge(list(map(self.byte_ids.__getitem__, data[:-1])) + [self.last_byte_ids[data[-1]]]))
 
     def encode_pieces(self, pieces: list[str]) -> list[int]:
         ids, cache = [], self._cache
@@ -208,9 +210,8 @@ class GPT2Tokenizer(BytePairEncoder):
 
     `encode(text)` equals tiktoken's `encode_ordinary`; `<|endoftext|>` becomes the special id only where
     `allowed_special` allows it ("all" or a set of names), as in tiktoken. Special text that is not allowed is
-    encoded as plain text (`[27, 91, 437, 1659, 5239, 91, 29]`), which is tiktoken's
-    `encode(text, allowed_special=..., disallowed_special=())`; tiktoken's default would raise instead.
-    """
+    encoded as plain text (`[27, 91, 437, 1659, 5239, 91, 29]`), as tiktoken's `encode(text, allowed_special=...,
+    disallowed_special=())` does; tiktoken's default would raise instead."""
 
     def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
         if encoder.get("<|endoftext|>") != 50256 or len(encoder) != 50257:
@@ -269,8 +270,7 @@ def clean_clip_text(text: str) -> str:
     codes to Windows-1252 characters and removes other control and terminal-escape characters. On such input
     our ids differ from OpenAI's; pass `ftfy.fix_text(text)` to get OpenAI's exactly. Hugging Face's
     CLIPTokenizer (the one Stable Diffusion calls) skips ftfy and the HTML unescaping, applies NFC, and splits
-    case-sensitively, which differs from OpenAI's pattern only on "'ſ" and U+0345.
-    """
+    case-sensitively, which differs from OpenAI's pattern only on "'ſ" and U+0345."""
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(f"[{WHITESPACE}]+", " ", text).strip().lower()
 
@@ -329,8 +329,7 @@ class CLIPTokenizer(BytePairEncoder):
         Hugging Face's CLIPTokenizer does for Stable Diffusion 1.x. The CLIP text tower reads its feature at
         the first EOT and masks causally, so it does not care; Stable Diffusion's UNet attends to all 77
         positions, so it needs `pad="eot"`. A text longer than the context is cut, keeping EOT last (what
-        `clip.tokenize(truncate=True)` and SD do); with `truncate=False` it raises ValueError instead.
-        """
+        `clip.tokenize(truncate=True)` and SD do); with `truncate=False` it raises ValueError instead."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if pad not in ("zero", "eot"):
             raise ValueError(f"pad must be 'zero' (OpenAI) or 'eot' (Stable Diffusion), not {pad!r}")

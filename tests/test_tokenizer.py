@@ -26,7 +26,7 @@ import torch
 import transformers
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from tokenizer import VOCAB_DIR, CLIPTokenizer, GPT2Tokenizer, char_class, clean_clip_text, unicode_classes
+from tokenizer import VOCAB_DIR, CLIPTokenizer, GPT2Tokenizer, char_class, clean_clip_text, read_merges, unicode_classes
 from tokenizer_corpus import build_corpus
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # openai/gpt-2
@@ -250,7 +250,7 @@ def test_openai_and_hugging_face_files_give_the_same_tokenizer(gpt2, clip, clip_
     (tmp_path / "vocab.json").write_bytes((VOCAB_DIR / "encoder.json").read_bytes())
     (tmp_path / "merges.txt").write_bytes((VOCAB_DIR / "vocab.bpe").read_bytes())
     gpt2_hf = GPT2Tokenizer.from_hf(tmp_path / "vocab.json", tmp_path / "merges.txt")
-    assert (gpt2_hf.encoder, gpt2_hf.ranks) == (gpt2.encoder, gpt2.ranks)
+    assert (gpt2_hf.encoder, gpt2_hf.merges) == (gpt2.encoder, gpt2.merges)
     # the rebuilt HF CLIP files are byte-identical to the published ones (hashes in WEIGHTS.md §2.6)
     pins = {("large", "vocab.json"): "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69",
             ("large", "merges.txt"): "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
@@ -260,18 +260,20 @@ def test_openai_and_hugging_face_files_give_the_same_tokenizer(gpt2, clip, clip_
         assert sha256(clip_hf_files[name] / file) == digest, (name, file)
     for folder in clip_hf_files.values():
         clip_hf = CLIPTokenizer.from_hf(folder / "vocab.json", folder / "merges.txt")
-        assert (clip_hf.encoder, clip_hf.ranks, clip_hf.special_tokens) == (clip.encoder, clip.ranks, clip.special_tokens)
+        assert (clip_hf.encoder, clip_hf.merges, clip_hf.special_tokens) == (clip.encoder, clip.merges, clip.special_tokens)
 
 
 def test_whole_token_shortcut_is_exact(gpt2, clip):
     """encode_piece returns a pre-token that is itself a token without running BPE (tiktoken does the same).
     That is exact only if BPE rebuilds every token from its bytes; it does, for both vocabularies."""
     for tokenizer in (gpt2, clip):
-        suffix = tokenizer.end_of_word
-        for token in tokenizer.encoder:
-            cut = len(token) - len(suffix) - 1 if suffix and token.endswith(suffix) else len(token)
-            symbols = list(token[:cut]) + ([token[cut:]] if cut < len(token) else [])
-            assert tokenizer.merge(symbols) == [token], token
+        for token, i in tokenizer.encoder.items():
+            data = tokenizer.bytes_of_id[i]
+            if tokenizer.end_of_word and token.endswith(tokenizer.end_of_word):  # decodes with a trailing " "
+                ids = [tokenizer.byte_ids[b] for b in data[:-2]] + [tokenizer.last_byte_ids[data[-2]]]
+            else:
+                ids = [tokenizer.byte_ids[b] for b in data]
+            assert tokenizer.merge(ids) == [i], token
 
 
 def test_cache_is_bounded_and_changes_nothing(corpus):
@@ -307,5 +309,8 @@ def test_bad_files_and_ids_give_one_clear_error(tmp_path, gpt2):
         GPT2Tokenizer.from_files(VOCAB_DIR / "encoder.json", clip_merges)
     with pytest.raises(ValueError, match="not GPT-2's vocabulary"):
         GPT2Tokenizer({"a": 0}, [])
+    merges = read_merges(VOCAB_DIR / "vocab.bpe")
+    with pytest.raises(ValueError, match="grow with the merge order"):
+        GPT2Tokenizer({**gpt2.encoder, **gpt2.special_tokens}, [merges[1], merges[0]] + merges[2:])
     with pytest.raises(ValueError, match="token id 50257"):
         gpt2.decode([15496, 50257])
