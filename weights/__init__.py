@@ -1,7 +1,7 @@
 """Where official and trained checkpoints live, and the code that fetches and opens them.
 
     registry.py            REGISTRY: the official files (URL, size, sha256, format)
-    download.py            weights_dir, download (resumable, verified, atomic), fetch
+    downloader.py          weights_dir, download (resumable, verified, atomic), fetch
     safetensors_format.py  read_safetensors / write_safetensors, by hand
     readers.py             load_state_dict / load_checkpoint for PyTorch pickles (zip, legacy,
                            TorchScript) without running their code; save_checkpoint (atomic)
@@ -9,7 +9,7 @@
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .download import (ChecksumMismatch, WeightsUnavailable, download, fetch, find_in_hub_cache,
+from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, find_in_hub_cache,
                        weights_dir)
 from .readers import (Placeholder, UnsafeCheckpointError, load_checkpoint, load_state_dict,
                       save_checkpoint)

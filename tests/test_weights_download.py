@@ -1,0 +1,317 @@
+"""weights/ downloads against a local HTTP server on 127.0.0.1 that the test starts: resume after
+a cut connection, servers that ignore Range, wrong checksums, 404, refused connections, retries,
+offline mode, the Hugging Face hub cache, and the weights-directory override."""
+import hashlib
+import http.server
+import os
+import socket
+import threading
+
+import pytest
+import requests
+
+import weights
+from weights import REGISTRY, WeightsFile
+from weights.downloader import PACKAGE_DIR
+
+PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: several chunks
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+FAST = {"backoff": 0.0, "progress": False}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves PAYLOAD under a few paths, each one a server behaviour:
+
+    /file      honours Range (206 + Content-Range)
+    /cut       announces the whole length but closes after half, on its first `cuts` requests
+    /norange   ignores Range and always answers 200 with the whole file
+    /flaky     answers 503 to its first request
+    anything else: 404"""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server = self.server
+        server.log.append((self.path, self.headers.get("Range")))
+        count = sum(path == self.path for path, _ in server.log)
+        if self.path == "/flaky" and count == 1:
+            return self.send_error(503)
+        if self.path not in ("/file", "/cut", "/norange", "/flaky"):
+            return self.send_error(404)
+        start = 0
+        range_header = self.headers.get("Range")
+        if range_header and self.path != "/norange":
+            start = int(range_header.removeprefix("bytes=").partition("-")[0])
+            if start >= len(PAYLOAD):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+        else:
+            self.send_response(200)
+        body = PAYLOAD[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.path == "/cut" and count <= server.cuts:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)  # the connection dies mid-file
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.log, httpd.cuts = [], 1
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def closed_port_url():
+    with socket.socket() as probe:  # a port that was just free: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/file"
+
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_download_verifies_and_renames_into_place(server, tmp_path):
+    dest = tmp_path / "sub" / "model.bin"
+    assert weights.download(f"{server.url}/file", dest, PAYLOAD_SHA, len(PAYLOAD), **FAST) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert leftovers(dest.parent) == ["model.bin"]
+    # already there, right size: no request at all
+    requests_before = len(server.log)
+    weights.download(f"{server.url}/file", dest, PAYLOAD_SHA, len(PAYLOAD), **FAST)
+    assert len(server.log) == requests_before
+
+
+def test_download_resumes_after_the_connection_is_cut(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    weights.download(f"{server.url}/cut", dest, PAYLOAD_SHA, len(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    (first, first_range), (second, second_range) = server.log
+    assert first_range is None and second_range.startswith("bytes=")
+    resumed_at = int(second_range.removeprefix("bytes=").rstrip("-"))
+    assert len(PAYLOAD) // 2 - (1 << 16) <= resumed_at <= len(PAYLOAD) // 2  # resumed, not restarted
+    assert leftovers(tmp_path) == ["model.bin"]
+
+
+def test_download_resumes_an_existing_part_file(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    (tmp_path / "model.bin.part").write_bytes(PAYLOAD[:1000])
+    weights.download(f"{server.url}/file", dest, PAYLOAD_SHA, None, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.log == [("/file", "bytes=1000-")]
+
+
+def test_complete_part_file_gets_416_and_is_used(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    (tmp_path / "model.bin.part").write_bytes(PAYLOAD)
+    weights.download(f"{server.url}/file", dest, PAYLOAD_SHA, None, **FAST)
+    assert dest.read_bytes() == PAYLOAD and server.log == [("/file", f"bytes={len(PAYLOAD)}-")]
+
+
+def test_server_that_ignores_range_restarts_from_zero(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    (tmp_path / "model.bin.part").write_bytes(b"stale bytes of some other attempt")
+    weights.download(f"{server.url}/norange", dest, PAYLOAD_SHA, len(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD  # the 200 body replaced the .part instead of being appended
+
+
+def test_wrong_checksum_deletes_the_file_and_says_so(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    wrong = "0" * 64
+    with pytest.raises(weights.ChecksumMismatch) as error:
+        weights.download(f"{server.url}/file", dest, wrong, len(PAYLOAD), **FAST)
+    message = str(error.value)
+    assert "sha256 mismatch" in message and PAYLOAD_SHA in message and wrong in message
+    assert f"{server.url}/file" in message and str(dest) in message
+    assert isinstance(error.value, weights.WeightsUnavailable) and isinstance(error.value, RuntimeError)
+    assert leftovers(tmp_path) == []
+
+
+def test_wrong_size_deletes_the_file(server, tmp_path):
+    with pytest.raises(weights.WeightsUnavailable, match="expected 5"):
+        weights.download(f"{server.url}/norange", tmp_path / "model.bin", None, 5, **FAST)
+    assert leftovers(tmp_path) == []
+
+
+def test_404_fails_at_once_with_url_and_path(server, tmp_path):
+    dest = tmp_path / "missing.bin"
+    with pytest.raises(weights.WeightsUnavailable) as error:
+        weights.download(f"{server.url}/missing", dest, retries=3, **FAST)
+    message = str(error.value)
+    assert "HTTP 404" in message and f"{server.url}/missing" in message and str(dest) in message
+    assert len(server.log) == 1  # a 404 is not retried
+    assert leftovers(tmp_path) == []
+
+
+def test_refused_connection_retries_then_names_url_and_path(closed_port_url, tmp_path):
+    dest = tmp_path / "model.bin"
+    with pytest.raises(weights.WeightsUnavailable) as error:
+        weights.download(closed_port_url, dest, retries=2, **FAST)
+    message = str(error.value)
+    assert "after 3 attempts" in message and "ConnectionError" in message
+    assert closed_port_url in message and f"put the file here by hand: {dest}" in message
+
+
+def test_server_error_is_retried(server, tmp_path):
+    weights.download(f"{server.url}/flaky", tmp_path / "model.bin", PAYLOAD_SHA, **FAST)
+    assert [path for path, _ in server.log] == ["/flaky", "/flaky"]
+
+
+def test_persistent_cuts_keep_the_part_file_for_the_next_run(server, tmp_path):
+    server.cuts = 100
+    dest = tmp_path / "model.bin"
+    with pytest.raises(weights.WeightsUnavailable, match="a rerun resumes"):
+        weights.download(f"{server.url}/cut", dest, PAYLOAD_SHA, len(PAYLOAD), retries=1, **FAST)
+    kept = (tmp_path / "model.bin.part").stat().st_size
+    assert 0 < kept < len(PAYLOAD) and not dest.exists()
+    server.cuts = 0
+    weights.download(f"{server.url}/cut", dest, PAYLOAD_SHA, len(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD and server.log[-1] == ("/cut", f"bytes={kept}-")
+
+
+# ----------------------------------------------------------------------------- fetch
+
+
+@pytest.fixture
+def registered(server, monkeypatch, tmp_path):
+    """A registry entry served by the local server, and no hub cache of the real user."""
+    monkeypatch.setitem(REGISTRY, "test-model/model.bin", WeightsFile(
+        f"{server.url}/file", len(PAYLOAD), PAYLOAD_SHA, "torch-pickle",
+        hf_repos=("test-org/test-model",), hf_file="model.bin"))
+    for variable in ("HF_HUB_CACHE", "HF_HOME", "MINIMODAL_WEIGHTS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-cache"))
+    return "test-model/model.bin"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was touched")
+
+    monkeypatch.setattr(requests, "get", refuse)
+
+
+def test_fetch_downloads_into_the_weights_dir_then_reuses_it(server, registered, tmp_path, monkeypatch):
+    root = tmp_path / "weights"
+    path = weights.fetch(registered, root=root, progress=False)
+    assert path == root / "test-model" / "model.bin" and path.read_bytes() == PAYLOAD
+    monkeypatch.setattr(requests, "get", None)  # offline or not, an existing file is simply used
+    assert weights.fetch(registered, root=root, offline=True) == path
+    assert weights.fetch(registered, root=root) == path
+
+
+def test_fetch_offline_never_touches_the_network(registered, no_network, tmp_path):
+    target = tmp_path / "weights" / registered
+    with pytest.raises(weights.WeightsUnavailable) as error:
+        weights.fetch(registered, root=tmp_path / "weights", offline=True)
+    message = str(error.value)
+    assert "offline" in message and REGISTRY[registered].url in message and str(target) in message
+    assert PAYLOAD_SHA in message and f"{len(PAYLOAD):,} bytes" in message
+
+
+def test_fetch_replaces_a_file_of_the_wrong_size(server, registered, tmp_path):
+    target = tmp_path / registered
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"truncated copy")
+    with pytest.raises(weights.WeightsUnavailable, match="instead of"):
+        weights.fetch(registered, root=tmp_path, offline=True)
+    assert weights.fetch(registered, root=tmp_path, progress=False).read_bytes() == PAYLOAD
+
+
+def make_hub_cache(cache, repo, file, content, sha256):
+    """The huggingface_hub layout: blobs named by sha256, snapshots holding symlinks to them."""
+    model = cache / f"models--{repo.replace('/', '--')}"
+    (model / "blobs").mkdir(parents=True)
+    (model / "blobs" / sha256).write_bytes(content)
+    snapshot = model / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    (snapshot / file).symlink_to(os.path.relpath(model / "blobs" / sha256, snapshot))
+    (model / "refs").mkdir()
+    (model / "refs" / "main").write_text(snapshot.name)
+    return snapshot / file
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"])
+def test_fetch_uses_a_matching_file_in_the_hub_cache(registered, no_network, tmp_path, monkeypatch, variable):
+    base = tmp_path / "elsewhere"
+    cache = {"HF_HUB_CACHE": base, "HF_HOME": base / "hub", "XDG_CACHE_HOME": base / "huggingface" / "hub"}[variable]
+    cached = make_hub_cache(cache, "test-org/test-model", "model.bin", PAYLOAD, PAYLOAD_SHA)
+    monkeypatch.setenv(variable, str(base))
+    assert weights.fetch(registered, root=tmp_path / "weights", offline=True) == cached
+    assert not (tmp_path / "weights").exists()  # nothing copied, nothing downloaded
+
+
+def test_fetch_ignores_a_hub_cache_copy_that_does_not_match(server, registered, tmp_path, monkeypatch):
+    corrupted = PAYLOAD[:-1] + b"X"
+    make_hub_cache(tmp_path / "hub", "test-org/test-model", "model.bin", corrupted,
+                   hashlib.sha256(corrupted).hexdigest())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = weights.fetch(registered, root=tmp_path / "weights", progress=False)
+    assert path == tmp_path / "weights" / registered and path.read_bytes() == PAYLOAD
+
+
+def test_weights_dir_root_then_env_then_package(registered, server, tmp_path, monkeypatch):
+    assert weights.weights_dir() == PACKAGE_DIR and (PACKAGE_DIR / "__init__.py").is_file()
+    monkeypatch.setenv("MINIMODAL_WEIGHTS", str(tmp_path / "from-env"))
+    assert weights.weights_dir() == tmp_path / "from-env"
+    assert weights.weights_dir(tmp_path / "from-arg") == tmp_path / "from-arg"
+    assert weights.fetch(registered, progress=False) == tmp_path / "from-env" / registered
+
+
+def test_fetch_unknown_name_lists_the_registry():
+    with pytest.raises(KeyError, match="gpt2/model.safetensors"):
+        weights.fetch("gpt2/model.safetensor")
+
+
+# ----------------------------------------------------------------------------- the registry itself
+
+
+def test_registry_entries_are_well_formed():
+    formats = {"safetensors", "torch-pickle", "torchscript", "json", "text", "gzip"}
+    for name, entry in REGISTRY.items():
+        assert name.count("/") >= 1 and not name.startswith("/"), name
+        assert entry.url.startswith("https://"), name
+        assert entry.format in formats, name
+        assert entry.size is None or entry.size > 0, name
+        assert entry.sha256 is None or (len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0), name
+        if entry.hf_file:
+            assert entry.url.endswith("/" + entry.hf_file) and entry.hf_repos, name
+    # OpenAI puts the sha256 of each CLIP file in its URL (openai/CLIP clip.py `_download`)
+    clip = REGISTRY["clip-vit-b-32/ViT-B-32.pt"]
+    assert clip.url.split("/")[-2] == clip.sha256
+    for required in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        assert {f"{required}/model.safetensors", f"{required}/pytorch_model.bin"} <= set(REGISTRY)
+    assert {"sd15/v1-5-pruned-emaonly.safetensors", "sd15/v1-5-pruned-emaonly.ckpt",
+            "clip-vit-b-32/open_clip_model.safetensors", "clip/bpe_simple_vocab_16e6.txt.gz"} <= set(REGISTRY)
+
+
+def test_bundled_vocabulary_files_match_their_registry_entries(no_network):
+    bundled = {name: entry for name, entry in REGISTRY.items() if entry.bundled}
+    assert len(bundled) >= 5
+    for name, entry in bundled.items():
+        path = PACKAGE_DIR / entry.bundled
+        data = path.read_bytes()
+        assert len(data) == entry.size and hashlib.sha256(data).hexdigest() == entry.sha256, name
+        assert weights.fetch(name, offline=True) == path
