@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import html
 import json
-import os
 import re
 import unicodedata
 
@@ -79,13 +78,10 @@ def clip() -> CLIPTokenizer:
 
 @pytest.fixture(scope="module")
 def tiktoken_gpt2() -> tiktoken.Encoding:
-    old = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the local files directly, cache nothing, download nothing
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the local files directly, cache nothing, download nothing
         ranks = data_gym_to_mergeable_bpe_ranks(str(VOCAB_DIR / "vocab.bpe"), str(VOCAB_DIR / "encoder.json"),
                                                 SHA256["vocab.bpe"], SHA256["encoder.json"])
-    finally:
-        os.environ.pop("TIKTOKEN_CACHE_DIR") if old is None else os.environ.update(TIKTOKEN_CACHE_DIR=old)
     return tiktoken.Encoding("gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
 
