@@ -1,10 +1,10 @@
 """Encode throughput of tokenizer.py's GPT-2 tokenizer against tiktoken and a pure-Python reference.
 
-    python tests/bench_tokenizer.py [--repeats 3]
+    python tests/bench_tokenizer.py [--repeats 5]
 
 Text: the test corpus (tests/tokenizer_corpus.py, 1.1 MB: standard-library code, English docstrings and
 generated multilingual text), whole and in its two parts. Throughput is MB of UTF-8 per second, best of
-`--repeats`, one thread:
+`--repeats` runs taken in turns, one thread:
 - ours, cold: the pre-token cache emptied first, so every distinct pre-token goes through BPE once;
 - ours, warm: the same tokenizer again, its pre-token cache filled;
 - tiktoken: `encode_ordinary` of an Encoding built offline from the same files (Rust, one thread);
@@ -39,19 +39,15 @@ class SlowGPT2Tokenizer(transformers.ClvpTokenizer):
         return lambda text: text
 
 
-def best_seconds(run, repeats: int, setup=lambda: None) -> float:
-    times = []
-    for _ in range(repeats):
-        setup()
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the best counts")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -73,10 +69,16 @@ def main():
         expected = fast.encode_ordinary(text)
         assert ours.encode(text) == expected and slow.encode(text, add_special_tokens=False) == expected
         megabytes = len(text.encode("utf-8")) / 1e6
-        cold = best_seconds(lambda: ours.encode(text), args.repeats, setup=ours._cache.clear)
-        warm = best_seconds(lambda: ours.encode(text), args.repeats)
-        reference = best_seconds(lambda: fast.encode_ordinary(text), args.repeats)
-        pure = best_seconds(lambda: slow.encode(text, add_special_tokens=False), 1, setup=slow.cache.clear)
+        # interleaved, so that a busy machine slows all three alike; the best of each counts
+        times = {"cold": [], "warm": [], "tiktoken": []}
+        for _ in range(args.repeats):
+            ours._cache.clear()
+            times["cold"].append(seconds(lambda: ours.encode(text)))
+            times["warm"].append(seconds(lambda: ours.encode(text)))
+            times["tiktoken"].append(seconds(lambda: fast.encode_ordinary(text)))
+        slow.cache.clear()
+        pure = seconds(lambda: slow.encode(text, add_special_tokens=False))
+        cold, warm, reference = (min(times[k]) for k in ("cold", "warm", "tiktoken"))
         speeds = [megabytes / s for s in (cold, warm, reference, pure)]
         print(f"{name:24s} {megabytes:5.2f} {speeds[0]:10.2f} {speeds[1]:10.2f} {speeds[2]:9.2f} {speeds[3]:8.2f}"
               f"   {speeds[0] / speeds[2]:13.2f} {speeds[1] / speeds[2]:13.2f} {speeds[0] / speeds[3]:12.1f}")
