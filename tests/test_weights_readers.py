@@ -14,6 +14,7 @@ import sys
 import types
 import zipfile
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -387,6 +388,12 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, kind, layout):
     assert not marker.exists()
 
 
+def test_allowed_constructor_cannot_be_used_to_allocate_memory(tmp_path):
+    path = write_zip_checkpoint(tmp_path / "bomb.pt", Exploit(bytearray, 10 ** 12))
+    with pytest.raises(weights.UnsafeCheckpointError, match="refusing bytearray"):
+        weights.load_checkpoint(path)
+
+
 def test_tensor_overrunning_its_storage_is_refused(tmp_path):
     class FakeStorage:
         pass
@@ -520,17 +527,23 @@ def test_save_and_load_checkpoint_roundtrip(tmp_path):
     state = small_state_dict()
     checkpoint = {"model": state, "config": {"n_layer": 2, "lr": 3e-4, "betas": (0.9, 0.95), "name": "tiny"},
                   "step": 12, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3}]},
-                  "rng": torch.get_rng_state(), "dtype": torch.float16, "none": None, "tags": {"a", "b"}}
+                  "rng": torch.get_rng_state(), "dtype": torch.float16, "none": None, "tags": {"a", "b"},
+                  "blob": bytearray(b"\x00\x01"), "shape": torch.Size([2, 3])}
     path = tmp_path / "ckpt.pt"
     weights.save_checkpoint(checkpoint, path)
     loaded = weights.load_checkpoint(path)
     assert loaded["config"] == checkpoint["config"] and loaded["step"] == 12 and loaded["none"] is None
     assert loaded["dtype"] is torch.float16 and loaded["tags"] == {"a", "b"}
     assert torch.equal(loaded["rng"], checkpoint["rng"])
+    assert loaded["blob"] == bytearray(b"\x00\x01")
+    assert loaded["shape"] == torch.Size([2, 3])
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], torch.zeros(3))
     assert all(same_bits(loaded["model"][k], state[k]) for k in state)
     assert torch.load(path, weights_only=True)["step"] == 12  # an ordinary torch.save file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
+    # numpy scalars (a loss from np.mean) load too, where torch.load(weights_only=True) refuses them
+    weights.save_checkpoint({"loss": np.float32(2.5), "count": np.int64(3)}, path)
+    assert weights.load_checkpoint(path) == {"loss": np.float32(2.5), "count": 3}
 
 
 def test_save_checkpoint_refuses_objects_it_could_not_load_and_keeps_old_file(tmp_path):

@@ -3,22 +3,24 @@
     registry.py            REGISTRY: the official files (URL, size, sha256, format)
     downloader.py          weights_dir, download (resumable, verified, atomic), fetch
     safetensors_format.py  read_safetensors / write_safetensors, by hand
-    readers.py             load_state_dict / load_checkpoint for PyTorch pickles (zip, legacy,
+    unpickler.py           the allow-list: what a pickled checkpoint may ask for
+    readers.py             load_state_dict / load_checkpoint for PyTorch files (zip, legacy,
                            TorchScript) without running their code; save_checkpoint (atomic)
 
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, find_in_hub_cache,
-                       weights_dir)
-from .readers import (Placeholder, UnsafeCheckpointError, load_checkpoint, load_state_dict,
-                      save_checkpoint)
+                         weights_dir)
+from .readers import load_checkpoint, load_state_dict, save_checkpoint
 from .registry import REGISTRY, WeightsFile
 from .safetensors_format import read_safetensors, read_safetensors_metadata, write_safetensors
+from .unpickler import PLACEHOLDER_PREFIXES, Placeholder, UnsafeCheckpointError
 
 __all__ = [
     "REGISTRY", "WeightsFile", "weights_dir", "download", "fetch", "find_in_hub_cache",
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
-    "load_state_dict", "load_checkpoint", "save_checkpoint", "UnsafeCheckpointError", "Placeholder",
+    "load_state_dict", "load_checkpoint", "save_checkpoint",
+    "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES",
 ]

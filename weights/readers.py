@@ -1,32 +1,23 @@
-"""Opening PyTorch checkpoints without running their code.
+"""Opening PyTorch checkpoints without running their code: the three file layouts.
 
-A `.bin`, `.ckpt` or `.pt` file is a pickle, and unpickling calls whatever functions the file
-names: `torch.load(..., weights_only=False)` on a stranger's file runs a stranger's program. So
-this module unpickles with an allow-list (`RestrictedUnpickler.find_class`): the functions that
-rebuild tensors, plain containers, dtypes, and nothing else. Three layouts are read:
+Every pickle below goes through unpickler.py's allow-list. Three layouts are read:
 
 - the zip format (`torch.save`, PyTorch >= 1.6): `<name>/data.pkl` holds the object graph, each
-  tensor's bytes are a separate member `<name>/data/<key>` (torch/serialization.py `_load`);
+  storage's bytes are a separate, uncompressed member `<name>/data/<key>` (torch/serialization.py
+  `_load`);
 - the legacy format (`torch.save(..., _use_new_zipfile_serialization=False)`, e.g. GPT-2's 2019
   `pytorch_model.bin`): five pickles in a row (magic number, protocol version, sys info, the
   object graph, the list of storage keys), then each storage as an int64 element count followed
   by its raw bytes (`_legacy_load`);
 - TorchScript archives (`torch.jit.save`, e.g. OpenAI's `ViT-B-32.pt`): the zip format again, but
-  `data.pkl` pickles the module objects themselves as `__torch__.*` classes. They load as inert
-  `Placeholder`s; `code/**.py` (read as text, never run) says which tensor attributes are
+  `data.pkl` pickles the module objects themselves as `__torch__.*` classes. They load as
+  Placeholders; `code/**.py` (read as text, never run) says which tensor attributes are
   parameters or buffers, which gives the same keys as `torch.jit.load(f).state_dict()`.
 
-Objects that official files carry but nobody needs for inference (the PyTorch Lightning callback
-classes inside Stable Diffusion's `.ckpt`) load as `Placeholder`s too, for the module prefixes in
-`PLACEHOLDER_PREFIXES`. Any other global (`os.system`, `builtins.eval`, `subprocess.Popen`, ...)
-stops the load with `UnsafeCheckpointError` naming it. Everything else that is wrong with a file
-is one `ValueError`.
+Everything that is wrong with a file, other than an unsafe global, is one `ValueError`.
 """
 import ast
 import collections
-import io
-import math
-import pickle
 import re
 import struct
 import zipfile
@@ -35,202 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .safetensors_format import atomic_write, read_safetensors
+from .safetensors_format import atomic_write, read_into, read_safetensors
+from .unpickler import Placeholder, RestrictedUnpickler, Storage, UnsafeCheckpointError, unpickle
 
-# Classes that official checkpoints contain but that carry nothing we need: they become inert
-# Placeholder objects (their pickled arguments and state are kept as plain data, nothing runs).
-PLACEHOLDER_PREFIXES = (
-    "pytorch_lightning.",   # SD 1.x .ckpt: ModelCheckpoint callback used as a dict key, AttributeDict
-    "lightning.",           # the same package under its newer name
-    "lightning_fabric.",
-    "omegaconf.",           # configs saved beside Lightning hyper-parameters
-    "argparse.Namespace",   # old checkpoints store their command-line args
-)
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
 LEGACY_PROTOCOL = 1001
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint asked for a function or class outside the allow-list; nothing was called."""
-
-
-class Placeholder:
-    """An inert stand-in for a class we do not import: it records what the pickle gave it."""
-    qualname = "?"
-
-    def __new__(cls, *args, **kwargs):  # pickle NEWOBJ calls __new__ without __init__
-        self = super().__new__(cls)
-        self.args, self.kwargs, self.state, self.items, self.list_items = args, kwargs, None, {}, []
-        return self
-
-    def __init__(self, *args, **kwargs):  # pickle REDUCE calls the class: __new__ did the work
-        pass
-
-    def __setstate__(self, state):  # pickle BUILD
-        self.state = state
-
-    def __setitem__(self, key, value):  # pickle SETITEM(S) on dict subclasses
-        self.items[key] = value
-
-    def append(self, value):  # pickle APPEND(S) on list subclasses
-        self.list_items.append(value)
-
-    def extend(self, values):
-        self.list_items.extend(values)
-
-    def __repr__(self):
-        return f"Placeholder({self.qualname})"
-
-
-def _placeholder_class(qualname):
-    # A fresh class per global, so that identity (e.g. a class used as a dict key) survives.
-    return type(qualname.rsplit(".", 1)[-1], (Placeholder,), {"qualname": qualname,
-                                                              "__module__": "weights.readers"})
-
-
-# Storage classes as they appear in pickles (torch.FloatStorage, ...) -> element dtype.
-STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
-}
-
-
-class StorageType:
-    """What `torch.FloatStorage` unpickles to here: a marker holding the dtype, not callable."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-
-class Storage:
-    """One storage of a checkpoint: a flat uint8 buffer plus the element dtype of its tensors."""
-
-    def __init__(self, data, dtype):
-        self.data, self.dtype = data, dtype
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
-    """torch._utils._rebuild_tensor(_v2): a strided view into a storage, bounds-checked first."""
-    if not isinstance(storage, Storage):
-        raise ValueError(f"tensor rebuilt from {type(storage).__name__}, not from a storage")
-    size, stride = tuple(size), tuple(stride)
-    numbers = (storage_offset,) + size + stride
-    if not all(type(n) is int and n >= 0 for n in numbers) or len(size) != len(stride):
-        raise ValueError(f"bad tensor geometry: offset {storage_offset!r}, size {size!r}, stride {stride!r}")
-    elements = storage.data.numel() // storage.dtype.itemsize
-    if math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= elements:
-        raise ValueError(f"tensor of size {size} stride {stride} at offset {storage_offset} "
-                         f"overruns its storage of {elements} elements")
-    return storage.data.view(storage.dtype).as_strided(size, stride, storage_offset)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    """torch._utils._rebuild_parameter(_with_state): a Parameter is just its tensor here."""
-    return data
-
-
-def _rebuild_from_type_v2(function, new_type, args, state):
-    """torch._tensor._rebuild_from_type_v2: only for plain tensors and parameters."""
-    if new_type not in (torch.Tensor, torch.nn.Parameter):
-        raise UnsafeCheckpointError(f"refusing to rebuild a tensor as {new_type!r}")
-    return function(*args)
-
-
-def _codecs_encode(text, encoding="utf-8"):
-    """_codecs.encode, which protocol-2 pickles use to build bytes objects."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafeCheckpointError("refusing _codecs.encode with anything but (str, 'latin1')")
-    return text.encode("latin1")
-
-
-def _numpy_scalar(dtype, data=None):
-    """numpy.core.multiarray.scalar for plain (non-object) dtypes."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise UnsafeCheckpointError("refusing a numpy scalar of object dtype")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-def _identity(value, *unused):
-    return value
-
-
-ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
-    ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray,
-    ("__builtin__", "set"): set, ("_codecs", "encode"): _codecs_encode,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): torch.Tensor, ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-    ("torch", "Size"): torch.Size, ("torch", "device"): torch.device,
-    # TorchScript archives wrap typed lists: the value itself is all we need
-    ("torch.jit._pickle", "build_intlist"): _identity, ("torch.jit._pickle", "build_doublelist"): _identity,
-    ("torch.jit._pickle", "build_boollist"): _identity, ("torch.jit._pickle", "build_tensorlist"): _identity,
-    ("torch.jit._pickle", "build_strlist"): _identity, ("torch.jit._pickle", "restore_type_tag"): _identity,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar, ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose globals come from the allow-list above, and whose persistent ids
-    ('storage', type, key, location, numel[, view]) resolve through `load_storage(key, dtype, numel)`."""
-
-    def __init__(self, file, load_storage, path, torchscript=False):
-        super().__init__(file, encoding="utf-8")
-        self.load_storage, self.path, self.torchscript = load_storage, path, torchscript
-        self.placeholders = {}
-
-    def find_class(self, module, name):
-        if (module, name) in ALLOWED_GLOBALS:
-            return ALLOWED_GLOBALS[(module, name)]
-        if module == "torch" and name in STORAGE_DTYPES:
-            return StorageType(STORAGE_DTYPES[name])
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        qualname = f"{module}.{name}"
-        if (qualname.startswith(PLACEHOLDER_PREFIXES)
-                or (self.torchscript and (module == "__torch__" or module.startswith("__torch__.")))):
-            if qualname not in self.placeholders:
-                self.placeholders[qualname] = _placeholder_class(qualname)
-            return self.placeholders[qualname]
-        raise UnsafeCheckpointError(
-            f"{self.path}: refusing to load global '{qualname}': this checkpoint asks to call code "
-            f"that is not on the allow-list of weights/readers.py (tensors, containers, dtypes). "
-            f"It may be malicious; nothing was executed.")
-
-    def persistent_load(self, pid):
-        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] not in ("storage", b"storage"):
-            raise ValueError(f"{self.path}: unsupported persistent id {pid!r:.100} (only storages are)")
-        storage_type, key, _location, numel = pid[1:5]
-        if not isinstance(storage_type, StorageType) or type(numel) is not int or numel < 0:
-            raise ValueError(f"{self.path}: malformed storage reference {pid!r:.100}")
-        key = key.decode("ascii") if isinstance(key, bytes) else str(key)
-        storage = self.load_storage(key, storage_type.dtype, numel)
-        view = pid[5] if len(pid) > 5 else None
-        if view is not None:  # legacy format: a storage that is a slice of another
-            _view_key, offset, view_numel = view
-            itemsize = storage_type.dtype.itemsize
-            if not (0 <= offset and 0 <= view_numel and offset + view_numel <= numel):
-                raise ValueError(f"{self.path}: storage view {view!r} outside its storage of {numel} elements")
-            storage = Storage(storage.data[offset * itemsize:(offset + view_numel) * itemsize], storage.dtype)
-        return storage
-
-
-def _unpickle(data, load_storage, path, torchscript=False):
-    try:
-        return RestrictedUnpickler(io.BytesIO(data), load_storage, path, torchscript).load()
-    except (UnsafeCheckpointError, ValueError):
-        raise
-    except Exception as error:  # truncated or corrupt pickle: EOFError, UnpicklingError, TypeError, ...
-        raise ValueError(f"{path}: corrupt checkpoint pickle ({type(error).__name__}: {error})") from error
-
 
 # ----------------------------------------------------------------------------- zip archives
 
@@ -262,7 +62,7 @@ def _read_zip_member(path, archive, f, name, nbytes):
         raise ValueError(f"{path}: corrupt zip local header for {name}")
     name_length, extra_length = struct.unpack("<HH", local[26:30])
     f.seek(info.header_offset + 30 + name_length + extra_length)
-    if nbytes and f.readinto(memoryview(data.numpy())) != nbytes:
+    if read_into(f, data) != nbytes:
         raise ValueError(f"{path}: {name} is truncated")
     return data
 
@@ -283,7 +83,7 @@ def _load_zip(path, torchscript=None):
                 storages[key] = Storage(_read_zip_member(path, archive, f, member, numel * dtype.itemsize), dtype)
             return storages[key]
 
-        obj = _unpickle(archive.read(prefix + "data.pkl"), load_storage, path, torchscript)
+        obj = unpickle(archive.read(prefix + "data.pkl"), load_storage, path, torchscript)
         code = {}
         if torchscript:
             for name in names:
@@ -349,7 +149,7 @@ def _load_legacy(path):
             if numel * storage.dtype.itemsize != storage.data.numel():
                 raise ValueError(f"{path}: storage {key!r} holds {numel} elements, the pickle expects "
                                  f"{storage.data.numel() // storage.dtype.itemsize}")
-            if numel and f.readinto(memoryview(storage.data.numpy())) != storage.data.numel():
+            if read_into(f, storage.data) != storage.data.numel():
                 raise ValueError(f"{path}: truncated inside storage {key!r}")
     return obj
 
@@ -470,7 +270,7 @@ def load_state_dict(path):
     return dict(obj)
 
 
-SAVEABLE = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+SAVEABLE = (str, int, float, bool, complex, bytes, bytearray, slice, type(None), torch.dtype, torch.device, torch.Size)
 
 
 def save_checkpoint(obj, path):
@@ -493,6 +293,8 @@ def save_checkpoint(obj, path):
         elif type(value) in (list, tuple, set, frozenset):
             for index, item in enumerate(value):
                 check(item, f"{where}[{index}]")
+        elif isinstance(value, np.generic) and not value.dtype.hasobject:
+            pass  # numpy scalars (np.float32(loss), ...) load through numpy's scalar constructor
         elif type(value) not in SAVEABLE and not isinstance(value, torch.dtype):
             raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}, which load_checkpoint "
                             f"would refuse; convert it to plain data (dict, list, str, number, tensor)")

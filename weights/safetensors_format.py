@@ -120,6 +120,19 @@ def parse_header(header_bytes, data_length, path="<bytes>"):
     return infos, metadata
 
 
+def read_into(f, tensor):
+    """Fill a contiguous uint8 CPU tensor from a binary file; returns the byte count read.
+
+    Loops because one read(2) returns at most ~2 GB on Linux (SD 1.5 is 4.3 GB in one section)."""
+    view, done = memoryview(tensor.numpy()), 0
+    while done < len(view):
+        count = f.readinto(view[done:])
+        if not count:
+            break
+        done += count
+    return done
+
+
 def _read_prefix(path, file_size):
     """Return (header_bytes, data_start) after the size checks that need no JSON."""
     if file_size < 8:
@@ -155,7 +168,7 @@ def read_safetensors(path):
     data = torch.empty(size - data_start, dtype=torch.uint8)
     with open(path, "rb") as f:
         f.seek(data_start)
-        if data.numel() and f.readinto(memoryview(data.numpy())) != data.numel():
+        if read_into(f, data) != data.numel():
             _fail(path, "file shrank while it was being read")
 
     tensors = {}
