@@ -25,6 +25,16 @@ REFERENCE = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscret
 EXTRA = {"dpm++2m": {"algorithm_type": "dpmsolver++", "solver_order": 2}}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread beats two, whose OpenMP barriers stall whenever the (shared) machine
+    is busy (measured: 0.15 s against 3-11 s for one tiny pipeline run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_scheduler(sampler, **overrides):
     return REFERENCE[sampler].from_config({**SD15_SCHEDULER_CONFIG, **EXTRA.get(sampler, {}), **overrides})
 
