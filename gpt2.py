@@ -1,0 +1,427 @@
+"""GPT-2, by hand: the language model of Radford et al. 2019, "Language Models are Unsupervised Multitask
+Learners", in all four released sizes (124M to 1.5B parameters).
+
+It computes what OpenAI's TensorFlow code computes (openai/gpt-2 `src/model.py`) and what Hugging Face's port
+computes (transformers `GPT2LMHeadModel`), and it loads the official Hugging Face files (openai-community/gpt2*:
+`model.safetensors`, `pytorch_model.bin`) without renaming anything: every module is named after its key there.
+Read top to bottom: building blocks, config and presets, the model, loading the official weights, sampling
+(greedy, temperature, top-k, top-p, beam search), and the command line:
+
+    python gpt2.py "The meaning of life is" --max-new-tokens 40
+
+One storage choice runs through the file. OpenAI's "conv1d" layers are linear layers whose weight is stored
+(in, out) and applied as x @ W + b. We keep that layout (class Conv1D), so the official tensors load as they are
+and no weight is ever transposed. The output layer has no weight of its own: logits = h @ wte^T (tied).
+"""
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import weights
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class Conv1D(nn.Module):
+    """A linear layer stored the official way, weight (in, out): y = x @ W + b (openai/gpt-2 `conv1d`)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def causal_mask(past_length, T, key_is_real=None, device=None):
+    """Which keys each query may attend to, (B or 1, 1, T, S) bool with S = past_length + T.
+
+    Query t sits at position past_length + t and sees every key up to and including itself, except padding keys
+    (key_is_real False). A padding query sees itself only, so no softmax row is ever empty (an empty row gives NaN,
+    which would reach real tokens through 0 * NaN); what a padding query computes is never used."""
+    query_pos = torch.arange(past_length, past_length + T, device=device)[:, None]
+    key_pos = torch.arange(past_length + T, device=device)[None, :]
+    mask = key_pos <= query_pos  # (T, S)
+    if key_is_real is not None:
+        mask = (mask & key_is_real[:, None, :]) | (key_pos == query_pos)  # (B, T, S)
+    return mask.view(-1, 1, T, past_length + T)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention (Vaswani et al. 2017), queries, keys and values from one fused c_attn."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.dropout, self.sdpa = config.n_head, config.dropout, config.sdpa
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+
+    def forward(self, x, mask, past=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if past is not None:  # KV cache: keys and values of all earlier positions
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, S, D)
+        if self.sdpa:  # the fast path: the same math in one fused kernel
+            y = F.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        else:
+            att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = F.dropout(att, self.dropout, self.training) @ v  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return F.dropout(self.c_proj(y), self.dropout, self.training), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dropout = config.dropout
+        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        # GELU in its tanh approximation, exactly as openai/gpt-2 `gelu` computes it (HF calls it "gelu_new")
+        x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return F.dropout(x, self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: GPT-2 moved LayerNorm to the input of each sub-block (paper, sec. 2.3)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, past=None):
+        attended, present = self.attn(self.ln_1(x), mask, past)
+        x = x + attended
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_vocab: int = 50257  # 256 bytes + 50,000 BPE merges + <|endoftext|>
+    n_ctx: int = 1024
+    n_embd: int = 768
+    n_head: int = 12
+    n_layer: int = 12
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0  # OpenAI trained with 0.1 (attn, resid and embd pdrop alike); 0 for inference
+    sdpa: bool = True  # attention through F.scaled_dot_product_attention; False runs the plain math, same numbers
+
+
+# Sizes from openai/gpt-2 `hparams.json` and the openai-community/gpt2* `config.json` files on the Hugging Face
+# hub. Parameter counts are exact and count wte once (it is also the output layer).
+PRESETS = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124,439,808 parameters
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 354,823,168
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
+}
+
+def config_from_state_dict(sd):
+    """Sizes read off the tensors (width from wte, depth from the block indices, context from wpe); the head count
+    is in no shape, so it comes from the preset of that depth and width, which must then agree on everything."""
+    if "wte.weight" not in sd or "wpe.weight" not in sd:
+        raise ValueError(f"not a GPT-2 state dict: no wte.weight / wpe.weight among {sorted(sd)[:8]}")
+    layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
+    found = dict(n_vocab=sd["wte.weight"].shape[0], n_embd=sd["wte.weight"].shape[1], n_ctx=sd["wpe.weight"].shape[0],
+                 n_layer=1 + max(layers, default=-1))
+    for name, preset in PRESETS.items():
+        if (preset.n_layer, preset.n_embd) == (found["n_layer"], found["n_embd"]):
+            differ = {k: (v, getattr(preset, k)) for k, v in found.items() if getattr(preset, k) != v}
+            if differ:
+                raise ValueError(f"tensors look like {name} but differ (file, preset): {differ}; pass config=")
+            return preset
+    raise ValueError(f"no GPT-2 preset has n_layer={found['n_layer']}, n_embd={found['n_embd']}; pass config=")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.n_vocab, config.n_embd)
+        self.wpe = nn.Embedding(config.n_ctx, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        for name, p in self.named_parameters():  # for training from scratch; loading overwrites all of it
+            if name.endswith("c_proj.weight"):  # residual projections scaled by 1/sqrt(#residual layers), sec. 2.3
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+            elif p.dim() == 2:  # N(0, 0.02) as in openai/gpt-2 `model.py`
+                nn.init.normal_(p, std=0.02)
+
+    def lm_head(self, hidden):
+        """Logits from hidden states: the output layer is the token embedding itself (tied weights)."""
+        return F.linear(hidden, self.wte.weight)  # (B, T, V)
+
+    def forward(self, idx, prefix_embeds=None, attention_mask=None, past_key_values=None, use_cache=False,
+                return_hidden=False):
+        """idx (B, T) token ids, or None; prefix_embeds (B, P, C) vectors placed before them (a captioner's image
+        prefix). attention_mask (B, S), 1 = real and 0 = padding, covers every position so far, cached ones
+        included (the Hugging Face convention), so left padding (generation) and right padding (training) both
+        work. past_key_values: what an earlier call with use_cache=True returned.
+        Returns logits (B, P+T, V), or with return_hidden=True the hidden states after ln_f (B, P+T, C) so a trainer
+        can apply lm_head to some positions only; with use_cache=True also the new past_key_values."""
+        x = self.wte(idx) if idx is not None else None  # (B, T, C)
+        if prefix_embeds is not None:
+            x = prefix_embeds if x is None else torch.cat([prefix_embeds.to(x.dtype), x], dim=1)  # (B, P+T, C)
+        B, T, _ = x.shape
+        past_length = 0 if past_key_values is None else past_key_values[0][0].size(2)
+        if past_length + T > self.config.n_ctx:
+            raise ValueError(f"{past_length + T} positions exceed GPT-2's context of {self.config.n_ctx}")
+        if attention_mask is None:
+            pos = torch.arange(past_length, past_length + T, device=x.device)[None]  # (1, T)
+            mask = causal_mask(past_length, T, device=x.device)
+        else:
+            if attention_mask.shape != (B, past_length + T):
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected {(B, past_length + T)}")
+            # positions count real tokens only: a left-padded row starts at 0 like an unpadded one (as in HF generate)
+            pos = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past_length:]  # (B, T)
+            mask = causal_mask(past_length, T, attention_mask.bool(), x.device)
+        x = F.dropout(x + self.wpe(pos), self.config.dropout, self.training)
+        presents = []
+        for i, block in enumerate(self.h):
+            x, present = block(x, mask, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        x = self.ln_f(x)
+        out = x if return_hidden else self.lm_head(x)
+        return (out, presents) if use_cache else out
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Loading the official weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, root=None, offline=False, **overrides):
+        """A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), fetched into the weights directory when missing;
+        or a path to a model.safetensors / pytorch_model.bin file, or to a directory holding one."""
+        if name_or_path in PRESETS:
+            path = weights.fetch(f"{name_or_path}/model.safetensors", root=root, offline=offline)
+        else:
+            path = Path(name_or_path)
+            if path.is_dir():
+                found = [path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()]
+                if not found:
+                    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+                path = found[0]
+            elif not path.is_file():
+                raise FileNotFoundError(f"{name_or_path} is neither a GPT-2 preset ({', '.join(PRESETS)}) nor a file")
+        return cls.from_state_dict(weights.load_state_dict(path), **overrides)
+
+    @classmethod
+    def from_state_dict(cls, state_dict, config=None, **overrides):
+        """A GPT from tensors named as in the official files, with or without HF's "transformer." prefix.
+
+        The config is read off the tensors and checked against the presets, unless given. overrides replace config
+        fields that no tensor fixes (dropout, sdpa). Mapping rule: strip "transformer."; ignore the causal-mask
+        buffers h.N.attn.bias and h.N.attn.masked_bias (we rebuild the mask in forward); lm_head.weight, which
+        only HF's own save carries, must equal wte.weight (tied) and is dropped."""
+        sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
+        sd = {k: v for k, v in sd.items() if not re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", k)}
+        head = sd.pop("lm_head.weight", None)
+        if head is not None and "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
+            raise ValueError("lm_head.weight differs from wte.weight: GPT-2 ties them, so this is not a GPT-2 file")
+        config = replace(config or config_from_state_dict(sd), **overrides)
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        problems = [f"missing keys: {sorted(expected.keys() - sd.keys())}",
+                    f"unexpected keys: {sorted(sd.keys() - expected.keys())}",
+                    "wrong shapes: " + str(sorted(f"{k} {tuple(sd[k].shape)} != {tuple(shape)}"
+                                                  for k, shape in expected.items() if k in sd and sd[k].shape != shape))]
+        problems = [p for p in problems if not p.endswith("[]")]
+        if problems:
+            raise ValueError("not a GPT-2 state dict for " + str(config) + ":\n" + "\n".join(problems))
+        model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in sd.items()}, strict=True, assign=True)
+        return model
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, attention_mask=None, prefix_embeds=None, temperature=0.0, top_k=None,
+                 top_p=None, num_beams=1, length_penalty=1.0, eos_token_id=50256, generator=None):
+        """Continue every row of idx (B, T); prompts of different lengths are left-padded and come with their
+        attention_mask (see pad_left). temperature 0 takes the most likely token (greedy); above 0 it samples,
+        from the top_k most likely tokens and/or the smallest set whose probability reaches top_p, with randomness
+        from `generator`. num_beams > 1 runs beam search instead. A row stops at eos_token_id (None: never).
+        Returns the new tokens (B, N), N <= max_new_tokens, rows that stopped early filled with eos_token_id."""
+        prompt_length = (0 if idx is None else idx.size(1)) + (0 if prefix_embeds is None else prefix_embeds.size(1))
+        if prompt_length + max_new_tokens > self.config.n_ctx:
+            raise ValueError(f"a prompt of {prompt_length} positions plus {max_new_tokens} new tokens exceeds "
+                             f"GPT-2's context of {self.config.n_ctx}")
+        if num_beams > 1:
+            return self.beam_search(idx, max_new_tokens, num_beams, length_penalty, attention_mask, prefix_embeds,
+                                    eos_token_id)
+        hidden, past = self(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
+        finished = torch.zeros(hidden.size(0), dtype=torch.bool, device=hidden.device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            token = sample_next_token(self.lm_head(hidden[:, -1]), temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            new_tokens.append(token)
+            if finished.all() or len(new_tokens) == max_new_tokens:
+                break
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)
+            hidden, past = self(token[:, None], None, attention_mask, past, use_cache=True, return_hidden=True)
+        return torch.stack(new_tokens, dim=1)
+
+    @torch.no_grad()
+    def beam_search(self, idx, max_new_tokens, num_beams, length_penalty=1.0, attention_mask=None,
+                    prefix_embeds=None, eos_token_id=50256):
+        """Keep the num_beams continuations with the highest summed log-probability. A beam that emits eos, or
+        reaches max_new_tokens, becomes a finished hypothesis scored sum / length**length_penalty; each row keeps
+        its num_beams best. This follows Hugging Face's beam search step for step: the top 2 * num_beams
+        candidates are scored, only the first num_beams of them may finish, and a row stops collecting once no
+        running beam can beat its worst kept hypothesis (HF's default early_stopping=False heuristic)."""
+        B, K = (idx if idx is not None else prefix_embeds).size(0), num_beams
+        expand = lambda t: None if t is None else t.repeat_interleave(K, dim=0)  # noqa: E731  (B*K, ...)
+        idx, attention_mask, prefix_embeds = expand(idx), expand(attention_mask), expand(prefix_embeds)
+        hidden, past = self(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
+        scores = torch.zeros(B, K, device=hidden.device)
+        scores[:, 1:] = -1e9  # the K copies of a prompt are equal: take the first step's candidates from one only
+        beams = [[[] for _ in range(K)] for _ in range(B)]  # tokens of each running beam
+        hypotheses = [[] for _ in range(B)]  # per row: (score, tokens) of finished beams, best first
+        done = [False] * B
+        for step in range(max_new_tokens):
+            logprobs = self.lm_head(hidden[:, -1]).float().log_softmax(dim=-1)  # (B*K, V)
+            V = logprobs.size(-1)
+            candidates = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
+            top_scores, top = candidates.topk(2 * K, dim=1)  # (B, 2K): at least K do not end in eos
+            last = step == max_new_tokens - 1
+            running = []  # per row: K (score, source beam, token), best first
+            for b in range(B):
+                keep = []
+                for rank, (score, i) in enumerate(zip(top_scores[b].tolist(), top[b].tolist())):
+                    beam, token = divmod(i, V)
+                    if token == eos_token_id or last:
+                        if rank < K and not done[b]:
+                            hypothesis = beams[b][beam] + [token]
+                            hypotheses[b].append((score / len(hypothesis) ** length_penalty, hypothesis))
+                    elif len(keep) < K:
+                        keep.append((score, beam, token))
+                hypotheses[b] = sorted(hypotheses[b], key=lambda h: h[0], reverse=True)[:K]
+                if keep and len(hypotheses[b]) == K:  # can the best running beam still beat the worst hypothesis?
+                    done[b] = done[b] or keep[0][0] / (step + 1) ** length_penalty <= hypotheses[b][-1][0]
+                running.append(keep)
+            if last or all(done):
+                break
+            source = torch.tensor([b * K + beam for b in range(B) for _, beam, _ in running[b]], device=hidden.device)
+            tokens = torch.tensor([[t for _, _, t in row] for row in running], device=hidden.device)  # (B, K)
+            scores = torch.tensor([[s for s, _, _ in row] for row in running], device=hidden.device)
+            beams = [[beams[b][beam] + [t] for _, beam, t in running[b]] for b in range(B)]
+            past = [(k[source], v[source]) for k, v in past]  # each beam continues its source's cache
+            if attention_mask is not None:  # rows of one prompt share their mask, so it needs no reordering
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)
+            hidden, past = self(tokens.view(B * K, 1), None, attention_mask, past, use_cache=True, return_hidden=True)
+        best = [h[0][1] for h in hypotheses]
+        width = max(map(len, best))
+        pad = eos_token_id if eos_token_id is not None else 0
+        return torch.tensor([row + [pad] * (width - len(row)) for row in best], device=hidden.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling helpers
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits (B, V): argmax when temperature is 0, otherwise a sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:  # keep the k most likely tokens (Fan et al. 2018; OpenAI's GPT-2 samples used k = 40)
+        kth_best = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # nucleus: fewest tokens whose mass reaches top_p (Holtzman et al. 2019)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p; never the first
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def pad_left(rows, pad_id):
+    """Token id lists of different lengths -> ids (B, T) padded on the left with pad_id, and attention_mask (B, T)."""
+    T = max(map(len, rows))
+    idx = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows])
+    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return idx, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Continue prompts with GPT-2 and OpenAI's released weights.")
+    parser.add_argument("prompt", nargs="+", help="one or more prompts, continued together as one batch")
+    parser.add_argument("--model", default="gpt2", help=f"a preset ({', '.join(PRESETS)}) or a path to "
+                        "model.safetensors / pytorch_model.bin")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="how many tokens to add at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1 = all)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams when > 1 "
+                        "(deterministic: the sampling flags do not apply)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    parser.add_argument("--weights-dir", default=None, help="where weights live (default: $MINIMODAL_WEIGHTS, "
+                        "else weights/ in the repository)")
+    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
+    args = parser.parse_args()
+    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0:
+        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k at least 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+
+    from tokenizer import GPT2Tokenizer  # only the command line needs text; the model works on ids
+
+    tokenizer = GPT2Tokenizer.default()
+    try:
+        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline)
+    except (weights.WeightsUnavailable, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    model.to(args.device).eval()
+    print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    # an empty prompt starts from <|endoftext|>, the way OpenAI's unconditional samples begin
+    rows = [tokenizer.encode(p) or [tokenizer.eot_token] for p in args.prompt]
+    idx, attention_mask = pad_left(rows, tokenizer.eot_token)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    try:
+        out = model.generate(idx.to(args.device), args.max_new_tokens, attention_mask.to(args.device),
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             num_beams=args.num_beams, length_penalty=args.length_penalty,
+                             eos_token_id=tokenizer.eot_token, generator=generator)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    for prompt, new in zip(args.prompt, out.tolist()):
+        new = new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
+        print("-" * 80 + "\n" + prompt + tokenizer.decode(new))
+
+
+if __name__ == "__main__":
+    main()
