@@ -211,6 +211,10 @@ def torchscript_state_dict(module_object, code):
 # ----------------------------------------------------------------------------- public API
 
 def _sniff(path):
+    """The format of a checkpoint, from its first bytes (a .safetensors name decides on its own,
+    so that a damaged safetensors file gets the safetensors reader's precise error)."""
+    if path.suffix == ".safetensors":
+        return "safetensors"
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
