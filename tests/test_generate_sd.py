@@ -189,6 +189,18 @@ def test_cli_image_to_image(tiny, tmp_path):
     assert negative == "" and fields["Denoising strength"] == "0.5" and fields["Sampler"] == "Euler"
 
 
+def test_cli_reads_the_ckpt_format(tiny, tmp_path):
+    """The same weights as a PyTorch-Lightning style .ckpt (torch zip, tensors under 'state_dict', training
+    metadata beside them), read by weights/' restricted unpickler, give the same image as the .safetensors."""
+    ckpt = tmp_path / "tiny-sd.ckpt"
+    state = {k: v.clone() for k, v in weights.load_state_dict(tiny["path"]).items()}
+    torch.save({"state_dict": state, "global_step": 840000, "epoch": 6}, ckpt)
+    args = ["a cat", "--height", "16", "--width", "16", "--steps", "2", "--seed", "3", "--device", "cpu"]
+    from_ckpt = generate.main(args + ["--weights", str(ckpt), "--out-dir", str(tmp_path / "a")])
+    from_safetensors = generate.main(args + ["--weights", str(tiny["path"]), "--out-dir", str(tmp_path / "b")])
+    assert np.array_equal(np.asarray(Image.open(from_ckpt[0])), np.asarray(Image.open(from_safetensors[0])))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--height", "500"], "--height must be a positive multiple of 8"),
     (["--width", "0"], "--width must be a positive multiple of 8"),
