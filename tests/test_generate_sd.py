@@ -54,6 +54,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def hf_clip_tokenizer(folder):
+    """Hugging Face's CLIPTokenizer from vocab.json + merges.txt derived from the committed
+    bpe_simple_vocab_16e6.txt.gz as openai/CLIP's SimpleTokenizer builds its vocabulary (the official HF files
+    are this derivation); 77 tokens, padded with EOT, as SD 1.x's tokenizer/ folder."""
+    merges = gzip.decompress((VOCAB_DIR / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode().split("\n")
+    merges = merges[1:49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    return HFCLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny checkpoint on disk, our pipeline loaded from it, and diffusers' models from the same state."""
@@ -66,18 +80,8 @@ def tiny(tmp_path_factory):
     path = root / "tiny-sd.safetensors"
     weights.write_safetensors({k: v.contiguous() for k, v in state.items()}, path)
 
-    # Hugging Face's vocab.json + merges.txt, derived from the committed bpe_simple_vocab_16e6.txt.gz the way
-    # openai/CLIP's SimpleTokenizer builds its vocabulary (the official HF files are this derivation)
-    merges = gzip.decompress((VOCAB_DIR / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode().split("\n")
-    merges = merges[1:49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
-    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
-    hf_tokenizer = HFCLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77)
     components = dict(unet=diffusers_unet(state, TINY_UNET, TINY_VAE), vae=diffusers_vae(state, TINY_VAE),
-                      text_encoder=text, tokenizer=hf_tokenizer, safety_checker=None, feature_extractor=None,
+                      text_encoder=text, tokenizer=hf_clip_tokenizer(root), safety_checker=None, feature_extractor=None,
                       requires_safety_checker=False)
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     init.save(root / "init.png")
@@ -268,3 +272,31 @@ def test_cli_fetches_missing_weights_on_first_use(tiny, tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+def test_full_size_sd15_file_through_the_cli_equals_diffusers(tmp_path):
+    """SD 1.5 at its real size (random weights, 1.07 B parameters, a 4.3 GB file in the official layout) through
+    the command line, against diffusers' StableDiffusionPipeline on the same file. Needs ~10 GB of RAM."""
+    text = random_init_(CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu")), seed=2).eval()
+    text_state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.state_dict().items()}
+    state = single_file_state(build(UNetModel, UNetConfig(), seed=0), build(AutoencoderKL, VAE_PRESETS["sd15"], 1),
+                              text=text_state)
+    path = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    weights.write_safetensors({k: v.contiguous() for k, v in state.items()}, path)
+    args = ["an astronaut riding a horse", "--negative-prompt", "blurry", "--weights", str(path), "--height", "64",
+            "--width", "64", "--steps", "3", "--seed", "0", "--device", "cpu", "--dtype", "fp32"]
+    ours = np.asarray(Image.open(generate.main(args + ["--out-dir", str(tmp_path / "out")])[0]), dtype=np.int16)
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    pipe = StableDiffusionPipeline(
+        unet=diffusers_unet(state), vae=diffusers_vae(state), text_encoder=text,
+        tokenizer=hf_clip_tokenizer(tokenizer_dir), scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref = pipe(args[0], negative_prompt="blurry", height=64, width=64, num_inference_steps=3,
+               generator=[torch.Generator().manual_seed(0)], output_type="np").images[0]
+    ref = (ref * 255).round().astype(np.int16)
+    print(f"full-size SD 1.5 CLI vs diffusers: max |diff| {np.abs(ours - ref).max()} of 255")
+    assert np.abs(ours - ref).max() <= 1
