@@ -125,7 +125,7 @@ def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, see
     fields = [f"Steps: {steps}", f"Sampler: {SAMPLER_NAMES[sampler]}", f"CFG scale: {guidance_scale:g}",
               f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
     fields += [f"Denoising strength: {strength:g}"] if strength is not None else []
-    fields += [f"Eta: {eta:g}"] if eta else []
+    fields += [f"Eta: {eta:g}"] if eta else []  # DDIM's η
     return "\n".join(lines + [", ".join(fields)])
 
 
@@ -151,11 +151,13 @@ def image_grid(images):
 
 
 def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    if (device.type == "cuda" and not torch.cuda.is_available()) or \
+            (device.type == "mps" and not torch.backends.mps.is_available()):
+        sys.exit(f"error: --device {name}: this machine has no such device")
+    return device
 
 
 def resolve_weights(args):
@@ -183,22 +185,21 @@ def draw(args, prompts):
             sys.exit(f"error: --init-image: {error}")
     width = init_image.shape[2] if init_image is not None else args.width or 512
     height = init_image.shape[1] if init_image is not None else args.height or 512
-    tokenizer = CLIPTokenizer.default()
-    for prompt in prompts + [args.negative_prompt]:
-        if len(tokenizer.encode(prompt)) + 2 > 77:
-            print(f"warning: the text encoder reads 77 tokens; the rest is cut off: {prompt[:60]!r}...",
-                  file=sys.stderr)
     path = resolve_weights(args)
     print(f"loading {path} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
     pipe = StableDiffusion.from_single_file(path, device, dtype)
     pipe.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
+    for prompt in prompts + [args.negative_prompt]:
+        if len(pipe.tokenizer.encode(prompt)) + 2 > 77:  # what diffusers warns about, too
+            print(f"warning: the text encoder reads 77 tokens, the rest is cut off: {prompt[:60]!r}...",
+                  file=sys.stderr)
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(args.num_images))]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = 1 + max([int(p.name[:5]) for p in out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")], default=-1)
-    saved, made = [], []
+    made = []  # (file, image, parameters)
     strength = args.strength if init_image is not None else None
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
@@ -207,17 +208,16 @@ def draw(args, prompts):
                       args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
         for (prompt, image_seed), image in zip(batch, to_pil(images)):
             text = parameters_text(prompt, args.negative_prompt, args.steps, args.sampler, args.guidance_scale,
-                                   image_seed, width, height, path.stem, strength, args.eta)
-            file = out_dir / f"{first + len(saved):05d}-{image_seed}.png"
-            save_png(image, file, text)
-            saved.append(file)
-            made.append((image, text))
-            print(file)
+                                   image_seed, width, height, path.stem, strength,
+                                   args.eta if args.sampler == "ddim" else 0.0)
+            made.append((out_dir / f"{first + len(made):05d}-{image_seed}.png", image, text))
+            save_png(image, made[-1][0], text)
+            print(made[-1][0])
+    saved = [file for file, _, _ in made]
     if len(made) > 1:
-        file = out_dir / f"grid-{first:05d}-{seed}.png"
-        save_png(image_grid([image for image, _ in made]), file, made[0][1])
-        saved.append(file)
-        print(file)
+        saved.append(out_dir / f"grid-{first:05d}-{seed}.png")
+        save_png(image_grid([image for _, image, _ in made]), saved[-1], made[0][2])
+        print(saved[-1])
     return saved
 
 

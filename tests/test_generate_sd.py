@@ -143,6 +143,18 @@ def test_plain_attention_equals_sdpa(tiny):
     assert (fast - plain).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 0.03), (torch.bfloat16, 0.1)])
+def test_half_precision_stays_close_to_fp32(tiny, dtype, tolerance):
+    """--dtype fp16 / bf16: the networks run in half precision, the sampler stays in fp32."""
+    half = generate.StableDiffusion.from_single_file(tiny["path"], dtype=dtype)
+    assert next(half.unet.parameters()).dtype == dtype
+    args = dict(prompts=PROMPTS, seeds=[5, 6], negative_prompts=NEGATIVES, sampler="dpm++2m", steps=4, height=16,
+                width=16)
+    diff = (half(**args) - tiny["pipe"](**args)).abs().max().item()
+    print(f"{dtype}: max |half - fp32| = {diff:.3f}")
+    assert diff < tolerance
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
 
