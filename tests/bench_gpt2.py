@@ -4,8 +4,8 @@
 
 Two measurements at the full 124M configuration (random weights, seeded; the speed does not depend on them):
 a forward pass B=1 T=256 (full logits) and a 32-token greedy generation with the KV cache from a 16-token prompt.
-Both libraries run in float32 under torch.inference_mode, after warm-up, and we print the median of several
-runs as ours / transformers. Goals: forward <= 0.8, generation <= 0.6.
+Both libraries run in float32 under torch.inference_mode, after warm-up, alternating run by run, and we print
+the median of several runs as ours / transformers. Goals: forward <= 0.8, generation <= 0.6.
 """
 import argparse
 import statistics
@@ -19,15 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt2 import GPT  # noqa: E402
 
 
-def median_seconds(fn, runs, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(functions, runs, warmup=2):
+    """Median time of each function; the runs alternate between them, so a busy machine slows all alike."""
+    times = [[] for _ in functions]
+    for i in range(warmup + runs):
+        for fn, fn_times in zip(functions, times):
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -59,8 +60,8 @@ def main():
                 ("greedy 32 tokens, cache", 0.6, lambda: ours.generate(prompt, 32, eos_token_id=None),
                  lambda: reference.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=50256))]
         for name, goal, ours_fn, reference_fn in rows:
-            ours_s = median_seconds(lambda: (ours_fn(), sync()), args.runs)
-            reference_s = median_seconds(lambda: (reference_fn(), sync()), args.runs)
+            ours_s, reference_s = median_seconds([lambda: (ours_fn(), sync()), lambda: (reference_fn(), sync())],
+                                                 args.runs)
             ratio = ours_s / reference_s
             verdict = "meets" if ratio <= goal else "MISSES"
             print(f"{name:26s} ours {ours_s * 1e3:8.1f} ms  transformers {reference_s * 1e3:8.1f} ms  "
