@@ -275,6 +275,9 @@ def main(argv=None):
     images = [arg for arg in args.inputs if is_image_file(arg)]
     if images:
         parser.error(f"{images[0]} is an image file: captioning images is not part of generate.py yet")
+    missing = [arg for arg in args.inputs if arg.lower().endswith(IMAGE_SUFFIXES) and " " not in arg]
+    if missing:  # a mistyped file name should not start a 4 GB download to draw it as a prompt
+        parser.error(f"no such image file: {missing[0]}")
     prompts = list(args.inputs)
     if args.prompt_file:
         try:

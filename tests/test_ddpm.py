@@ -156,7 +156,7 @@ def test_ddim_eta_draws_noise_like_diffusers(eta):
 
 
 @pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
-@pytest.mark.parametrize("preset", ["ddpm", "cosine"])
+@pytest.mark.parametrize("preset", ["linear", "cosine"])
 def test_other_presets_and_v_prediction_match_diffusers(sampler, preset):
     """The training presets (linear / cosine betas, trailing spacing) and v-prediction, against diffusers."""
     config = ddpm.PRESETS[preset]
@@ -258,7 +258,7 @@ def test_sampling_recovers_a_point_mass():
     """With the exact ε of a data set holding one point x*, every sampler lands on x* (DDIM on SD's schedule
     stops at ᾱ_0 < 1, as CompVis does, so it is checked on a preset that ends at ᾱ = 1)."""
     target = torch.full((1, 4, 8, 8), 0.7)
-    for preset, samplers in [("sd15", ("euler", "dpm++2m")), ("ddpm", ddpm.SAMPLERS), ("cosine", ddpm.SAMPLERS)]:
+    for preset, samplers in [("sd15", ("euler", "dpm++2m")), ("linear", ddpm.SAMPLERS), ("cosine", ddpm.SAMPLERS)]:
         diffusion = ddpm.GaussianDiffusion(ddpm.PRESETS[preset])
 
         def exact(x_t, t):  # x_t = √ᾱ·x* + √(1-ᾱ)·ε  =>  ε = (x_t − √ᾱ·x*)/√(1-ᾱ)

@@ -222,6 +222,8 @@ def test_cli_reads_the_ckpt_format(tiny, tmp_path):
     (["--width", "0"], "--width must be a positive multiple of 8"),
     (["--strength", "1.5"], "--strength must be in (0, 1]"),
     (["--steps", "0"], "--steps, --num-images and --batch-size must be at least 1"),
+    (["holiday.jpg"], "no such image file: holiday.jpg"),
+    (["--sampler", "ddim", "--steps", "2000"], "steps must be between 1 and 1000"),
 ])
 def test_cli_rejects_bad_values(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
