@@ -4,6 +4,7 @@ Every sampler runs a whole trajectory next to the diffusers scheduler configured
 (`Scheduler.from_config(SD15_SCHEDULER_CONFIG)`, what users do to swap samplers), fed the same fake ε-model and
 the same initial noise; the final samples must agree within 1e-5.
 """
+import dataclasses
 import math
 
 import pytest
@@ -270,3 +271,32 @@ def test_sampling_recovers_a_point_mass():
             x = diffusion.sample(exact, noise, sampler, 20, generator=torch.Generator().manual_seed(1))
             assert (x - target).abs().max() < 1e-3, f"{preset} {sampler}"
     assert math.isclose(ddpm.GaussianDiffusion().final_alpha_cumprod.item(), 0.99915, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("preset,parameterization,min_snr_gamma", [("sd15", "eps", None), ("cosine", "v", 5.0)])
+def test_a_denoiser_trained_with_the_loss_samples_the_data(preset, parameterization, min_snr_gamma):
+    """Train a small MLP with `loss` on two points, (0.8, 0.8) and (-0.8, -0.8): every sampler must then draw
+    points near them, both equally often. Loss, noising and samplers working together, not only each alone."""
+    torch.manual_seed(0)  # the MLP's initial weights
+    diffusion = ddpm.GaussianDiffusion(dataclasses.replace(ddpm.PRESETS[preset], parameterization=parameterization))
+    net = torch.nn.Sequential(torch.nn.Linear(2 + 16, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128),
+                              torch.nn.SiLU(), torch.nn.Linear(128, 2))
+
+    def model(x, t):  # x (B, 2, 1, 1), t (B,) -> (B, 2, 1, 1), with a sinusoidal timestep embedding
+        angles = t[:, None] / 1000 * math.pi * 2.0 ** torch.arange(8)[None]
+        return net(torch.cat([x.flatten(1), angles.sin(), angles.cos()], 1)).view_as(x)
+
+    modes = torch.tensor([[0.8, 0.8], [-0.8, -0.8]])
+    g = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(500):
+        x0 = modes[torch.randint(0, 2, (256,), generator=g)].view(256, 2, 1, 1)
+        loss = diffusion.loss(model, x0, g, min_snr_gamma=min_snr_gamma)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for sampler in ddpm.SAMPLERS:
+        x = diffusion.sample(model, torch.randn(400, 2, 1, 1, generator=g), sampler, 25, generator=g).view(400, 2)
+        near = (torch.cdist(x, modes).min(1).values < 0.2).float().mean().item()
+        upper = (x[:, 0] > 0).float().mean().item()
+        assert near > 0.8 and 0.3 < upper < 0.7, f"{sampler}: {near:.0%} near a mode, {upper:.0%} in the upper one"
