@@ -15,6 +15,7 @@ chunk written as AUTOMATIC1111's web UI writes it, so the usual tools read them 
 import argparse
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -84,9 +85,9 @@ class StableDiffusion:
         uncond = self.encode_text(negative_prompts or [""] * len(prompts)) if guidance_scale > 1 else None
         vae_dtype = next(self.vae.parameters()).dtype
         init = None
-        if init_image is not None:
-            image = init_image[None].to(self.device, vae_dtype)  # (1, 3, H, W)
-            init = torch.cat([self.vae.encode_to_latents(image, g) for g in generators]).float()  # (B, 4, h, w)
+        if init_image is not None:  # one encoding, one posterior sample per image, scaled for the UNet
+            posterior = self.vae.encode(init_image[None].to(self.device, vae_dtype))  # over (1, 4, h, w)
+            init = torch.cat([posterior.sample(g) for g in generators]).float() * self.vae.config.scale_factor
         f = self.vae.downscale
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         noise = ddpm.randn(shape, generators, self.device)
@@ -187,7 +188,10 @@ def draw(args, prompts):
     height = init_image.shape[1] if init_image is not None else args.height or 512
     path = resolve_weights(args)
     print(f"loading {path} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
-    pipe = StableDiffusion.from_single_file(path, device, dtype)
+    try:
+        pipe = StableDiffusion.from_single_file(path, device, dtype)
+    except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD 1.x, truncated, unsafe
+        sys.exit(f"error: {path} is not a usable Stable Diffusion 1.x checkpoint: {error}")
     pipe.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
     for prompt in prompts + [args.negative_prompt]:
         if len(pipe.tokenizer.encode(prompt)) + 2 > 77:  # what diffusers warns about, too

@@ -240,6 +240,18 @@ def test_cli_bad_init_image_is_one_clear_error(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_bad_checkpoints_are_one_clear_error(tiny, tmp_path, capsys):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny["path"].read_bytes()[:5000])
+    not_sd = tmp_path / "gpt2-like.safetensors"
+    weights.write_safetensors({"wte.weight": torch.zeros(4, 2)}, not_sd)
+    for path in (truncated, not_sd):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["a cat", "--weights", str(path), "--device", "cpu", "--out-dir", str(tmp_path / "o")])
+        assert f"{path} is not a usable Stable Diffusion 1.x checkpoint" in str(exit_info.value.code)
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_offline_without_weights_names_url_and_path(tmp_path, monkeypatch):
     for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):  # no hub cache holds a copy either
         monkeypatch.setenv(var, str(tmp_path / "empty-cache"))
