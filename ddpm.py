@@ -158,7 +158,7 @@ class GaussianDiffusion:
         return mse.mean()
 
     # -- sampling -----------------------------------------------------------------------------------------------
-    def timesteps(self, sampler, steps, strength=1.0):
+    def sampling_timesteps(self, sampler, steps, strength=1.0):
         """(timesteps, start): the `steps` timesteps of a run, descending, and the index the run starts at.
         Image-to-image with `strength` s in (0, 1] skips the first steps − int(steps·s) of them (diffusers
         `get_timesteps`): s = 1 starts from pure noise, smaller s keeps more of the input image."""
@@ -200,7 +200,7 @@ class GaussianDiffusion:
         """Denoise `noise` (B, C, h, w), a standard normal draw (see `randn`), into x_0 with `steps` steps.
         Image-to-image: `init` holds the clean x_0 of the input image; it is noised to the first timestep of the
         run chosen by `strength`. `generator` feeds the fresh noise of DDPM and of DDIM with eta > 0."""
-        ts, start = self.timesteps(sampler, steps, strength)
+        ts, start = self.sampling_timesteps(sampler, steps, strength)
         loop = {"ddpm": self._ddpm, "ddim": self._ddim, "euler": self._euler, "dpm++2m": self._dpm_solver_pp_2m}
         bar = tqdm(total=len(ts) - start, desc=sampler, disable=not progress, leave=False)
         x = loop[sampler](model, noise.float(), init, ts, start, eta=eta, generator=generator, bar=bar)

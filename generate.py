@@ -292,7 +292,8 @@ def main(argv=None):
     if not prompts:
         parser.error("give at least one prompt (or --prompt-file)")
     try:
-        ddpm.GaussianDiffusion().timesteps(args.sampler, args.steps, args.strength if args.init_image else 1.0)
+        ddpm.GaussianDiffusion().sampling_timesteps(args.sampler, args.steps,
+                                                    args.strength if args.init_image else 1.0)
     except ValueError as error:
         parser.error(str(error))
     return draw(args, prompts)

@@ -107,7 +107,7 @@ def test_timesteps_equal_diffusers(sampler, spacing):
     for steps in (1, 7, 20, 25, 50, 999):
         ref = reference_scheduler(sampler, timestep_spacing=spacing, steps_offset=offset)
         ref.set_timesteps(steps)
-        ours, start = diffusion.timesteps(sampler, steps)
+        ours, start = diffusion.sampling_timesteps(sampler, steps)
         assert start == 0
         torch.testing.assert_close(torch.tensor(ours, dtype=torch.float64), ref.timesteps.double(), rtol=0, atol=1e-4)
 
@@ -118,13 +118,13 @@ def test_img2img_timesteps_follow_strength(sampler):
     for steps, strength in [(50, 0.75), (50, 0.3), (20, 1.0), (10, 0.55), (30, 0.04)]:
         noise, init = draws()
         _, ref_ts = reference_run(reference_scheduler(sampler), steps, noise, init, strength)
-        ts, start = diffusion.timesteps(sampler, steps, strength)
+        ts, start = diffusion.sampling_timesteps(sampler, steps, strength)
         assert ts[start:] == ref_ts.double().tolist()
         assert len(ts) - start == int(steps * strength)
     with pytest.raises(ValueError, match="no step"):
-        diffusion.timesteps(sampler, 10, strength=0.05)
+        diffusion.sampling_timesteps(sampler, 10, strength=0.05)
     with pytest.raises(ValueError, match="strength"):
-        diffusion.timesteps(sampler, 10, strength=1.5)
+        diffusion.sampling_timesteps(sampler, 10, strength=1.5)
 
 
 @pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
@@ -246,9 +246,9 @@ def test_randn_one_seed_one_image():
 def test_bad_arguments_give_clear_errors():
     diffusion = ddpm.GaussianDiffusion()
     with pytest.raises(ValueError, match="unknown sampler"):
-        diffusion.timesteps("plms", 50)
+        diffusion.sampling_timesteps("plms", 50)
     with pytest.raises(ValueError, match="steps must be between"):
-        diffusion.timesteps("ddim", 0)
+        diffusion.sampling_timesteps("ddim", 0)
     with pytest.raises(ValueError, match="beta_schedule"):
         ddpm.GaussianDiffusion(ddpm.DiffusionConfig(beta_schedule="sigmoid"))
     with pytest.raises(ValueError, match="parameterization"):
