@@ -31,7 +31,8 @@ import weights
 
 
 class Conv1D(nn.Module):
-    """A linear layer stored the official way, weight (in, out): y = x @ W + b (openai/gpt-2 `conv1d`)."""
+    """A linear layer stored the official way, weight (in, out): y = x @ W + b (openai/gpt-2 `conv1d`), computed
+    as one addmm so the bias is added inside the matrix multiply rather than in a second pass over y."""
 
     def __init__(self, n_in, n_out):
         super().__init__()
@@ -39,7 +40,7 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x):
-        return x @ self.weight + self.bias
+        return torch.addmm(self.bias, x.flatten(0, -2), self.weight).view(*x.shape[:-1], -1)  # x @ W + b
 
 
 def causal_mask(past_length, T, key_is_real=None, device=None):
