@@ -113,6 +113,9 @@ def classifier_free_guidance(model, context, uncond_context, guidance_scale):
 # The process: noising, loss, sampling
 
 class GaussianDiffusion:
+    """One noise schedule (a DiffusionConfig) and everything done with it: noising x_0 to x_t, the training
+    loss, and sampling by name. It holds no network and no random state."""
+
     def __init__(self, config=None):
         self.config = config or DiffusionConfig()
         c = self.config
