@@ -179,10 +179,9 @@ def vitb32(tmp_path_factory):
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     tokens = CLIPTokenizer.default().tokenize(PROMPTS + [LONG_PROMPT])  # OpenAI style: zero padding
     with torch.no_grad():
-        out = hf(input_ids=tokens, pixel_values=images)
-        reference = {"image": hf.get_image_features(pixel_values=images).pooler_output,
-                     "text": hf.get_text_features(input_ids=tokens).pooler_output,
-                     "logits": out.logits_per_image}
+        out = hf(input_ids=tokens, pixel_values=images)  # get_*_features put the projections in pooler_output
+    reference = {"image": out.vision_model_output.pooler_output, "text": out.text_model_output.pooler_output,
+                 "logits": out.logits_per_image}
     folder = tmp_path_factory.mktemp("clip")
     hf_sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     hf.save_pretrained(folder / "hf")  # the HF layout, written by transformers itself
@@ -216,13 +215,13 @@ def test_vitb32_open_clip_safetensors_and_hf_layout(vitb32):
     path = folder / "open_clip_model.safetensors"
     save_file(hf_to_openai_reference(hf_sd), str(path))
     check_clip(clip.CLIP.from_pretrained(str(path)), vitb32, "open_clip_model.safetensors")
-    check_clip(clip.CLIP.from_pretrained(str(folder / "hf" / "model.safetensors")), vitb32, "HF model.safetensors")
+    model = clip.CLIP.from_pretrained(str(folder / "hf" / "model.safetensors"))
+    check_clip(model, vitb32, "HF model.safetensors")
+    check_clip(clip.set_sdpa(model, False), vitb32, "HF model.safetensors, plain attention")
 
 
-def test_plain_attention_equals_sdpa_and_text_pooling(vitb32):
-    hf_sd, images, tokens, reference, _ = vitb32
-    model = clip.set_sdpa(clip.CLIP.from_state_dict(hf_sd), False)
-    check_clip(model, vitb32, "HF state dict, plain attention")
+def test_text_pooling_at_end_of_text(vitb32):
+    tokens = vitb32[2]
     eot = tokens.argmax(-1)
     assert (tokens[torch.arange(len(tokens)), eot] == 49407).all() and eot[-1] == 76  # long prompt truncated
 
@@ -262,20 +261,23 @@ def test_sd_text_encoder_from_single_file_and_standalone(sd_text):
     sd["alphas_cumprod"] = torch.linspace(1, 0, 1000)
     save_file(sd, str(folder / "v1-5-pruned-emaonly.safetensors"))
     save_file(official, str(folder / "text_encoder.safetensors"))  # SD's text_encoder/model.safetensors
-    hf.save_pretrained(folder / "text_encoder_v5")  # and what transformers 5 writes today
 
     tokens = CLIPTokenizer.default().tokenize(PROMPTS + [LONG_PROMPT], pad="eot")  # SD 1.x pads with 49407
     assert tokens.shape == (4, 77) and tokens[-1, -1] == 49407
     with torch.no_grad():
         reference = hf(input_ids=tokens).last_hidden_state
-    for what, path, kwargs in [("SD single file", folder / "v1-5-pruned-emaonly.safetensors", {}),
-                               ("standalone CLIPTextModel", folder / "text_encoder.safetensors", {"prefix": ""}),
-                               ("transformers 5 save_pretrained", folder / "text_encoder_v5" / "model.safetensors",
-                                {"prefix": ""})]:
-        model = clip.CLIPTextTransformer.from_checkpoint(weights.load_state_dict(path), **kwargs).eval()
+    single = weights.load_state_dict(folder / "v1-5-pruned-emaonly.safetensors")
+    for what, checkpoint, kwargs in [
+            ("SD single file", single, {}),
+            ("standalone CLIPTextModel", weights.load_state_dict(folder / "text_encoder.safetensors"), {"prefix": ""}),
+            ("transformers 5 state dict (no text_model. level)", hf.state_dict(), {"prefix": ""})]:
+        model = clip.CLIPTextTransformer.from_checkpoint(checkpoint, **kwargs).eval()
         with torch.no_grad():
             report(f"SD text encoder, {what}: last hidden state", model(tokens), reference)
-            report(f"SD text encoder, {what}, plain attention", clip.set_sdpa(model, False)(tokens), reference)
+    with torch.no_grad():
+        report("SD text encoder, plain attention", clip.set_sdpa(model, False)(tokens), reference)
+    with pytest.raises(ValueError, match="no key of the checkpoint starts with 'cond_stage_model.transformer.'"):
+        clip.CLIPTextTransformer.from_checkpoint({"model.diffusion_model.out.2.bias": torch.zeros(4)})
 
 
 def test_sd_text_encoder_official_key_table(sd_text):
