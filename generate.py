@@ -1,4 +1,4 @@
-"""Images for prompts with Stable Diffusion 1.x (text-to-image and image-to-image).
+"""Images for prompts with Stable Diffusion 1.x (text-to-image and image-to-image), and captions for images.
 
     python generate.py "a cat wearing a space suit on Mars"
     python generate.py "a watercolor fox" --init-image photo.jpg --strength 0.6 --seed 7
@@ -11,8 +11,13 @@ classifier-free guidance and a sampler from ddpm.py over the UNet (unet.py) in l
 or `.ckpt`, or any SD 1.x fine-tune in that layout), fetched on first use. With the same seed, sampler and steps
 the images equal diffusers' (tests/test_generate_sd.py). Every PNG carries its settings in a "parameters" text
 chunk written as AUTOMATIC1111's web UI writes it, so the usual tools read them back.
+
+Image files, folders and globs get captions from a captioner of train.py --task caption (ClipCap, gpt2.py):
+    python generate.py photo.jpg holiday/ "shots/*.png" --ckpt runs/caption/ckpt.pt [--json]
 """
 import argparse
+import glob
+import json
 import math
 import os
 import pickle
@@ -229,9 +234,43 @@ def is_image_file(arg):
     return arg.lower().endswith(IMAGE_SUFFIXES) and Path(arg).is_file()
 
 
+def image_files(arg):
+    """The image files an input names: itself, a folder's images (sorted), or a glob's matches; [] for a prompt."""
+    if Path(arg).is_dir():
+        return sorted(str(p) for p in Path(arg).iterdir() if is_image_file(str(p)))
+    return [arg] if is_image_file(arg) else sorted(f for f in glob.glob(arg) if is_image_file(f))
+
+
+@torch.no_grad()
+def caption_images(args, files):
+    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at a time."""
+    from tokenizer import GPT2Tokenizer
+    from train import caption, load_captioner  # the captioner's code; Stable Diffusion never needs it
+    from vit import ImageReadError, preprocess
+
+    device = pick_device(args.device)
+    model, cfg = load_captioner(args.ckpt, device)
+    tokenizer = GPT2Tokenizer.default()
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    for start in range(0, len(files), args.batch_size):
+        batch = []
+        for file in files[start:start + args.batch_size]:
+            try:
+                batch.append((file, preprocess(file, model.visual.config.image_resolution)))
+            except ImageReadError as error:  # reported and skipped; the others are captioned
+                print(error, file=sys.stderr)
+        if batch:
+            embeds = model.embed(torch.stack([pixels for _, pixels in batch]).to(device))
+            texts = caption(model, embeds, tokenizer, cfg.max_caption_tokens, num_beams=args.num_beams,
+                            temperature=args.temperature, top_p=args.top_p, generator=generator)
+            for (file, _), text in zip(batch, texts):
+                print(json.dumps({"file": file, "caption": text}) if args.json else f"{file}	{text}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Images for prompts with Stable Diffusion 1.x.")
-    parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt")
+    parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image files, "
+                        "folders and globs to caption (with --ckpt)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale "
@@ -243,7 +282,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, help="seed of the first image, the next images count up "
                         "(default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--batch-size", type=int, default=1, help="images denoised together")
+    parser.add_argument("--batch-size", type=int, default=1, help="images denoised (or captioned) together")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512, or the "
                         "init image's)")
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512, or the "
@@ -264,6 +303,11 @@ def main(argv=None):
                         help="fused scaled_dot_product_attention (--no-sdpa: the plain math)")
     parser.add_argument("--low-memory", action="store_true", help="slice attention and decode the VAE in "
                         "tiles, for small GPUs (tiles change the image very slightly)")
+    parser.add_argument("--ckpt", help="a checkpoint of train.py; --task caption: captions the image inputs")
+    parser.add_argument("--json", action="store_true", help="captions as JSON lines {file, caption}")
+    parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1 (default greedy)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (default greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="captions: nucleus sampling mass")
     args = parser.parse_args(argv)
 
     for name in ("height", "width"):
@@ -276,9 +320,12 @@ def main(argv=None):
         parser.error("--strength must be in (0, 1]; --eta and --guidance-scale must be >= 0")
 
     # What the inputs are decides the task: image files get captions, anything else is a prompt.
-    images = [arg for arg in args.inputs if is_image_file(arg)]
-    if images:
-        parser.error(f"{images[0]} is an image file: captioning images is not part of generate.py yet")
+    images = {arg: image_files(arg) for arg in args.inputs}
+    if any(images.values()):
+        if not all(images.values()) or not args.ckpt or args.num_beams < 1:
+            parser.error("captioning takes image files, folders or globs only, and --ckpt (a train.py --task "
+                         f"caption checkpoint); no images in: {[a for a, f in images.items() if not f]}")
+        return caption_images(args, [file for files in images.values() for file in files])
     missing = [arg for arg in args.inputs if arg.lower().endswith(IMAGE_SUFFIXES) and " " not in arg]
     if missing:  # a mistyped file name should not start a 4 GB download to draw it as a prompt
         parser.error(f"no such image file: {missing[0]}")

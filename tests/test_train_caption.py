@@ -1,0 +1,148 @@
+"""train.py --task caption on a tiny COCO-format set made here (the real annotations JSON layout, real JPEG files,
+data.py's COCO reader) with a frozen tiny CLIP tower saved in OpenAI's layout: the loss falls, one batch can be
+overfitted, a run stopped and resumed equals an uninterrupted one, two DDP processes (gloo) equal one process, the
+feature cache notices changed images and weights, and --eval scores a checkpoint."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import generate
+import train
+import weights
+from vit import VisionConfig, VisionTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "white": (240, 240, 240)}
+
+
+def write_coco(root, split, n, seed):
+    """root/annotations/captions_{split}2017.json and root/{split}2017/*.jpg: n images, two captions each."""
+    rng = np.random.default_rng(seed)
+    (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images, annotations = [], []
+    for i in range(n):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        pixels = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 10, (48, 64, 3)), 0, 255).astype(np.uint8)
+        name = f"{100 + i:012d}.jpg"
+        Image.fromarray(pixels).save(root / f"{split}2017" / name, quality=90)
+        images.append({"id": 100 + i, "file_name": name, "height": 48, "width": 64})
+        annotations += [{"id": 2 * i, "image_id": 100 + i, "caption": f"a {colour} picture."},
+                        {"id": 2 * i + 1, "image_id": 100 + i, "caption": f"A photo that is all {colour}"}]
+    index = {"info": {}, "licenses": [], "images": images, "annotations": annotations}
+    (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(index))
+
+
+def write_tower(path, seed=0):
+    torch.manual_seed(seed)
+    tower = VisionTransformer(VisionConfig(image_resolution=32, vision_layers=1, vision_width=64,
+                                           vision_patch_size=8, embed_dim=32))
+    torch.save({f"visual.{k}": v for k, v in tower.state_dict().items()}, path)
+    return tower
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caption")
+    write_coco(root / "coco", "train", 8, seed=0)
+    write_coco(root / "coco", "val", 4, seed=1)
+    write_tower(root / "tower.pt")
+    return root
+
+
+def args(fixture, out, *extra):
+    return ["--data", "coco", "--data-root", str(fixture / "coco"), "--image-tower", str(fixture / "tower.pt"),
+            "--language-model", "tiny", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--prefix-length", "2",
+            "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2", "--epochs", "3", "--eval-every", "1000",
+            "--log-every", "1", "--max-caption-tokens", "12", "--device", "cpu", "--out-dir", str(out), *extra]
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_loss_falls_resume_equals_uninterrupted_and_eval(fixture, tmp_path, capsys):
+    whole, loss = train.main(args(fixture, tmp_path / "whole"))  # 16 pairs, batch 8: 6 steps
+    assert losses(tmp_path / "whole")[-1] < losses(tmp_path / "whole")[0]
+    train.main(args(fixture, tmp_path / "split", "--stop-after", "2"))
+    assert weights.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 2
+    resumed, _ = train.main(args(fixture, tmp_path / "split", "--resume", str(tmp_path / "split" / "ckpt.pt")))
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=0)
+    checkpoint = weights.load_checkpoint(tmp_path / "whole" / "ckpt.pt")
+    assert checkpoint["step"] == 6 and checkpoint["config"]["n_embd"] == 32
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    capsys.readouterr()
+    metrics = train.main(["--eval", str(tmp_path / "whole" / "ckpt.pt"), "--split", "val", "--num-beams", "2"])
+    printed = capsys.readouterr().out
+    assert "split: coco val, 4 images | decoding: beam search, 2 beams" in printed and "CIDEr-D" in printed
+    assert set(metrics) >= {"val_loss", "BLEU-1", "BLEU-4", "CIDEr-D"}
+    # generate.py captions image files, folders and globs with the checkpoint: one caption per image
+    folder = fixture / "coco" / "val2017"
+    generate.main([str(folder), str(folder / "*101.jpg"), "--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--json",
+                   "--batch-size", "3", "--device", "cpu"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == sorted(map(str, folder.glob("*.jpg"))) + [str(folder / f"{101:012d}.jpg")]
+    assert all(isinstance(line["caption"], str) and "<|endoftext|>" not in line["caption"] for line in lines)
+    assert lines[1]["caption"] == lines[-1]["caption"]  # batched or alone, the same greedy caption
+
+
+def test_overfits_one_batch(fixture, tmp_path):
+    train.main(args(fixture, tmp_path, "--max-train-samples", "8", "--epochs", "30", "--n-embd", "64", "--lr", "1e-2",
+                    "--no-closed-vocab"))  # 8 pairs, batch 8: the same batch 30 times
+    curve = losses(tmp_path)
+    assert curve[-1] < 0.1 * curve[0], curve
+
+
+def test_feature_cache_notices_changed_images_and_weights(fixture, tmp_path, capsys):
+    cfg = train.TrainConfig(out_dir=str(tmp_path))
+    dataset = data.coco_captions(fixture / "coco", "val")
+    tower = write_tower(tmp_path / "unused.pt")
+    first, skipped = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+    assert first.shape == (4, 32) and first.dtype == np.float16 and not skipped
+    assert np.abs(first).min() > 0
+    again, _ = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+    assert again.filename == first.filename  # the same images and weights: read back, not recomputed
+    with torch.no_grad():
+        tower.proj[0, 0] += 1.0
+    other_weights, _ = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+    assert other_weights.filename != first.filename
+    assert not np.array_equal(other_weights, first)
+    image = fixture / "coco" / "val2017" / f"{101:012d}.jpg"
+    saved = image.read_bytes()
+    try:
+        Image.new("RGB", (64, 48), (0, 0, 0)).save(image)
+        other_images, _ = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+        assert other_images.filename != other_weights.filename
+        assert not np.array_equal(other_images[1], other_weights[1]) and np.array_equal(other_images[0], other_weights[0])
+        image.write_bytes(b"")  # a 0-byte image is reported and skipped; the rest is computed
+        bad, skipped = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+        assert skipped == {"101"} and not bad[1].any() and np.array_equal(bad[0], other_weights[0])
+        assert f"{101:012d}.jpg" in capsys.readouterr().err
+    finally:
+        image.write_bytes(saved)
+        os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
+
+
+def test_ddp_two_cpu_processes_equal_one(fixture, tmp_path):
+    """torchrun, 2 processes, gloo: each takes half of every batch; the result equals one process (same batches,
+    gradients summed over ranks, each micro-batch divided by the whole batch's target count)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+                           ("one", [])):
+        command = [sys.executable, *launcher, str(REPO / "train.py"),
+                   *args(fixture, tmp_path / name, "--epochs", "1", "--grad-accum", "2", "--threads", "1")]
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    two, one = (weights.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("two", "one"))
+    assert two["step"] == one["step"] == 2
+    for key, value in one["model"].items():
+        torch.testing.assert_close(two["model"][key], value, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,487 @@
+"""Training minimodal's models. First task: the image captioner (`--task caption`).
+
+The captioner is ClipCap (Mokady et al. 2021, "ClipCap: CLIP Prefix for Image Captioning", official code
+github.com/rmokady/CLIP_prefix_caption): a frozen CLIP image tower (vit.py) embeds each image once, a mapper makes
+a prefix of GPT-2 input vectors of it, and GPT-2 (gpt2.py `Captioner`) learns to continue the prefix with the caption.
+
+    python train.py --task caption --preset shapes          # tiny tower + tiny GPT-2 from scratch: minutes on a CPU
+    python train.py --task caption --preset coco --data-root data/coco     # ClipCap's COCO recipe (Karpathy split)
+    python train.py --eval runs/caption/ckpt.pt --split test               # BLEU-1..4, CIDEr-D of a checkpoint
+    torchrun --nproc_per_node 2 train.py --task caption ...                # DistributedDataParallel
+
+Top to bottom: the config (a dataclass; each field is a flag) and presets; the harness every task shares (AdamW,
+warm-up + cosine, mixed precision, accumulation, clipping, DDP, log, atomic checkpoints, exact resume), which needs a
+task's `model`, `num_pairs`, `batch(ids, device)`, `count_targets(ids)`, `evaluate(model)` and `extra`; the caption
+task (splits, the feature cache, the model, evaluation); the command line.
+"""
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data
+import weights
+from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
+from tokenizer import GPT2Tokenizer
+from vit import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer, preprocess
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    task: str = flag("caption", "what to train: caption (image -> caption, ClipCap)")
+    preset: str = flag("shapes", "starting values of the flags: shapes (tiny, from scratch) or coco (ClipCap)")
+    data: str = flag("shapes", "shapes, coco (2017), karpathy (COCO, Karpathy's splits), folder, cifar100")
+    data_root: str = flag("", "dataset directory (karpathy: with dataset_coco.json; folder: 5%% of images held out)")
+    download: bool = flag(False, "fetch the official archives (COCO, CIFAR-100) when missing")
+    out_dir: str = flag("runs/caption", "where the log, the checkpoint and the feature cache go")
+    batch_size: int = flag(64, "pairs per optimizer step, over all processes and micro-batches")
+    grad_accum: int = flag(1, "micro-batches per step: the same step in less memory")
+    epochs: float = flag(1.0, "passes over the training pairs")
+    lr: float = flag(2e-3, "peak learning rate of AdamW")
+    warmup_steps: int = flag(100, "steps of linear warm-up from 0 to --lr")
+    weight_decay: float = flag(0.01, "AdamW weight decay, matrices only")
+    grad_clip: float = flag(1.0, "clip the gradient's global norm to this (0 = off)")
+    precision: str = flag("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient scaler, CUDA)")
+    max_train_samples: int = flag(0, "use at most this many training pairs (0 = all; shapes: images drawn)")
+    max_val_samples: int = flag(500, "evaluate on at most this many validation images")
+    eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end")
+    log_every: int = flag(50, "log the training loss every this many steps")
+    seed: int = flag(0, "the one seed: initialisation, data order, shapes drawn")
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...")
+    threads: int = flag(0, "CPU threads for torch (0 = torch's default)")
+    compile: bool = flag(False, "torch.compile the model")
+    debug: bool = flag(False, "a tiny quick run: tiny models, 256 pairs, 32 validation images")
+    resume: str = flag("", "continue from this checkpoint: model, optimizer, step and random state")
+    stop_after: int = flag(0, "end this run after this many steps, checkpointed (--resume continues)")
+    # the caption task
+    image_tower: str = flag("tiny", "tiny (trained with the captioner), ViT-B/32 or a CLIP file (frozen, cached)")
+    language_model: str = flag("tiny", "tiny (from scratch), gpt2, gpt2-medium, ... or a GPT-2 weights file")
+    freeze_gpt: bool = flag(False, "train the mapper only (ClipCap's --only_prefix)")
+    closed_vocab: bool = flag(False, "tiny GPT-2: unused tokens keep a 0 embedding; exact softmax, fewer rows")
+    mapping_type: str = flag("mlp", "mlp (ClipCap's MLP) or transformer (ClipCap's TransformerMapper)")
+    prefix_length: int = flag(4, "image vectors GPT-2 reads before the caption")
+    mapper_layers: int = flag(8, "transformer mapper: blocks")
+    image_size: int = flag(32, "tiny tower: input resolution (shapes are drawn at this size)")
+    patch_size: int = flag(8, "tiny tower: patch size")
+    vision_width: int = flag(128, "tiny tower: width (one head per 64 channels, as in CLIP)")
+    vision_layers: int = flag(3, "tiny tower: blocks")
+    embed_dim: int = flag(128, "tiny tower: width of the image embedding")
+    n_embd: int = flag(64, "tiny GPT-2: width")
+    n_layer: int = flag(2, "tiny GPT-2: blocks")
+    n_head: int = flag(2, "tiny GPT-2: heads")
+    max_caption_tokens: int = flag(30, "captions are cut to this many tokens; generation stops there")
+    num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search")
+    eval: str = flag("", "score this checkpoint on --split and exit")
+    split: str = flag("val", "the split --eval scores: val, or test (Karpathy)")
+
+
+PRESETS = {"caption": {
+    # tiny tower (32 x 32 images, 16 patches) and tiny GPT-2 with GPT-2's whole vocabulary, from scratch
+    "shapes": dict(closed_vocab=True, lr=3e-3, max_train_samples=64_000, epochs=4.0, eval_every=250),
+    # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32 embeddings, GPT-2 124M fine-tuned, MLP
+    # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4 CIDEr
+    "coco": dict(data="karpathy", image_tower="ViT-B/32", language_model="gpt2", prefix_length=10, batch_size=40,
+                 lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
+}}
+DEBUG = dict(image_tower="tiny", language_model="tiny", max_train_samples=256, max_val_samples=32, batch_size=16,
+             epochs=1.0, warmup_steps=2, log_every=4)
+
+# -----------------------------------------------------------------------------------------------------------------
+# The harness: what every task shares
+
+
+def lr_at(step, total_steps, cfg):
+    """Linear warm-up to cfg.lr, then half a cosine down to 0 at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)))
+
+
+def setup_distributed(cfg):
+    """(rank, world size, device). Under torchrun (RANK is set): one process per GPU with NCCL, or gloo on CPUs."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(cfg.device)
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cfg.device.startswith("cuda") else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def log(cfg, record):
+    print(json.dumps(record), flush=True)
+    with open(Path(cfg.out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
+    """The loop. The batch of step s is fixed by (seed, epoch, s) alone and every micro-batch divides its summed
+    loss by the batch's target count, so 1 process equals N processes equals N micro-batches, and a resumed run
+    (model, optimizer, scaler, step, random state) equals an uninterrupted one. Sanity check, one batch overfitted:
+    --max-train-samples 64 --batch-size 64 --epochs 300 (the loss must fall towards 0)."""
+    model = task.model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2]},  # decay matrices only
+                                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    steps_per_epoch = max(1, task.num_pairs // cfg.batch_size)  # the last partial batch is dropped
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    step = 0
+    if cfg.resume:
+        checkpoint = weights.load_checkpoint(cfg.resume)
+        model.load_state_dict(checkpoint["model"], strict=True)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        step = checkpoint["step"]
+        torch.set_rng_state(checkpoint["rng"])
+        print(f"resumed from {cfg.resume} at step {step}")
+    runner = DistributedDataParallel(model) if world > 1 else model
+    runner = torch.compile(runner) if cfg.compile else runner
+    autocast = dict(device_type=device.type, dtype=torch.float16 if cfg.precision == "fp16" else torch.bfloat16,
+                    enabled=cfg.precision != "fp32")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    first_step, started, eval_seconds, metrics = step, time.time(), 0.0, {}
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        order = torch.randperm(task.num_pairs, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size].tolist()
+        num_targets, mine = task.count_targets(batch), batch[rank::world]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg)
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            inputs = task.batch(mine[k * micro:(k + 1) * micro], device)
+            last = k == cfg.grad_accum - 1
+            with runner.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                with torch.autocast(**autocast):
+                    loss = runner(*inputs) / num_targets
+                scaler.scale(loss * world).backward()  # DDP averages over ranks; the loss is a sum over them
+            loss_sum += loss.item()
+        scaler.unscale_(optimizer)
+        grad_norm = float(nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf")))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if world > 1:  # each rank saw part of the batch: add the parts
+            dist.all_reduce(loss_sum := torch.tensor(loss_sum, device=device))
+            loss_sum = loss_sum.item()
+        minutes = round((time.time() - started - eval_seconds) / 60, 2)  # training time, evaluations left out
+        if rank == 0 and (step % cfg.log_every == 0 or step in (1, total_steps)):
+            log(cfg, {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
+                      "lr": round(optimizer.param_groups[0]["lr"], 8), "grad_norm": round(grad_norm, 4),
+                      "pairs_per_s": round((step - first_step) * cfg.batch_size / max(minutes * 60, 1e-9), 1),
+                      "minutes": minutes, "cpu_minutes": round(time.process_time() / 60, 2)})
+        stopping = cfg.stop_after and step - first_step >= cfg.stop_after
+        if step % cfg.eval_every == 0 or step == total_steps or stopping:
+            if rank == 0:
+                evaluated = time.time()
+                if not stopping:
+                    metrics = task.evaluate(model)
+                    log(cfg, {"step": step, "minutes": minutes, **metrics})
+                weights.save_checkpoint({  # atomic; a plain state_dict of the unwrapped model; the resolved config
+                    "task": cfg.task, "config": dataclasses.asdict(cfg), "model": model.state_dict(), "step": step,
+                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "metrics": metrics,
+                    "rng": torch.get_rng_state(), **task.extra}, Path(cfg.out_dir) / "ckpt.pt")
+                eval_seconds += time.time() - evaluated
+            if world > 1:
+                dist.barrier()
+        if stopping:
+            break
+    return model, loss_sum
+
+# -----------------------------------------------------------------------------------------------------------------
+# The caption task
+
+
+def open_split(cfg, split):
+    """The (image, caption) pairs of one split; splits never share an image."""
+    root, train = cfg.data_root or None, split == "train"
+    if cfg.data == "shapes":  # each split and index draws from its own random stream: disjoint images
+        n = (cfg.max_train_samples or 96_000) if train else cfg.max_val_samples
+        return data.ShapesDataset(n, cfg.image_size, cfg.seed, split="train" if train else "val")
+    if cfg.data == "karpathy":
+        root = Path(root or data.data_dir() / "coco")
+        return data.karpathy_coco(root / "dataset_coco.json", root, split)
+    return {"coco": lambda: data.coco_captions(root, "train" if train else "val", cfg.download),  # no test captions
+            "cifar100": lambda: data.CIFAR100Captions(root, "train" if train else "test", cfg.download),
+            "folder": lambda: data.image_folder(root).split_by_image(0.05, seed=0)[not train]}[cfg.data]()
+
+
+def fingerprint(dataset, tower):
+    """What a cache depends on: the images (shapes by their parameters, files by path, size and modification time)
+    and every byte of the image tower's weights (None: the cache holds the pixels themselves)."""
+    h = hashlib.sha256()
+    if isinstance(dataset, data.ShapesDataset):
+        h.update(repr((dataset.n, dataset.image_size, dataset.seed, dataset.max_objects, dataset.split)).encode())
+    else:
+        for image_id in dataset.image_ids():
+            path = Path(dataset.files[image_id])
+            stat = path.stat() if path.exists() else None
+            h.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    for name, tensor in sorted(tower.state_dict().items()) if tower is not None else ():
+        h.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_size=64):
+    """The frozen tower's embedding of every image, (N, D) fp16, computed once into out_dir/cache and memory-mapped
+    by later runs; with tower None, the pixels (N, 3, h, w) uint8 of a tower that trains. Returns (array, skipped
+    image ids): an unreadable image is reported by data.py, skipped, and its row stays 0."""
+    kind = "pixels" if tower is None else "features"
+    path = Path(cfg.out_dir) / "cache" / f"{kind}-{fingerprint(dataset, tower)}.npy"  # out_dir/cache/features-…
+    if rank == 0 and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids, part, skipped = dataset.image_ids(), path.with_name(path.name + ".part"), []
+        shape = (3, cfg.image_size, cfg.image_size) if tower is None else (tower.config.embed_dim,)
+        out = np.lib.format.open_memmap(part, "w+", np.uint8 if tower is None else np.float16, (len(ids), *shape))
+        for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
+            images = {row: dataset.load_image(ids[row]) for row in range(start, min(start + batch_size, len(ids)))}
+            skipped += [str(ids[row]) for row, image in images.items() if image is None]
+            rows = [row for row, image in images.items() if image is not None]
+            if rows and tower is None:
+                out[rows] = np.stack([np.asarray(images[r].convert("RGB")).transpose(2, 0, 1) for r in rows])
+            elif rows:
+                pixels = torch.stack([preprocess(images[r], tower.config.image_resolution) for r in rows])
+                out[rows] = tower(pixels.to(device)).float().cpu().numpy()
+        out.flush()
+        path.with_suffix(".skipped.json").write_text(json.dumps(skipped))
+        os.replace(part, path)  # atomic: a killed run never leaves half a cache under the final name
+    if world > 1:
+        dist.barrier()
+    return np.load(path, mmap_mode="r"), set(json.loads(path.with_suffix(".skipped.json").read_text()))
+
+
+class CaptionModel(nn.Module):
+    """The captioner, and the image tower when it trains from scratch (or is attached to caption new images)."""
+
+    def __init__(self, captioner, visual=None):
+        super().__init__()
+        self.captioner, self.visual = captioner, visual
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("vocab", None, persistent=False)  # closed vocabulary: the used token ids, sorted
+
+    def embed(self, inputs):
+        """uint8 pixels (B, 3, h, w) or CLIP-normalised ones -> embeddings (B, D); cached embeddings pass through."""
+        if inputs.dtype == torch.uint8:  # cached pixels are bytes: 4x less memory than floats
+            inputs = (inputs.float() / 255 - self.mean) / self.std
+        return inputs.float() if self.visual is None else self.visual(inputs)
+
+    def forward(self, inputs, tokens, token_mask):
+        return self.captioner(self.embed(inputs), tokens, token_mask, self.vocab)
+
+
+def build_caption_model(cfg, checkpoint=None):
+    """(CaptionModel, image tower). A tiny tower trains with the captioner (it is inside the model); ViT-B/32 or a
+    CLIP file stays frozen outside it. From a checkpoint, the sizes are the checkpoint's, not the flags'."""
+    if cfg.image_tower == "tiny":
+        tower = VisionTransformer(VisionConfig(**checkpoint["vision_config"]) if checkpoint else VisionConfig(
+            cfg.image_size, cfg.vision_layers, cfg.vision_width, cfg.patch_size, cfg.embed_dim))
+    else:
+        path = weights.fetch("clip-vit-b-32/ViT-B-32.pt") if cfg.image_tower == "ViT-B/32" else cfg.image_tower
+        tower = VisionTransformer.from_state_dict(weights.load_state_dict(path), preset=None).requires_grad_(False)
+    if checkpoint or cfg.language_model == "tiny":
+        gpt = GPT(GPTConfig(**checkpoint["gpt_config"]) if checkpoint else GPTConfig(
+            n_ctx=cfg.prefix_length + cfg.max_caption_tokens + 1, n_embd=cfg.n_embd, n_head=cfg.n_head,
+            n_layer=cfg.n_layer))
+    else:
+        gpt = GPT.from_pretrained(cfg.language_model)
+    captioner = Captioner(CaptionerConfig(tower.config.embed_dim, cfg.prefix_length, cfg.mapping_type,
+                                          cfg.prefix_length, cfg.mapper_layers), gpt.requires_grad_(not cfg.freeze_gpt))
+    model = CaptionModel(captioner, tower if cfg.image_tower == "tiny" else None)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    return model, tower.eval() if cfg.image_tower != "tiny" else tower
+
+
+def load_captioner(path, device="cpu"):
+    """A checkpoint of the caption task -> (CaptionModel with its image tower attached, in eval mode; its config)."""
+    checkpoint = weights.load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("task") != "caption":
+        raise ValueError(f"{path} is not a checkpoint of train.py --task caption")
+    model, model.visual = build_caption_model(cfg := TrainConfig(**checkpoint["config"]), checkpoint)
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def caption(model, embeds, tokenizer, max_new_tokens=30, **sampling):
+    """Captions (str) of image embeddings (B, D): greedy unless sampling (GPT.generate's keywords) says otherwise."""
+    tokens = model.captioner.generate(embeds, max_new_tokens, eos_token_id=tokenizer.eot_token, **sampling).tolist()
+    return [tokenizer.decode(row[:row.index(tokenizer.eot_token)] if tokenizer.eot_token in row else row).strip()
+            for row in tokens]
+
+
+def clipcap_row(cfg):
+    """The row of ClipCap's Table 1 (COCO Karpathy test, CIDEr) that a configuration corresponds to."""
+    if (cfg.data, cfg.split, cfg.image_tower, cfg.language_model) != ("karpathy", "test", "ViT-B/32", "gpt2"):
+        return "none: ClipCap's rows are COCO Karpathy test with ViT-B/32 and GPT-2 124M (--preset coco --split test)"
+    if cfg.mapping_type == "transformer":
+        return "ClipCap transformer mapper + frozen GPT-2, CIDEr 113.1 (ClipCap: prefix length 40, --freeze-gpt)"
+    return "ClipCap MLP + " + ("frozen GPT-2, CIDEr 92.4" if cfg.freeze_gpt else "fine-tuned GPT-2, CIDEr 108.4")
+
+
+class CaptionTask:
+    """Image -> caption. A split is (dataset, image inputs, pairs [(image row, caption token ids)], references
+    {image row: captions}); the inputs are cached embeddings (frozen tower) or cached pixels (a tower that trains)."""
+
+    def __init__(self, cfg, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
+        self.cfg, self.device, self.tokenizer = cfg, torch.device(device), GPT2Tokenizer.default()
+        self.model, tower = build_caption_model(cfg, checkpoint)
+        frozen = None if cfg.image_tower == "tiny" else tower.to(self.device)
+        self.extra = {"gpt_config": dataclasses.asdict(self.model.captioner.gpt.config),
+                      "vision_config": dataclasses.asdict(tower.config)}
+        self.splits, encoded = {}, {}  # many captions repeat: encode each once
+        for split in splits:
+            dataset = open_split(cfg, split)
+            if split != "train" and cfg.max_val_samples and not isinstance(dataset, data.ShapesDataset):
+                dataset = dataset.subset(dataset.image_ids()[:cfg.max_val_samples])  # whole images, every caption
+            images, skipped = cached_features(dataset, frozen, cfg, rank, world, self.device)
+            row = {image_id: k for k, image_id in enumerate(dataset.image_ids()) if str(image_id) not in skipped}
+            references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
+            pairs = [(r, encoded.setdefault(c, self.tokenizer.encode(c)[:cfg.max_caption_tokens]))
+                     for r, captions in references.items() for c in captions]
+            limit = cfg.max_train_samples if split == "train" else 0
+            self.splits[split] = (dataset, images, pairs[:limit or None], references)
+        if cfg.closed_vocab:  # the rows of tokens no caption uses are 0 and stay 0 (gpt2.py Captioner.forward)
+            wte, used = self.model.captioner.gpt.wte.weight.data, torch.zeros(GPTConfig.n_vocab, dtype=torch.bool)
+            used[[t for ids in encoded.values() for t in ids] + [50256]] = True
+            if checkpoint is None:
+                wte[~used] = 0
+            self.model.vocab = (used | wte.ne(0).any(dim=1)).nonzero()[:, 0]
+        self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
+
+    def count_targets(self, pair_ids, split="train"):
+        return sum(len(self.splits[split][2][i][1]) + 1 for i in pair_ids)  # caption tokens and end-of-text
+
+    def batch(self, pair_ids, device, split="train"):
+        """(inputs, tokens (B, T), token_mask (B, T)); the padding holds end-of-text and is masked out everywhere."""
+        _, images, pairs, _ = self.splits[split]
+        rows = [pairs[i] for i in pair_ids]
+        tokens = torch.full((len(rows), max(len(ids) for _, ids in rows)), 50256)
+        token_mask = torch.zeros(tokens.shape, dtype=torch.bool)
+        for b, (_, ids) in enumerate(rows):
+            tokens[b, :len(ids)], token_mask[b, :len(ids)] = torch.tensor(ids), True
+        inputs = torch.from_numpy(np.asarray(images[[r for r, _ in rows]]))
+        return inputs.to(device), tokens.to(device), token_mask.to(device)
+
+    @torch.no_grad()
+    def evaluate(self, model, split="val", batch_size=100):
+        """Loss per target token, BLEU-1..4 and CIDEr-D of one caption per image (COCO's scorers, data.py), and on
+        shapes the exact-match rate (canonical captions equal). Prints captions beside references."""
+        was_training = model.training
+        model.eval()
+        dataset, images, pairs, references = self.splits[split]
+        chunks = [list(range(s, min(s + batch_size, len(pairs)))) for s in range(0, len(pairs), batch_size)]
+        loss = sum(model(*self.batch(ids, self.device, split)).item() for ids in chunks)
+        rows, captions = sorted(references), {}
+        for start in range(0, len(rows), batch_size):
+            embeds = model.embed(torch.from_numpy(np.asarray(images[rows[start:start + batch_size]])).to(self.device))
+            captions.update(zip(rows[start:start + batch_size], caption(
+                model, embeds, self.tokenizer, self.cfg.max_caption_tokens, num_beams=self.cfg.num_beams)))
+        metrics = {"val_loss": round(loss / self.count_targets(range(len(pairs)), split), 5),
+                   **{k: round(v, 4) for k, v in data.caption_scores(references, captions).items()}}
+        if isinstance(dataset, data.ShapesDataset):
+            canonical = data.canonical_shapes_caption
+            metrics["exact_match"] = round(float(np.mean([canonical(captions[r]) == canonical(references[r][0])
+                                                          for r in rows])), 4)
+        for r in rows[:4]:
+            print(f"  {captions[r]!r:56} reference: {references[r][0]!r}", flush=True)
+        model.train(was_training)
+        return metrics
+
+# -----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_config(argv=None):
+    """Flags from TrainConfig's fields. Precedence: defaults < preset < --debug < the checkpoint being resumed < the
+    flags given. Returns (config, the flags given)."""
+    parser = argparse.ArgumentParser(description="Train minimodal's models: --task caption (ClipCap).")
+    for f in fields(TrainConfig):
+        kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else dict(type=type(f.default))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=f.metadata["help"], **kind)
+    given = vars(parser.parse_args(argv))
+    task, preset = given.get("task", TrainConfig.task), given.get("preset", TrainConfig.preset)
+    if preset not in PRESETS.get(task, {}):
+        parser.error(f"--task/--preset must be one of {[(t, p) for t in PRESETS for p in PRESETS[t]]}")
+    if any(given.get(name) and not Path(given[name]).is_file() for name in ("resume", "eval")):
+        parser.error(f"no such checkpoint: {given.get('resume') or given.get('eval')}")
+    resumed = weights.load_checkpoint(given["resume"])["config"] if given.get("resume") else {}
+    resumed = {k: v for k, v in resumed.items() if k not in ("resume", "stop_after", "eval")}  # this run's own
+    cfg = TrainConfig(**{**PRESETS[task][preset], **(DEBUG if given.get("debug") else {}), **resumed, **given})
+    for bad, message in [
+            (cfg.precision not in ("fp32", "bf16", "fp16"), "--precision must be fp32, bf16 or fp16"),
+            (min(cfg.batch_size, cfg.grad_accum, cfg.prefix_length, cfg.eval_every, cfg.log_every, cfg.num_beams) < 1,
+             "--batch-size, --grad-accum, --prefix-length, --eval-every, --log-every, --num-beams must be >= 1"),
+            (cfg.lr <= 0 or cfg.epochs <= 0 or cfg.warmup_steps < 0, "--lr, --epochs must be > 0, --warmup-steps >= 0"),
+            (cfg.mapping_type not in ("mlp", "transformer"), "--mapping-type must be mlp or transformer"),
+            (cfg.closed_vocab and cfg.language_model != "tiny", "--closed-vocab needs --language-model tiny"),
+            (cfg.image_tower == "tiny" and cfg.image_size % cfg.patch_size, "--patch-size must divide --image-size")]:
+        if bad:
+            parser.error(message)
+    return cfg, given
+
+
+def evaluate_checkpoint(cfg, given):
+    """Score a checkpoint on one split: BLEU-1..4 and CIDEr-D, with the split, decoding and training behind them."""
+    checkpoint = weights.load_checkpoint(cfg.eval)
+    if checkpoint.get("task") != "caption":
+        raise SystemExit(f"error: {cfg.eval} is not a checkpoint of train.py --task caption")
+    keep = "data data_root download split num_beams max_val_samples max_caption_tokens device out_dir threads".split()
+    cfg = TrainConfig(**{**checkpoint["config"], **{k: v for k, v in given.items() if k in keep}})
+    task = CaptionTask(cfg, device=cfg.device, splits=(cfg.split,), checkpoint=checkpoint)
+    metrics = task.evaluate(task.model.to(cfg.device), cfg.split)
+    decoding = "greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams"
+    print(f"checkpoint {cfg.eval}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
+          f"{cfg.preset}, {cfg.mapping_type} mapper, GPT-2 {'frozen' if cfg.freeze_gpt else 'trained'})\n"
+          f"split: {cfg.data} {cfg.split}, {len(task.splits[cfg.split][3])} images | decoding: {decoding}, at most "
+          f"{cfg.max_caption_tokens} tokens\n" + "  ".join(f"{k} {v * 100:.1f}" if k != "val_loss" else f"{k} {v}"
+                                                       for k, v in metrics.items()))
+    print(f"compare with: {clipcap_row(cfg)}")
+    return metrics
+
+
+def main(argv=None):
+    cfg, given = parse_config(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # the one seed: initialisation (equal on every rank); data order derives from it
+    if cfg.eval:
+        return evaluate_checkpoint(cfg, given)
+    rank, world, device = setup_distributed(cfg)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide by processes x --grad-accum")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    task = CaptionTask(cfg, rank, world, device)
+    if rank == 0:
+        counts = [sum(p.numel() for p in task.model.parameters() if p.requires_grad == t) for t in (True, False)]
+        print(json.dumps(dataclasses.asdict(cfg)))
+        print(f"{task.num_pairs:,} training pairs; parameters: {counts[0]:,} trained, {counts[1]:,} frozen")
+    result = train(task, cfg, rank, world, device)
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
