@@ -423,21 +423,14 @@ def main():
         new = new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
         print("-" * 80 + "\n" + prompt + tokenizer.decode(new))
 
-
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The captioner: GPT-2 continues a prefix made from an image
 #
 # ClipCap (Mokady et al. 2021, "ClipCap: CLIP Prefix for Image Captioning", github.com/rmokady/CLIP_prefix_caption):
 # a mapping network turns one CLIP image embedding (B, prefix_size) into prefix_length vectors of GPT-2's width, and
-# GPT-2 reads them as if they were the embeddings of a prompt, then writes the caption. The image tower (vit.py)
-# stays outside: the captioner starts from its embedding, which train.py may compute once and cache.
-# Module names follow ClipCap's ClipCaptionModel (clip_project, gpt; MLP.model, TransformerMapper.linear,
-# prefix_const, transformer.layers.N.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1,
-# mlp.fc2}), so a ClipCap checkpoint's keys read as ours once GPT-2's "transformer." prefix is dropped.
+# GPT-2 reads them as the embeddings of a prompt, then writes the caption. The image tower (vit.py) stays outside.
+# Module names follow ClipCap's ClipCaptionModel (clip_project, gpt; MLP.model; TransformerMapper.linear, prefix_const,
+# transformer.layers.N.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1, mlp.fc2}).
 
 
 @dataclass(frozen=True)
@@ -455,65 +448,33 @@ class PrefixMLP(nn.Module):
 
     def __init__(self, prefix_size, n_embd, prefix_length):
         super().__init__()
-        self.prefix_length = prefix_length
-        hidden = n_embd * prefix_length // 2
+        self.prefix_length, hidden = prefix_length, n_embd * prefix_length // 2
         self.model = nn.Sequential(nn.Linear(prefix_size, hidden), nn.Tanh(), nn.Linear(hidden, n_embd * prefix_length))
 
     def forward(self, image_embeds):
         return self.model(image_embeds).view(image_embeds.size(0), self.prefix_length, -1)  # (B, P, C)
 
 
-class MapperAttention(nn.Module):
-    """Bidirectional multi-head attention of ClipCap's mapper (no mask: every vector sees every other)."""
-
-    def __init__(self, n_embd, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.to_queries = nn.Linear(n_embd, n_embd, bias=False)
-        self.to_keys_values = nn.Linear(n_embd, 2 * n_embd, bias=False)
-        self.project = nn.Linear(n_embd, n_embd)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        H, D = self.num_heads, C // self.num_heads
-        q = self.to_queries(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k, v = self.to_keys_values(x).view(B, T, 2, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        att = (q @ k.transpose(-2, -1) * D**-0.5).softmax(dim=-1)  # (B, H, T, T)
-        return self.project((att @ v).transpose(1, 2).reshape(B, T, C))
-
-
-class MapperMLP(nn.Module):
-    def __init__(self, n_embd):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(n_embd, 2 * n_embd), nn.Linear(2 * n_embd, n_embd)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
 class MapperBlock(nn.Module):
-    """Pre-norm block with a ReLU MLP of ratio 2, as ClipCap's TransformerLayer."""
+    """ClipCap's TransformerLayer: pre-norm, bidirectional multi-head attention (no mask: every vector sees every
+    other; queries and keys/values from separate bias-free projections), then a ReLU MLP of ratio 2."""
 
     def __init__(self, n_embd, num_heads):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(n_embd), MapperAttention(n_embd, num_heads)
-        self.norm2 = nn.LayerNorm(n_embd)
-        self.mlp = MapperMLP(n_embd)
+        self.num_heads, self.norm1, self.norm2 = num_heads, nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = nn.ModuleDict(dict(to_queries=nn.Linear(n_embd, n_embd, bias=False),
+                                       to_keys_values=nn.Linear(n_embd, 2 * n_embd, bias=False),
+                                       project=nn.Linear(n_embd, n_embd)))
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(n_embd, 2 * n_embd), fc2=nn.Linear(2 * n_embd, n_embd)))
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class MapperTransformer(nn.Module):
-    def __init__(self, n_embd, num_heads, num_layers):
-        super().__init__()
-        self.layers = nn.ModuleList(MapperBlock(n_embd, num_heads) for _ in range(num_layers))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        (B, T, C), H = x.shape, self.num_heads
+        h = self.norm1(x)
+        q = self.attn.to_queries(h).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
+        k, v = self.attn.to_keys_values(h).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        att = (q @ k.transpose(-2, -1) * (C // H) ** -0.5).softmax(dim=-1)  # (B, H, T, T)
+        x = x + self.attn.project((att @ v).transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp.fc2(F.relu(self.mlp.fc1(self.norm2(x))))
 
 
 class TransformerMapper(nn.Module):
@@ -525,13 +486,16 @@ class TransformerMapper(nn.Module):
         self.clip_length = clip_length
         self.linear = nn.Linear(prefix_size, clip_length * n_embd)
         self.prefix_const = nn.Parameter(torch.randn(prefix_length, n_embd))
-        self.transformer = MapperTransformer(n_embd, num_heads, num_layers)
+        self.transformer = nn.ModuleDict(dict(layers=nn.ModuleList(MapperBlock(n_embd, num_heads)
+                                                                   for _ in range(num_layers))))
 
     def forward(self, image_embeds):
         B = image_embeds.size(0)
         x = self.linear(image_embeds).view(B, self.clip_length, -1)  # (B, clip_length, C)
         x = torch.cat([x, self.prefix_const.expand(B, -1, -1)], dim=1)  # (B, clip_length + P, C)
-        return self.transformer(x)[:, self.clip_length:]  # (B, P, C)
+        for layer in self.transformer.layers:
+            x = layer(x)
+        return x[:, self.clip_length:]  # (B, P, C)
 
 
 class Captioner(nn.Module):
@@ -541,13 +505,10 @@ class Captioner(nn.Module):
         super().__init__()
         self.config, self.gpt = config, gpt
         C, P = gpt.config.n_embd, config.prefix_length
-        if config.mapping_type == "mlp":
-            self.clip_project = PrefixMLP(config.prefix_size, C, P)
-        elif config.mapping_type == "transformer":
-            self.clip_project = TransformerMapper(config.prefix_size, C, P, config.clip_length, config.num_layers,
-                                                  config.num_heads)
-        else:
+        if config.mapping_type not in ("mlp", "transformer"):
             raise ValueError(f"mapping_type must be 'mlp' or 'transformer', got {config.mapping_type!r}")
+        self.clip_project = PrefixMLP(config.prefix_size, C, P) if config.mapping_type == "mlp" else \
+            TransformerMapper(config.prefix_size, C, P, config.clip_length, config.num_layers, config.num_heads)
 
     def forward(self, image_embeds, tokens, token_mask, vocab=None, eos_token_id=50256):
         """Teacher forcing. tokens (B, T) right-padded captions, token_mask (B, T) 1 = caption token, 0 = padding
@@ -555,11 +516,10 @@ class Captioner(nn.Module):
         it (token_mask.sum() + B targets); the trainer divides, so micro-batches and ranks add up exactly.
 
         vocab: the sorted ids of every token the captions use (end-of-text included), given only when every other
-        row of wte is exactly 0 (a model trained from scratch on a closed vocabulary, such as shapes). Those
-        tokens' logits are then exactly 0, so the full softmax's normaliser is the used tokens' exp(logit) plus
-        (V - |vocab|) * exp(0): the loss of the full 50,257-wide output layer, and the same gradient for every
-        parameter but the unused rows, which get none and stay 0 (they are held fixed, a constraint of the model, not
-        an approximation of it), at the cost of |vocab| rows. Generation uses the full layer unchanged."""
+        row of wte is exactly 0 (a model trained from scratch on a closed vocabulary, such as shapes). Those rows'
+        logits are then exactly 0, so the full softmax's normaliser is the used tokens' exp(logit) plus
+        (V - |vocab|) * exp(0): the loss of the full 50,257-wide output layer at the cost of |vocab| rows, and the
+        same gradient for every parameter but the unused rows, which get none and stay 0. Generation is unchanged."""
         prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
         (B, T), P = tokens.shape, prefix.size(1)
         token_mask = token_mask.bool()
@@ -585,3 +545,7 @@ class Captioner(nn.Module):
         keywords (temperature, top_k, top_p, num_beams, length_penalty, eos_token_id, generator): greedy by default."""
         prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
         return self.gpt.generate(None, max_new_tokens, prefix_embeds=prefix, **sampling)
+
+
+if __name__ == "__main__":
+    main()
