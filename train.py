@@ -184,11 +184,12 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
         if world > 1:  # each rank saw part of the batch: add the parts
             dist.all_reduce(loss_sum := torch.tensor(loss_sum, device=device))
             loss_sum = loss_sum.item()
-        minutes = round((time.time() - started - eval_seconds) / 60, 2)  # training time, evaluations left out
+        seconds = time.time() - started - eval_seconds  # training time, evaluations left out
+        minutes = round(seconds / 60, 2)
         if rank == 0 and (step % cfg.log_every == 0 or step in (1, total_steps)):
             log(cfg, {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
                       "lr": round(optimizer.param_groups[0]["lr"], 8), "grad_norm": round(grad_norm, 4),
-                      "pairs_per_s": round((step - first_step) * cfg.batch_size / max(minutes * 60, 1e-9), 1),
+                      "pairs_per_s": round((step - first_step) * cfg.batch_size / seconds, 1),
                       "minutes": minutes, "cpu_minutes": round(time.process_time() / 60, 2)})
         stopping = cfg.stop_after and step - first_step >= cfg.stop_after
         if step % cfg.eval_every == 0 or step == total_steps or stopping:
@@ -252,17 +253,18 @@ def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_si
     if rank == 0 and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         ids, part, skipped = dataset.image_ids(), path.with_name(path.name + ".part"), []
-        shape = (3, cfg.image_size, cfg.image_size) if tower is None else (tower.config.embed_dim,)
+        size = cfg.image_size if tower is None else tower.config.image_resolution
+        shape = (3, size, size) if tower is None else (tower.config.embed_dim,)
+        mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
         out = np.lib.format.open_memmap(part, "w+", np.uint8 if tower is None else np.float16, (len(ids), *shape))
         for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
             images = {row: dataset.load_image(ids[row]) for row in range(start, min(start + batch_size, len(ids)))}
             skipped += [str(ids[row]) for row, image in images.items() if image is None]
             rows = [row for row, image in images.items() if image is not None]
-            if rows and tower is None:
-                out[rows] = np.stack([np.asarray(images[r].convert("RGB")).transpose(2, 0, 1) for r in rows])
-            elif rows:
-                pixels = torch.stack([preprocess(images[r], tower.config.image_resolution) for r in rows])
-                out[rows] = tower(pixels.to(device)).float().cpu().numpy()
+            if rows:  # CLIP's preprocessing (short side to size, centre crop); cached pixels go back to bytes
+                pixels = torch.stack([preprocess(images[r], size) for r in rows])
+                out[rows] = (pixels * std + mean).mul(255).round().byte().numpy() if tower is None else \
+                    tower(pixels.to(device)).float().cpu().numpy()
         out.flush()
         path.with_suffix(".skipped.json").write_text(json.dumps(skipped))
         os.replace(part, path)  # atomic: a killed run never leaves half a cache under the final name
