@@ -93,6 +93,15 @@ def test_loss_falls_resume_equals_uninterrupted_and_eval(fixture, tmp_path, caps
     assert [line["file"] for line in lines] == sorted(map(str, folder.glob("*.jpg"))) + [str(folder / f"{101:012d}.jpg")]
     assert all(isinstance(line["caption"], str) and "<|endoftext|>" not in line["caption"] for line in lines)
     assert lines[1]["caption"] == lines[-1]["caption"]  # batched or alone, the same greedy caption
+    # one image file: `file<TAB>caption`; a corrupt image (0 bytes) is one clear message on stderr and is skipped
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    generate.main([str(tmp_path / "bad.jpg"), str(folder / f"{101:012d}.jpg"), "--ckpt",
+                   str(tmp_path / "whole" / "ckpt.pt"), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert out == f"{folder / f'{101:012d}.jpg'}\t{lines[1]['caption']}\n"
+    assert err.count("cannot read image") == 1 and "bad.jpg" in err
+    with pytest.raises(SystemExit):  # images without --ckpt: an error, never a prompt for Stable Diffusion
+        generate.main([str(folder / f"{101:012d}.jpg")])
 
 
 def test_overfits_one_batch(fixture, tmp_path):
