@@ -109,6 +109,16 @@ def classifier_free_guidance(model, context, uncond_context, guidance_scale):
     return guided
 
 
+@torch.no_grad()
+def ema_update(ema_model, model, num_updates, decay=0.9999):
+    """Exponential moving average of the weights, what a trained diffusion model samples with (DDPM sec. 4,
+    CompVis `ldm/modules/ema.py` LitEma): ema ← ema + (1 − d)·(θ − ema), with the warm-up d = min(decay,
+    (1 + n)/(10 + n)) after n updates, so a short run's average is not dominated by its random start."""
+    d = min(decay, (1 + num_updates) / (10 + num_updates))
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1 - d)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The process: noising, loss, sampling
 
@@ -141,10 +151,11 @@ class GaussianDiffusion:
         a = self._gather(self.alphas_cumprod, t, x0.ndim)
         return a.sqrt() * noise - (1 - a).sqrt() * x0
 
-    def loss(self, model, x0, generator=None, min_snr_gamma=None):
+    def loss(self, model, x0, generator=None, min_snr_gamma=None, reduction="mean"):
         """The simple loss (DDPM eq. 14): draw t ~ U{0..T-1} and ε ~ N(0, I), predict ε (or v) from x_t, mean
         squared error. `min_snr_gamma` (5 in the paper) weights each sample by min(SNR, γ)/SNR for ε
-        (min(SNR, γ)/(SNR+1) for v), SNR = ᾱ_t/(1-ᾱ_t)."""
+        (min(SNR, γ)/(SNR+1) for v), SNR = ᾱ_t/(1-ᾱ_t). `reduction` "sum" adds the per-sample losses (a trainer
+        that divides by the batch size itself, across micro-batches and processes)."""
         B = x0.shape[0]
         draw_device = generator.device if generator is not None else "cpu"
         t = torch.randint(0, self.config.timesteps, (B,), generator=generator, device=draw_device).to(x0.device)
@@ -158,7 +169,7 @@ class GaussianDiffusion:
             snr = snr / (1 - snr)
             weight = snr.clamp(max=min_snr_gamma) / (snr if self.config.parameterization == "eps" else snr + 1)
             mse = mse * weight
-        return mse.mean()
+        return mse.sum() if reduction == "sum" else mse.mean()
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def sampling_timesteps(self, sampler, steps, strength=1.0):

@@ -14,6 +14,8 @@ chunk written as AUTOMATIC1111's web UI writes it, so the usual tools read them 
 
 Image files, folders and globs get captions from a captioner of train.py --task caption (ClipCap, gpt2.py):
     python generate.py photo.jpg holiday/ "shots/*.png" --ckpt runs/caption/ckpt.pt [--json]
+Prompts get images from a text-to-image model of train.py --task diffusion, with the same flags as SD:
+    python generate.py "a large red circle" --ckpt runs/diffusion/ckpt.pt --num-images 4 --rerank 8
 """
 import argparse
 import glob
@@ -191,24 +193,30 @@ def draw(args, prompts):
             sys.exit(f"error: --init-image: {error}")
     width = init_image.shape[2] if init_image is not None else args.width or 512
     height = init_image.shape[1] if init_image is not None else args.height or 512
-    path = resolve_weights(args)
-    print(f"loading {path} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
-    try:
-        pipe = StableDiffusion.from_single_file(path, device, dtype)
-    except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD 1.x, truncated, unsafe
-        sys.exit(f"error: {path} is not a usable Stable Diffusion 1.x checkpoint: {error}")
-    pipe.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
-    for prompt in prompts + [args.negative_prompt]:
-        if len(pipe.tokenizer.encode(prompt)) + 2 > 77:  # what diffusers warns about, too
-            print(f"warning: the text encoder reads 77 tokens, the rest is cut off: {prompt[:60]!r}...",
-                  file=sys.stderr)
+    if args.ckpt:  # a text-to-image model of train.py
+        pipe, path, width = trained_pipeline(args, device, dtype)
+        height = width
+    else:
+        path = resolve_weights(args)
+        print(f"loading {path} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
+        try:
+            pipe = StableDiffusion.from_single_file(path, device, dtype)
+        except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD 1.x, truncated, unsafe
+            sys.exit(f"error: {path} is not a usable Stable Diffusion 1.x checkpoint: {error}")
+        pipe.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
+        for prompt in prompts + [args.negative_prompt]:
+            if len(pipe.tokenizer.encode(prompt)) + 2 > 77:  # what diffusers warns about, too
+                print(f"warning: the text encoder reads 77 tokens, the rest is cut off: {prompt[:60]!r}...",
+                      file=sys.stderr)
+    score = clip_scorer(args, device) if args.rerank > 1 else None
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    jobs = [(prompt, seed + i) for i, prompt in enumerate(p for p in prompts for _ in range(args.num_images))]
+    jobs = [(prompt, seed + i) for i, prompt in  # --rerank: each kept image has its candidates' jobs in a row
+            enumerate(p for p in prompts for _ in range(args.num_images * args.rerank))]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = 1 + max([int(p.name[:5]) for p in out_dir.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")], default=-1)
-    made = []  # (file, image, parameters)
+    made, candidates = [], []  # (file, image, parameters); (CLIP similarity, seed, image) of one kept image
     strength = args.strength if init_image is not None else None
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
@@ -216,6 +224,11 @@ def draw(args, prompts):
                       args.sampler, args.steps, args.guidance_scale, args.eta, height, width, init_image,
                       args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
         for (prompt, image_seed), image in zip(batch, to_pil(images)):
+            candidates.append((score(image, prompt) if score else 0.0, image_seed, image))
+            if len(candidates) < args.rerank:
+                continue
+            _, image_seed, image = max(candidates, key=lambda c: c[0])  # the best by CLIP, else the only one
+            candidates = []
             text = parameters_text(prompt, args.negative_prompt, args.steps, args.sampler, args.guidance_scale,
                                    image_seed, width, height, path.stem, strength,
                                    args.eta if args.sampler == "ddim" else 0.0)
@@ -228,6 +241,40 @@ def draw(args, prompts):
         save_png(image_grid([image for _, image, _ in made]), saved[-1], made[0][2])
         print(saved[-1])
     return saved
+
+
+def trained_pipeline(args, device, dtype):
+    """A text-to-image checkpoint of train.py as a pipeline called like StableDiffusion: (pipe, path, image size)."""
+    from train import load_text_to_image
+    try:
+        model, cfg, tokenize = load_text_to_image(args.ckpt, device)
+    except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:
+        sys.exit(f"error: --ckpt {args.ckpt}: {error}")
+    if args.init_image or {args.width, args.height} - {None, cfg.image_size}:
+        sys.exit(f"error: {args.ckpt} draws {cfg.image_size}x{cfg.image_size} images from noise only (no "
+                 "--init-image, and --width/--height only at that size)")
+    model.to(device, dtype)
+
+    def pipe(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, eta, *_, progress=False, **__):
+        return model.generate(tokenize(prompts).to(device), seeds, sampler, steps, guidance_scale, cfg.image_size,
+                              eta, tokenize(negative_prompts).to(device), progress)
+    return pipe, Path(args.ckpt), cfg.image_size
+
+
+def clip_scorer(args, device):
+    """--rerank: (PIL image, prompt) -> the cosine similarity of CLIP's image and text embeddings."""
+    from clip import CLIP, preprocess
+    try:
+        model = CLIP.from_pretrained(args.clip_weights, args.weights_dir, args.offline).to(device).eval()
+    except (weights.WeightsUnavailable, ValueError, KeyError, OSError) as error:
+        sys.exit(f"error: --rerank needs CLIP weights (--clip-weights): {error}")
+    tokenizer = CLIPTokenizer.default()
+
+    @torch.no_grad()
+    def score(image, prompt):
+        image_embed = model.encode_image(preprocess(image, model.config.vision.image_resolution)[None].to(device))
+        return torch.cosine_similarity(image_embed, model.encode_text(tokenizer.tokenize([prompt]).to(device))).item()
+    return score
 
 
 def is_image_file(arg):
@@ -303,7 +350,12 @@ def main(argv=None):
                         help="fused scaled_dot_product_attention (--no-sdpa: the plain math)")
     parser.add_argument("--low-memory", action="store_true", help="slice attention and decode the VAE in "
                         "tiles, for small GPUs (tiles change the image very slightly)")
-    parser.add_argument("--ckpt", help="a checkpoint of train.py; --task caption: captions the image inputs")
+    parser.add_argument("--ckpt", help="a checkpoint of train.py: --task caption captions the image inputs, "
+                        "--task diffusion draws the prompts (instead of SD)")
+    parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one CLIP "
+                        "finds most like the prompt")
+    parser.add_argument("--clip-weights", default="ViT-B/32", help="--rerank: CLIP ViT-B/32 (fetched on first "
+                        "use) or a CLIP file")
     parser.add_argument("--json", action="store_true", help="captions as JSON lines {file, caption}")
     parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1 (default greedy)")
     parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (default greedy)")
@@ -314,8 +366,8 @@ def main(argv=None):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             parser.error(f"--{name} must be a positive multiple of 8 (the VAE shrinks images 8x), got {value}")
-    if min(args.steps, args.num_images, args.batch_size) < 1:
-        parser.error("--steps, --num-images and --batch-size must be at least 1")
+    if min(args.steps, args.num_images, args.batch_size, args.rerank) < 1:
+        parser.error("--steps, --num-images and --batch-size must be at least 1, and --rerank too")
     if not 0 < args.strength <= 1 or args.eta < 0 or args.guidance_scale < 0:
         parser.error("--strength must be in (0, 1]; --eta and --guidance-scale must be >= 0")
 

@@ -1,4 +1,4 @@
-"""Training minimodal's models. First task: the image captioner (`--task caption`).
+"""Training minimodal's models: the image captioner (`--task caption`) and text-to-image models (`--task diffusion`).
 
 The captioner is ClipCap (Mokady et al. 2021, "ClipCap: CLIP Prefix for Image Captioning", official code
 github.com/rmokady/CLIP_prefix_caption): a frozen CLIP image tower (vit.py) embeds each image once, a mapper makes
@@ -9,13 +9,23 @@ a prefix of GPT-2 input vectors of it, and GPT-2 (gpt2.py `Captioner`) learns to
     python train.py --eval runs/caption/ckpt.pt --split test               # BLEU-1..4, CIDEr-D of a checkpoint
     torchrun --nproc_per_node 2 train.py --task caption ...                # DistributedDataParallel
 
+Text to image (Rombach et al. 2022, arXiv:2112.10752, at any size): unet.py's UNet cross-attends to a text encoder's
+hidden states (a tiny CLIP-style one trained with it, SD's frozen CLIP tower, or frozen GPT-2) and learns ddpm.py's
+loss, in pixels or in the frozen SD VAE's latents; captions are dropped 10 % of the time for classifier-free guidance
+(Ho & Salimans 2022), and an EMA of the weights draws the samples.
+
+    python train.py --task diffusion --preset shapes --judge runs/caption/ckpt.pt   # minutes on a CPU, judged
+    python train.py --task diffusion --preset photos --data-root data/coco          # COCO, SD's latent space
+    python train.py --task diffusion --preset sd15 --data-root my_images/           # fine-tune SD 1.5 itself
+
 Top to bottom: the config (a dataclass; each field is a flag) and presets; the harness every task shares (AdamW,
 warm-up + cosine, mixed precision, accumulation, clipping, DDP, log, atomic checkpoints, exact resume), which needs a
 task's `model`, `num_pairs`, `batch(ids, device)`, `count_targets(ids)`, `evaluate(model)` and `extra`; the caption
-task (splits, the feature cache, the model, evaluation); the command line.
+task (splits, the feature cache, the model, evaluation); the text-to-image task; the command line.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -29,13 +39,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+import ddpm
 import weights
+from clip import CLIPTextTransformer, TextConfig
 from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
-from tokenizer import GPT2Tokenizer
+from tokenizer import CLIPTokenizer, GPT2Tokenizer
+from unet import TextConditionedUNet, UNetConfig, UNetModel
+from vae import AutoencoderKL
 from vit import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer, preprocess
 
 
@@ -45,7 +61,7 @@ def flag(default, help):
 
 @dataclass
 class TrainConfig:
-    task: str = flag("caption", "what to train: caption (image -> caption, ClipCap)")
+    task: str = flag("caption", "what to train: caption (image -> caption, ClipCap) or diffusion (caption -> image)")
     preset: str = flag("shapes", "starting values of the flags: shapes (tiny, from scratch) or coco (ClipCap)")
     data: str = flag("shapes", "shapes, coco (2017), karpathy (COCO, Karpathy's splits), folder, cifar100")
     data_root: str = flag("", "dataset directory (karpathy: with dataset_coco.json; folder: 5%% of images held out)")
@@ -90,6 +106,30 @@ class TrainConfig:
     num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search")
     eval: str = flag("", "score this checkpoint on --split and exit")
     split: str = flag("val", "the split --eval scores: val, or test (Karpathy)")
+    # the diffusion task
+    text_encoder: str = flag("tiny", "tiny (CLIP-style, trained), clip (SD's text tower from --sd-weights) or gpt2, "
+                             "gpt2-medium, ... or a GPT-2 file (frozen; its hidden states projected)")
+    sd_weights: str = flag("", "an SD 1.x file or registered name: its VAE (--latent), text tower, UNet (--unet sd15)")
+    latent: bool = flag(False, "diffuse in the frozen SD VAE's latent space (8x smaller) instead of pixels")
+    unet: str = flag("tiny", "tiny (the sizes below, from scratch) or sd15 (the --sd-weights UNet, fine-tuned)")
+    model_channels: int = flag(32, "tiny UNet: channels of the first level")
+    channel_mult: str = flag("1,2", "tiny UNet: channel multiplier of each level")
+    attention_resolutions: str = flag("2", "tiny UNet: downsampling factors with (cross-)attention")
+    num_res_blocks: int = flag(1, "tiny UNet: ResBlocks per level")
+    context_dim: int = flag(64, "tiny UNet: width of the text context (and of the tiny text encoder)")
+    text_layers: int = flag(2, "tiny text encoder: blocks")
+    patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: a 32x32 image costs 16x16)")
+    schedule: str = flag("cosine", "noise schedule, a ddpm.py preset: cosine, linear or sd15")
+    parameterization: str = flag("eps", "the UNet predicts eps (the noise) or v")
+    min_snr_gamma: float = flag(5.0, "Min-SNR loss weighting gamma (0 = the plain mean squared error)")
+    caption_dropout: float = flag(0.1, "train on the empty prompt this often (classifier-free guidance)")
+    ema_decay: float = flag(0.999, "EMA of the weights, which draws the samples (0 = none)")
+    sampler: str = flag("ddim", "evaluation samples: ddim, ddpm, euler or dpm++2m")
+    sampling_steps: int = flag(20, "evaluation samples: sampler steps")
+    guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale")
+    gradient_checkpointing: bool = flag(False, "recompute the UNet's activations in backward: less memory")
+    judge: str = flag("", "a shapes captioner checkpoint: each evaluation draws held-out prompts and it reads them")
+    num_judged: int = flag(200, "--judge: held-out prompts drawn")
 
 
 PRESETS = {"caption": {
@@ -99,9 +139,25 @@ PRESETS = {"caption": {
     # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4 CIDEr
     "coco": dict(data="karpathy", image_tower="ViT-B/32", language_model="gpt2", prefix_length=10, batch_size=40,
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
+}, "diffusion": {
+    # 32x32 pixels denoised as 16x16x12 patches by a 1.0M-parameter UNet, a 3.3M tiny text encoder: the tour
+    "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=24_000,
+                   epochs=2.0, eval_every=500, max_val_samples=200, max_caption_tokens=14),
+    # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
+    "photos": dict(data="coco", out_dir="runs/diffusion-photos", sd_weights="sd15/v1-5-pruned-emaonly.safetensors",
+                   latent=True, text_encoder="clip", image_size=256, model_channels=128, channel_mult="1,2,4",
+                   attention_resolutions="4,2", num_res_blocks=2, context_dim=768, schedule="sd15", batch_size=64,
+                   lr=1e-4, warmup_steps=1000, epochs=10.0, eval_every=2000, max_val_samples=500, max_caption_tokens=75,
+                   sampler="dpm++2m", sampling_steps=25, guidance_scale=5.0, ema_decay=0.9999),
+    # fine-tune SD 1.5 itself on a folder of your images and captions at 512x512 (bf16, checkpointed activations)
+    "sd15": dict(data="folder", out_dir="runs/sd15", sd_weights="sd15/v1-5-pruned-emaonly.safetensors", latent=True,
+                 text_encoder="clip", unet="sd15", image_size=512, schedule="sd15", min_snr_gamma=0.0, ema_decay=0.0,
+                 batch_size=8, lr=1e-5, warmup_steps=100, epochs=10.0, eval_every=500, max_val_samples=16,
+                 max_caption_tokens=75, precision="bf16", gradient_checkpointing=True, sampling_steps=50,
+                 guidance_scale=7.5),
 }}
 DEBUG = dict(image_tower="tiny", language_model="tiny", max_train_samples=256, max_val_samples=32, batch_size=16,
-             epochs=1.0, warmup_steps=2, log_every=4)
+             epochs=1.0, warmup_steps=2, log_every=4, sampling_steps=2, num_judged=16)
 
 # -----------------------------------------------------------------------------------------------------------------
 # The harness: what every task shares
@@ -180,6 +236,8 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if hasattr(model, "after_step"):  # the diffusion model's EMA follows every update
+            model.after_step()
         step += 1
         if world > 1:  # each rank saw part of the batch: add the parts
             dist.all_reduce(loss_sum := torch.tensor(loss_sum, device=device))
@@ -412,13 +470,231 @@ class CaptionTask:
         return metrics
 
 # -----------------------------------------------------------------------------------------------------------------
+# The text-to-image task
+
+
+class GPTHidden(nn.Module):
+    """GPT-2 read as a text encoder: its last hidden states (after ln_f), not its logits."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, tokens):
+        return self.gpt(tokens, return_hidden=True)
+
+
+def text_tokenizer(cfg):
+    """Captions -> (B, T) ids for the text encoder, padded with end-of-text as SD pads (its UNet attends to every
+    position): CLIP's BPE (77 tokens for SD's tower, max_caption_tokens + 2 for the tiny one) or GPT-2's."""
+    if cfg.text_encoder in ("tiny", "clip"):
+        tokenizer, length = CLIPTokenizer.default(), 77 if cfg.text_encoder == "clip" else cfg.max_caption_tokens + 2
+        return lambda texts: tokenizer.tokenize(texts, length, pad="eot")
+    tokenizer, length = GPT2Tokenizer.default(), cfg.max_caption_tokens + 1
+
+    def tokenize(texts):
+        rows = [tokenizer.encode(text)[:length - 1] for text in texts]
+        return torch.tensor([row + [tokenizer.eot_token] * (length - len(row)) for row in rows])
+    return tokenize
+
+
+class DiffusionModel(nn.Module):
+    """Text -> image: the text-conditioned UNet (unet.py) trained with ddpm.py's loss, its EMA copy that draws, and
+    the frozen SD VAE when it works in latent space. forward() is the training loss summed over the batch."""
+
+    def __init__(self, net, cfg, empty_tokens, vae=None):
+        super().__init__()
+        self.net, self.vae = net, vae
+        self.ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema_decay else None
+        self.ema_decay, self.caption_dropout, self.min_snr_gamma = cfg.ema_decay, cfg.caption_dropout, cfg.min_snr_gamma
+        self.diffusion = ddpm.GaussianDiffusion(dataclasses.replace(ddpm.PRESETS[cfg.schedule],
+                                                                    parameterization=cfg.parameterization))
+        self.register_buffer("empty_tokens", empty_tokens, persistent=False)  # (1, T) the empty prompt
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # optimizer steps taken (EMA warm-up)
+
+    def forward(self, images, tokens, generator=None):
+        """uint8 images (B, 3, H, W) and their captions' tokens (B, T) -> the loss summed over the batch."""
+        x0 = images.float() / 127.5 - 1  # pixels in [-1, 1]
+        if self.vae is not None:
+            with torch.no_grad():
+                x0 = self.vae.encode_to_latents(x0, generator)  # (B, 4, H/8, W/8)
+        if self.training:  # classifier-free guidance: the same network learns the empty prompt too
+            drop = torch.rand(len(tokens)) < self.caption_dropout
+            tokens = torch.where(drop[:, None].to(tokens.device), self.empty_tokens, tokens)
+        context = self.net.encode_text(tokens)  # (B, T, context_dim)
+        return self.diffusion.loss(lambda x, t: self.net(x, t, context), x0, generator,
+                                   self.min_snr_gamma or None, reduction="sum")
+
+    def after_step(self):
+        if self.ema is not None:
+            ddpm.ema_update(self.ema, self.net, int(self.updates), self.ema_decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def generate(self, tokens, seeds, sampler="ddim", steps=20, guidance_scale=3.0, size=32, eta=0.0,
+                 negative_tokens=None, progress=False):
+        """One image per row of tokens (B, T) and seed -> (B, 3, size, size) in [0, 1] on the CPU, drawn by the EMA
+        weights; each image's randomness comes from its own generator (a seed draws the same image in any batch).
+        Guidance pushes away from `negative_tokens` (B, T), by default the empty prompt it was trained on."""
+        net, generators = self.ema or self.net, [torch.Generator().manual_seed(seed) for seed in seeds]
+        context = net.encode_text(tokens)
+        negative = self.empty_tokens.expand(len(tokens), -1) if negative_tokens is None else negative_tokens
+        uncond = net.encode_text(negative) if guidance_scale > 1 else None
+        channels, f = (self.vae.config.embed_dim, self.vae.downscale) if self.vae else (3, 1)
+        noise = ddpm.randn((len(tokens), channels, size // f, size // f), generators, tokens.device)
+        x = self.diffusion.sample(ddpm.classifier_free_guidance(net, context, uncond, guidance_scale), noise,
+                                  sampler, steps, eta, generators, progress=progress)
+        return ((self.vae.decode_latents(x) if self.vae else x.clamp(-1, 1)).float().cpu() + 1) / 2
+
+
+def build_diffusion_model(cfg, checkpoint=None):
+    """(DiffusionModel, what the checkpoint keeps to rebuild it). --sd-weights gives the VAE, SD's text tower and the
+    sd15 UNet; GPT-2 comes by name or file. From a checkpoint every size is the checkpoint's and no file is read."""
+    sd = {}
+    if cfg.sd_weights and checkpoint is None:
+        sd = weights.load_state_dict(cfg.sd_weights if Path(cfg.sd_weights).is_file() else weights.fetch(cfg.sd_weights))
+    saved = checkpoint["text_config"] if checkpoint else None
+    if cfg.text_encoder == "clip" and not saved:
+        text = CLIPTextTransformer.from_checkpoint(sd)  # SD's ViT-L/14 text tower, frozen
+        text_config = TextConfig.from_state_dict(text.state_dict())
+    elif cfg.text_encoder in ("tiny", "clip"):  # one head per 64 channels, as in CLIP
+        text_config = TextConfig(**saved) if saved else TextConfig(
+            cfg.max_caption_tokens + 2, 49408, cfg.context_dim, max(1, cfg.context_dim // 64), cfg.text_layers)
+        text = CLIPTextTransformer(text_config)
+    else:  # GPT-2, frozen, by name or file
+        text = GPTHidden(GPT(GPTConfig(**saved)) if saved else GPT.from_pretrained(cfg.text_encoder))
+        text_config = text.gpt.config
+    if checkpoint or cfg.unet == "tiny":
+        channels = 4 if cfg.latent else 3 * cfg.patch ** 2
+        unet = UNetModel(UNetConfig(**checkpoint["unet_config"]) if checkpoint else UNetConfig(
+            channels, channels, cfg.model_channels, tuple(map(int, cfg.channel_mult.split(","))), cfg.num_res_blocks,
+            tuple(map(int, cfg.attention_resolutions.split(","))), num_heads=4, context_dim=cfg.context_dim))
+    else:
+        unet = UNetModel.from_checkpoint(sd)  # the SD file's UNet, fine-tuned
+    unet.gradient_checkpointing = cfg.gradient_checkpointing
+    vae = (AutoencoderKL() if checkpoint else AutoencoderKL.from_checkpoint(sd)).requires_grad_(False) \
+        if cfg.latent else None
+    width = text_config.n_embd if isinstance(text, GPTHidden) else text_config.transformer_width
+    net = TextConditionedUNet(unet, text.requires_grad_(cfg.text_encoder == "tiny"), width,
+                              1 if cfg.latent else cfg.patch)
+    model = DiffusionModel(net, cfg, text_tokenizer(cfg)([""]), vae)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    return model, {"unet_config": dataclasses.asdict(unet.config), "text_config": dataclasses.asdict(text_config)}
+
+
+def load_text_to_image(path, device="cpu"):
+    """A checkpoint of the diffusion task -> (DiffusionModel in eval mode, its config, its tokenizer)."""
+    checkpoint = weights.load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("task") != "diffusion":
+        raise ValueError(f"{path} is not a checkpoint of train.py --task diffusion")
+    cfg = TrainConfig(**checkpoint["config"])
+    return build_diffusion_model(cfg, checkpoint)[0].to(device).eval(), cfg, text_tokenizer(cfg)
+
+
+def image_grid(images, cols):
+    """(B, 3, h, w) in [0, 1] -> one PIL image, `cols` images a row."""
+    rows = math.ceil(len(images) / cols)
+    images = torch.cat([images, images.new_zeros(rows * cols - len(images), *images.shape[1:])])
+    grid = images.view(rows, cols, *images.shape[1:]).permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (H, W, 3)
+    return Image.fromarray((grid * 255).round().byte().numpy())
+
+
+@torch.no_grad()
+def judge_drawings(images, prompts, judge_path, device):
+    """Read drawings of shapes prompts back with a shapes captioner (--judge) and score them: a single object is
+    drawn right when colour and shape are (the size is scored beside, in drawn_exact); two objects when both objects'
+    colours and shapes are; drawn_exact asks for the whole caption (sizes, relation) in canonical form."""
+    captioner, judge_cfg = load_captioner(judge_path, device)
+    size = captioner.visual.config.image_resolution
+    pixels = (F.interpolate(images, size=(size, size), mode="bilinear", antialias=True) if images.shape[-1] != size
+              else images).mul(255).round().clamp(0, 255).byte()
+    read = [c for start in range(0, len(prompts), 100) for c in caption(
+        captioner, captioner.embed(pixels[start:start + 100].to(device)), GPT2Tokenizer.default(), 30)]
+    scores = {1: [], 2: []}
+    for prompt, text in zip(prompts, read):
+        want, got = data.parse_shapes_caption(prompt), data.parse_shapes_caption(text)
+        objects = [sorted((o["colour"], o["shape"]) for o in scene["objects"]) for scene in (want, got or want)]
+        right = got is not None and objects[0] == objects[1]
+        exact = data.canonical_shapes_caption(prompt) == data.canonical_shapes_caption(text)
+        scores[len(want["objects"])].append((right, exact))
+    metrics = {f"{name}_{n}": round(float(np.mean([s[k] for s in scores[n]])), 4) for n in (1, 2) if scores[n]
+               for k, name in enumerate(("drawn_right", "drawn_exact"))}
+    return {**metrics, "judge_exact_match": weights.load_checkpoint(judge_path)["metrics"].get("exact_match")}, read
+
+
+class DiffusionTask:
+    """Caption -> image. A split is (dataset, images, pairs [(image row, caption)]): images are the cached uint8
+    pixels at --image-size (shapes are drawn at that size) or, for photos, None: read, centre-cropped and resized
+    per batch."""
+
+    def __init__(self, cfg, rank=0, world=1, device="cpu"):
+        self.cfg, self.device, self.tokenize = cfg, torch.device(device), text_tokenizer(cfg)
+        self.model, self.extra = build_diffusion_model(cfg)
+        self.splits = {}
+        for split in ("train", "val"):
+            dataset = open_split(cfg, split)
+            ids = dataset.image_ids()[:None if split == "train" else cfg.max_val_samples or None]
+            shapes = isinstance(dataset, data.ShapesDataset)
+            images = cached_features(dataset, None, cfg, rank, world, self.device)[0] if shapes else None
+            references = dataset.references()
+            pairs = [(row, text) for row, image_id in enumerate(ids) for text in references[image_id]]
+            self.splits[split] = (dataset, ids, images, pairs[:cfg.max_train_samples or None] if split == "train"
+                                  else pairs)
+        self.num_pairs = len(self.splits["train"][3])
+
+    def count_targets(self, pair_ids):
+        return len(pair_ids)  # the loss is a mean over images
+
+    def batch(self, pair_ids, device, split="train"):
+        """(uint8 images (B, 3, S, S), tokens (B, T)); an unreadable photo is reported (data.py) and left out."""
+        dataset, ids, images, pairs = self.splits[split]
+        rows = [pairs[i] for i in pair_ids]
+        if images is not None:
+            pixels = torch.from_numpy(np.asarray(images[[row for row, _ in rows]]))
+        else:
+            loaded = [(dataset.load_image(ids[row]), text) for row, text in rows]
+            rows = [(image, text) for image, text in loaded if image is not None]
+            mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+            pixels = torch.stack([(preprocess(image, self.cfg.image_size) * std + mean).mul(255).round().byte()
+                                  for image, _ in rows])  # preprocess: shorter side resized, centre crop
+        return pixels.to(device), self.tokenize([text for _, text in rows]).to(device)
+
+    @torch.no_grad()
+    def evaluate(self, model, split="val", batch_size=100):
+        """Validation loss (fixed noise and timesteps), a grid of samples saved under out_dir/samples, and with
+        --judge the held-out prompts drawn and read back by a shapes captioner."""
+        cfg, was_training = self.cfg, model.training
+        model.eval()
+        pairs, generator = self.splits[split][3], torch.Generator().manual_seed(cfg.seed)
+        loss = sum(model(*self.batch(range(s, min(s + batch_size, len(pairs))), self.device, split), generator).item()
+                   for s in range(0, len(pairs), batch_size))
+        metrics = {"val_loss": round(loss / len(pairs), 5)}
+        prompts = [text for _, text in pairs[:cfg.num_judged if cfg.judge else 16]]
+        images = torch.cat([model.generate(self.tokenize(prompts[s:s + batch_size]).to(self.device),
+                                           range(s, min(s + batch_size, len(prompts))), cfg.sampler,
+                                           cfg.sampling_steps, cfg.guidance_scale, cfg.image_size)
+                            for s in range(0, len(prompts), batch_size)])
+        path = Path(cfg.out_dir) / "samples" / f"step-{int(model.updates):06d}.png"
+        path.parent.mkdir(exist_ok=True)
+        image_grid(images[:16], 4).save(path)
+        if cfg.judge:
+            judged, read = judge_drawings(images, prompts, cfg.judge, self.device)
+            metrics.update(judged)
+        for k, prompt in enumerate(prompts[:4]):
+            print(f"  {prompt!r:56}" + (f" read back: {read[k]!r}" if cfg.judge else ""), flush=True)
+        print(f"  samples of the first 16 prompts: {path}", flush=True)
+        model.train(was_training)
+        return metrics
+
+# -----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_config(argv=None):
     """Flags from TrainConfig's fields. Precedence: defaults < preset < --debug < the checkpoint being resumed < the
     flags given. Returns (config, the flags given)."""
-    parser = argparse.ArgumentParser(description="Train minimodal's models: --task caption (ClipCap).")
+    parser = argparse.ArgumentParser(description="Train minimodal's models: --task caption (ClipCap) or diffusion.")
     for f in fields(TrainConfig):
         kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else dict(type=type(f.default))
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=f.metadata["help"], **kind)
@@ -438,7 +714,12 @@ def parse_config(argv=None):
             (cfg.lr <= 0 or cfg.epochs <= 0 or cfg.warmup_steps < 0, "--lr, --epochs must be > 0, --warmup-steps >= 0"),
             (cfg.mapping_type not in ("mlp", "transformer"), "--mapping-type must be mlp or transformer"),
             (cfg.closed_vocab and cfg.language_model != "tiny", "--closed-vocab needs --language-model tiny"),
-            (cfg.image_tower == "tiny" and cfg.image_size % cfg.patch_size, "--patch-size must divide --image-size")]:
+            (cfg.image_tower == "tiny" and cfg.image_size % cfg.patch_size, "--patch-size must divide --image-size"),
+            (cfg.schedule not in ddpm.PRESETS or cfg.sampler not in ddpm.SAMPLERS or cfg.parameterization not in
+             ("eps", "v"), f"--schedule must be one of {list(ddpm.PRESETS)}, --sampler of {ddpm.SAMPLERS}, "
+             "--parameterization eps or v"),
+            (not cfg.sd_weights and (cfg.latent or cfg.text_encoder == "clip" or cfg.unet == "sd15"),
+             "--latent, --text-encoder clip and --unet sd15 need --sd-weights (an SD 1.x file)")]:
         if bad:
             parser.error(message)
     return cfg, given
@@ -474,7 +755,7 @@ def main(argv=None):
     if cfg.batch_size % (world * cfg.grad_accum):
         raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide by processes x --grad-accum")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    task = CaptionTask(cfg, rank, world, device)
+    task = (DiffusionTask if cfg.task == "diffusion" else CaptionTask)(cfg, rank, world, device)
     if rank == 0:
         counts = [sum(p.numel() for p in task.model.parameters() if p.requires_grad == t) for t in (True, False)]
         print(json.dumps(dataclasses.asdict(cfg)))

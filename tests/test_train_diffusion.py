@@ -1,0 +1,134 @@
+"""train.py --task diffusion and generate.py --ckpt on prompts: a shortened offline tour (the shapes captioner and
+the shapes text-to-image model trained a few steps, the drawings judged by the captioner, both used by generate.py),
+the loss falls, a run stopped and resumed equals an uninterrupted one, caption dropout for guidance, the EMA, and
+--rerank by a random-weight CLIP written to a file."""
+import argparse
+import json
+import re
+
+import numpy as np
+
+import pytest
+import torch
+from PIL import Image
+
+import generate
+import train
+import weights
+from clip import CLIP, CLIPConfig, TextConfig
+from vit import VisionConfig
+
+TINY = ["--task", "diffusion", "--preset", "shapes", "--image-size", "16", "--model-channels", "32",
+        "--context-dim", "32", "--text-layers", "1", "--batch-size", "8", "--max-val-samples", "8",
+        "--sampling-steps", "2", "--log-every", "1", "--threads", "1", "--device", "cpu"]
+
+
+def run(out, *extra):
+    return train.main([*TINY, "--out-dir", str(out), *extra])
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_shortened_tour(tmp_path, capsys):
+    """The README's tour with --debug (a few steps each): caption training, text-to-image training judged by that
+    captioner, then generate.py draws prompts with one checkpoint and captions the drawings with the other."""
+    caption_dir, diffusion_dir, out = tmp_path / "caption", tmp_path / "diffusion", tmp_path / "outputs"
+    train.main(["--task", "caption", "--preset", "shapes", "--debug", "--out-dir", str(caption_dir), "--threads", "1"])
+    train.main(["--task", "diffusion", "--preset", "shapes", "--debug", "--out-dir", str(diffusion_dir),
+                "--judge", str(caption_dir / "ckpt.pt"), "--threads", "1"])
+    printed = capsys.readouterr().out
+    final = json.loads([line for line in printed.splitlines() if "drawn_right_1" in line][-1])
+    assert {"val_loss", "drawn_right_1", "drawn_right_2", "drawn_exact_1", "judge_exact_match"} <= set(final)
+    assert "read back:" in printed and (diffusion_dir / "samples" / f"step-{final['step']:06d}.png").exists()
+    generate.main(["a large red circle", "a small blue square left of a large green triangle", "--ckpt",
+                   str(diffusion_dir / "ckpt.pt"), "--steps", "2", "--seed", "3", "--out-dir", str(out)])
+    files = sorted(out.glob("0*.png"))
+    assert [f.name for f in files] == ["00000-3.png", "00001-4.png"] and (out / "grid-00000-3.png").exists()
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 32) and "Steps: 2, Sampler: DDIM" in image.info["parameters"]
+    capsys.readouterr()
+    generate.main([str(out / "0*.png"), "--ckpt", str(caption_dir / "ckpt.pt")])
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == list(map(str, files))
+
+
+def test_loss_falls_and_resume_equals_uninterrupted(tmp_path):
+    whole, _ = run(tmp_path / "whole", "--max-train-samples", "32", "--epochs", "6", "--lr", "3e-3",
+                   "--warmup-steps", "2")  # 4 steps an epoch
+    curve = losses(tmp_path / "whole")
+    assert sum(curve[-4:]) < 0.7 * sum(curve[:4]), curve
+    short = ["--max-train-samples", "32", "--epochs", "1.5", "--eval-every", "100"]
+    uninterrupted, _ = run(tmp_path / "one", *short)
+    run(tmp_path / "two", *short, "--stop-after", "3")
+    resumed, _ = run(tmp_path / "two", *short, "--resume", str(tmp_path / "two" / "ckpt.pt"))
+    assert int(resumed.updates) == int(uninterrupted.updates) == 6
+    for key, value in uninterrupted.state_dict().items():  # the EMA and its step count included
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+    checkpoint = weights.load_checkpoint(tmp_path / "two" / "ckpt.pt")
+    assert checkpoint["task"] == "diffusion" and any(k.startswith("ema.") for k in checkpoint["model"])
+
+
+def test_caption_dropout_and_ema(tmp_path):
+    cfg, _ = train.parse_config([*TINY, "--out-dir", str(tmp_path)])
+    model, _ = train.build_diffusion_model(cfg)
+    tokenize, seen = train.text_tokenizer(cfg), []
+    model.net.encode_text = lambda tokens: seen.append(tokens) or torch.zeros(len(tokens), tokens.shape[1], 32)
+    images, tokens = torch.zeros(2000, 3, 16, 16, dtype=torch.uint8), tokenize(["a large red circle"] * 2000)
+    torch.manual_seed(0)
+    model.train()(images, tokens)
+    empty = (seen[-1] == model.empty_tokens).all(dim=1)
+    assert 0.08 < empty.float().mean() < 0.12 and (seen[-1][~empty] == tokens[0]).all()
+    model.eval()(images[:8], tokens[:8])  # never in evaluation
+    assert torch.equal(seen[-1], tokens[:8])
+    # EMA: ema <- ema + (1 - d)(net - ema) with the warm-up d = min(decay, (1 + n) / (10 + n))
+    model, _ = train.build_diffusion_model(cfg)
+    before = {k: v.clone() for k, v in model.ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    model.after_step()
+    model.after_step()
+    d = (1 + 1) / (10 + 1)  # the second update; the first left ema = 0.1 ema + 0.9 net
+    for (key, ema), net in zip(model.ema.state_dict().items(), model.net.state_dict().values()):
+        first = 0.1 * before[key] + 0.9 * net
+        torch.testing.assert_close(ema, d * first + (1 - d) * net, msg=key)
+    assert int(model.updates) == 2
+    # samples come from the EMA weights: changing the trained weights changes nothing
+    prompt = tokenize(["a small green square"])
+    drawn = model.generate(prompt, [5], steps=2, size=16)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.mul_(3.0)
+    torch.testing.assert_close(model.generate(prompt, [5], steps=2, size=16), drawn)
+
+
+def test_generate_ckpt_and_rerank(tmp_path, capsys):
+    run(tmp_path / "run", "--max-train-samples", "16", "--epochs", "1")
+    ckpt, out = tmp_path / "run" / "ckpt.pt", tmp_path / "out"
+    model, cfg, tokenize = train.load_text_to_image(ckpt)
+    # generate.py draws with the EMA weights, the given sampler and guidance, the seed counting up
+    generate.main(["a large red circle", "--ckpt", str(ckpt), "--steps", "3", "--sampler", "dpm++2m", "--seed", "7",
+                   "--num-images", "2", "--guidance-scale", "2", "--out-dir", str(out)])
+    expected = model.generate(tokenize(["a large red circle"] * 2), [7, 8], "dpm++2m", 3, 2.0, 16)
+    for k, seed in enumerate((7, 8)):
+        with Image.open(out / f"0000{k}-{seed}.png") as image:
+            assert image.info["parameters"].startswith("a large red circle\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 2")
+            assert torch.equal(torch.from_numpy(np.asarray(image)).permute(2, 0, 1),
+                               (expected[k] * 255).round().byte())
+    # --rerank 3: three candidates (seeds 20, 21, 22), the one a (random-weight) CLIP file likes best is kept
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(VisionConfig(32, 1, 64, 8, 32), TextConfig(77, 49408, 64, 1, 1)))
+    weights.write_safetensors(clip.state_dict(), tmp_path / "clip.safetensors")
+    capsys.readouterr()
+    generate.main(["a small blue square", "--ckpt", str(ckpt), "--steps", "2", "--seed", "20", "--rerank", "3",
+                   "--clip-weights", str(tmp_path / "clip.safetensors"), "--out-dir", str(tmp_path / "reranked")])
+    kept = int(re.search(r"00000-(\d+)\.png", capsys.readouterr().out).group(1))
+    candidates = generate.to_pil(model.generate(tokenize(["a small blue square"] * 3), [20, 21, 22], "ddim", 2, 7.5, 16))
+    args = argparse.Namespace(clip_weights=str(tmp_path / "clip.safetensors"), weights_dir=None, offline=True)
+    score = generate.clip_scorer(args, torch.device("cpu"))
+    scores = [score(image, "a small blue square") for image in candidates]
+    assert kept == 20 + max(range(3), key=scores.__getitem__) and len(set(scores)) == 3
+    with pytest.raises(SystemExit):  # no CLIP weights: one clear error
+        generate.main(["a small blue square", "--ckpt", str(ckpt), "--rerank", "2", "--clip-weights",
+                       str(tmp_path / "missing.pt"), "--offline"])
