@@ -51,7 +51,7 @@ from clip import CLIPTextTransformer, TextConfig
 from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
 from tokenizer import CLIPTokenizer, GPT2Tokenizer
 from unet import TextConditionedUNet, UNetConfig, UNetModel
-from vae import AutoencoderKL
+from vae import AutoencoderConfig, AutoencoderKL
 from vit import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer, preprocess
 
 
@@ -584,15 +584,16 @@ def build_diffusion_model(cfg, checkpoint=None):
     else:
         unet = UNetModel.from_checkpoint(sd)  # the SD file's UNet, fine-tuned
     unet.gradient_checkpointing = cfg.gradient_checkpointing
-    vae = (AutoencoderKL() if checkpoint else AutoencoderKL.from_checkpoint(sd)).requires_grad_(False) \
-        if cfg.latent else None
+    vae = (AutoencoderKL(AutoencoderConfig(**checkpoint["vae_config"])) if checkpoint else
+           AutoencoderKL.from_checkpoint(sd)).requires_grad_(False) if cfg.latent else None
     width = text_config.n_embd if isinstance(text, GPTHidden) else text_config.transformer_width
     net = TextConditionedUNet(unet, text.requires_grad_(cfg.text_encoder == "tiny"), width,
                               1 if cfg.latent else cfg.patch)
     model = DiffusionModel(net, cfg, text_tokenizer(cfg)([""]), vae)
     if checkpoint:
         model.load_state_dict(checkpoint["model"], strict=True)
-    return model, {"unet_config": dataclasses.asdict(unet.config), "text_config": dataclasses.asdict(text_config)}
+    return model, {"unet_config": dataclasses.asdict(unet.config), "text_config": dataclasses.asdict(text_config),
+                   "vae_config": vae and dataclasses.asdict(vae.config)}
 
 
 def load_text_to_image(path, device="cpu"):
@@ -632,13 +633,13 @@ def judge_drawings(images, prompts, judge_path, device):
         scores[len(want["objects"])].append((right, exact))
     metrics = {f"{name}_{n}": round(float(np.mean([s[k] for s in scores[n]])), 4) for n in (1, 2) if scores[n]
                for k, name in enumerate(("drawn_right", "drawn_exact"))}
-    return {**metrics, "judge_exact_match": weights.load_checkpoint(judge_path)["metrics"].get("exact_match")}, read
+    judge_exact_match = weights.load_checkpoint(judge_path)["metrics"].get("exact_match", math.nan)
+    return {**metrics, "judge_exact_match": judge_exact_match}, read
 
 
 class DiffusionTask:
-    """Caption -> image. A split is (dataset, images, pairs [(image row, caption)]): images are the cached uint8
-    pixels at --image-size (shapes are drawn at that size) or, for photos, None: read, centre-cropped and resized
-    per batch."""
+    """Caption -> image. A split is (dataset, image ids, images, pairs [(image row, caption)]): images are the
+    cached uint8 pixels at --image-size (centre crops), or None in latent space: photos read per batch."""
 
     def __init__(self, cfg, rank=0, world=1, device="cpu"):
         self.cfg, self.device, self.tokenize = cfg, torch.device(device), text_tokenizer(cfg)
@@ -646,11 +647,14 @@ class DiffusionTask:
         self.splits = {}
         for split in ("train", "val"):
             dataset = open_split(cfg, split)
-            ids = dataset.image_ids()[:None if split == "train" else cfg.max_val_samples or None]
-            shapes = isinstance(dataset, data.ShapesDataset)
-            images = cached_features(dataset, None, cfg, rank, world, self.device)[0] if shapes else None
+            if split != "train" and cfg.max_val_samples and not isinstance(dataset, data.ShapesDataset):
+                dataset = dataset.subset(dataset.image_ids()[:cfg.max_val_samples])
+            ids, images, skipped = dataset.image_ids(), None, set()
+            if not cfg.latent:  # pixels are small: cache them once; photos for the VAE are read per batch
+                images, skipped = cached_features(dataset, None, cfg, rank, world, self.device)
             references = dataset.references()
-            pairs = [(row, text) for row, image_id in enumerate(ids) for text in references[image_id]]
+            pairs = [(row, text) for row, image_id in enumerate(ids) if str(image_id) not in skipped
+                     for text in references[image_id]]
             self.splits[split] = (dataset, ids, images, pairs[:cfg.max_train_samples or None] if split == "train"
                                   else pairs)
         self.num_pairs = len(self.splits["train"][3])
@@ -693,6 +697,10 @@ class DiffusionTask:
         if cfg.judge:
             judged, read = judge_drawings(images, prompts, cfg.judge, self.device)
             metrics.update(judged)
+            print(f"  drawn right, as {cfg.judge} reads {len(prompts)} held-out prompts back: single objects "
+                  f"{judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
+                  f"{judged.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
+                  f"{judged['judge_exact_match']:.1%}", flush=True)
         for k, prompt in enumerate(prompts[:4]):
             print(f"  {prompt!r:56}" + (f" read back: {read[k]!r}" if cfg.judge else ""), flush=True)
         print(f"  samples of the first 16 prompts: {path}", flush=True)

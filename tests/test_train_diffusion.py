@@ -132,3 +132,68 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
     with pytest.raises(SystemExit):  # no CLIP weights: one clear error
         generate.main(["a small blue square", "--ckpt", str(ckpt), "--rerank", "2", "--clip-weights",
                        str(tmp_path / "missing.pt"), "--offline"])
+
+
+def test_latent_space_and_gpt2_text_encoder(tmp_path, monkeypatch):
+    """--latent with a (tiny) VAE from an SD-layout file and --text-encoder as a GPT-2 file (frozen, projected) on a
+    folder of photos with captions: it trains, resumes its sizes from the checkpoint alone, and draws."""
+    from gpt2 import GPT, GPTConfig
+    from vae import PRESETS as VAE_PRESETS
+    from vae import AutoencoderKL
+    torch.manual_seed(0)
+    weights.write_safetensors({f"first_stage_model.{k}": v for k, v in
+                               AutoencoderKL(VAE_PRESETS["tiny"]).state_dict().items()}, tmp_path / "sd.safetensors")
+    gpt = GPT(GPTConfig(n_ctx=32, n_embd=48, n_head=2, n_layer=1))
+    weights.write_safetensors(gpt.state_dict(), tmp_path / "gpt2.safetensors")
+    monkeypatch.setattr(train.GPT, "from_pretrained", lambda path: GPT.from_state_dict(  # a GPT-2 of no official
+        weights.load_state_dict(path), config=gpt.config))  # size: the loader needs its config (test_gpt2 tests it)
+    (tmp_path / "photos").mkdir()
+    for k in range(6):
+        Image.new("RGB", (40, 30), data_colour(("red", "green", "blue")[k % 3])).save(tmp_path / "photos" / f"{k}.jpg")
+    (tmp_path / "photos" / "captions.txt").write_text("".join(
+        f"{k}.jpg\ta {('red', 'green', 'blue')[k % 3]} photo\n" for k in range(6)))
+    model, _ = run(tmp_path / "run", "--data", "folder", "--data-root", str(tmp_path / "photos"), "--latent",
+                   "--sd-weights", str(tmp_path / "sd.safetensors"), "--text-encoder", str(tmp_path / "gpt2.safetensors"),
+                   "--batch-size", "4", "--epochs", "2")
+    assert model.net.unet.config.in_channels == 4 and isinstance(model.net.text_proj, torch.nn.Linear)
+    assert not any(p.requires_grad for p in model.net.text_encoder.parameters()) and model.vae is not None
+    loaded, cfg, tokenize = train.load_text_to_image(tmp_path / "run" / "ckpt.pt")
+    images = loaded.generate(tokenize(["a red photo", "a blue photo"]), [0, 1], "euler", 2, 2.0, 16)
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert (tmp_path / "run" / "samples").is_dir()
+
+@pytest.mark.slow
+def test_sd15_finetune_full_size(tmp_path):
+    """--preset sd15 on a random-weight, full-size SD 1.5 file in the official single-file layout (CompVis UNet and
+    VAE keys, HF CLIP text keys, fp16 as the pruned files store them): one fine-tuning step at 64x64 with gradient
+    checkpointing, on a folder of images with captions. Needs about 16 GB of memory (AdamW on 860M parameters)."""
+    import sd_oracle
+    from clip import PRESETS as CLIP_PRESETS
+    from clip import CLIPTextTransformer, openai_to_hf
+    from unet import PRESETS as UNET_PRESETS
+    from unet import UNetModel
+    from vae import PRESETS as VAE_PRESETS
+    from vae import AutoencoderKL
+    unet = sd_oracle.build(UNetModel, UNET_PRESETS["sd15"], seed=1)
+    text = CLIPTextTransformer(CLIP_PRESETS["ViT-L/14"].text)
+    state = sd_oracle.single_file_state(unet, AutoencoderKL(VAE_PRESETS["sd15"]), openai_to_hf(text.state_dict()))
+    weights.write_safetensors({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+                              tmp_path / "sd15.safetensors")
+    first = unet.input_blocks[1][0].in_layers[2].weight.half().float()
+    del unet, text, state
+    (tmp_path / "images").mkdir()
+    for k, colour in enumerate(("red", "green", "blue", "yellow")):
+        Image.new("RGB", (80, 64), data_colour(colour)).save(tmp_path / "images" / f"{k}.png")
+    (tmp_path / "images" / "captions.txt").write_text("".join(f"{k}.png\ta {c} wall\n" for k, c in
+                                                              enumerate(("red", "green", "blue", "yellow"))))
+    train.main(["--task", "diffusion", "--preset", "sd15", "--sd-weights", str(tmp_path / "sd15.safetensors"),
+                "--data-root", str(tmp_path / "images"), "--image-size", "64", "--batch-size", "1", "--stop-after", "1",
+                "--precision", "fp32", "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
+    checkpoint = weights.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    trained = checkpoint["model"]["net.unet.input_blocks.1.0.in_layers.2.weight"]
+    assert checkpoint["step"] == 1 and trained.shape == first.shape and not torch.equal(trained, first)
+    assert checkpoint["unet_config"]["model_channels"] == 320 and checkpoint["config"]["gradient_checkpointing"]
+
+
+def data_colour(name):
+    return {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}[name]
