@@ -117,6 +117,7 @@ class TrainConfig:
     attention_resolutions: str = flag("2", "tiny UNet: downsampling factors with (cross-)attention")
     num_res_blocks: int = flag(1, "tiny UNet: ResBlocks per level")
     context_dim: int = flag(64, "tiny UNet: width of the text context (and of the tiny text encoder)")
+    pooled_text: bool = flag(False, "tiny UNet: the prompt's last text state joins the timestep embedding (SDXL)")
     text_layers: int = flag(2, "tiny text encoder: blocks")
     patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: a 32x32 image costs 16x16)")
     schedule: str = flag("cosine", "noise schedule, a ddpm.py preset: cosine, linear or sd15")
@@ -142,6 +143,7 @@ PRESETS = {"caption": {
 }, "diffusion": {
     # 32x32 pixels denoised as 16x16x12 patches by a 1.0M-parameter UNet, a 3.3M tiny text encoder: the tour
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=24_000,
+                   pooled_text=True, parameterization="v",
                    epochs=2.0, eval_every=500, max_val_samples=200, max_caption_tokens=14),
     # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
     "photos": dict(data="coco", out_dir="runs/diffusion-photos", sd_weights="sd15/v1-5-pruned-emaonly.safetensors",
@@ -580,7 +582,8 @@ def build_diffusion_model(cfg, checkpoint=None):
         channels = 4 if cfg.latent else 3 * cfg.patch ** 2
         unet = UNetModel(UNetConfig(**checkpoint["unet_config"]) if checkpoint else UNetConfig(
             channels, channels, cfg.model_channels, tuple(map(int, cfg.channel_mult.split(","))), cfg.num_res_blocks,
-            tuple(map(int, cfg.attention_resolutions.split(","))), num_heads=4, context_dim=cfg.context_dim))
+            tuple(map(int, cfg.attention_resolutions.split(","))), num_heads=4, context_dim=cfg.context_dim,
+            adm_in_channels=cfg.context_dim if cfg.pooled_text else 0))
     else:
         unet = UNetModel.from_checkpoint(sd)  # the SD file's UNet, fine-tuned
     unet.gradient_checkpointing = cfg.gradient_checkpointing

@@ -209,6 +209,7 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False
     dropout: float = 0.0
+    adm_in_channels: int = 0  # > 0: a vector y (B, adm_in_channels) joins the timestep embedding (SDXL's name)
 
 
 PRESETS = {
@@ -232,6 +233,9 @@ class UNetModel(nn.Module):
         self.config = cfg = config or UNetConfig()
         mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:  # openaimodel's label_emb for "sequential" conditioning (SDXL: pooled text + sizes)
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
 
         def transformer(ch):
             heads = cfg.num_heads if cfg.num_head_channels == -1 else ch // cfg.num_head_channels
@@ -270,12 +274,13 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         self.gradient_checkpointing = False  # the switch: recompute each block's activations in backward
 
-    def forward(self, x, timesteps, context=None):
-        """x (B, C, h, w) noisy latents, timesteps (B,) or a number, context (B, S, context_dim) -> eps (B, C, h, w).
-        Runs in the parameters' dtype and returns x's dtype."""
+    def forward(self, x, timesteps, context=None, y=None):
+        """x (B, C, h, w) noisy latents, timesteps (B,) or a number, context (B, S, context_dim) -> eps (B, C, h, w);
+        y (B, adm_in_channels) when the config has them. Runs in the parameters' dtype and returns x's dtype."""
         dtype = self.time_embed[0].weight.dtype
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))  # (B, 4*mc)
+        emb = emb + self.label_emb(y.to(dtype)) if self.config.adm_in_channels else emb
         context = None if context is None else context.to(dtype)
         h, skips = x.to(dtype), []
         for block in self.input_blocks:
@@ -326,7 +331,9 @@ class UNetModel(nn.Module):
 class TextConditionedUNet(nn.Module):
     """A UNet that draws what a text encoder read: `text_encoder(tokens (B, T))` gives hidden states (B, T, C_text),
     a linear layer projects them to `context_dim` where the widths differ (a frozen GPT-2 into a small UNet), and
-    they are the context of every cross-attention, as CLIP's are in SD. `patch` > 1 folds each patch x patch
+    they are the context of every cross-attention, as CLIP's are in SD. With `adm_in_channels` (= context_dim) the
+    last position's state, which has read the whole prompt (causal encoders, padded with end-of-text), also joins
+    the timestep embedding, as SDXL adds its pooled text: every ResBlock hears the prompt. `patch` > 1 folds p x p
     pixels into channels (pixel_unshuffle), so a 32x32 RGB image is denoised as a 16x16 12-channel one: the
     compute of a 16x16 UNet with every pixel kept (the "patchify" of Hoogeboom et al. 2023, simple diffusion)."""
 
@@ -335,16 +342,18 @@ class TextConditionedUNet(nn.Module):
         self.unet, self.text_encoder, self.patch = unet, text_encoder, patch
         dim = unet.config.context_dim
         self.text_proj = nn.Identity() if text_width == dim else nn.Linear(text_width, dim)
+        assert unet.config.adm_in_channels in (0, dim), "the pooled text is a context vector: adm_in_channels"
 
     def encode_text(self, tokens):
         return self.text_proj(self.text_encoder(tokens))  # (B, T, context_dim)
 
     def forward(self, x, timesteps, context):
         """x (B, C, H, W), timesteps (B,), context (B, T, context_dim) -> the UNet's prediction (B, C, H, W)."""
+        pooled = context[:, -1] if self.unet.config.adm_in_channels else None  # (B, context_dim)
         if self.patch == 1:
-            return self.unet(x, timesteps, context)
+            return self.unet(x, timesteps, context, pooled)
         x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
-        return F.pixel_shuffle(self.unet(x, timesteps, context), self.patch)  # (B, C, H, W)
+        return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
 
 def config_from_state_dict(sd):
     """Read the architecture off the tensors; the number of heads is not in them and stays SD 1.x's 8."""
@@ -361,6 +370,7 @@ def config_from_state_dict(sd):
         channel_mult=tuple(sd[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0] // mc for n in first_block),
         attention_resolutions=tuple(sorted(attention_at, reverse=True)), transformer_depth=depth,
         context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else 0,
         use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2)
 
 
