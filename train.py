@@ -143,8 +143,8 @@ PRESETS = {"caption": {
 }, "diffusion": {
     # 32x32 pixels denoised as 16x16x12 patches by a 1.0M-parameter UNet, a 3.3M tiny text encoder: the tour
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=24_000,
-                   pooled_text=True, parameterization="v",
-                   epochs=2.0, eval_every=500, max_val_samples=200, max_caption_tokens=14),
+                   pooled_text=True, parameterization="v", epochs=1.6, eval_every=400, max_val_samples=200,
+                   max_caption_tokens=14, sampler="dpm++2m", sampling_steps=12, guidance_scale=1.5),
     # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
     "photos": dict(data="coco", out_dir="runs/diffusion-photos", sd_weights="sd15/v1-5-pruned-emaonly.safetensors",
                    latent=True, text_encoder="clip", image_size=256, model_channels=128, channel_mult="1,2,4",
