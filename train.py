@@ -135,7 +135,7 @@ class TrainConfig:
 
 PRESETS = {"caption": {
     # tiny tower (32 x 32 images, 16 patches) and tiny GPT-2 with GPT-2's whole vocabulary, from scratch
-    # (sine-cosine positions; measured: 64k drawn images, 8 epochs of batch 64, about 10 minutes on 2 CPU cores)
+    # (sine-cosine positions; 64k drawn images, 8 epochs of batch 64: 8.5 training minutes on 1 thread, 58% exact match)
     "shapes": dict(closed_vocab=True, vision_width=64, vision_layers=2, embed_dim=64, lr=2e-3, max_train_samples=64_000,
                    epochs=8.0, eval_every=1000),
     # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32 embeddings, GPT-2 124M fine-tuned, MLP
