@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import weights
+
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -322,7 +324,7 @@ class UNetModel(nn.Module):
         config = config or config_from_state_dict(own)
         with torch.device("meta"):
             model = cls(config)
-        check_state_dict(model, own, "UNet", prefix)
+        weights.check_state_dict(model, own, "UNet", prefix)
         model.load_state_dict(own, strict=True, assign=True)
         return model
 
@@ -372,18 +374,6 @@ def config_from_state_dict(sd):
         context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
         adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else 0,
         use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2)
-
-
-def check_state_dict(model, sd, what, prefix):
-    """Compare key sets and every shape; fail with the sorted differences."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} != model {s}" for k, s in expected.items()
-                   if k in sd and tuple(sd[k].shape) != s)
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} checkpoint (prefix {prefix!r}) does not match the model:\n"
-                         f"  missing {len(missing)}: {missing[:20]}\n  unexpected {len(unexpected)}: "
-                         f"{unexpected[:20]}\n  wrong shapes {len(wrong)}: {wrong[:20]}")
 
 
 def expected_shapes(config=None, prefix=PREFIX):

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import weights
+
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -312,7 +314,7 @@ class AutoencoderKL(nn.Module):
         config = config or config_from_state_dict(own)
         with torch.device("meta"):
             model = cls(config)
-        check_state_dict(model, own, "VAE", prefix)
+        weights.check_state_dict(model, own, "VAE", prefix)
         model.load_state_dict(own, strict=True, assign=True)
         return model
 
@@ -330,18 +332,6 @@ def config_from_state_dict(sd):
         ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
         num_res_blocks=blocks, z_channels=sd["decoder.conv_in.weight"].shape[1],
         embed_dim=sd["post_quant_conv.weight"].shape[1])
-
-
-def check_state_dict(model, sd, what, prefix):
-    """Compare key sets and every shape; fail with the sorted differences."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} != model {s}" for k, s in expected.items()
-                   if k in sd and tuple(sd[k].shape) != s)
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} checkpoint (prefix {prefix!r}) does not match the model:\n"
-                         f"  missing {len(missing)}: {missing[:20]}\n  unexpected {len(unexpected)}: "
-                         f"{unexpected[:20]}\n  wrong shapes {len(wrong)}: {wrong[:20]}")
 
 
 def expected_shapes(config=None, prefix=PREFIX):

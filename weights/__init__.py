@@ -12,7 +12,7 @@ never committed; only weights/vocab/ (tokenizer files) is.
 """
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, find_in_hub_cache,
                          weights_dir)
-from .readers import load_checkpoint, load_state_dict, save_checkpoint
+from .readers import check_state_dict, load_checkpoint, load_state_dict, save_checkpoint
 from .registry import REGISTRY, WeightsFile
 from .safetensors_format import read_safetensors, read_safetensors_metadata, write_safetensors
 from .unpickler import PLACEHOLDER_PREFIXES, Placeholder, UnsafeCheckpointError
@@ -21,6 +21,6 @@ __all__ = [
     "REGISTRY", "WeightsFile", "weights_dir", "download", "fetch", "find_in_hub_cache",
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
-    "load_state_dict", "load_checkpoint", "save_checkpoint",
+    "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES",
 ]

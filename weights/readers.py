@@ -308,3 +308,16 @@ def save_checkpoint(obj, path):
     with atomic_write(path) as f:
         torch.save(obj, f)
     return path
+
+
+def check_state_dict(model, sd, what, prefix):
+    """A loader's last check before load_state_dict(strict=True): compare key sets and every shape, fail with
+    the sorted differences."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} != model {s}" for k, s in expected.items()
+                   if k in sd and tuple(sd[k].shape) != s)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} checkpoint (prefix {prefix!r}) does not match the model:\n"
+                         f"  missing {len(missing)}: {missing[:20]}\n  unexpected {len(unexpected)}: "
+                         f"{unexpected[:20]}\n  wrong shapes {len(wrong)}: {wrong[:20]}")
