@@ -431,13 +431,15 @@ def main():
 # GPT-2 reads them as the embeddings of a prompt, then writes the caption. The image tower (vit.py) stays outside.
 # Module names follow ClipCap's ClipCaptionModel (clip_project, gpt; MLP.model; TransformerMapper.linear, prefix_const,
 # transformer.layers.N.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1, mlp.fc2}).
+# A third mapper, "tokens", reads every token of the image tower's grid instead of the one pooled embedding, one
+# prefix vector per token (LLaVA-1.5's projector, Liu et al. 2023): where things are reaches GPT-2 intact.
 
 
 @dataclass(frozen=True)
 class CaptionerConfig:
     prefix_size: int = 512  # width of the image embedding: CLIP ViT-B/32 512, RN50x4 640, ViT-L/14 768
     prefix_length: int = 10  # vectors GPT-2 reads before the caption (ClipCap: 10 for COCO)
-    mapping_type: str = "mlp"  # "mlp" (ClipCap's MLP) or "transformer" (ClipCap's TransformerMapper)
+    mapping_type: str = "mlp"  # "mlp" (ClipCap's MLP), "transformer" (ClipCap's TransformerMapper) or "tokens"
     clip_length: int = 10  # transformer mapper: vectors made from the image embedding (ClipCap: 10)
     num_layers: int = 8  # transformer mapper: blocks (ClipCap: 8)
     num_heads: int = 8  # transformer mapper: attention heads (ClipCap: 8)
@@ -453,6 +455,18 @@ class PrefixMLP(nn.Module):
 
     def forward(self, image_embeds):
         return self.model(image_embeds).view(image_embeds.size(0), self.prefix_length, -1)  # (B, P, C)
+
+
+class TokenMLP(nn.Module):
+    """LLaVA-1.5's projector: each image token (B, N, prefix_size) -> Linear, GELU, Linear -> (B, N, C). The prefix
+    is the tower's token grid (prefix_length = N), so a caption can say what is left of what."""
+
+    def __init__(self, prefix_size, n_embd):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(prefix_size, n_embd), nn.GELU(), nn.Linear(n_embd, n_embd))
+
+    def forward(self, image_tokens):
+        return self.model(image_tokens)  # (B, N, C)
 
 
 class MapperBlock(nn.Module):
@@ -505,13 +519,19 @@ class Captioner(nn.Module):
         super().__init__()
         self.config, self.gpt = config, gpt
         C, P = gpt.config.n_embd, config.prefix_length
-        if config.mapping_type not in ("mlp", "transformer"):
-            raise ValueError(f"mapping_type must be 'mlp' or 'transformer', got {config.mapping_type!r}")
-        self.clip_project = PrefixMLP(config.prefix_size, C, P) if config.mapping_type == "mlp" else \
-            TransformerMapper(config.prefix_size, C, P, config.clip_length, config.num_layers, config.num_heads)
+        if config.mapping_type == "mlp":
+            self.clip_project = PrefixMLP(config.prefix_size, C, P)
+        elif config.mapping_type == "tokens":  # P is the tower's token count
+            self.clip_project = TokenMLP(config.prefix_size, C)
+        elif config.mapping_type == "transformer":
+            self.clip_project = TransformerMapper(config.prefix_size, C, P, config.clip_length, config.num_layers,
+                                                  config.num_heads)
+        else:
+            raise ValueError(f"mapping_type must be 'mlp', 'transformer' or 'tokens', got {config.mapping_type!r}")
 
     def forward(self, image_embeds, tokens, token_mask, vocab=None, eos_token_id=50256):
-        """Teacher forcing. tokens (B, T) right-padded captions, token_mask (B, T) 1 = caption token, 0 = padding
+        """Teacher forcing. image_embeds (B, prefix_size), or the token grid (B, N, prefix_size) for the tokens
+        mapper; tokens (B, T) right-padded captions, token_mask (B, T) 1 = caption token, 0 = padding
         (whatever id it holds). Returns the cross-entropy summed over every caption token and the end-of-text after
         it (token_mask.sum() + B targets); the trainer divides, so micro-batches and ranks add up exactly.
 

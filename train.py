@@ -91,8 +91,9 @@ class TrainConfig:
     language_model: str = flag("tiny", "tiny (from scratch), gpt2, gpt2-medium, ... or a GPT-2 weights file")
     freeze_gpt: bool = flag(False, "train the mapper only (ClipCap's --only_prefix)")
     closed_vocab: bool = flag(False, "tiny GPT-2: unused tokens keep a 0 embedding; exact softmax, fewer rows")
-    mapping_type: str = flag("mlp", "mlp (ClipCap's MLP) or transformer (ClipCap's TransformerMapper)")
-    prefix_length: int = flag(4, "image vectors GPT-2 reads before the caption")
+    mapping_type: str = flag("mlp", "mlp (ClipCap's MLP), transformer (ClipCap's TransformerMapper) or tokens "
+                             "(one vector per tower token, LLaVA-1.5's projector)")
+    prefix_length: int = flag(4, "image vectors GPT-2 reads before the caption (tokens: the tower's token count)")
     mapper_layers: int = flag(8, "transformer mapper: blocks")
     image_size: int = flag(32, "tiny tower: input resolution (shapes are drawn at this size)")
     patch_size: int = flag(8, "tiny tower: patch size")
@@ -137,7 +138,7 @@ PRESETS = {"caption": {
     # tiny tower (32 x 32 images, 16 patches) and tiny GPT-2 with GPT-2's whole vocabulary, from scratch
     # (sine-cosine positions; 64k drawn images, 8 epochs of batch 64: 8.5 training minutes on 1 thread, 58% exact match)
     "shapes": dict(closed_vocab=True, vision_width=64, vision_layers=2, embed_dim=64, lr=2e-3, max_train_samples=64_000,
-                   epochs=8.0, eval_every=1000),
+                   mapping_type="tokens", epochs=7.0, eval_every=1000),
     # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32 embeddings, GPT-2 124M fine-tuned, MLP
     # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4 CIDEr
     "coco": dict(data="karpathy", image_tower="ViT-B/32", language_model="gpt2", prefix_length=10, batch_size=40,
@@ -307,16 +308,19 @@ def fingerprint(dataset, tower):
 
 @torch.no_grad()
 def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_size=64):
-    """The frozen tower's embedding of every image, (N, D) fp16, computed once into out_dir/cache and memory-mapped
-    by later runs; with tower None, the pixels (N, 3, h, w) uint8 of a tower that trains. Returns (array, skipped
-    image ids): an unreadable image is reported by data.py, skipped, and its row stays 0."""
-    kind = "pixels" if tower is None else "features"
+    """The frozen tower's embedding of every image, (N, D) fp16 (the tokens mapper: every token's, (N, 1 + h*w, D)),
+    computed once into out_dir/cache and memory-mapped by later runs; with tower None, the pixels (N, 3, h, w) uint8
+    of a tower that trains. Returns (array, skipped image ids): an unreadable image is reported by data.py, skipped,
+    and its row stays 0."""
+    tokens = tower is not None and cfg.mapping_type == "tokens"
+    kind = "pixels" if tower is None else "tokens" if tokens else "features"
     path = Path(cfg.out_dir) / "cache" / f"{kind}-{fingerprint(dataset, tower)}.npy"  # out_dir/cache/features-…
     if rank == 0 and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         ids, part, skipped = dataset.image_ids(), path.with_name(path.name + ".part"), []
         size = cfg.image_size if tower is None else tower.config.image_resolution
-        shape = (3, size, size) if tower is None else (tower.config.embed_dim,)
+        shape = (3, size, size) if tower is None else (tower.config.embed_dim,) if not tokens else \
+            ((size // tower.config.vision_patch_size) ** 2 + 1, tower.config.embed_dim)
         mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
         out = np.lib.format.open_memmap(part, "w+", np.uint8 if tower is None else np.float16, (len(ids), *shape))
         for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
@@ -326,7 +330,7 @@ def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_si
             if rows:  # CLIP's preprocessing (short side to size, centre crop); cached pixels go back to bytes
                 pixels = torch.stack([preprocess(images[r], size) for r in rows])
                 out[rows] = (pixels * std + mean).mul(255).round().byte().numpy() if tower is None else \
-                    tower(pixels.to(device)).float().cpu().numpy()
+                    (tower.embed_tokens if tokens else tower)(pixels.to(device)).float().cpu().numpy()
         out.flush()
         path.with_suffix(".skipped.json").write_text(json.dumps(skipped))
         os.replace(part, path)  # atomic: a killed run never leaves half a cache under the final name
@@ -346,10 +350,14 @@ class CaptionModel(nn.Module):
         self.register_buffer("vocab", None, persistent=False)  # closed vocabulary: the used token ids, sorted
 
     def embed(self, inputs):
-        """uint8 pixels (B, 3, h, w) or CLIP-normalised ones -> embeddings (B, D); cached embeddings pass through."""
+        """uint8 pixels (B, 3, h, w) or CLIP-normalised ones -> embeddings (B, D), or every token's (B, 1 + h*w, D)
+        for the tokens mapper; cached embeddings pass through."""
         if inputs.dtype == torch.uint8:  # cached pixels are bytes: 4x less memory than floats
             inputs = (inputs.float() / 255 - self.mean) / self.std
-        return inputs.float() if self.visual is None else self.visual(inputs)
+        if self.visual is None:
+            return inputs.float()
+        return self.visual.embed_tokens(inputs) if self.captioner.config.mapping_type == "tokens" else \
+            self.visual(inputs)
 
     def forward(self, inputs, tokens, token_mask):
         return self.captioner(self.embed(inputs), tokens, token_mask, self.vocab)
@@ -376,14 +384,16 @@ def build_caption_model(cfg, checkpoint=None):
     else:
         path = weights.fetch("clip-vit-b-32/ViT-B-32.pt") if cfg.image_tower == "ViT-B/32" else cfg.image_tower
         tower = VisionTransformer.from_state_dict(weights.load_state_dict(path), preset=None).requires_grad_(False)
+    prefix_length = cfg.prefix_length if cfg.mapping_type != "tokens" else \
+        (tower.config.image_resolution // tower.config.vision_patch_size) ** 2 + 1  # the class token and the grid
     if checkpoint or cfg.language_model == "tiny":
         gpt = GPT(GPTConfig(**checkpoint["gpt_config"]) if checkpoint else GPTConfig(
-            n_ctx=cfg.prefix_length + cfg.max_caption_tokens + 1, n_embd=cfg.n_embd, n_head=cfg.n_head,
+            n_ctx=prefix_length + cfg.max_caption_tokens + 1, n_embd=cfg.n_embd, n_head=cfg.n_head,
             n_layer=cfg.n_layer))
     else:
         gpt = GPT.from_pretrained(cfg.language_model)
-    captioner = Captioner(CaptionerConfig(tower.config.embed_dim, cfg.prefix_length, cfg.mapping_type,
-                                          cfg.prefix_length, cfg.mapper_layers), gpt.requires_grad_(not cfg.freeze_gpt))
+    captioner = Captioner(CaptionerConfig(tower.config.embed_dim, prefix_length, cfg.mapping_type,
+                                          prefix_length, cfg.mapper_layers), gpt.requires_grad_(not cfg.freeze_gpt))
     model = CaptionModel(captioner, tower if cfg.image_tower == "tiny" else None)
     if checkpoint:
         model.load_state_dict(checkpoint["model"], strict=True)
@@ -411,6 +421,8 @@ def clipcap_row(cfg):
     """The row of ClipCap's Table 1 (COCO Karpathy test, CIDEr) that a configuration corresponds to."""
     if (cfg.data, cfg.split, cfg.image_tower, cfg.language_model) != ("karpathy", "test", "ViT-B/32", "gpt2"):
         return "none: ClipCap's rows are COCO Karpathy test with ViT-B/32 and GPT-2 124M (--preset coco --split test)"
+    if cfg.mapping_type == "tokens":
+        return "none: ClipCap maps the pooled embedding only; the tokens mapper reads every token (LLaVA-1.5's way)"
     if cfg.mapping_type == "transformer":
         return "ClipCap transformer mapper + frozen GPT-2, CIDEr 113.1 (ClipCap: prefix length 40, --freeze-gpt)"
     return "ClipCap MLP + " + ("frozen GPT-2, CIDEr 92.4" if cfg.freeze_gpt else "fine-tuned GPT-2, CIDEr 108.4")
@@ -737,7 +749,8 @@ def parse_config(argv=None):
             (min(cfg.batch_size, cfg.grad_accum, cfg.prefix_length, cfg.eval_every, cfg.log_every, cfg.num_beams) < 1,
              "--batch-size, --grad-accum, --prefix-length, --eval-every, --log-every, --num-beams must be >= 1"),
             (cfg.lr <= 0 or cfg.epochs <= 0 or cfg.warmup_steps < 0, "--lr, --epochs must be > 0, --warmup-steps >= 0"),
-            (cfg.mapping_type not in ("mlp", "transformer"), "--mapping-type must be mlp or transformer"),
+            (cfg.mapping_type not in ("mlp", "transformer", "tokens"),
+             "--mapping-type must be mlp, transformer or tokens"),
             (cfg.closed_vocab and cfg.language_model != "tiny", "--closed-vocab needs --language-model tiny"),
             (cfg.image_tower == "tiny" and cfg.image_size % cfg.patch_size, "--patch-size must divide --image-size"),
             (cfg.schedule not in ddpm.PRESETS or cfg.sampler not in ddpm.SAMPLERS or cfg.parameterization not in

@@ -170,6 +170,12 @@ class VisionTransformer(nn.Module):
         pooled = self.ln_post(x[:, 0]) @ self.proj  # (B, embed_dim): the class token is the image summary
         return (pooled, x) if return_tokens else pooled
 
+    def embed_tokens(self, image):
+        """Every token in the joint space, (B, 1 + h*w, embed_dim): ln_post and proj applied to each token as to
+        the class token. Row 0 is forward()'s pooled embedding; the rest keep where each patch is."""
+        _, x = self.forward(image, return_tokens=True)  # (B, 1 + h*w, C)
+        return self.ln_post(x) @ self.proj
+
     @classmethod
     def from_state_dict(cls, sd, prefix="visual.", preset="ViT-B/32"):
         """Build from a state dict with OpenAI's names (keys under `prefix`); the config is read off the

@@ -94,6 +94,23 @@ def test_closed_vocabulary_softmax_equals_the_full_one():
             torch.testing.assert_close(g_closed, g_full, atol=1e-6, rtol=1e-4)
 
 
+def test_tokens_mapper_gives_one_prefix_vector_per_image_token():
+    model = make_captioner("tokens")  # prefix_length 3: the tower's token count
+    grid = torch.randn(3, 3, 16)  # (B, N, D)
+    changed = grid.clone()
+    changed[:, 1] += 1.0
+    prefix, moved = model.clip_project(grid), model.clip_project(changed)  # (B, N, C)
+    assert prefix.shape == (3, 3, 32)
+    assert torch.equal(prefix[:, [0, 2]], moved[:, [0, 2]]), "a token's vector may depend on that token only"
+    assert (prefix[:, 1] - moved[:, 1]).abs().max() > 1e-3
+    tokens, mask = padded(CAPTIONS, EOT)
+    expected = sum(F.cross_entropy(model.gpt(torch.tensor([c]), prefix[b:b + 1])[0][2:], torch.tensor(c + [EOT]),
+                                   reduction="sum") for b, c in enumerate(CAPTIONS))
+    torch.testing.assert_close(model(grid, tokens, mask), expected, atol=1e-4, rtol=1e-5)
+    out = model.generate(grid, max_new_tokens=5)
+    assert out.shape[0] == 3 and 1 <= out.shape[1] <= 5
+
+
 def test_generation_stops_cleanly_at_end_of_text():
     model = make_captioner()
     embeds = torch.randn(4, 16)

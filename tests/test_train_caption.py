@@ -141,6 +141,24 @@ def test_feature_cache_notices_changed_images_and_weights(fixture, tmp_path, cap
         os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
 
 
+def test_tokens_mapper_caches_every_token_and_captions(fixture, tmp_path, capsys):
+    """--mapping-type tokens with a frozen tower: the cache holds every token (N, 1 + h*w, D), row 0 the pooled
+    embedding; the prefix is the tower's token count, whatever --prefix-length says; generate.py captions with it."""
+    model, _ = train.main(args(fixture, tmp_path, "--mapping-type", "tokens"))
+    assert losses(tmp_path)[-1] < losses(tmp_path)[0]
+    assert model.captioner.config.prefix_length == 17 and model.captioner.clip_project.model[0].in_features == 32
+    caches = {np.load(path, mmap_mode="r").shape for path in (tmp_path / "cache").glob("tokens-*.npy")}
+    assert caches == {(8, 17, 32), (4, 17, 32)}  # train and val: the class token and a 4 x 4 grid, 32 wide each
+    tower, pixels = write_tower(tmp_path / "again.pt"), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.embed_tokens(pixels)[:, 0], tower(pixels))
+    capsys.readouterr()
+    image = fixture / "coco" / "val2017" / f"{101:012d}.jpg"
+    generate.main([str(image), "--ckpt", str(tmp_path / "ckpt.pt"), "--device", "cpu"])
+    file, text = capsys.readouterr().out.rstrip("\n").split("\t")
+    assert file == str(image) and "<|endoftext|>" not in text
+
+
 def test_ddp_two_cpu_processes_equal_one(fixture, tmp_path):
     """torchrun, 2 processes, gloo: each takes half of every batch; the result equals one process (same batches,
     gradients summed over ranks, each micro-batch divided by the whole batch's target count)."""
