@@ -334,8 +334,8 @@ class TextConditionedUNet(nn.Module):
     """A UNet that draws what a text encoder read: `text_encoder(tokens (B, T))` gives hidden states (B, T, C_text),
     a linear layer projects them to `context_dim` where the widths differ (a frozen GPT-2 into a small UNet), and
     they are the context of every cross-attention, as CLIP's are in SD. With `adm_in_channels` (= context_dim) the
-    last position's state, which has read the whole prompt (causal encoders, padded with end-of-text), also joins
-    the timestep embedding, as SDXL adds its pooled text: every ResBlock hears the prompt. `patch` > 1 folds p x p
+    state at the first end-of-text, which has read the whole prompt (a causal encoder: CLIP's own pooling), also
+    joins the timestep embedding, as SDXL adds its pooled text: every ResBlock hears the prompt. `patch` > 1 folds p x p
     pixels into channels (pixel_unshuffle), so a 32x32 RGB image is denoised as a 16x16 12-channel one: the
     compute of a 16x16 UNet with every pixel kept (the "patchify" of Hoogeboom et al. 2023, simple diffusion)."""
 
@@ -347,15 +347,25 @@ class TextConditionedUNet(nn.Module):
         assert unet.config.adm_in_channels in (0, dim), "the pooled text is a context vector: adm_in_channels"
 
     def encode_text(self, tokens):
-        return self.text_proj(self.text_encoder(tokens))  # (B, T, context_dim)
+        """tokens (B, T) -> context (B, T, context_dim); with the pooled text, its vector rides along as one more
+        row (B, T + 1, context_dim), so guidance can batch contexts as one tensor. End-of-text is the largest id of
+        CLIP's and GPT-2's vocabularies, so argmax finds the first one (as openai/CLIP's encode_text does)."""
+        context = self.text_proj(self.text_encoder(tokens))  # (B, T, context_dim)
+        if not self.unet.config.adm_in_channels:
+            return context
+        pooled = context[torch.arange(len(tokens)), tokens.argmax(dim=-1)]  # (B, context_dim)
+        return torch.cat([context, pooled[:, None]], dim=1)  # (B, T + 1, context_dim)
 
     def forward(self, x, timesteps, context):
-        """x (B, C, H, W), timesteps (B,), context (B, T, context_dim) -> the UNet's prediction (B, C, H, W)."""
-        pooled = context[:, -1] if self.unet.config.adm_in_channels else None  # (B, context_dim)
+        """x (B, C, H, W), timesteps (B,), context from encode_text -> the UNet's prediction (B, C, H, W)."""
+        pooled = None
+        if self.unet.config.adm_in_channels:
+            context, pooled = context[:, :-1], context[:, -1]  # (B, T, context_dim), (B, context_dim)
         if self.patch == 1:
             return self.unet(x, timesteps, context, pooled)
         x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
         return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
+
 
 def config_from_state_dict(sd):
     """Read the architecture off the tensors; the number of heads is not in them and stays SD 1.x's 8."""

@@ -114,8 +114,9 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
     for k, seed in enumerate((7, 8)):
         with Image.open(out / f"0000{k}-{seed}.png") as image:
             assert image.info["parameters"].startswith("a large red circle\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 2")
-            assert torch.equal(torch.from_numpy(np.asarray(image)).permute(2, 0, 1),
-                               (expected[k] * 255).round().byte())
+            got = torch.from_numpy(np.array(image)).permute(2, 0, 1).int()  # (3, H, W)
+            # the same pixels, up to a value that lands on .5 and rounds the other way (batching's float noise)
+            torch.testing.assert_close(got, (expected[k] * 255).round().int(), atol=1, rtol=0)
     # --rerank 3: three candidates (seeds 20, 21, 22), the one a (random-weight) CLIP file likes best is kept
     torch.manual_seed(0)
     clip = CLIP(CLIPConfig(VisionConfig(32, 1, 64, 8, 32), TextConfig(77, 49408, 64, 1, 1)))
