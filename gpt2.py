@@ -544,7 +544,12 @@ class Captioner(nn.Module):
         (B, T), P = tokens.shape, prefix.size(1)
         token_mask = token_mask.bool()
         attention_mask = torch.cat([token_mask.new_ones(B, P), token_mask], dim=1)  # (B, P+T)
-        hidden = self.gpt(tokens, prefix, attention_mask, return_hidden=True)  # (B, P+T, C)
+        if vocab is None:
+            hidden = self.gpt(tokens, prefix, attention_mask, return_hidden=True)  # (B, P+T, C)
+        else:  # the used rows, gathered once, embed the tokens and make the logits: one gradient scatter into wte
+            table = self.gpt.wte.weight[vocab]  # (|vocab|, C)
+            rows = torch.searchsorted(vocab, tokens).clamp(max=len(vocab) - 1)  # (B, T); padding (any id) is masked
+            hidden = self.gpt(None, torch.cat([prefix, table[rows]], dim=1), attention_mask, return_hidden=True)
         # position P-1+t predicts caption token t (the last prefix vector predicts the first word), and the position
         # of a caption's last token predicts end-of-text; padding positions predict nothing
         lengths = token_mask.sum(dim=1, keepdim=True)  # (B, 1)
@@ -554,7 +559,7 @@ class Captioner(nn.Module):
         hidden, targets = hidden[:, P - 1:][is_target], targets[is_target]  # (N, C), (N,): no work on padding
         if vocab is None:  # the 50,257-wide output layer is most of the cost: applied only where there is a target
             return F.cross_entropy(self.gpt.lm_head(hidden).float(), targets, reduction="sum")
-        logits = F.linear(hidden, self.gpt.wte.weight[vocab]).float()  # (N, |vocab|)
+        logits = F.linear(hidden, table).float()  # (N, |vocab|)
         rest = torch.full_like(logits[:, :1], math.log(self.gpt.config.n_vocab - len(vocab)))  # log sum of exp(0)
         log_normaliser = torch.cat([logits, rest], dim=1).logsumexp(dim=1)  # (N,)
         return (log_normaliser - logits.gather(1, torch.searchsorted(vocab, targets)[:, None])[:, 0]).sum()

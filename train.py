@@ -105,7 +105,7 @@ class TrainConfig:
     n_head: int = flag(2, "tiny GPT-2: heads")
     max_caption_tokens: int = flag(30, "captions are cut to this many tokens; generation stops there")
     num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search")
-    eval: str = flag("", "score this checkpoint on --split and exit")
+    eval: str = flag("", "score this checkpoint on --split and exit (text-to-image: on val, --judge to read back)")
     split: str = flag("val", "the split --eval scores: val, or test (Karpathy)")
     # the diffusion task
     text_encoder: str = flag("tiny", "tiny (CLIP-style, trained), clip (SD's text tower from --sd-weights) or gpt2, "
@@ -138,7 +138,7 @@ PRESETS = {"caption": {
     # tiny tower (32 x 32 images, 16 patches) and tiny GPT-2 with GPT-2's whole vocabulary, from scratch
     # (sine-cosine positions; 64k drawn images, 8 epochs of batch 64: 8.5 training minutes on 1 thread, 58% exact match)
     "shapes": dict(closed_vocab=True, vision_width=64, vision_layers=2, embed_dim=64, lr=2e-3, max_train_samples=64_000,
-                   mapping_type="tokens", epochs=7.0, eval_every=1000),
+                   mapping_type="tokens", epochs=8.0, eval_every=1000),
     # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32 embeddings, GPT-2 124M fine-tuned, MLP
     # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4 CIDEr
     "coco": dict(data="karpathy", image_tower="ViT-B/32", language_model="gpt2", prefix_length=10, batch_size=40,
@@ -658,11 +658,11 @@ class DiffusionTask:
     """Caption -> image. A split is (dataset, image ids, images, pairs [(image row, caption)]): images are the
     cached uint8 pixels at --image-size (centre crops), or None in latent space: photos read per batch."""
 
-    def __init__(self, cfg, rank=0, world=1, device="cpu"):
+    def __init__(self, cfg, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
         self.cfg, self.device, self.tokenize = cfg, torch.device(device), text_tokenizer(cfg)
-        self.model, self.extra = build_diffusion_model(cfg)
+        self.model, self.extra = build_diffusion_model(cfg, checkpoint)
         self.splits = {}
-        for split in ("train", "val"):
+        for split in splits:
             dataset = open_split(cfg, split)
             if split != "train" and cfg.max_val_samples and not isinstance(dataset, data.ShapesDataset):
                 dataset = dataset.subset(dataset.image_ids()[:cfg.max_val_samples])
@@ -674,7 +674,7 @@ class DiffusionTask:
                      for text in references[image_id]]
             self.splits[split] = (dataset, ids, images, pairs[:cfg.max_train_samples or None] if split == "train"
                                   else pairs)
-        self.num_pairs = len(self.splits["train"][3])
+        self.num_pairs = len(self.splits["train"][3]) if "train" in self.splits else 0
 
     def count_targets(self, pair_ids):
         return len(pair_ids)  # the loss is a mean over images
@@ -764,16 +764,26 @@ def parse_config(argv=None):
 
 
 def evaluate_checkpoint(cfg, given):
-    """Score a checkpoint on one split: BLEU-1..4 and CIDEr-D, with the split, decoding and training behind them."""
-    checkpoint = weights.load_checkpoint(cfg.eval)
-    if checkpoint.get("task") != "caption":
-        raise SystemExit(f"error: {cfg.eval} is not a checkpoint of train.py --task caption")
+    """Score a checkpoint on one split: a captioner's BLEU-1..4 and CIDEr-D, with the split, decoding and training
+    behind them; a text-to-image model's validation loss and samples, and with --judge its prompts read back."""
+    path, checkpoint = cfg.eval, weights.load_checkpoint(cfg.eval)
+    if not isinstance(checkpoint, dict) or checkpoint.get("task") not in ("caption", "diffusion"):
+        raise SystemExit(f"error: {path} is not a checkpoint of train.py")
+    if checkpoint["task"] == "diffusion":
+        keep = "judge num_judged sampler sampling_steps guidance_scale max_val_samples device out_dir threads".split()
+        cfg = TrainConfig(**{**checkpoint["config"], **{k: v for k, v in given.items() if k in keep}})
+        task = DiffusionTask(cfg, device=cfg.device, splits=("val",), checkpoint=checkpoint)
+        metrics = task.evaluate(task.model.to(cfg.device))
+        print(f"checkpoint {path}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
+              f"{cfg.preset}) | sampler {cfg.sampler}, {cfg.sampling_steps} steps, guidance {cfg.guidance_scale:g}\n"
+              + "  ".join(f"{k} {v}" for k, v in metrics.items()))
+        return metrics
     keep = "data data_root download split num_beams max_val_samples max_caption_tokens device out_dir threads".split()
     cfg = TrainConfig(**{**checkpoint["config"], **{k: v for k, v in given.items() if k in keep}})
     task = CaptionTask(cfg, device=cfg.device, splits=(cfg.split,), checkpoint=checkpoint)
     metrics = task.evaluate(task.model.to(cfg.device), cfg.split)
     decoding = "greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams"
-    print(f"checkpoint {cfg.eval}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
+    print(f"checkpoint {path}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
           f"{cfg.preset}, {cfg.mapping_type} mapper, GPT-2 {'frozen' if cfg.freeze_gpt else 'trained'})\n"
           f"split: {cfg.data} {cfg.split}, {len(task.splits[cfg.split][3])} images | decoding: {decoding}, at most "
           f"{cfg.max_caption_tokens} tokens\n" + "  ".join(f"{k} {v * 100:.1f}" if k != "val_loss" else f"{k} {v}"
