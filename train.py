@@ -135,10 +135,11 @@ class TrainConfig:
 
 
 PRESETS = {"caption": {
-    # tiny tower (32 x 32 images, 16 patches) and tiny GPT-2 with GPT-2's whole vocabulary, from scratch
-    # (sine-cosine positions; 64k drawn images, 8 epochs of batch 64: 8.5 training minutes on 1 thread, 58% exact match)
+    # tiny tower (32 x 32 images, 16 patches, sine-cosine positions) and tiny GPT-2 with GPT-2's whole vocabulary,
+    # from scratch; every tower token is a prefix vector (the pooled embedding alone lost where objects are: 58%).
+    # 64k drawn images, 9 epochs of batch 64 (9,000 steps): about 9 training minutes on 2 cores, 95-97% exact match
     "shapes": dict(closed_vocab=True, vision_width=64, vision_layers=2, embed_dim=64, lr=2e-3, max_train_samples=64_000,
-                   mapping_type="tokens", epochs=8.0, eval_every=1000),
+                   mapping_type="tokens", epochs=9.0, eval_every=1000),
     # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32 embeddings, GPT-2 124M fine-tuned, MLP
     # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4 CIDEr
     "coco": dict(data="karpathy", image_tower="ViT-B/32", language_model="gpt2", prefix_length=10, batch_size=40,

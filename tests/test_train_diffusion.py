@@ -42,7 +42,7 @@ def test_shortened_tour(tmp_path, capsys):
     final = json.loads([line for line in printed.splitlines() if "drawn_right_1" in line][-1])
     assert {"val_loss", "drawn_right_1", "drawn_right_2", "drawn_exact_1", "judge_exact_match"} <= set(final)
     assert "read back:" in printed and (diffusion_dir / "samples" / f"step-{final['step']:06d}.png").exists()
-    # the tour's second command: --eval scores the finished text-to-image checkpoint, read back by the captioner
+    # the tour's last command: --eval scores the finished text-to-image checkpoint, read back by the captioner
     scored = train.main(["--eval", str(diffusion_dir / "ckpt.pt"), "--judge", str(caption_dir / "ckpt.pt"),
                          "--num-judged", "12", "--sampling-steps", "3"])
     printed = capsys.readouterr().out
