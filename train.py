@@ -146,6 +146,7 @@ PRESETS = {"caption": {
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
 }, "diffusion": {
     # 32x32 pixels denoised as 16x16x12 patches by a 1.0M-parameter UNet, a 3.3M tiny text encoder: the tour
+    # (1,200 steps, about 10 minutes on one core; blobs of the right colour: 12% of single objects drawn right)
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=24_000,
                    pooled_text=True, parameterization="v", epochs=1.6, eval_every=400, max_val_samples=200,
                    max_caption_tokens=14, sampler="dpm++2m", sampling_steps=12, guidance_scale=1.5),
