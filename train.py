@@ -322,7 +322,7 @@ def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_si
         ids, part, skipped = dataset.image_ids(), path.with_name(path.name + ".part"), []
         size = cfg.image_size if tower is None else tower.config.image_resolution
         shape = (3, size, size) if tower is None else (tower.config.embed_dim,) if not tokens else \
-            ((size // tower.config.vision_patch_size) ** 2 + 1, tower.config.embed_dim)
+            (tower.config.num_tokens, tower.config.embed_dim)
         mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
         out = np.lib.format.open_memmap(part, "w+", np.uint8 if tower is None else np.float16, (len(ids), *shape))
         for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
@@ -386,8 +386,7 @@ def build_caption_model(cfg, checkpoint=None):
     else:
         path = weights.fetch("clip-vit-b-32/ViT-B-32.pt") if cfg.image_tower == "ViT-B/32" else cfg.image_tower
         tower = VisionTransformer.from_state_dict(weights.load_state_dict(path), preset=None).requires_grad_(False)
-    prefix_length = cfg.prefix_length if cfg.mapping_type != "tokens" else \
-        (tower.config.image_resolution // tower.config.vision_patch_size) ** 2 + 1  # the class token and the grid
+    prefix_length = cfg.prefix_length if cfg.mapping_type != "tokens" else tower.config.num_tokens
     if checkpoint or cfg.language_model == "tiny":
         gpt = GPT(GPTConfig(**checkpoint["gpt_config"]) if checkpoint else GPTConfig(
             n_ctx=prefix_length + cfg.max_caption_tokens + 1, n_embd=cfg.n_embd, n_head=cfg.n_head,

@@ -116,6 +116,10 @@ class VisionConfig:
     def vision_heads(self):
         return self.vision_width // 64  # openai/CLIP build_model: one head per 64 channels
 
+    @property
+    def num_tokens(self):
+        return (self.image_resolution // self.vision_patch_size) ** 2 + 1  # the class token and the patch grid
+
     @staticmethod
     def from_state_dict(sd, prefix="visual."):
         """Read the config off the tensor shapes, as openai/CLIP `build_model` does."""
@@ -152,7 +156,7 @@ class VisionTransformer(nn.Module):
         scale = C**-0.5
         self.conv1 = nn.Conv2d(3, C, kernel_size=P, stride=P, bias=False)  # patchify: one token per P x P patch
         self.class_embedding = nn.Parameter(scale * torch.randn(C))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((config.image_resolution // P) ** 2 + 1, C))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(config.num_tokens, C))
         self.ln_pre = nn.LayerNorm(C)
         self.transformer = Transformer(C, config.vision_layers, config.vision_heads)
         self.ln_post = nn.LayerNorm(C)
