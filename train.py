@@ -118,7 +118,8 @@ class TrainConfig:
     attention_resolutions: str = flag("2", "tiny UNet: downsampling factors with (cross-)attention")
     num_res_blocks: int = flag(1, "tiny UNet: ResBlocks per level")
     context_dim: int = flag(64, "tiny UNet: width of the text context (and of the tiny text encoder)")
-    pooled_text: bool = flag(False, "tiny UNet: the prompt's last text state joins the timestep embedding (SDXL)")
+    pooled_text: bool = flag(False, "tiny UNet: the text state at the first end-of-text joins the timestep "
+                             "embedding (SDXL's pooled text)")
     text_layers: int = flag(2, "tiny text encoder: blocks")
     patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: a 32x32 image costs 16x16)")
     schedule: str = flag("cosine", "noise schedule, a ddpm.py preset: cosine, linear or sd15")
