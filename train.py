@@ -120,6 +120,7 @@ class TrainConfig:
     context_dim: int = flag(64, "tiny UNet: width of the text context (and of the tiny text encoder)")
     pooled_text: bool = flag(False, "tiny UNet: the text state at the first end-of-text joins the timestep "
                              "embedding (SDXL's pooled text)")
+    scale_shift_norm: bool = flag(False, "tiny UNet: the embedding scales and shifts each ResBlock's channels (ADM)")
     text_layers: int = flag(2, "tiny text encoder: blocks")
     patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: a 32x32 image costs 16x16)")
     schedule: str = flag("cosine", "noise schedule, a ddpm.py preset: cosine, linear or sd15")
@@ -599,7 +600,7 @@ def build_diffusion_model(cfg, checkpoint=None):
         unet = UNetModel(UNetConfig(**checkpoint["unet_config"]) if checkpoint else UNetConfig(
             channels, channels, cfg.model_channels, tuple(map(int, cfg.channel_mult.split(","))), cfg.num_res_blocks,
             tuple(map(int, cfg.attention_resolutions.split(","))), num_heads=4, context_dim=cfg.context_dim,
-            adm_in_channels=cfg.context_dim if cfg.pooled_text else 0))
+            adm_in_channels=cfg.context_dim if cfg.pooled_text else 0, use_scale_shift_norm=cfg.scale_shift_norm))
     else:
         unet = UNetModel.from_checkpoint(sd)  # the SD file's UNet, fine-tuned
     unet.gradient_checkpointing = cfg.gradient_checkpointing

@@ -145,19 +145,26 @@ class SpatialTransformer(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Two norm -> SiLU -> conv3x3 stages; the timestep embedding is added per channel between them."""
+    """Two norm -> SiLU -> conv3x3 stages; the timestep embedding is added per channel between them (SD), or with
+    `use_scale_shift_norm` scales and shifts the second stage's normalised activations (ADM's FiLM: the embedding
+    can switch channels on and off, not only move them)."""
 
-    def __init__(self, channels, emb_channels, out_channels, dropout=0.0):
+    def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_scale_shift_norm=False):
         super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (1 + use_scale_shift_norm)))
         self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h, emb_out = self.in_layers(x), self.emb_layers(emb)[:, :, None, None]  # (B, C, h, w), (B, C or 2C, 1, 1)
+        if not self.use_scale_shift_norm:
+            return self.skip_connection(x) + self.out_layers(h + emb_out)
+        scale, shift = emb_out.chunk(2, dim=1)
+        h = self.out_layers[0](h) * (1 + scale) + shift
+        return self.skip_connection(x) + self.out_layers[1:](h)
 
 
 class Downsample(nn.Module):
@@ -212,6 +219,7 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     dropout: float = 0.0
     adm_in_channels: int = 0  # > 0: a vector y (B, adm_in_channels) joins the timestep embedding (SDXL's name)
+    use_scale_shift_norm: bool = False  # ResBlocks scale and shift by the embedding (ADM) instead of adding it (SD)
 
 
 PRESETS = {
@@ -249,7 +257,7 @@ class UNetModel(nn.Module):
         skip_channels, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
+                layers = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout, cfg.use_scale_shift_norm)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch))
@@ -259,13 +267,15 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout), transformer(ch),
-                                                    ResBlock(ch, emb_dim, ch, cfg.dropout))
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.use_scale_shift_norm), transformer(ch),
+            ResBlock(ch, emb_dim, ch, cfg.dropout, cfg.use_scale_shift_norm))
         # Decoder half: one more block per level than the encoder, each eating one skip connection.
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg.dropout)]
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg.dropout,
+                                   cfg.use_scale_shift_norm)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch))
@@ -383,7 +393,9 @@ def config_from_state_dict(sd):
         attention_resolutions=tuple(sorted(attention_at, reverse=True)), transformer_depth=depth,
         context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
         adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else 0,
-        use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2)
+        use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
+        use_scale_shift_norm=sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+        == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0])
 
 
 def expected_shapes(config=None, prefix=PREFIX):

@@ -83,7 +83,14 @@ def _load_on_meta(cls, config, converted):
 
 
 def diffusers_unet(checkpoint, unet_cfg=None, vae_cfg=None):
+    """Our config's options that SD 1.x's yaml never sets become their diffusers names: openaimodel's
+    `use_scale_shift_norm` is `resnet_time_scale_shift="scale_shift"`, its sequential `label_emb` (our
+    adm_in_channels) a "projection" class embedding, which the converter fills from `label_emb.0.*`."""
     cfg = sfu.create_unet_diffusers_config_from_ldm(original_config(unet_cfg, vae_cfg), checkpoint)
+    if unet_cfg is not None and unet_cfg.use_scale_shift_norm:
+        cfg["resnet_time_scale_shift"] = "scale_shift"
+    if unet_cfg is not None and unet_cfg.adm_in_channels:
+        cfg["class_embed_type"], cfg["projection_class_embeddings_input_dim"] = "projection", unet_cfg.adm_in_channels
     return _load_on_meta(UNet2DConditionModel, cfg, sfu.convert_ldm_unet_checkpoint(checkpoint, cfg))
 
 
