@@ -115,7 +115,8 @@ class TrainConfig:
     unet: str = flag("tiny", "tiny (the sizes below, from scratch) or sd15 (the --sd-weights UNet, fine-tuned)")
     model_channels: int = flag(32, "tiny UNet: channels of the first level")
     channel_mult: str = flag("1,2", "tiny UNet: channel multiplier of each level")
-    attention_resolutions: str = flag("2", "tiny UNet: downsampling factors with (cross-)attention")
+    attention_resolutions: str = flag("2", "tiny UNet: downsampling factors with (cross-)attention (\"\": the "
+                                      "middle block's only)")
     num_res_blocks: int = flag(1, "tiny UNet: ResBlocks per level")
     context_dim: int = flag(64, "tiny UNet: width of the text context (and of the tiny text encoder)")
     pooled_text: bool = flag(False, "tiny UNet: the text state at the first end-of-text joins the timestep "
@@ -147,11 +148,14 @@ PRESETS = {"caption": {
     "coco": dict(data="karpathy", image_tower="ViT-B/32", language_model="gpt2", prefix_length=10, batch_size=40,
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
 }, "diffusion": {
-    # 32x32 pixels denoised as 16x16x12 patches by a 1.0M-parameter UNet, a 3.3M tiny text encoder: the tour
-    # (1,200 steps, about 10 minutes on one core; blobs of the right colour: 12% of single objects drawn right)
-    "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=24_000,
-                   pooled_text=True, parameterization="v", epochs=1.6, eval_every=400, max_val_samples=200,
-                   max_caption_tokens=14, sampler="dpm++2m", sampling_steps=12, guidance_scale=1.5),
+    # 32x32 pixels denoised as 16x16x12 patches by a 0.8M-parameter UNet, a 3.3M tiny text encoder: the tour
+    # (1,500 steps, 10-12 minutes on one core). The pooled prompt scales and shifts every ResBlock (FiLM: 12% ->
+    # 37% of single objects drawn right); cross-attention only in the middle block (1.4x faster, as good); Min-SNR
+    # gamma 0.5, not 5, weights the noise levels where the prompt decides the shape (23% vs 12% without FiLM)
+    "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=48_000,
+                   pooled_text=True, scale_shift_norm=True, attention_resolutions="", parameterization="v",
+                   min_snr_gamma=0.5, epochs=1.0, eval_every=500, max_val_samples=200, max_caption_tokens=14,
+                   sampler="dpm++2m", sampling_steps=12, guidance_scale=1.5),
     # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
     "photos": dict(data="coco", out_dir="runs/diffusion-photos", sd_weights="sd15/v1-5-pruned-emaonly.safetensors",
                    latent=True, text_encoder="clip", image_size=256, model_channels=128, channel_mult="1,2,4",
@@ -599,7 +603,7 @@ def build_diffusion_model(cfg, checkpoint=None):
         channels = 4 if cfg.latent else 3 * cfg.patch ** 2
         unet = UNetModel(UNetConfig(**checkpoint["unet_config"]) if checkpoint else UNetConfig(
             channels, channels, cfg.model_channels, tuple(map(int, cfg.channel_mult.split(","))), cfg.num_res_blocks,
-            tuple(map(int, cfg.attention_resolutions.split(","))), num_heads=4, context_dim=cfg.context_dim,
+            tuple(int(ds) for ds in cfg.attention_resolutions.split(",") if ds), num_heads=4, context_dim=cfg.context_dim,
             adm_in_channels=cfg.context_dim if cfg.pooled_text else 0, use_scale_shift_norm=cfg.scale_shift_norm))
     else:
         unet = UNetModel.from_checkpoint(sd)  # the SD file's UNet, fine-tuned
