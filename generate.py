@@ -254,6 +254,10 @@ def trained_pipeline(args, device, dtype):
         sys.exit(f"error: {args.ckpt} draws {cfg.image_size}x{cfg.image_size} images from noise only (no "
                  "--init-image, and --width/--height only at that size)")
     model.to(device, dtype)
+    # what the model was judged with at training (its config's sampler, steps, guidance) unless given here:
+    # the SD defaults (guidance 7.5) overdrive a small model trained from scratch
+    args.sampler, args.steps = args.sampler or cfg.sampler, args.steps or cfg.sampling_steps
+    args.guidance_scale = cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
 
     def pipe(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, eta, *_, progress=False, **__):
         return model.generate(tokenize(prompts).to(device), seeds, sampler, steps, guidance_scale, cfg.image_size,
@@ -320,11 +324,11 @@ def main(argv=None):
                         "folders and globs to caption (with --ckpt)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale "
-                        "(1 = no guidance)")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--sampler", choices=ddpm.SAMPLERS, default="ddim", help="ddim (default: CompVis' "
-                        "txt2img.py, and diffusers' DDIMScheduler), ddpm, euler or dpm++2m")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = no guidance; "
+                        "default 7.5, or a --ckpt model's own from its training config)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default 50, or the --ckpt model's own)")
+    parser.add_argument("--sampler", choices=ddpm.SAMPLERS, help="ddim (default: CompVis' txt2img.py, and "
+                        "diffusers' DDIMScheduler; or the --ckpt model's own), ddpm, euler or dpm++2m")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise: 0 deterministic, 1 like DDPM")
     parser.add_argument("--seed", type=int, help="seed of the first image, the next images count up "
                         "(default: random)")
@@ -366,9 +370,9 @@ def main(argv=None):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             parser.error(f"--{name} must be a positive multiple of 8 (the VAE shrinks images 8x), got {value}")
-    if min(args.steps, args.num_images, args.batch_size, args.rerank) < 1:
+    if min(1 if args.steps is None else args.steps, args.num_images, args.batch_size, args.rerank) < 1:
         parser.error("--steps, --num-images and --batch-size must be at least 1, and --rerank too")
-    if not 0 < args.strength <= 1 or args.eta < 0 or args.guidance_scale < 0:
+    if not 0 < args.strength <= 1 or args.eta < 0 or (args.guidance_scale or 0) < 0:
         parser.error("--strength must be in (0, 1]; --eta and --guidance-scale must be >= 0")
 
     # What the inputs are decides the task: image files get captions, anything else is a prompt.
@@ -390,11 +394,14 @@ def main(argv=None):
             parser.error(f"--prompt-file: {error}")
     if not prompts:
         parser.error("give at least one prompt (or --prompt-file)")
-    try:
-        ddpm.GaussianDiffusion().sampling_timesteps(args.sampler, args.steps,
-                                                    args.strength if args.init_image else 1.0)
-    except ValueError as error:
-        parser.error(str(error))
+    if not args.ckpt:  # Stable Diffusion's defaults; a trained model's come with it (trained_pipeline)
+        args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
+        args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
+        try:
+            ddpm.GaussianDiffusion().sampling_timesteps(args.sampler, args.steps,
+                                                        args.strength if args.init_image else 1.0)
+        except ValueError as error:
+            parser.error(str(error))
     return draw(args, prompts)
 
 

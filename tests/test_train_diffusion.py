@@ -53,7 +53,8 @@ def test_shortened_tour(tmp_path, capsys):
     files = sorted(out.glob("0*.png"))
     assert [f.name for f in files] == ["00000-3.png", "00001-4.png"] and (out / "grid-00000-3.png").exists()
     with Image.open(files[0]) as image:
-        assert image.size == (32, 32) and "Steps: 2, Sampler: DDIM" in image.info["parameters"]
+        # no --sampler or --guidance-scale: the checkpoint's own (the preset's DPM++ 2M, guidance 1.5), not SD's
+        assert image.size == (32, 32) and "Steps: 2, Sampler: DPM++ 2M, CFG scale: 1.5" in image.info["parameters"]
     capsys.readouterr()
     generate.main([str(out / "0*.png"), "--ckpt", str(caption_dir / "ckpt.pt")])
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == list(map(str, files))
