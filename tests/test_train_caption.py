@@ -141,6 +141,28 @@ def test_feature_cache_notices_changed_images_and_weights(fixture, tmp_path, cap
         os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
 
 
+def test_cached_pixels_are_clips_crop_as_bytes(fixture):
+    """The pixels cache's fast path (an image already at size) gives the bytes of CLIP's preprocessing round trip;
+    other sizes, modes and an EXIF turn take that round trip."""
+    mean, std = torch.tensor(train.CLIP_MEAN).view(3, 1, 1), torch.tensor(train.CLIP_STD).view(3, 1, 1)
+
+    def round_trip(image, size):
+        return (train.preprocess(image, size) * std + mean).mul(255).round().byte().numpy()
+    shapes = data.ShapesDataset(64, image_size=32)
+    turned = shapes.load_image(1).copy()
+    exif = turned.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    turned.save(fixture / "turned.jpg", exif=exif.tobytes())
+    photo = Image.open(fixture / "coco" / "val2017" / f"{100:012d}.jpg")  # 64 x 48: resized, then cropped
+    for image, size in [*((shapes.load_image(i), 32) for i in range(64)), (Image.open(fixture / "turned.jpg"), 32),
+                        (photo, 32), (photo.convert("RGBA"), 48), (shapes.load_image(0).convert("L"), 32)]:
+        got = train.image_bytes(image, size)
+        assert got.shape == (3, size, size) and got.dtype == np.uint8
+        assert np.array_equal(got, round_trip(image, size))
+    assert not np.array_equal(train.image_bytes(Image.open(fixture / "turned.jpg"), 32),
+                              np.asarray(Image.open(fixture / "turned.jpg").convert("RGB")).transpose(2, 0, 1))
+
+
 def test_tokens_mapper_caches_every_token_and_captions(fixture, tmp_path, capsys):
     """--mapping-type tokens with a frozen tower: the cache holds every token (N, 1 + h*w, D), row 0 the pooled
     embedding; the prefix is the tower's token count, whatever --prefix-length says; generate.py captions with it."""
