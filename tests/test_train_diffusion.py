@@ -47,14 +47,14 @@ def test_shortened_tour(tmp_path, capsys):
                          "--num-judged", "12", "--sampling-steps", "3"])
     printed = capsys.readouterr().out
     assert {"val_loss", "drawn_right_1", "drawn_exact_1", "judge_exact_match"} <= set(scored)
-    assert "drawn right, as" in printed and "12 held-out prompts" in printed and "dpm++2m, 3 steps" in printed
+    assert "drawn right, as" in printed and "12 held-out prompts" in printed and "ddpm, 3 steps" in printed
     generate.main(["a large red circle", "a small blue square left of a large green triangle", "--ckpt",
                    str(diffusion_dir / "ckpt.pt"), "--steps", "2", "--seed", "3", "--out-dir", str(out)])
     files = sorted(out.glob("0*.png"))
     assert [f.name for f in files] == ["00000-3.png", "00001-4.png"] and (out / "grid-00000-3.png").exists()
     with Image.open(files[0]) as image:
-        # no --sampler or --guidance-scale: the checkpoint's own (the preset's DPM++ 2M, guidance 1.5), not SD's
-        assert image.size == (32, 32) and "Steps: 2, Sampler: DPM++ 2M, CFG scale: 1.5" in image.info["parameters"]
+        # no --sampler or --guidance-scale: the checkpoint's own (the preset's DDPM, guidance 1.5), not SD's DDIM 7.5
+        assert image.size == (32, 32) and "Steps: 2, Sampler: DDPM, CFG scale: 1.5" in image.info["parameters"]
     capsys.readouterr()
     generate.main([str(out / "0*.png"), "--ckpt", str(caption_dir / "ckpt.pt")])
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == list(map(str, files))
