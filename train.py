@@ -155,7 +155,7 @@ PRESETS = {"caption": {
     # 32x32 pixels denoised as 16x16x12 patches by a 0.8M-parameter UNet, a 3.3M tiny text encoder. The tour gives
     # it 12 minutes on one core beside the captioner (--minutes: as many steps as fit; bf16 where the CPU has AMX):
     # compute and fresh images are what it needs most (single objects drawn right at 1k..5k steps: 22, 43, 53, 62,
-    # 70%; 4,506 steps of 144k fresh images 73%, of 64k images seen 2.25 times 55%). The pooled prompt scales and
+    # 70%; 4,506 steps of 144k fresh images 73%, of 64k images seen 2.25 times 55-67%). The pooled prompt scales and
     # shifts every ResBlock (FiLM: 12% -> 37% at 1,200 steps); cross-attention only in the middle block (1.4x
     # faster, as good); Min-SNR gamma 0.5, not 5, weights the noise levels where the prompt decides the shape.
     # DDPM's noisy 50 steps draw it better than DPM++ 2M's 12 (tour checkpoint, 400 prompts: 72% vs 63%; guidance
