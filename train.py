@@ -201,6 +201,7 @@ def resolve_precision(precision, device):
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    # torch.cpu's private queries are the only ones torch has (torch.backends.cpu says "AVX512", not whether bf16)
     native = device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     return "bf16" if native else "fp32"
 
