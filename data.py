@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import re
 import sys
@@ -332,18 +331,6 @@ def image_folder(root, captions_file=None):
     return CaptionPairs(pairs, files)
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Lists, dicts, strings, numbers and numpy arrays; any other global is refused (a pickle can run code)."""
-    reconstruct = np.empty(0).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy version keeps it
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): reconstruct, ("numpy", "ndarray"): np.ndarray,
-               ("numpy._core.multiarray", "_reconstruct"): reconstruct, ("numpy", "dtype"): np.dtype}
-
-    def find_class(self, module, name):  # returns the allowed object itself: nothing is imported by name
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
-        return self.ALLOWED[module, name]
-
-
 class CIFAR100Captions(CaptionPairs):
     """CIFAR-100 (32 x 32 photos, 100 classes) read from the official python tarball without unpacking it;
     captions "a photo of a {class}" (CLIP's prompt template; "maple_tree" -> "maple tree")."""
@@ -357,9 +344,9 @@ class CIFAR100Captions(CaptionPairs):
                 raise ValueError(f"{CIFAR100_URL}: md5 {md5} is not the published {CIFAR100_MD5}; kept as {bad}")
         if not archive.exists():
             raise FileNotFoundError(f"{archive} not found: pass download=True or fetch {CIFAR100_URL} there")
-        with tarfile.open(archive, "r:gz") as tar:  # Python 2 pickles: bytes keys, read with encoding="bytes"
-            batch, meta = (_ArrayUnpickler(tar.extractfile(f"cifar-100-python/{name}"), encoding="bytes").load()
-                           for name in (split, "meta"))
+        with tarfile.open(archive, "r:gz") as tar:  # Python 2 pickles (bytes keys), through weights' unpickler
+            batch, meta = (weights.load_pickle(tar.extractfile(f"cifar-100-python/{name}").read(), f"{archive}:{name}",
+                                               encoding="bytes") for name in (split, "meta"))
         classes = [name.decode().replace("_", " ") for name in meta[b"fine_label_names"]]
         self.images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         super().__init__([(i, f"a photo of a {classes[label]}") for i, label in enumerate(batch[b"fine_labels"])],

@@ -329,7 +329,7 @@ def test_cifar100_from_official_tarball_layout(tmp_path):
 def test_cifar100_refuses_a_pickle_that_runs_code(tmp_path):
     _cifar_fixture(tmp_path, evil=True)
     assert len(data.CIFAR100Captions(tmp_path, split="train")) == 6
-    with pytest.raises(Exception, match="refusing to load os.system"):
+    with pytest.raises(ValueError, match="refusing to load global 'os.system'"):
         data.CIFAR100Captions(tmp_path, split="test")
 
 
