@@ -177,10 +177,12 @@ class ShapesDataset:
 # -----------------------------------------------------------------------------
 # 2. Images and captions on disk
 
-COCO_URL = "http://images.cocodataset.org/"
-COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served)
-    "annotations": ("annotations/annotations_trainval2017.zip", 252907541),
-    "train2017": ("zips/train2017.zip", 19336861798), "val2017": ("zips/val2017.zip", 815585330)}
+COCO_URL = "http://images.cocodataset.org/"  # plain http only: the size and the md5 below vouch for the bytes
+COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served, md5 as pinned by many independent
+    # download scripts, e.g. PaddleDetection's ppdet/utils/download.py; the COCO site publishes no checksum)
+    "annotations": ("annotations/annotations_trainval2017.zip", 252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
+    "train2017": ("zips/train2017.zip", 19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
+    "val2017": ("zips/val2017.zip", 815585330, "442b8da7639aecaf257c1dceb8ba8c80")}
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5, CIFAR100_SIZE = "eb9058c3a382ffc7106e4002c42a8d85", 169001437  # md5 from the authors' page
 
@@ -251,8 +253,8 @@ def _download_and_unpack(name, root):
     """Fetch one official COCO archive (progress, resume) and unpack it into root, once."""
     if (done := root / f".{name}.unpacked").exists():
         return
-    url_path, size = COCO_ARCHIVES[name]
-    archive = weights.download(COCO_URL + url_path, root / Path(url_path).name, size=size)
+    url_path, size, md5 = COCO_ARCHIVES[name]
+    archive = weights.download(COCO_URL + url_path, root / Path(url_path).name, size=size, md5=md5)
     with zipfile.ZipFile(archive) as zf:
         for member in tqdm(zf.namelist(), desc=f"unpacking {archive.name}", unit="file", disable=None):
             if not (root / member).resolve().is_relative_to(root.resolve()):  # "../" or an absolute path
