@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import re
 import sys
@@ -178,10 +177,12 @@ class ShapesDataset:
 # -----------------------------------------------------------------------------
 # 2. Images and captions on disk
 
-COCO_URL = "http://images.cocodataset.org/"
-COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served)
-    "annotations": ("annotations/annotations_trainval2017.zip", 252907541),
-    "train2017": ("zips/train2017.zip", 19336861798), "val2017": ("zips/val2017.zip", 815585330)}
+COCO_URL = "http://images.cocodataset.org/"  # plain http only: the size and the md5 below vouch for the bytes
+COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served, md5 as pinned by many independent
+    # download scripts, e.g. PaddleDetection's ppdet/utils/download.py; the COCO site publishes no checksum)
+    "annotations": ("annotations/annotations_trainval2017.zip", 252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
+    "train2017": ("zips/train2017.zip", 19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
+    "val2017": ("zips/val2017.zip", 815585330, "442b8da7639aecaf257c1dceb8ba8c80")}
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5, CIFAR100_SIZE = "eb9058c3a382ffc7106e4002c42a8d85", 169001437  # md5 from the authors' page
 
@@ -252,8 +253,8 @@ def _download_and_unpack(name, root):
     """Fetch one official COCO archive (progress, resume) and unpack it into root, once."""
     if (done := root / f".{name}.unpacked").exists():
         return
-    url_path, size = COCO_ARCHIVES[name]
-    archive = weights.download(COCO_URL + url_path, root / Path(url_path).name, size=size)
+    url_path, size, md5 = COCO_ARCHIVES[name]
+    archive = weights.download(COCO_URL + url_path, root / Path(url_path).name, size=size, md5=md5)
     with zipfile.ZipFile(archive) as zf:
         for member in tqdm(zf.namelist(), desc=f"unpacking {archive.name}", unit="file", disable=None):
             if not (root / member).resolve().is_relative_to(root.resolve()):  # "../" or an absolute path
@@ -332,18 +333,6 @@ def image_folder(root, captions_file=None):
     return CaptionPairs(pairs, files)
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Lists, dicts, strings, numbers and numpy arrays; any other global is refused (a pickle can run code)."""
-    reconstruct = np.empty(0).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy version keeps it
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): reconstruct, ("numpy", "ndarray"): np.ndarray,
-               ("numpy._core.multiarray", "_reconstruct"): reconstruct, ("numpy", "dtype"): np.dtype}
-
-    def find_class(self, module, name):  # returns the allowed object itself: nothing is imported by name
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
-        return self.ALLOWED[module, name]
-
-
 class CIFAR100Captions(CaptionPairs):
     """CIFAR-100 (32 x 32 photos, 100 classes) read from the official python tarball without unpacking it;
     captions "a photo of a {class}" (CLIP's prompt template; "maple_tree" -> "maple tree")."""
@@ -357,9 +346,9 @@ class CIFAR100Captions(CaptionPairs):
                 raise ValueError(f"{CIFAR100_URL}: md5 {md5} is not the published {CIFAR100_MD5}; kept as {bad}")
         if not archive.exists():
             raise FileNotFoundError(f"{archive} not found: pass download=True or fetch {CIFAR100_URL} there")
-        with tarfile.open(archive, "r:gz") as tar:  # Python 2 pickles: bytes keys, read with encoding="bytes"
-            batch, meta = (_ArrayUnpickler(tar.extractfile(f"cifar-100-python/{name}"), encoding="bytes").load()
-                           for name in (split, "meta"))
+        with tarfile.open(archive, "r:gz") as tar:  # Python 2 pickles (bytes keys), through weights' unpickler
+            batch, meta = (weights.load_pickle(tar.extractfile(f"cifar-100-python/{name}").read(), f"{archive}:{name}",
+                                               encoding="bytes") for name in (split, "meta"))
         classes = [name.decode().replace("_", " ") for name in meta[b"fine_label_names"]]
         self.images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         super().__init__([(i, f"a photo of a {classes[label]}") for i, label in enumerate(batch[b"fine_labels"])],

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizers of GPT-2 and CLIP, written out by hand.
+r"""Byte-level BPE tokenizers of GPT-2 and CLIP, written out by hand.
 
 Byte pair encoding (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units")
 starts from single symbols and repeatedly joins the adjacent pair that came first in a learned list of
@@ -12,9 +12,51 @@ pre-token), then run BPE on each pre-token. Official code this matches, id for i
 - GPT-2: openai/gpt-2 `src/encoder.py` and openai/tiktoken's `gpt2` encoding.
 - CLIP: openai/CLIP `clip/simple_tokenizer.py` and `clip.tokenize`; Stable Diffusion's tokenizer (Hugging Face
   `CLIPTokenizer` on openai/clip-vit-large-patch14) is the same BPE, padded with end-of-text instead of 0.
+
+`encode_and_show_work` returns every step (karpathy/minGPT mingpt/bpe.py's teaching device); `python
+tokenizer.py [text] [--tokenizer clip]` prints them:
+
+    text: "Hello!! I'm Andrej Karpathy 🤗"
+    pre-tokens: ['Hello', '!!', ' I', "'m", ' Andrej', ' Karpathy', ' 🤗']
+    'Hello': bytes b'Hello' -> chars 'Hello'
+        merge l + l -> ll
+        merge e + ll -> ell
+        merge ell + o -> ello
+        merge H + ello -> Hello
+        tokens ['Hello'] ids [15496]
+    '!!': bytes b'!!' -> chars '!!'
+        merge ! + ! -> !!
+        tokens ['!!'] ids [3228]
+    ' I': bytes b' I' -> chars 'ĠI'
+        merge Ġ + I -> ĠI
+        tokens ['ĠI'] ids [314]
+    "'m": bytes b"'m" -> chars "'m"
+        merge ' + m -> 'm
+        tokens ["'m"] ids [1101]
+    ' Andrej': bytes b' Andrej' -> chars 'ĠAndrej'
+        merge r + e -> re
+        merge Ġ + A -> ĠA
+        merge n + d -> nd
+        merge ĠA + nd -> ĠAnd
+        merge ĠAnd + re -> ĠAndre
+        tokens ['ĠAndre', 'j'] ids [10948, 73]
+    ' Karpathy': bytes b' Karpathy' -> chars 'ĠKarpathy'
+        merge a + t -> at
+        merge a + r -> ar
+        merge Ġ + K -> ĠK
+        merge at + h -> ath
+        merge ar + p -> arp
+        merge ath + y -> athy
+        tokens ['ĠK', 'arp', 'athy'] ids [509, 5117, 10036]
+    ' 🤗': bytes b' \xf0\x9f\xa4\x97' -> chars 'ĠðŁ¤Ĺ'
+        merge ð + Ł -> ðŁ
+        merge Ġ + ðŁ -> ĠðŁ
+        tokens ['ĠðŁ', '¤', 'Ĺ'] ids [12520, 97, 245]
+    ids: [15496, 3228, 314, 1101, 10948, 73, 509, 5117, 10036, 12520, 97, 245]
 """
 import functools
 import gzip
+import heapq
 import html
 import itertools
 import json
@@ -25,6 +67,7 @@ from pathlib import Path
 import torch
 
 VOCAB_DIR = Path(__file__).resolve().parent / "weights" / "vocab"  # committed copies of the official files
+FAST_MERGE_LENGTH = 64  # pieces with more bytes merge through the heap (words are shorter; hostile input is not)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,11 +192,12 @@ class BytePairEncoder:
         self._cache: dict[str, tuple[int, ...]] = {}
         self.cache_size = cache_size
 
-    def merge(self, ids: list[int]) -> list[int]:
+    def merge(self, ids: list[int], trace: list | None = None) -> list[int]:
         """The BPE loop: join the adjacent pair that was learned first, until no pair is a merge.
 
         `pair_ids[i]` is the id that (ids[i], ids[i + 1]) would merge into; a merge changes only its neighbours.
         Ties go to the leftmost pair, so all copies of a pair merge left to right, as in openai/gpt-2's sweep.
+        `trace`, if given, receives each merge as (left id, right id, merged id).
         """
         never = self.n_vocab  # larger than every id
         merge_of = self.merges.get
@@ -163,6 +207,8 @@ class BytePairEncoder:
             if best == never:
                 break
             i = pair_ids.index(best)
+            if trace is not None:
+                trace.append((ids[i], ids[i + 1], best))
             ids[i : i + 2] = [best]
             del pair_ids[i]
             if i > 0:
@@ -170,6 +216,29 @@ class BytePairEncoder:
             if i < len(pair_ids):
                 pair_ids[i] = merge_of((best, ids[i + 1]), never)
         return ids
+
+    def merge_fast(self, ids: list[int]) -> list[int]:
+        """The same merges as `merge`, in O(n log n) instead of O(n^2): for long pieces (a 200,000-letter
+        "word" took minutes in the plain loop). A heap holds every adjacent pair that is a merge, keyed
+        (merged id, position), so it pops the pair `merge` would pick: the earliest learned, the leftmost.
+        Symbols form a linked list; a popped pair whose symbols changed since it was pushed is stale."""
+        merge_of = self.merges.get
+        after, before = list(range(1, len(ids) + 1)), list(range(-1, len(ids) - 1))  # neighbours; len(ids) = none
+        heap = [(merged, i) for i, pair in enumerate(zip(ids, ids[1:])) if (merged := merge_of(pair)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            merged, i = heapq.heappop(heap)
+            j = after[i]
+            if ids[i] is None or j == len(ids) or merge_of((ids[i], ids[j])) != merged:
+                continue  # stale: one of the two symbols was merged into something else meanwhile
+            ids[i], ids[j], after[i] = merged, None, after[j]
+            if after[i] < len(ids):
+                before[after[i]] = i
+                if (right := merge_of((merged, ids[after[i]]))) is not None:
+                    heapq.heappush(heap, (right, i))
+            if before[i] >= 0 and (left := merge_of((ids[before[i]], merged))) is not None:
+                heapq.heappush(heap, (left, before[i]))
+        return [token for token in ids if token is not None]
 
     def encode_piece(self, piece: str) -> tuple[int, ...]:
         """Ids of one pre-token: its UTF-8 bytes as byte tokens, `end_of_word` on the last one, then BPE."""
@@ -179,7 +248,8 @@ class BytePairEncoder:
         token = self.word_ids.get(data)
         if token is not None:  # the whole pre-token is one token: tiktoken's shortcut, exact here (a test proves it)
             return (token,)
-        return tuple(self.merge(list(map(self.byte_ids.__getitem__, data[:-1])) + [self.last_byte_ids[data[-1]]]))
+        ids = list(map(self.byte_ids.__getitem__, data[:-1])) + [self.last_byte_ids[data[-1]]]
+        return tuple(self.merge(ids) if len(ids) <= FAST_MERGE_LENGTH else self.merge_fast(ids))
 
     def encode_pieces(self, pieces: list[str]) -> list[int]:
         ids, cache = [], self._cache
@@ -191,6 +261,27 @@ class BytePairEncoder:
                 piece_ids = cache[piece] = self.encode_piece(piece)
             ids += piece_ids
         return ids
+
+    def encode_and_show_work(self, text: str) -> dict:
+        """`encode`, with every intermediate step (karpathy/minGPT mingpt/bpe.py's teaching device): the
+        pre-tokens, and for each its UTF-8 bytes, those bytes as `bytes_to_unicode` characters, the merges in
+        the order BPE applies them (plain loop), the tokens and their ids. `python tokenizer.py` prints it."""
+        token_of = {i: token for token, i in self.encoder.items()} | {i: t for t, i in self.special_tokens.items()}
+        symbols, parts, ids = bytes_to_unicode(), [], []
+        for piece in self.pieces(text):
+            merges = []
+            if piece in self.special_tokens:
+                piece_ids = [self.special_tokens[piece]]
+            else:
+                data = piece.encode("utf-8")
+                piece_ids = self.merge(list(map(self.byte_ids.__getitem__, data[:-1])) + [self.last_byte_ids[data[-1]]],
+                                       trace=merges)
+            parts.append({"piece": piece, "bytes": piece.encode("utf-8"),
+                          "chars": "".join(symbols[b] for b in piece.encode("utf-8")) + self.end_of_word,
+                          "merges": [f"{token_of[a]} + {token_of[b]} -> {token_of[m]}" for a, b, m in merges],
+                          "tokens": [token_of[i] for i in piece_ids], "ids": piece_ids})
+            ids += piece_ids
+        return {"pieces": [part["piece"] for part in parts], "parts": parts, "ids": ids}
 
     def decode(self, ids) -> str:
         """Text of `ids`; a multi-byte character cut in the middle becomes U+FFFD, as in tiktoken."""
@@ -240,8 +331,12 @@ class GPT2Tokenizer(BytePairEncoder):
     def default(cls) -> "GPT2Tokenizer":
         return cls.from_files(VOCAB_DIR / "encoder.json", VOCAB_DIR / "vocab.bpe")
 
+    def pieces(self, text: str) -> list[str]:
+        """The pre-tokens of `text` (no special tokens): a merge never crosses from one to the next."""
+        return self.pattern.findall(text)
+
     def encode_ordinary(self, text: str) -> list[int]:
-        return self.encode_pieces(self.pattern.findall(text))
+        return self.encode_pieces(self.pieces(text))
 
     def encode(self, text: str, allowed_special=()) -> list[int]:
         """Token ids of `text`; `allowed_special` is "all" or a set of special-token names."""
@@ -319,8 +414,12 @@ class CLIPTokenizer(BytePairEncoder):
     def default(cls) -> "CLIPTokenizer":
         return cls.from_file(VOCAB_DIR / "bpe_simple_vocab_16e6.txt.gz")
 
+    def pieces(self, text: str) -> list[str]:
+        """The pre-tokens of the cleaned `text`; "<|startoftext|>"/"<|endoftext|>" come out whole."""
+        return self.pattern.findall(clean_clip_text(text))
+
     def encode(self, text: str) -> list[int]:
-        return self.encode_pieces(self.pattern.findall(clean_clip_text(text)))
+        return self.encode_pieces(self.pieces(text))
 
     def tokenize(self, texts, context_length: int = 77, pad: str = "zero", truncate: bool = True) -> torch.Tensor:
         """`[SOT] + encode(text) + [EOT]`, padded to `context_length`, as a LongTensor (B, T), B = len(texts).
@@ -345,3 +444,26 @@ class CLIPTokenizer(BytePairEncoder):
                 ids = ids[: context_length - 1] + [self.eot_token]
             out[row, : len(ids)] = torch.tensor(ids)
         return out
+
+
+def main(argv=None):
+    """Show how a text becomes ids, step by step (the output in the module docstring)."""
+    import argparse
+    parser = argparse.ArgumentParser(description="Show the byte-level BPE of GPT-2 or CLIP at work on a text.")
+    parser.add_argument("text", nargs="?", default="Hello!! I'm Andrej Karpathy 🤗",
+                        help="the text to encode (default: part of minGPT's example)")
+    parser.add_argument("--tokenizer", choices=("gpt2", "clip"), default="gpt2", help="which tokenizer")
+    args = parser.parse_args(argv)
+    work = (GPT2Tokenizer if args.tokenizer == "gpt2" else CLIPTokenizer).default().encode_and_show_work(args.text)
+    print(f"text: {args.text!r}\npre-tokens: {work['pieces']}")
+    for part in work["parts"]:
+        print(f"{part['piece']!r}: bytes {part['bytes']!r} -> chars {part['chars']!r}")
+        for merge in part["merges"]:
+            print(f"    merge {merge}")
+        print(f"    tokens {part['tokens']} ids {part['ids']}")
+    print(f"ids: {work['ids']}")
+    return work
+
+
+if __name__ == "__main__":
+    main()

@@ -243,7 +243,7 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
     if cfg.resume:
         checkpoint = weights.load_checkpoint(cfg.resume)
         model.load_state_dict(checkpoint["model"], strict=True)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(weights.check_optimizer_state(checkpoint["optimizer"], optimizer, cfg.resume))
         scaler.load_state_dict(checkpoint["scaler"])
         step = checkpoint["step"]
         if cfg.minutes and checkpoint.get("total_steps"):  # the length its timed steps chose

@@ -329,7 +329,7 @@ def test_cifar100_from_official_tarball_layout(tmp_path):
 def test_cifar100_refuses_a_pickle_that_runs_code(tmp_path):
     _cifar_fixture(tmp_path, evil=True)
     assert len(data.CIFAR100Captions(tmp_path, split="train")) == 6
-    with pytest.raises(Exception, match="refusing to load os.system"):
+    with pytest.raises(ValueError, match="refusing to load global 'os.system'"):
         data.CIFAR100Captions(tmp_path, split="test")
 
 
@@ -354,6 +354,7 @@ def local_server(tmp_path):
 
 
 def test_coco_download_and_unpack_from_local_server(tmp_path, local_server, monkeypatch):
+    import hashlib
     import zipfile
     served, url = local_server
     source = _coco_fixture(tmp_path / "source")
@@ -364,8 +365,8 @@ def test_coco_download_and_unpack_from_local_server(tmp_path, local_server, monk
     with zipfile.ZipFile(served / "zips" / "val2017.zip", "w") as zf:
         for path in sorted((source / "val2017").iterdir()):
             zf.write(path, f"val2017/{path.name}")
-    sizes = {name: (path, (served / path).stat().st_size) for name, (path, _) in data.COCO_ARCHIVES.items()
-             if name != "train2017"}
+    sizes = {name: (path, (served / path).stat().st_size, hashlib.md5((served / path).read_bytes()).hexdigest())
+             for name, (path, _, _) in data.COCO_ARCHIVES.items() if name != "train2017"}
     monkeypatch.setattr(data, "COCO_URL", url)
     monkeypatch.setattr(data, "COCO_ARCHIVES", sizes)
     ds = data.coco_captions(tmp_path / "coco", split="val", download=True)
@@ -382,7 +383,7 @@ def test_coco_unpack_refuses_paths_outside_the_root(tmp_path, local_server, monk
     with zipfile.ZipFile(served / "zips" / "val2017.zip", "w") as zf:
         zf.writestr("../escaped.txt", "x")
     monkeypatch.setattr(data, "COCO_URL", url)
-    monkeypatch.setattr(data, "COCO_ARCHIVES", {"val2017": ("zips/val2017.zip", None)})
+    monkeypatch.setattr(data, "COCO_ARCHIVES", {"val2017": ("zips/val2017.zip", None, None)})
     (tmp_path / "coco").mkdir()
     with pytest.raises(ValueError, match="outside"):
         data._download_and_unpack("val2017", tmp_path / "coco")

@@ -310,3 +310,82 @@ def test_bad_files_and_ids_give_one_clear_error(tmp_path, gpt2):
         GPT2Tokenizer({**gpt2.encoder, **gpt2.special_tokens}, [merges[1], merges[0]] + merges[2:])
     with pytest.raises(ValueError, match="token id 50257"):
         gpt2.decode([15496, 50257])
+
+
+# ----------------------------------------------------------------------------- long words and the teaching path
+
+
+def byte_ids(tokenizer, piece):
+    data = piece.encode("utf-8")
+    return list(map(tokenizer.byte_ids.__getitem__, data[:-1])) + [tokenizer.last_byte_ids[data[-1]]]
+
+
+@pytest.mark.parametrize("alphabet", ["ab", "aaaaab", "abcdefghijklmnopqrstuvwxyz", "éàü€", "0123456789", "xy z"])
+def test_fast_merge_equals_the_plain_loop(gpt2, clip, alphabet):
+    """The heap (merge_fast) and the visible loop (merge) pick the same pair at every step: same ids."""
+    import random
+    rng = random.Random(alphabet)
+    for tokenizer in (gpt2, clip):
+        for length in (2, 5, 63, 64, 65, 300, 3000):
+            piece = "".join(rng.choice(alphabet) for _ in range(length))
+            ids = byte_ids(tokenizer, piece)
+            assert tokenizer.merge_fast(list(ids)) == tokenizer.merge(list(ids)), (length, piece[:40])
+
+
+def test_long_words_equal_tiktoken(gpt2, tiktoken_gpt2):
+    import random
+    rng = random.Random(0)
+    for text in ["a" * 20_000, "".join(rng.choice("abcdefghij") for _ in range(20_000)), "ab" * 9_999 + " x",
+                 "9" * 5_000, "€" * 3_000]:
+        assert gpt2.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)
+
+
+def long_prompt_tokenizers():  # untimed setup of the bounded child below: loading the tokenizers takes ~2 s
+    return GPT2Tokenizer.default(), CLIPTokenizer.default()
+
+
+def encode_long_prompt(tokenizers):
+    """Seconds to encode a 20,000- and a 200,000-letter word (the second took over 2 minutes with the plain
+    loop alone: quadratic), with both tokenizers."""
+    import time
+    seconds = []
+    for length in (10_000, 100_000):
+        start = time.perf_counter()
+        for tokenizer in tokenizers:
+            tokenizer.encode("x" + "ab" * length)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def test_a_200_000_letter_word_encodes_in_bounded_time():
+    from bounded import run_bounded
+    outcome = run_bounded("test_tokenizer:encode_long_prompt", setup="test_tokenizer:long_prompt_tokenizers",
+                          memory_mb=1024, seconds=120)
+    assert outcome.status == "returned", str(outcome)
+    short, long = eval(outcome.result)
+    assert long < 50 * short + 1.0, (short, long)  # 10 times the letters: ~15 times the time (n log n), not 100
+
+
+def test_encode_and_show_work(gpt2, clip):
+    text = "Hello!! I'm Andrej Karpathy. It's 2022. w00t :D 🤗"
+    work = gpt2.encode_and_show_work(text)
+    # karpathy/minGPT mingpt/bpe.py prints these for the same text
+    assert work["ids"] == [15496, 3228, 314, 1101, 10948, 73, 509, 5117, 10036, 13, 632, 338, 33160, 13, 266, 405, 83,
+                           1058, 35, 12520, 97, 245] == gpt2.encode(text)
+    assert work["pieces"] == ["Hello", "!!", " I", "'m", " Andrej", " Karpathy", ".", " It", "'s", " 2022", ".", " w",
+                              "00", "t", " :", "D", " 🤗"]
+    andrej = work["parts"][4]
+    assert andrej["chars"] == "ĠAndrej" and andrej["tokens"] == ["ĠAndre", "j"] and andrej["ids"] == [10948, 73]
+    assert andrej["merges"][-1] == "ĠAnd + re -> ĠAndre" and andrej["bytes"] == b" Andrej"
+    clip_work = clip.encode_and_show_work("A photo of a CAT <|endoftext|>")
+    assert clip_work["ids"] == clip.encode("A photo of a CAT <|endoftext|>") and clip_work["ids"][-1] == 49407
+    cat = clip_work["parts"][4]
+    assert cat["chars"] == "cat</w>" and cat["merges"][-1] == "c + at</w> -> cat</w>"
+
+
+def test_the_demo_in_the_module_docstring_is_what_main_prints(capsys):
+    import tokenizer
+    tokenizer.main([])
+    printed = capsys.readouterr().out.strip().splitlines()
+    shown = [line[4:] for line in tokenizer.__doc__.splitlines() if line.startswith("    ")]
+    assert printed == shown

@@ -572,3 +572,59 @@ def test_save_checkpoint_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         weights.save_checkpoint({"step": 2}, path)
     assert weights.load_checkpoint(path) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+# ----------------------------------------------------------------------------- the one restricted unpickler
+
+
+def test_every_pickle_protocol_of_plain_data_loads_as_pickle_does():
+    """The opcode pre-scan models every opcode of protocols 0-5 that plain data uses (memo, frames,
+    STACK_GLOBAL, sets, bytearrays, big ints) and lets all of them through."""
+    value = {"a": [1, 2.5, "é€", b"x" * 300, (1, 2), {3}, frozenset([4]), None, True, 2**70, bytearray(b"z")],
+             "nested": [[[["deep"]]]], "text": "x" * 2000, "shared": [[1]] * 3, "slice": slice(1, 5), "z": 1 + 2j}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert weights.load_pickle(pickle.dumps(value, protocol=protocol), "in memory") == value, protocol
+
+
+def test_numpy_numbers_and_arrays_are_rebuilt_from_their_dtype_names(tmp_path):
+    arrays = {"i16": np.arange(6, dtype=np.int16).reshape(2, 3), "big-endian": np.arange(4, dtype=">f4"),
+              "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)), "bool": np.array([True, False]),
+              "complex": np.array([1 + 2j], dtype=np.complex64), "scalar": np.float64(2.5), "u8": np.uint8(7)}
+    path = tmp_path / "arrays.pt"
+    torch.save(arrays, path)
+    loaded = weights.load_checkpoint(path)
+    for name, array in arrays.items():
+        same_type = np.asarray(loaded[name]).dtype.newbyteorder("=") == array.dtype.newbyteorder("=")
+        assert same_type and np.array_equal(loaded[name], array), name  # numpy stores big-endian data native
+    assert isinstance(loaded["i16"], np.ndarray) and loaded["scalar"] == 2.5
+    for refused in (np.array(["text"]), np.array([1, None], dtype=object), np.zeros(2, dtype=[("a", "f4")])):
+        torch.save({"x": refused}, path)
+        with pytest.raises(weights.UnsafeCheckpointError, match="refusing (a )?numpy"):
+            weights.load_checkpoint(path)
+
+
+def test_every_refusal_is_a_value_error_naming_the_file(tmp_path):
+    assert issubclass(weights.UnsafeCheckpointError, ValueError)
+    assert issubclass(weights.UnsafeCheckpointError, pickle.UnpicklingError)
+    path = write_zip_checkpoint(tmp_path / "evil.pt", Exploit(os.system, "true"))
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        weights.load_checkpoint(path)
+
+
+def test_legacy_file_with_a_hostile_object_graph_is_refused_before_storages_are_read(tmp_path):
+    path = write_legacy_checkpoint(tmp_path / "deep.bin", None)
+    data = path.read_bytes().replace(pickle.dumps({"x": None}, protocol=2),
+                                     b"\x80\x02]" + b"\x85" * 500 + b".")  # a list in 500 nested 1-tuples
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="nested deeper than 200"):
+        weights.load_state_dict(path)
+
+
+def test_save_checkpoint_checks_a_shared_structure_once(tmp_path):
+    shared = []
+    for _ in range(60):  # 2**60 paths, 60 lists
+        shared = [shared, shared]
+    weights.save_checkpoint({"shared": shared}, tmp_path / "dag.pt")  # returns at once instead of walking
+    assert weights.load_checkpoint(tmp_path / "dag.pt")["shared"][0] is not None
+    with pytest.raises(TypeError, match="str_"):
+        weights.save_checkpoint({"x": np.str_("text")}, tmp_path / "text.pt")

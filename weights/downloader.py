@@ -1,9 +1,23 @@
 """Getting official files onto the disk: the weights directory, a resumable download, and `fetch`.
 
-`download(url, dest)` streams with requests into `dest.part`, shows tqdm progress, resumes a
-partial `.part` with an HTTP Range request (and starts over when a server ignores Range and
-answers 200), retries network failures with exponential back-off, checks size and sha256, and
-only then renames the file into place, so `dest` is either complete and verified or absent.
+`download(url, dest)` streams with requests into `dest.part`, shows tqdm progress, and only
+renames the file into place once its size and checksum are right, so `dest` is either complete
+and verified or absent. What a server sends is not trusted:
+
+- the body is written as sent (`Accept-Encoding: identity`; a `Content-Encoding` is refused, never
+  inflated) and never past the expected length (registry size, else Hugging Face's
+  `X-Linked-Size`, else the announced length; with none of them there is no download);
+- an HTML page (a login or error page, a captive portal) is refused for a weights file;
+- a partial `.part` is resumed with `Range` and `If-Range` (the ETag or Last-Modified that the
+  first response gave, kept beside it in `.part.json`), so a file changed upstream restarts
+  instead of being spliced; a `.part` with neither a validator nor a checksum is not resumed;
+- Hugging Face publishes the LFS sha256 of every weights file (`X-Linked-Etag`): it is checked
+  when the registry has none, and must agree with the registry's when it has one;
+- a transfer slower than `min_rate` bytes/s over `rate_window` seconds is cut (and resumed), and
+  `deadline` bounds the whole call;
+- the `.part` is opened without following symlinks and locked, so two processes fetching the
+  same file wait for each other instead of writing into one file;
+- every failure is `WeightsUnavailable` (or `ChecksumMismatch`) saying what to do.
 
 `fetch("gpt2/model.safetensors")` looks the name up in REGISTRY and returns, in this order: the
 file already in the weights directory (size checked), the copy committed in weights/vocab/, a
@@ -11,15 +25,28 @@ copy in a local Hugging Face hub cache, or a fresh download. When it cannot, it 
 `WeightsUnavailable` with one message naming the URL and the path where the file belongs, so
 that a user behind a firewall can fetch it some other way and put it there by hand.
 """
+import contextlib
+import errno
 import hashlib
+import json
 import os
+import re
+import stat
+import sys
 import time
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
+from urllib3.exceptions import HTTPError as TransportError  # requests' transport: what a raw read raises
+
 
 from .registry import REGISTRY
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent fetches of one file are not guarded there
+    fcntl = None
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHUNK_BYTES = 1 << 16  # a cut connection loses at most one chunk of progress
@@ -36,7 +63,7 @@ class WeightsUnavailable(RuntimeError):
 
 
 class ChecksumMismatch(WeightsUnavailable):
-    """The downloaded bytes do not have the published sha256; the file was deleted."""
+    """The downloaded bytes do not have the published checksum; the file was deleted."""
 
 
 def weights_dir(root=None):
@@ -48,16 +75,20 @@ def weights_dir(root=None):
     return PACKAGE_DIR
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
+def sha256_of(path, algorithm="sha256"):
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
+        while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-class _Incomplete(Exception):
-    """The connection ended before the announced number of bytes arrived (retried, resumed)."""
+class _Retry(Exception):
+    """This attempt ended early (cut connection, too slow, resume refused): retried, resumed."""
+
+
+class _Refused(Exception):
+    """The server's answer is wrong for this file (HTML, compressed, too long, ...): not retried."""
 
 
 def _headers_for(url):
@@ -68,97 +99,292 @@ def _headers_for(url):
     return {}
 
 
-def _stream_once(url, part, size, timeout, progress):
-    """One HTTP request that appends to (or restarts) `part`. Returns when the body is complete."""
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None and have > size:  # a stale partial of some other file
-        part.unlink()
-        have = 0
-    if size is not None and have == size:
-        return
-    headers = _headers_for(url)
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
-        if response.status_code == 416:  # nothing left to send: complete, or a .part too long
-            total = response.headers.get("Content-Range", "").rpartition("/")[2]
-            if total.isdigit() and int(total) == have:
-                return
-            part.unlink()
-            raise _Incomplete("server rejected the resume range; starting over")
-        response.raise_for_status()
-        if have and response.status_code == 200:  # Range ignored: the body is the whole file
+def _hub_facts(response):
+    """(size, sha256) that Hugging Face's resolve redirect announces for an LFS file, else None."""
+    size = sha256 = None
+    for answer in [*response.history, response]:
+        linked_size = answer.headers.get("X-Linked-Size", "")
+        linked_etag = answer.headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"').lower()
+        size = int(linked_size) if linked_size.isdigit() else size
+        sha256 = linked_etag if re.fullmatch(r"[0-9a-f]{64}", linked_etag) else sha256  # small files: git sha1
+    return size, sha256
+
+
+class _Transfer:
+    """One file's download state: what is expected, and the `.part` (locked, no symlinks followed)."""
+
+    def __init__(self, url, part, f, sha256, md5, size):
+        self.url, self.part, self.f, self.sha256, self.md5, self.size = url, part, f, sha256, md5, size
+        self.meta = part.with_name(part.name + ".json")  # the validator for If-Range, and the total size
+        self.validator = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with os.fdopen(os.open(self.meta, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))) as meta:
+                saved = json.loads(meta.read(4096))
+            if saved.get("url") == url and saved.get("size") in (None, size):
+                self.validator = saved.get("validator")
+
+    def have(self):
+        self.f.flush()  # bytes still in the write buffer count (and survive a cut)
+        return os.fstat(self.f.fileno()).st_size
+
+    def restart(self):
+        self.f.seek(0)
+        self.f.truncate()
+        self.validator = None
+
+    def remember(self, validator):
+        self.validator = validator
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(self.meta, flags, 0o666), "w") as meta:
+            meta.write(json.dumps({"url": self.url, "size": self.size, "validator": validator}))
+
+    def discard(self):
+        """Delete the .part and its .json (while still holding the lock)."""
+        self.restart()
+        for path in (self.part, self.meta):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def forget(self):
+        with contextlib.suppress(OSError):
+            self.meta.unlink()
+
+    def stream(self, timeout, progress, min_rate, rate_window, deadline_at):
+        """One HTTP request that appends to (or restarts) the `.part`; returns when it is complete."""
+        have = self.have()
+        if self.size is not None and have > self.size:  # a stale partial of some other file
+            self.restart()
             have = 0
-        elif response.status_code == 206:
-            start = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
-            if start != str(have):
-                part.unlink()
-                raise _Incomplete(f"server resumed at byte {start}, not {have}; starting over")
-        length = response.headers.get("Content-Length")
-        expected = have + int(length) if length and length.isdigit() else size
-        with open(part, "ab" if have else "wb") as f, tqdm(
-                total=expected, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=part.name.removesuffix(".part"), disable=not progress or None) as bar:
-            for chunk in response.iter_content(CHUNK_BYTES):
-                f.write(chunk)
+        if have and not (self.validator or self.sha256 or self.md5):  # nothing would catch a splice
+            self.restart()
+            have = 0
+        if self.size is not None and have == self.size:
+            return
+        headers = {**_headers_for(self.url), "Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            if self.validator:
+                headers["If-Range"] = self.validator
+        with requests.get(self.url, headers=headers, stream=True, timeout=timeout) as response:
+            hub_size, hub_sha256 = _hub_facts(response)
+            if hub_sha256 and self.sha256 and hub_sha256 != self.sha256:
+                raise _Refused(f"the server announces sha256 {hub_sha256}, not the registered one: the file "
+                               f"changed upstream or the URL is wrong")
+            self.sha256 = self.sha256 or hub_sha256
+            if response.status_code == 416:  # nothing left to send: complete, or a .part too long
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                if have and total.isdigit() and int(total) == have:
+                    return
+                if not have:
+                    raise _Refused("the server answered 416 (range not satisfiable) to a request without a range")
+                self.restart()
+                raise _Retry("the server rejected the resume range; starting over")
+            response.raise_for_status()
+            encoding = response.headers.get("Content-Encoding", "identity").lower()
+            if encoding not in ("", "identity"):
+                raise _Refused(f"the server sent the file compressed (Content-Encoding: {encoding}); "
+                               f"weights files are never decoded on the fly")
+            if response.headers.get("Content-Type", "").lower().startswith("text/html"):
+                raise _Refused("the server answered with an HTML page, not the file (a login page, an error "
+                               "page or a captive portal?)")
+            length = response.headers.get("Content-Length", "")
+            if response.status_code == 206:
+                start, _, total = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")
+                total = total.rpartition("/")[2]
+                if start != str(have):
+                    self.restart()
+                    raise _Retry(f"the server resumed at byte {start}, not {have}; starting over")
+            else:  # 200: the whole file, whether Range was ignored or If-Range found it changed
+                if have:
+                    self.restart()
+                    have = 0
+                total = length
+            announced = int(total) if total.isdigit() else None
+            expected = next((n for n in (self.size, hub_size, announced) if n is not None), None)
+            if expected is None:
+                raise _Refused("the server announces no length and the registry has none: refusing an unbounded "
+                               "download")
+            for claim in (hub_size, announced):
+                if claim is not None and claim != expected:
+                    raise _Refused(f"the server announces {claim:,} bytes, expected {expected:,}: the file "
+                                   f"changed upstream or the URL is wrong")
+            validator = response.headers.get("ETag", "")  # If-Range takes a strong ETag or a date
+            if not validator or validator.startswith("W/"):
+                validator = response.headers.get("Last-Modified")
+            if validator != self.validator:
+                self.remember(validator)
+            self._write(response, have, expected, progress, min_rate, rate_window, deadline_at)
+
+    def _write(self, response, have, expected, progress, min_rate, rate_window, deadline_at):
+        """Copy the raw body (never decoded) to the .part, stopping at `expected` bytes."""
+        raw = response.raw
+        read = getattr(raw, "read1", None) or raw.read  # read1: whatever has arrived, so a trickle is seen
+        self.f.seek(have)
+        window_start, window_bytes = time.monotonic(), 0
+        with tqdm(total=expected, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=self.part.name.removesuffix(".part"), disable=not progress or None) as bar:
+            while chunk := _read_chunk(read):
+                if have == 0 and re.match(rb"\s*<(!doctype html|html)", chunk[:64], re.IGNORECASE):
+                    raise _Refused("the server sent an HTML page, not the file")
+                if have + len(chunk) > expected:
+                    raise _Refused(f"the server sent more than the {expected:,} bytes expected (an endless or "
+                                   f"wrong body)")
+                self.f.write(chunk)
+                have += len(chunk)
+                window_bytes += len(chunk)
                 bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-    written = part.stat().st_size
-    if expected is not None and written < expected:
-        raise _Incomplete(f"connection closed after {written} of {expected} bytes")
+                now = time.monotonic()
+                if deadline_at is not None and now > deadline_at:
+                    raise _Retry("the download took longer than its deadline")  # _attempts stops; .part kept
+                if now - window_start >= rate_window:
+                    if window_bytes < min_rate * (now - window_start):
+                        raise _Retry(f"slower than {min_rate:,} bytes/s for {now - window_start:.0f} s")
+                    window_start, window_bytes = now, 0
+                if have == expected:
+                    break
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        if have < expected:
+            raise _Retry(f"connection closed after {have:,} of {expected:,} bytes")
 
 
-def download(url, dest, sha256=None, size=None, *, retries=4, backoff=1.0, timeout=30, progress=True):
+def _read_chunk(read):
+    try:
+        return read(CHUNK_BYTES, decode_content=False)
+    except (TransportError, OSError) as error:  # a cut or stalled connection, seen by the transport
+        raise _Retry(f"connection broken ({type(error).__name__}: {error})") from None
+
+
+@contextlib.contextmanager
+def _locked_part(part, unavailable):
+    """The `.part` opened for read/write without following a symlink, and locked (waiting for
+    another process that holds it). Re-opened if the holder renamed or deleted the one we waited on."""
+    if part.is_symlink():
+        raise unavailable(f"{part} is a symbolic link, not a partial download: remove it (nothing was written)")
+    while True:
+        try:
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise unavailable(f"{part} is a symbolic link, not a partial download: remove it") from None
+            raise
+        f = os.fdopen(fd, "r+b")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise unavailable(f"{part} is not a regular file: remove it")
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process that is downloading {part.name.removesuffix('.part')}",
+                      file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(part, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def download(url, dest, sha256=None, size=None, *, md5=None, retries=4, backoff=1.0, timeout=30, progress=True,
+             min_rate=1024, rate_window=60.0, deadline=None):
     """Download `url` to `dest` (resumable, verified, atomic). Returns `dest` as a Path.
 
     An existing `dest` of the right size (any size when `size` is None) is returned as it is.
-    Network errors and server errors (5xx, 429) are retried `retries` times, waiting
-    backoff * 2**attempt seconds; each retry resumes the `.part` file. Other HTTP errors (404,
-    403, ...) stop at once. Raises WeightsUnavailable (ChecksumMismatch for a wrong sha256)."""
+    `md5` is for archives whose publishers give only that (COCO, CIFAR). Network errors, server
+    errors (5xx, 429), cut connections and transfers slower than `min_rate` bytes/s (averaged over
+    `rate_window` s) are retried `retries` times, waiting backoff * 2**attempt seconds, each retry
+    resuming the `.part`; other HTTP errors (404, 403, ...) and wrong answers stop at once.
+    `deadline` (seconds) bounds the whole call. Raises WeightsUnavailable (ChecksumMismatch for a
+    wrong checksum)."""
     dest = Path(dest)
+    started = time.monotonic()
+    deadline_at = None if deadline is None else started + deadline
+
+    def unavailable(reason, kind=WeightsUnavailable):
+        return kind(url, dest, reason, sha256, size)
+
+    if dest.is_dir():
+        raise unavailable(f"{dest} is a directory: remove it or choose another place for the file")
     if dest.is_file() and (size is None or dest.stat().st_size == size):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _locked_part(part, unavailable) as f:
+            transfer = _Transfer(url, part, f, sha256, md5, size)
+            if dest.is_file() and (size is None or dest.stat().st_size == size):  # done while we waited
+                if not transfer.have():
+                    part.unlink()
+                return dest
+            try:
+                _attempts(transfer, unavailable, retries, backoff, timeout, progress, min_rate, rate_window,
+                          deadline_at)
+                _verify(transfer, unavailable)
+            except BaseException:
+                if not transfer.have():  # nothing worth resuming: leave no empty .part behind
+                    transfer.discard()
+                raise
+            os.replace(part, dest)
+            transfer.forget()
+    except OSError as error:  # the file system's answer: read-only, full, permissions, ...
+        if error.errno == errno.ENOSPC:
+            for leftover in (part, part.with_name(part.name + ".json")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            raise unavailable(f"the disk is full while writing {part}; the partial file was deleted. Free "
+                              f"{size or 'enough'} bytes, or set MINIMODAL_WEIGHTS to another disk") from None
+        raise unavailable(f"cannot write {part} ({error.strerror or error}): make {dest.parent} writable, or set "
+                          f"MINIMODAL_WEIGHTS to a directory you can write") from None
+    return dest
 
-    def unavailable(reason):
-        return WeightsUnavailable(url, dest, reason, sha256, size)
 
+def _attempts(transfer, unavailable, retries, backoff, timeout, progress, min_rate, rate_window, deadline_at):
     for attempt in range(retries + 1):
         try:
-            _stream_once(url, part, size, timeout, progress)
-            break
+            transfer.stream(timeout, progress, min_rate, rate_window, deadline_at)
+            return
         except requests.HTTPError as error:
             status = error.response.status_code
             if status < 500 and status != 429:
                 raise unavailable(f"download failed: HTTP {status} {error.response.reason}") from None
             reason = f"HTTP {status}"
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                _Incomplete) as error:
+        except _Retry as error:
+            reason = str(error)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
             reason = f"{type(error).__name__}: {error}"
         except requests.RequestException as error:  # malformed URL and the like: not retryable
             raise unavailable(f"download failed: {type(error).__name__}: {error}") from None
-        if attempt == retries:
-            kept = f" ({part.stat().st_size:,} bytes kept in {part.name}; a rerun resumes)" if part.exists() else ""
-            raise unavailable(f"download failed after {retries + 1} attempts: {reason}{kept}")
+        except _Refused as error:
+            transfer.discard()
+            raise unavailable(f"download refused: {error}; the partial file was deleted") from None
+        if attempt == retries or (deadline_at is not None and time.monotonic() > deadline_at):
+            kept = transfer.have()
+            kept = f" ({kept:,} bytes kept in {transfer.part.name}; a rerun resumes)" if kept else ""
+            raise unavailable(f"download failed after {attempt + 1} attempts: {reason}{kept}")
         time.sleep(backoff * 2 ** attempt)
 
-    have = part.stat().st_size
-    if size is not None and have != size:
-        part.unlink()
-        raise unavailable(f"downloaded {have:,} bytes, expected {size:,}; the partial file was deleted")
-    if sha256 is not None:
-        actual = sha256_of(part)
-        if actual != sha256:
-            part.unlink()
-            raise ChecksumMismatch(url, dest, f"sha256 mismatch: got {actual}; the downloaded file "
-                                              f"was deleted (corrupted transfer or changed upstream)",
-                                   sha256, size)
-    os.replace(part, dest)
-    return dest
 
-
+def _verify(transfer, unavailable):
+    """Size and checksums of the finished `.part`; a wrong file is deleted."""
+    have = transfer.have()
+    expected = [(name, value) for name, value in (("sha256", transfer.sha256), ("md5", transfer.md5)) if value]
+    wrong = f"downloaded {have:,} bytes, expected {transfer.size:,}" if transfer.size not in (None, have) else None
+    for algorithm, value in expected if wrong is None else []:
+        actual = sha256_of(transfer.part, algorithm)
+        if actual != value:
+            wrong = f"{algorithm} mismatch: got {actual}, expected {value}"
+    if wrong:
+        transfer.discard()
+        kind = ChecksumMismatch if "mismatch" in wrong else WeightsUnavailable
+        raise unavailable(f"{wrong}; the downloaded file was deleted (corrupted transfer, or changed upstream: "
+                          f"a rerun downloads it again)", kind)
 def hub_cache_dirs():
     """Hugging Face hub caches on this machine, in huggingface_hub's order of precedence."""
     candidates = []

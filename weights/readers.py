@@ -1,6 +1,7 @@
 """Opening PyTorch checkpoints without running their code: the three file layouts.
 
-Every pickle below goes through unpickler.py's allow-list. Three layouts are read:
+Every pickle below goes through unpickler.py (an opcode pre-scan, then an allow-list). Three
+layouts are read:
 
 - the zip format (`torch.save`, PyTorch >= 1.6): `<name>/data.pkl` holds the object graph, each
   storage's bytes are a separate, uncompressed member `<name>/data/<key>` (torch/serialization.py
@@ -14,81 +15,135 @@ Every pickle below goes through unpickler.py's allow-list. Three layouts are rea
   Placeholders; `code/**.py` (read as text, never run) says which tensor attributes are
   parameters or buffers, which gives the same keys as `torch.jit.load(f).state_dict()`.
 
-Everything that is wrong with a file, other than an unsafe global, is one `ValueError`.
+A zip is read only as torch writes it: no member twice (torch would read the first copy, a
+naive reader the last), no encryption, storages and `data.pkl` stored uncompressed (only
+TorchScript's `code/` is deflated), every member inside the file, every byte read counted
+against the file's own size (no zip bomb), and each storage's CRC-32 checked (a flipped bit is
+refused, not loaded). Everything that is wrong with a file is one `ValueError` naming it
+(`UnsafeCheckpointError`, a `ValueError` too, for what it asked to run).
 """
-import ast
 import collections
+import contextlib
 import re
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .safetensors_format import atomic_write, read_into, read_safetensors
-from .unpickler import Placeholder, RestrictedUnpickler, Storage, UnsafeCheckpointError, unpickle
+from .unpickler import Placeholder, Storage, load_pickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
 LEGACY_PROTOCOL = 1001
 
+
+@contextlib.contextmanager
+def _refusals(path, what):
+    """Turn whatever a malformed file makes the standard library raise (BadZipFile, struct.error,
+    NotImplementedError, RuntimeError for encryption, OverflowError, RecursionError, ...) into one
+    ValueError naming the file. MemoryError passes: it says something about the machine."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as error:
+        if isinstance(error, ValueError) and str(path) in str(error):
+            raise
+        raise ValueError(f"{path}: corrupt {what} ({type(error).__name__}: {error})") from error
+
 # ----------------------------------------------------------------------------- zip archives
 
-def _zip_records(path, archive):
-    """The archive's common prefix ('archive/', 'a/', ...) and its member names."""
-    names = archive.namelist()
-    pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-        raise ValueError(f"{path}: zip file without exactly one <name>/data.pkl, not a PyTorch checkpoint")
-    prefix = pickles[0][: -len("data.pkl")]
-    byteorder = prefix + "byteorder"
-    if byteorder in names and archive.read(byteorder).strip() != b"little":
-        raise ValueError(f"{path}: big-endian checkpoints are not supported")
-    return prefix, set(names)
+class _ZipReader:
+    """The members of a torch zip archive, read with the checks of the module docstring."""
 
+    def __init__(self, path, f, archive):
+        self.path, self.f, self.archive = path, f, archive
+        self.budget = f.seek(0, 2)  # bytes that may still be read: the file's own size
+        infos = archive.infolist()
+        counts = collections.Counter(info.filename for info in infos)
+        twice = sorted(name for name, count in counts.items() if count > 1)
+        if twice:
+            raise ValueError(f"{path}: zip members appear more than once: {twice[:5]} (refused: readers disagree "
+                             f"on which copy counts)")
+        for info in infos:
+            if info.flag_bits & 0x1:
+                raise ValueError(f"{path}: zip member {info.filename!r} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise ValueError(f"{path}: zip member {info.filename!r} uses compression method {info.compress_type}")
+            if (info.header_offset + 30 + info.compress_size > self.budget
+                    or (info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size)):
+                raise ValueError(f"{path}: zip member {info.filename!r} claims bytes beyond the end of the file")
+        self.infos = {info.filename: info for info in infos}
+        pickles = [n for n in self.infos if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise ValueError(f"{path}: zip file without exactly one <name>/data.pkl, not a PyTorch checkpoint")
+        self.prefix = pickles[0][: -len("data.pkl")]
+        if self.prefix + "byteorder" in self.infos and self.read(self.prefix + "byteorder").strip() != b"little":
+            raise ValueError(f"{path}: big-endian checkpoints are not supported")
 
-def _read_zip_member(path, archive, f, name, nbytes):
-    """Read one stored member straight into a fresh uint8 tensor: one read, no extra copy."""
-    info = archive.getinfo(name)
-    if info.file_size != nbytes:
-        raise ValueError(f"{path}: {name} holds {info.file_size} bytes, the pickle expects {nbytes}")
-    data = torch.empty(nbytes, dtype=torch.uint8)
-    if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses, but zip tools might
-        data.numpy()[:] = np.frombuffer(archive.read(name), dtype=np.uint8)
+    def _take(self, name, nbytes):
+        self.budget -= nbytes
+        if self.budget < 0:  # overlapping members, or deflated ones that inflate past the file
+            raise ValueError(f"{self.path}: zip members add up to more bytes than the file holds (at {name!r})")
+
+    def read(self, name, compressed_ok=False):
+        """A small member (data.pkl, byteorder, code/): zipfile reads at most its declared size and
+        checks its CRC-32."""
+        info = self.infos[name]
+        if info.compress_type != zipfile.ZIP_STORED and not compressed_ok:
+            raise ValueError(f"{self.path}: zip member {name!r} is compressed; torch never compresses it")
+        self._take(name, info.file_size)
+        return self.archive.read(info)
+
+    def storage(self, name, nbytes):
+        """One storage, read straight into a fresh uint8 tensor (one read, no copy), CRC-checked."""
+        info = self.infos[name]
+        if info.file_size != nbytes:
+            raise ValueError(f"{self.path}: {name} holds {info.file_size} bytes, the pickle expects {nbytes}")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{self.path}: zip member {name!r} is compressed; torch never compresses storages")
+        self._take(name, nbytes)
+        self.f.seek(info.header_offset)
+        local = self.f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{self.path}: corrupt zip local header for {name}")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        self.f.seek(info.header_offset + 30 + name_length + extra_length)
+        data = torch.empty(nbytes, dtype=torch.uint8)
+        if read_into(self.f, data) != nbytes:
+            raise ValueError(f"{self.path}: {name} is truncated")
+        if zlib.crc32(memoryview(data.numpy())) != info.CRC:
+            raise ValueError(f"{self.path}: {name} fails its CRC-32 check (the file is damaged)")
         return data
-    f.seek(info.header_offset)
-    local = f.read(30)
-    if len(local) != 30 or local[:4] != b"PK\x03\x04":
-        raise ValueError(f"{path}: corrupt zip local header for {name}")
-    name_length, extra_length = struct.unpack("<HH", local[26:30])
-    f.seek(info.header_offset + 30 + name_length + extra_length)
-    if read_into(f, data) != nbytes:
-        raise ValueError(f"{path}: {name} is truncated")
-    return data
 
 
 def _load_zip(path, torchscript=None):
-    """Unpickle a torch zip archive. Returns (object, archive names, prefix, zip) for TorchScript use."""
-    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
-        prefix, names = _zip_records(path, archive)
+    """Unpickle a torch zip archive. Returns (object, {code file: text}) for TorchScript use."""
+    with open(path, "rb") as f, _refusals(path, "zip archive"), zipfile.ZipFile(f) as archive:
+        members = _ZipReader(path, f, archive)
+        prefix = members.prefix
         if torchscript is None:
-            torchscript = f"{prefix}code/" in {n[: len(prefix) + 5] for n in names}
+            torchscript = any(name.startswith(prefix + "code/") for name in members.infos)
         storages = {}
 
         def load_storage(key, dtype, numel):
             if key not in storages:
                 member = f"{prefix}data/{key}"
-                if member not in names:
+                if member not in members.infos:
                     raise ValueError(f"{path}: the pickle refers to storage {key!r}, missing from the archive")
-                storages[key] = Storage(_read_zip_member(path, archive, f, member, numel * dtype.itemsize), dtype)
+                storages[key] = Storage(members.storage(member, numel * dtype.itemsize), dtype)
             return storages[key]
 
-        obj = unpickle(archive.read(prefix + "data.pkl"), load_storage, path, torchscript)
+        obj = load_pickle(members.read(prefix + "data.pkl"), path, load_storage, torchscript)
         code = {}
         if torchscript:
-            for name in names:
+            for name in members.infos:
                 if name.startswith(prefix + "code/") and name.endswith(".py"):
-                    code[name[len(prefix + "code/"):]] = archive.read(name).decode("utf-8", "replace")
+                    text = members.read(name, compressed_ok=True).decode("utf-8", "replace")
+                    code[name[len(prefix + "code/"):]] = text
         return obj, code
 
 
@@ -96,22 +151,13 @@ def _load_zip(path, torchscript=None):
 
 def _load_legacy(path):
     """Unpickle a pre-zip `torch.save` file (torch/serialization.py `_legacy_load`)."""
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _refusals(path, "legacy checkpoint"):
         file_size = Path(path).stat().st_size
-
-        def next_pickle():
-            try:
-                return RestrictedUnpickler(f, None, path).load()
-            except UnsafeCheckpointError:
-                raise
-            except Exception as error:
-                raise ValueError(f"{path}: corrupt legacy checkpoint ({type(error).__name__}: {error})") from error
-
-        if next_pickle() != LEGACY_MAGIC:
+        if load_pickle(f, path) != LEGACY_MAGIC:
             raise ValueError(f"{path}: not a PyTorch checkpoint (wrong magic number)")
-        if next_pickle() != LEGACY_PROTOCOL:
+        if load_pickle(f, path) != LEGACY_PROTOCOL:
             raise ValueError(f"{path}: unsupported legacy checkpoint protocol version")
-        sys_info = next_pickle()
+        sys_info = load_pickle(f, path)
         if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
             raise ValueError(f"{path}: big-endian checkpoints are not supported")
 
@@ -129,15 +175,8 @@ def _load_legacy(path):
                 storages[key] = Storage(torch.empty(nbytes, dtype=torch.uint8), dtype)
             return storages[key]
 
-        unpickler = RestrictedUnpickler(f, load_storage, path)
-        try:
-            obj = unpickler.load()
-        except (UnsafeCheckpointError, ValueError):
-            raise
-        except Exception as error:
-            raise ValueError(f"{path}: corrupt legacy checkpoint ({type(error).__name__}: {error})") from error
-
-        keys = next_pickle()
+        obj = load_pickle(f, path, load_storage)
+        keys = load_pickle(f, path)
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
             raise ValueError(f"{path}: storage key list does not match the storages the pickle uses")
         for key in map(str, keys):
@@ -174,9 +213,12 @@ def _torchscript_tensor_names(code):
                 current = (f"{module}.{inner_module}" if inner_module else module, class_name)
                 classes[current] = ([], [])
                 continue
-            match = re.match(r"  __(parameters|buffers)__ = (\[.*\])$", line)
-            if match and current is not None:
-                classes[current][0 if match.group(1) == "parameters" else 1].extend(ast.literal_eval(match.group(2)))
+            if current is not None and line.startswith(("  __parameters__ = ", "  __buffers__ = ")):
+                match = re.fullmatch(r'  __(parameters|buffers)__ = \[((?:"\w+", )*)\]', line)
+                if match is None:
+                    raise ValueError(f"unreadable TorchScript declaration in code/{file_name}: {line[:80]!r}")
+                names = re.findall(r'"(\w+)"', match.group(2))
+                classes[current][0 if match.group(1) == "parameters" else 1].extend(names)
     return classes
 
 
@@ -185,11 +227,18 @@ def torchscript_state_dict(module_object, code):
 
     Order and content equal `torch.jit.load(f).state_dict()`: a module's parameters, then its
     buffers, then each submodule's, in attribute order; None-valued parameters are skipped.
-    Tensor attributes that are neither (plain attributes) are left out, as state_dict does."""
+    Tensor attributes that are neither (plain attributes) are left out, as state_dict does. The
+    walk keeps a visited set: a module reached twice (shared) counts once, under its first name,
+    as named_parameters() does, so neither a shared diamond nor a cycle can make it loop."""
     classes = _torchscript_tensor_names(code)
-    state = {}
-
-    def walk(obj, prefix):
+    if not isinstance(module_object, Placeholder):
+        raise ValueError("TorchScript archive whose data.pkl is not a module")
+    state, visited, pending = {}, set(), [(module_object, "")]
+    while pending:  # depth-first, in attribute order: the order of state_dict()
+        obj, prefix = pending.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
         attributes = obj.state if isinstance(obj.state, dict) else {}
         module, _, name = obj.qualname.rpartition(".")
         parameters, buffers = classes.get((module, name), (None, None))
@@ -198,13 +247,9 @@ def torchscript_state_dict(module_object, code):
         for key in list(parameters) + list(buffers):
             if isinstance(attributes.get(key), torch.Tensor):
                 state[prefix + key] = attributes[key]
-        for key, value in attributes.items():
-            if isinstance(value, Placeholder) and value.qualname.startswith("__torch__"):
-                walk(value, f"{prefix}{key}.")
-
-    if not isinstance(module_object, Placeholder):
-        raise ValueError("TorchScript archive whose data.pkl is not a module")
-    walk(module_object, "")
+        children = [(value, f"{prefix}{key}.") for key, value in attributes.items()
+                    if isinstance(value, Placeholder) and value.qualname.startswith("__torch__")]
+        pending.extend(reversed(children))
     return state
 
 
@@ -239,10 +284,7 @@ def load_checkpoint(path):
         return read_safetensors(path)
     if kind == "legacy":
         return _load_legacy(path)
-    try:
-        return _load_zip(path, torchscript=False)[0]
-    except zipfile.BadZipFile as error:
-        raise ValueError(f"{path}: corrupt zip archive ({error})") from error
+    return _load_zip(path, torchscript=False)[0]
 
 
 def load_state_dict(path):
@@ -258,12 +300,10 @@ def load_state_dict(path):
     if kind == "legacy":
         obj = _load_legacy(path)
     else:
-        try:
-            obj, code = _load_zip(path)
-        except zipfile.BadZipFile as error:
-            raise ValueError(f"{path}: corrupt zip archive ({error})") from error
+        obj, code = _load_zip(path)
         if isinstance(obj, Placeholder):
-            return torchscript_state_dict(obj, code)
+            with _refusals(path, "TorchScript archive"):
+                return torchscript_state_dict(obj, code)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -272,6 +312,58 @@ def load_state_dict(path):
     if wrong:
         raise ValueError(f"{path}: not a state dict, entries that are not tensors: {wrong[:10]}")
     return dict(obj)
+
+
+# What torch.optim.AdamW saves per parameter (amsgrad adds max_exp_avg_sq); "step" is a 0-d tensor.
+ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+
+
+def check_optimizer_state(saved, optimizer, path):
+    """`saved` (a checkpoint's "optimizer") if it is what AdamW saves for `optimizer`'s parameters,
+    else ValueError: {"state": {index: {ADAMW_STATE key: tensor}}, "param_groups": [{name: number,
+    tuple of numbers or 0-d tensor, "params": [index, ...]}]}, one group per live group, every
+    tensor the shape of its parameter. torch's load_state_dict deep-copies what it is given without
+    a memo (a file of shared references hangs it), so nothing else gets through, and nothing here
+    walks deeper than those two levels."""
+    def fail(message):
+        raise ValueError(f"{path}: optimizer state refused: {message}")
+
+    def is_number(value):
+        return type(value) in (bool, int, float, type(None)) or (type(value) is torch.Tensor and value.dim() == 0)
+
+    if type(saved) is not dict or set(saved) != {"state", "param_groups"}:
+        fail(f"expected a dict with 'state' and 'param_groups', got {type(saved).__name__}")
+    groups, state, live = saved["param_groups"], saved["state"], optimizer.param_groups
+    if type(groups) is not list or len(groups) != len(live):
+        fail(f"{len(groups) if type(groups) is list else type(groups).__name__} parameter groups, "
+             f"the model has {len(live)}")
+    parameters = {}
+    for number, (group, live_group) in enumerate(zip(groups, live)):
+        if type(group) is not dict or not all(type(key) is str for key in group):
+            fail(f"parameter group {number} is not a dict of names")
+        for key, value in group.items():
+            if key == "params":
+                if (type(value) is not list or len(value) != len(live_group["params"])
+                        or not all(type(index) is int for index in value)):
+                    fail(f"group {number} lists {len(value) if type(value) is list else '?'} parameters, "
+                         f"the model has {len(live_group['params'])}")
+                parameters.update(zip(value, live_group["params"]))
+            elif not (is_number(value) or (type(value) in (tuple, list) and len(value) <= 4
+                                           and all(is_number(item) for item in value))):
+                fail(f"group {number} entry {key!r} is a {type(value).__name__}, not a number")
+    if len(parameters) != sum(len(group["params"]) for group in live):
+        fail("parameter indices repeat")
+    if type(state) is not dict:
+        fail(f"'state' is a {type(state).__name__}")
+    for index, entry in state.items():
+        if index not in parameters or type(entry) is not dict or not set(entry) <= ADAMW_STATE:
+            fail(f"state entry {index!r:.40} is not AdamW's state of a parameter of this model")
+        for key, value in entry.items():
+            shape = () if key == "step" else tuple(parameters[index].shape)
+            tensor_ok = type(value) is torch.Tensor and tuple(value.shape) == shape
+            if not tensor_ok and not (key == "step" and is_number(value)):
+                fail(f"state {index} {key}: expected a tensor of shape {shape}")
+    return saved
 
 
 SAVEABLE = (str, int, float, bool, complex, bytes, bytearray, slice, type(None), torch.dtype, torch.device, torch.Size)
@@ -283,8 +375,13 @@ def save_checkpoint(obj, path):
     Only what load_checkpoint can read back is accepted (dicts, lists, tuples, sets, numbers,
     strings, tensors, dtypes): anything else raises TypeError naming its place in `obj`, before
     anything is written. Store configs as dicts (dataclasses.asdict), not as objects."""
+    seen = set()  # containers already checked: a shared value is checked once (a DAG is not walked per path)
 
     def check(value, where):
+        if type(value) in (dict, collections.OrderedDict, list, tuple, set, frozenset):
+            if id(value) in seen:
+                return
+            seen.add(id(value))
         if isinstance(value, torch.Tensor):
             if type(value) not in (torch.Tensor, torch.nn.Parameter):
                 raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}, a tensor subclass")
@@ -297,8 +394,8 @@ def save_checkpoint(obj, path):
         elif type(value) in (list, tuple, set, frozenset):
             for index, item in enumerate(value):
                 check(item, f"{where}[{index}]")
-        elif isinstance(value, np.generic) and not value.dtype.hasobject:
-            pass  # numpy scalars (np.float32(loss), ...) load through numpy's scalar constructor
+        elif isinstance(value, np.generic) and value.dtype.kind in "biufc":
+            pass  # numpy numbers (np.float32(loss), ...): the loader rebuilds them from their dtype's name
         elif type(value) not in SAVEABLE and not isinstance(value, torch.dtype):
             raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}, which load_checkpoint "
                             f"would refuse; convert it to plain data (dict, list, str, number, tensor)")

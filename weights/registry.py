@@ -4,7 +4,8 @@ A name is "<model>/<file>" and is also the file's place under the weights direct
 (`weights/gpt2/model.safetensors`). Every size and hash comes from ../shared/WEIGHTS.md (research
 notes with sources: Hugging Face LFS pages, hash pins in independent projects, tiktoken's pins,
 the sha256 that OpenAI puts in its CLIP URLs). None means "not published where we could check",
-never a guess: the download then checks nothing for that field. The official hosts were not
+never a guess: the download then relies on what the server announces for that field (Hugging Face's
+X-Linked-Size and LFS sha256, else the Content-Length). The official hosts were not
 reachable from where this table was written, so no hash here was computed from a download.
 
 `hf_repos` lists the Hugging Face repositories that carry the same bytes under `hf_file`, so that
@@ -128,9 +129,41 @@ REGISTRY = {
         note="torch zip; weights under 'state_dict'; holds PyTorch Lightning callback objects"),
 }
 
-# GPT-2 medium / large / xl: same files and layout as gpt2. No size or sha256 of these files was
-# found in a source we could check, so both stay None (the loader still checks every key and shape).
-for _size in ("gpt2-medium", "gpt2-large", "gpt2-xl"):
+# GPT-2 medium / large / xl: the same file layout as gpt2, each at a pinned revision so that its
+# hashes stay true whatever main becomes. Sources (looked up 2026; the hub itself was not reachable):
+# - LFS sha256 from the hub's own file pages ("Git LFS Details"): medium model.safetensors (refs/pr/5 and
+#   refs/pr/8, commit 425b0cc), large model.safetensors (main, commit 212095d) and pytorch_model.bin (main,
+#   7c42711), xl model.safetensors (refs/pr/5, refs/pr/9) and pytorch_model.bin (blob at e5f9794c);
+# - independent pins agreeing with them: a manifest of medium at 6dcaa7a9 (size and sha256 of every file),
+#   a Nix fetch of large at 212095d5 (pytorch_model.bin, config.json, vocab.json, merges.txt), several
+#   experiment pins of xl at 15ea56de (model.safetensors);
+# - medium pytorch_model.bin: only copies outside openai-community carry 98c7b055 (d-matrix/gpt2-medium,
+#   whose gpt2 and gpt2-large copies equal the official hashes; a duplicate of arif-butt/gpt2-medium; one
+#   experiment pin) [3rd-party];
+# - vocab.json and merges.txt of all three are byte-identical to gpt2's (same sha256 in the manifest, the
+#   Nix pin and an xl fingerprint), hence gpt2's sizes and the bundled copies.
+# The hub pages give other sizes only rounded ("3.25 GB"), so those stay None: the download is then bounded
+# by the hub's X-Linked-Size and checked against the sha256 here (and the hub's X-Linked-Etag).
+GPT2_SIZES = {  # size -> (revision, {file: (bytes, sha256)})
+    "gpt2-medium": ("6dcaa7a952f72f9298047fd5137cd6e4f05f41da", {
+        "model.safetensors": (1_519_984_962, "fc5a354a19255ad494f3d71549390baca1ccf61d1d822b9408971705c687c9cd"),
+        "pytorch_model.bin": (None, "98c7b0558df2c732799e509a8157d392251b3a6b06e2c72eefb3a00eb10f8318"),
+        "config.json": (718, "ef1a44d889ad1a0acc7731c78134f1b87d2d222f110e97dd10fd4117331caf22")}),
+    "gpt2-large": ("212095d5832abbf9926672e1c1e8d14312a3be20", {
+        "model.safetensors": (None, "5f47f3e12f91cd33b662ce7e433b6150ad5512b5884a2cee961b50e9c3bbebce"),
+        "pytorch_model.bin": (None, "8d3ade6b55ac440e926112267b9ec784097437c7300544b8beec562a411428ec"),
+        "config.json": (None, "7fccdcfd6622055342a734c663ee0b61ff4fd697f42467595df0bf4448c8c170")}),
+    "gpt2-xl": ("15ea56dee5df4983c59b2538573817e1667135e2", {
+        "model.safetensors": (None, "0f8b28eb05a8075f48b61b6f35332978c74fc7763fa9fb4051a1c30511736a6a"),
+        "pytorch_model.bin": (None, "cd2a29e31040ef64d9362cb96801969c9f67b9e0bdbd6e00b9dda57cdbe17435"),
+        "config.json": (None, None)}),  # an xl config.json sha256 was found only for an unknown revision
+}
+for _size, (_revision, _files) in GPT2_SIZES.items():
     for _file, _format in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "torch-pickle"),
-                           ("config.json", "json"), ("vocab.json", "json"), ("merges.txt", "text")):
-        REGISTRY[f"{_size}/{_file}"] = _hf(f"openai-community/{_size}", _file, None, None, _format, [_size])
+                           ("config.json", "json")):
+        REGISTRY[f"{_size}/{_file}"] = _hf(f"openai-community/{_size}", _file, *_files[_file], _format, [_size],
+                                           revision=_revision)
+    for _file, _same in (("vocab.json", "gpt2/vocab.json"), ("merges.txt", "gpt2/merges.txt")):
+        _gpt2 = REGISTRY[_same]
+        REGISTRY[f"{_size}/{_file}"] = _hf(f"openai-community/{_size}", _file, _gpt2.size, _gpt2.sha256,
+                                           _gpt2.format, [_size], revision=_revision, bundled=_gpt2.bundled)
