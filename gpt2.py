@@ -1,11 +1,17 @@
 """GPT-2, by hand: the language model of Radford et al. 2019, "Language Models are Unsupervised Multitask
-Learners", in all four released sizes (124M to 1.5B parameters).
+Learners", in all four released sizes (124M to 1.5B parameters); then GPT-2 Vision: GPT-2 writing a caption after
+a prefix made from an image (ClipCap, Mokady et al. 2021).
 
 It computes what OpenAI's TensorFlow code computes (openai/gpt-2 `src/model.py`) and what Hugging Face's port
 computes (transformers `GPT2LMHeadModel`), and it loads the official Hugging Face files (openai-community/gpt2*:
 `model.safetensors`, `pytorch_model.bin`) without renaming anything: every module is named after its key there.
-Read top to bottom: building blocks, config and presets, the model, loading the official weights, sampling
-(greedy, temperature, top-k, top-p, beam search), and the command line:
+Read top to bottom, two chapters and the command line:
+
+1. GPT-2: building blocks, config and presets, the model, loading the official weights, decoding (greedy,
+   temperature, top-k, top-p, beam search);
+2. GPT-2 Vision: ClipCap's mapping networks (and LLaVA-1.5's per-token one) that turn what an image tower
+   (vit.py) makes of an image into GPT-2 input vectors, and the captioner that learns and decodes through them;
+3. the command line:
 
     python gpt2.py "The meaning of life is" --max-new-tokens 40
 
@@ -25,6 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
+
+# ===============================================================================================================
+# 1. GPT-2
+# ===============================================================================================================
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -272,8 +283,8 @@ class GPT(nn.Module):
             raise ValueError(f"a prompt of {prompt_length} positions plus {max_new_tokens} new tokens exceeds "
                              f"GPT-2's context of {self.config.n_ctx}")
         if num_beams > 1:
-            return self.beam_search(idx, max_new_tokens, num_beams, length_penalty, attention_mask, prefix_embeds,
-                                    eos_token_id)
+            return beam_search(self, idx, max_new_tokens, num_beams, length_penalty, attention_mask, prefix_embeds,
+                               eos_token_id)
         hidden, past = self(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
         finished = torch.zeros(hidden.size(0), dtype=torch.bool, device=hidden.device)
         new_tokens = []
@@ -290,62 +301,8 @@ class GPT(nn.Module):
             hidden, past = self(token[:, None], None, attention_mask, past, use_cache=True, return_hidden=True)
         return torch.stack(new_tokens, dim=1)
 
-    @torch.no_grad()
-    def beam_search(self, idx, max_new_tokens, num_beams, length_penalty=1.0, attention_mask=None,
-                    prefix_embeds=None, eos_token_id=50256):
-        """Keep the num_beams continuations with the highest summed log-probability. A beam that emits eos, or
-        reaches max_new_tokens, becomes a finished hypothesis scored sum / length**length_penalty; each row keeps
-        its num_beams best. This follows Hugging Face's beam search step for step: the top 2 * num_beams
-        candidates are scored, only the first num_beams of them may finish, and a row stops collecting once no
-        running beam can beat its worst kept hypothesis (HF's default early_stopping=False heuristic)."""
-        B, K = (idx if idx is not None else prefix_embeds).size(0), num_beams
-        expand = lambda t: None if t is None else t.repeat_interleave(K, dim=0)  # noqa: E731  (B*K, ...)
-        idx, attention_mask, prefix_embeds = expand(idx), expand(attention_mask), expand(prefix_embeds)
-        hidden, past = self(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
-        scores = torch.zeros(B, K, device=hidden.device)
-        scores[:, 1:] = -1e9  # the K copies of a prompt are equal: take the first step's candidates from one only
-        beams = [[[] for _ in range(K)] for _ in range(B)]  # tokens of each running beam
-        hypotheses = [[] for _ in range(B)]  # per row: (score, tokens) of finished beams, best first
-        done = [False] * B
-        for step in range(max_new_tokens):
-            logprobs = self.lm_head(hidden[:, -1]).float().log_softmax(dim=-1)  # (B*K, V)
-            V = logprobs.size(-1)
-            candidates = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
-            top_scores, top = candidates.topk(2 * K, dim=1)  # (B, 2K): at least K do not end in eos
-            last = step == max_new_tokens - 1
-            running = []  # per row: K (score, source beam, token), best first
-            for b in range(B):
-                keep = []
-                for rank, (score, i) in enumerate(zip(top_scores[b].tolist(), top[b].tolist())):
-                    beam, token = divmod(i, V)
-                    if token == eos_token_id or last:
-                        if rank < K and not done[b]:
-                            hypothesis = beams[b][beam] + [token]
-                            hypotheses[b].append((score / len(hypothesis) ** length_penalty, hypothesis))
-                    elif len(keep) < K:
-                        keep.append((score, beam, token))
-                hypotheses[b] = sorted(hypotheses[b], key=lambda h: h[0], reverse=True)[:K]
-                if keep and len(hypotheses[b]) == K:  # can the best running beam still beat the worst hypothesis?
-                    done[b] = done[b] or keep[0][0] / (step + 1) ** length_penalty <= hypotheses[b][-1][0]
-                running.append(keep)
-            if last or all(done):
-                break
-            source = torch.tensor([b * K + beam for b in range(B) for _, beam, _ in running[b]], device=hidden.device)
-            tokens = torch.tensor([[t for _, _, t in row] for row in running], device=hidden.device)  # (B, K)
-            scores = torch.tensor([[s for s, _, _ in row] for row in running], device=hidden.device)
-            beams = [[beams[b][beam] + [t] for _, beam, t in running[b]] for b in range(B)]
-            past = [(k[source], v[source]) for k, v in past]  # each beam continues its source's cache
-            if attention_mask is not None:  # rows of one prompt share their mask, so it needs no reordering
-                attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            hidden, past = self(tokens.view(B * K, 1), None, attention_mask, past, use_cache=True, return_hidden=True)
-        best = [h[0][1] for h in hypotheses]
-        width = max(map(len, best))
-        pad = eos_token_id if eos_token_id is not None else 0
-        return torch.tensor([row + [pad] * (width - len(row)) for row in best], device=hidden.device)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling helpers
+# Decoding helpers: sampling, beam search, left padding
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -364,6 +321,61 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+@torch.no_grad()
+def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, attention_mask=None, prefix_embeds=None,
+                eos_token_id=50256):
+    """GPT.generate with num_beams > 1 (same arguments, same result layout): keep the num_beams continuations
+    with the highest summed log-probability. A beam that emits eos, or reaches max_new_tokens, becomes a finished
+    hypothesis scored sum / length**length_penalty; each row keeps its num_beams best. This follows Hugging Face's
+    beam search step for step: the top 2 * num_beams candidates are scored, only the first num_beams of them may
+    finish, and a row stops collecting once no running beam can beat its worst kept hypothesis (HF's default
+    early_stopping=False heuristic)."""
+    B, K = (idx if idx is not None else prefix_embeds).size(0), num_beams
+    idx, attention_mask, prefix_embeds = (None if t is None else t.repeat_interleave(K, dim=0)  # (B*K, ...)
+                                          for t in (idx, attention_mask, prefix_embeds))
+    hidden, past = model(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
+    scores = torch.zeros(B, K, device=hidden.device)
+    scores[:, 1:] = -1e9  # the K copies of a prompt are equal: take the first step's candidates from one only
+    beams = [[[] for _ in range(K)] for _ in range(B)]  # tokens of each running beam
+    hypotheses = [[] for _ in range(B)]  # per row: (score, tokens) of finished beams, best first
+    done = [False] * B
+    for step in range(max_new_tokens):
+        logprobs = model.lm_head(hidden[:, -1]).float().log_softmax(dim=-1)  # (B*K, V)
+        V = logprobs.size(-1)
+        candidates = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
+        top_scores, top = candidates.topk(2 * K, dim=1)  # (B, 2K): at least K do not end in eos
+        last = step == max_new_tokens - 1
+        running = []  # per row: K (score, source beam, token), best first
+        for b in range(B):
+            keep = []
+            for rank, (score, i) in enumerate(zip(top_scores[b].tolist(), top[b].tolist())):
+                beam, token = divmod(i, V)
+                if token == eos_token_id or last:
+                    if rank < K and not done[b]:
+                        hypothesis = beams[b][beam] + [token]
+                        hypotheses[b].append((score / len(hypothesis) ** length_penalty, hypothesis))
+                elif len(keep) < K:
+                    keep.append((score, beam, token))
+            hypotheses[b] = sorted(hypotheses[b], key=lambda h: h[0], reverse=True)[:K]
+            if keep and len(hypotheses[b]) == K:  # can the best running beam still beat the worst hypothesis?
+                done[b] = done[b] or keep[0][0] / (step + 1) ** length_penalty <= hypotheses[b][-1][0]
+            running.append(keep)
+        if last or all(done):
+            break
+        source = torch.tensor([b * K + beam for b in range(B) for _, beam, _ in running[b]], device=hidden.device)
+        tokens = torch.tensor([[t for _, _, t in row] for row in running], device=hidden.device)  # (B, K)
+        scores = torch.tensor([[s for s, _, _ in row] for row in running], device=hidden.device)
+        beams = [[beams[b][beam] + [t] for _, beam, t in running[b]] for b in range(B)]
+        past = [(k[source], v[source]) for k, v in past]  # each beam continues its source's cache
+        if attention_mask is not None:  # rows of one prompt share their mask, so it needs no reordering
+            attention_mask = F.pad(attention_mask, (0, 1), value=1)
+        hidden, past = model(tokens.view(B * K, 1), None, attention_mask, past, use_cache=True, return_hidden=True)
+    best = [h[0][1] for h in hypotheses]
+    width = max(map(len, best))
+    pad = eos_token_id if eos_token_id is not None else 0
+    return torch.tensor([row + [pad] * (width - len(row)) for row in best], device=hidden.device)
+
+
 def pad_left(rows, pad_id):
     """Token id lists of different lengths -> ids (B, T) padded on the left with pad_id, and attention_mask (B, T)."""
     T = max(map(len, rows))
@@ -372,60 +384,9 @@ def pad_left(rows, pad_id):
     return idx, attention_mask
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Continue prompts with GPT-2 and OpenAI's released weights.")
-    parser.add_argument("prompt", nargs="+", help="one or more prompts, continued together as one batch")
-    parser.add_argument("--model", default="gpt2", help=f"a preset ({', '.join(PRESETS)}) or a path to "
-                        "model.safetensors / pytorch_model.bin")
-    parser.add_argument("--max-new-tokens", type=int, default=50, help="how many tokens to add at most")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
-    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1 = all)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams when > 1 "
-                        "(deterministic: the sampling flags do not apply)")
-    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
-    parser.add_argument("--weights-dir", default=None, help="where weights live (default: $MINIMODAL_WEIGHTS, "
-                        "else weights/ in the repository)")
-    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
-    args = parser.parse_args()
-    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0:
-        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k at least 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
-
-    from tokenizer import GPT2Tokenizer  # only the command line needs text; the model works on ids
-
-    tokenizer = GPT2Tokenizer.default()
-    try:
-        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline)
-    except (weights.WeightsUnavailable, FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    model.to(args.device).eval()
-    print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    # an empty prompt starts from <|endoftext|>, the way OpenAI's unconditional samples begin
-    rows = [tokenizer.encode(p) or [tokenizer.eot_token] for p in args.prompt]
-    idx, attention_mask = pad_left(rows, tokenizer.eot_token)
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    try:
-        out = model.generate(idx.to(args.device), args.max_new_tokens, attention_mask.to(args.device),
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             num_beams=args.num_beams, length_penalty=args.length_penalty,
-                             eos_token_id=tokenizer.eot_token, generator=generator)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    for prompt, new in zip(args.prompt, out.tolist()):
-        new = new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
-        print("-" * 80 + "\n" + prompt + tokenizer.decode(new))
-
-# ---------------------------------------------------------------------------------------------------------------
-# The captioner: GPT-2 continues a prefix made from an image
-#
+# ===============================================================================================================
+# 2. GPT-2 Vision: GPT-2 continues a prefix made from an image
+# ===============================================================================================================
 # ClipCap (Mokady et al. 2021, "ClipCap: CLIP Prefix for Image Captioning", github.com/rmokady/CLIP_prefix_caption):
 # a mapping network turns one CLIP image embedding (B, prefix_size) into prefix_length vectors of GPT-2's width, and
 # GPT-2 reads them as the embeddings of a prompt, then writes the caption. The image tower (vit.py) stays outside.
@@ -570,6 +531,58 @@ class Captioner(nn.Module):
         keywords (temperature, top_k, top_p, num_beams, length_penalty, eos_token_id, generator): greedy by default."""
         prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
         return self.gpt.generate(None, max_new_tokens, prefix_embeds=prefix, **sampling)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Continue prompts with GPT-2 and OpenAI's released weights.")
+    parser.add_argument("prompt", nargs="+", help="one or more prompts, continued together as one batch")
+    parser.add_argument("--model", default="gpt2", help=f"a preset ({', '.join(PRESETS)}) or a path to "
+                        "model.safetensors / pytorch_model.bin")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="how many tokens to add at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1 = all)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams when > 1 "
+                        "(deterministic: the sampling flags do not apply)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    parser.add_argument("--weights-dir", default=None, help="where weights live (default: $MINIMODAL_WEIGHTS, "
+                        "else weights/ in the repository)")
+    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
+    args = parser.parse_args()
+    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0:
+        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k at least 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+
+    from tokenizer import GPT2Tokenizer  # only the command line needs text; the model works on ids
+
+    tokenizer = GPT2Tokenizer.default()
+    try:
+        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline)
+    except (weights.WeightsUnavailable, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    model.to(args.device).eval()
+    print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    # an empty prompt starts from <|endoftext|>, the way OpenAI's unconditional samples begin
+    rows = [tokenizer.encode(p) or [tokenizer.eot_token] for p in args.prompt]
+    idx, attention_mask = pad_left(rows, tokenizer.eot_token)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    try:
+        out = model.generate(idx.to(args.device), args.max_new_tokens, attention_mask.to(args.device),
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             num_beams=args.num_beams, length_penalty=args.length_penalty,
+                             eos_token_id=tokenizer.eot_token, generator=generator)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    for prompt, new in zip(args.prompt, out.tolist()):
+        new = new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
+        print("-" * 80 + "\n" + prompt + tokenizer.decode(new))
 
 
 if __name__ == "__main__":
