@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
 
 import clip
 import weights
+from conftest import clip_vitb32_config
 from tokenizer import CLIPTokenizer
 
 TOL = 1e-4
@@ -167,13 +168,7 @@ def write_torchscript_archive(openai_sd, path):
 @pytest.fixture(scope="module")
 def vitb32(tmp_path_factory):
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                                   num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu"),
-        vision_config=CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                       num_attention_heads=12, image_size=224, patch_size=32, hidden_act="quick_gelu"),
-        projection_dim=512)
-    hf = randomize(CLIPModel(config), seed=1)
+    hf = randomize(CLIPModel(clip_vitb32_config()), seed=1)
     with torch.no_grad():
         hf.logit_scale.fill_(math.log(100.0))  # the trained value: logits up to +-100 make the 1e-4 bound strict
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
