@@ -187,14 +187,12 @@ class GPT(nn.Module):
         """Logits from hidden states: the output layer is the token embedding itself (tied weights)."""
         return F.linear(hidden, self.wte.weight)  # (B, T, V)
 
-    def forward(self, idx, prefix_embeds=None, attention_mask=None, past_key_values=None, use_cache=False,
-                return_hidden=False):
-        """idx (B, T) token ids, or None; prefix_embeds (B, P, C) vectors placed before them (a captioner's image
-        prefix). attention_mask (B, S), 1 = real and 0 = padding, covers every position so far, cached ones
-        included (the Hugging Face convention), so left padding (generation) and right padding (training) both
-        work. past_key_values: what an earlier call with use_cache=True returned.
-        Returns logits (B, P+T, V), or with return_hidden=True the hidden states after ln_f (B, P+T, C) so a trainer
-        can apply lm_head to some positions only; with use_cache=True also the new past_key_values."""
+    def hidden_states(self, idx, prefix_embeds=None, attention_mask=None, past_key_values=None):
+        """The transformer. idx (B, T) token ids, or None; prefix_embeds (B, P, C) vectors placed before them (a
+        captioner's image prefix). attention_mask (B, S), 1 = real and 0 = padding, covers every position so far,
+        cached ones included (the Hugging Face convention), so left padding (generation) and right padding
+        (training) both work. past_key_values: what an earlier call returned for the positions before these.
+        Returns the hidden states after ln_f (B, P+T, C) and the past_key_values including these positions."""
         x = self.wte(idx) if idx is not None else None  # (B, T, C)
         if prefix_embeds is not None:
             x = prefix_embeds if x is None else torch.cat([prefix_embeds.to(x.dtype), x], dim=1)  # (B, P+T, C)
@@ -216,8 +214,15 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             x, present = block(x, mask, None if past_key_values is None else past_key_values[i])
             presents.append(present)
-        x = self.ln_f(x)
-        out = x if return_hidden else self.lm_head(x)
+        return self.ln_f(x), presents
+
+    def forward(self, idx, prefix_embeds=None, attention_mask=None, past_key_values=None, use_cache=False,
+                return_hidden=False):
+        """Logits (B, P+T, V) for hidden_states' arguments, called as Hugging Face's GPT2LMHeadModel is:
+        return_hidden=True gives the hidden states instead (a trainer applies lm_head where it needs it), and
+        use_cache=True returns (logits or hidden states, the new past_key_values)."""
+        hidden, presents = self.hidden_states(idx, prefix_embeds, attention_mask, past_key_values)
+        out = hidden if return_hidden else self.lm_head(hidden)
         return (out, presents) if use_cache else out
 
     # -----------------------------------------------------------------------------------------------------------
@@ -285,7 +290,7 @@ class GPT(nn.Module):
         if num_beams > 1:
             return beam_search(self, idx, max_new_tokens, num_beams, length_penalty, attention_mask, prefix_embeds,
                                eos_token_id)
-        hidden, past = self(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
+        hidden, past = self.hidden_states(idx, prefix_embeds, attention_mask)
         finished = torch.zeros(hidden.size(0), dtype=torch.bool, device=hidden.device)
         new_tokens = []
         for _ in range(max_new_tokens):
@@ -298,8 +303,9 @@ class GPT(nn.Module):
                 break
             if attention_mask is not None:
                 attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            hidden, past = self(token[:, None], None, attention_mask, past, use_cache=True, return_hidden=True)
+            hidden, past = self.hidden_states(token[:, None], None, attention_mask, past)
         return torch.stack(new_tokens, dim=1)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding helpers: sampling, beam search, left padding
@@ -333,7 +339,7 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, atten
     B, K = (idx if idx is not None else prefix_embeds).size(0), num_beams
     idx, attention_mask, prefix_embeds = (None if t is None else t.repeat_interleave(K, dim=0)  # (B*K, ...)
                                           for t in (idx, attention_mask, prefix_embeds))
-    hidden, past = model(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
+    hidden, past = model.hidden_states(idx, prefix_embeds, attention_mask)
     scores = torch.zeros(B, K, device=hidden.device)
     scores[:, 1:] = -1e9  # the K copies of a prompt are equal: take the first step's candidates from one only
     beams = [[[] for _ in range(K)] for _ in range(B)]  # tokens of each running beam
@@ -369,7 +375,7 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, atten
         past = [(k[source], v[source]) for k, v in past]  # each beam continues its source's cache
         if attention_mask is not None:  # rows of one prompt share their mask, so it needs no reordering
             attention_mask = F.pad(attention_mask, (0, 1), value=1)
-        hidden, past = model(tokens.view(B * K, 1), None, attention_mask, past, use_cache=True, return_hidden=True)
+        hidden, past = model.hidden_states(tokens.view(B * K, 1), None, attention_mask, past)
     best = [h[0][1] for h in hypotheses]
     width = max(map(len, best))
     pad = eos_token_id if eos_token_id is not None else 0
@@ -506,11 +512,11 @@ class Captioner(nn.Module):
         token_mask = token_mask.bool()
         attention_mask = torch.cat([token_mask.new_ones(B, P), token_mask], dim=1)  # (B, P+T)
         if vocab is None:
-            hidden = self.gpt(tokens, prefix, attention_mask, return_hidden=True)  # (B, P+T, C)
+            hidden, _ = self.gpt.hidden_states(tokens, prefix, attention_mask)  # (B, P+T, C)
         else:  # the used rows, gathered once, embed the tokens and make the logits: one gradient scatter into wte
             table = self.gpt.wte.weight[vocab]  # (|vocab|, C)
             rows = torch.searchsorted(vocab, tokens).clamp(max=len(vocab) - 1)  # (B, T); padding (any id) is masked
-            hidden = self.gpt(None, torch.cat([prefix, table[rows]], dim=1), attention_mask, return_hidden=True)
+            hidden, _ = self.gpt.hidden_states(None, torch.cat([prefix, table[rows]], dim=1), attention_mask)
         # position P-1+t predicts caption token t (the last prefix vector predicts the first word), and the position
         # of a caption's last token predicts end-of-text; padding positions predict nothing
         lengths = token_mask.sum(dim=1, keepdim=True)  # (B, 1)
