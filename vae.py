@@ -99,6 +99,9 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """The bottleneck at the lowest resolution: a ResnetBlock, self-attention over every position (the only
+    attention in SD's autoencoder: `attn_resolutions` is empty), another ResnetBlock."""
+
     def __init__(self, channels, dropout):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
@@ -110,6 +113,10 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> the moments of q(z|x), (B, 2 * z_channels, H/f, W/f) with f = 2^(levels - 1): per level
+    num_res_blocks ResnetBlocks at width ch * ch_mult[level], then a Downsample (not after the last level); the
+    MidBlock; norm, swish and a 3x3 conv to a mean and a log-variance per latent channel."""
+
     def __init__(self, cfg):
         super().__init__()
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
@@ -141,6 +148,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents (B, z_channels, h, w) -> image (B, 3, f*h, f*w), the encoder's path run backwards: a 3x3 conv to the
+    widest width, the MidBlock, then per level from the lowest resolution up num_res_blocks + 1 ResnetBlocks and an
+    Upsample (not after the full-resolution level); norm, swish and a 3x3 conv to RGB."""
+
     def __init__(self, cfg):
         super().__init__()
         block_in = cfg.ch * cfg.ch_mult[-1]
