@@ -22,9 +22,9 @@ import torch.nn as nn
 
 import weights
 from vit import (VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, check_config,
-                 load_checked, preprocess, set_sdpa)
+                 load_checked, preprocess)
 
-__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "preprocess", "set_sdpa",
+__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "preprocess",
            "hf_to_openai", "openai_to_hf", "sd_text_encoder_shapes", "load_clip_state_dict", "classify"]
 
 # -----------------------------------------------------------------------------------------------------------
@@ -76,10 +76,8 @@ class CLIPTextTransformer(nn.Module):
         C, T = config.transformer_width, config.context_length
         self.token_embedding = nn.Embedding(config.vocab_size, C)
         self.positional_embedding = nn.Parameter(torch.empty(T, C))
-        self.transformer = Transformer(C, config.transformer_layers, config.transformer_heads)
+        self.transformer = Transformer(C, config.transformer_layers, config.transformer_heads, causal=True)
         self.ln_final = nn.LayerNorm(C)
-        # additive mask, -inf above the diagonal: token t attends to tokens <= t (derived, so not saved)
-        self.register_buffer("causal_mask", torch.full((T, T), float("-inf")).triu(1), persistent=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # openai/CLIP initialize_parameters
         nn.init.normal_(self.positional_embedding, std=0.01)
 
@@ -90,8 +88,13 @@ class CLIPTextTransformer(nn.Module):
             raise ValueError(f"{T} tokens exceed the context length {self.positional_embedding.shape[0]}; "
                              "tokenize with truncate=True")
         x = self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, C)
-        x = self.transformer(x, self.causal_mask)
+        x = self.transformer(x)  # causal: token t attends to tokens <= t
         return self.ln_final(x)
+
+    def set_attention(self, use_sdpa=True):
+        """The one switch for every attention layer: fused SDPA (True) or the plain math (tested equal)."""
+        self.transformer.set_attention(use_sdpa)
+        return self
 
     @classmethod
     def from_checkpoint(cls, sd, prefix="cond_stage_model.transformer.", preset="ViT-L/14"):
@@ -123,6 +126,11 @@ class CLIP(CLIPTextTransformer):
         width = config.text.transformer_width
         self.text_projection = nn.Parameter(torch.randn(width, config.vision.embed_dim) * width**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature, paper §2.5
+
+    def set_attention(self, use_sdpa=True):
+        """The text tower's switch and the image tower's."""
+        self.visual.set_attention(use_sdpa)
+        return super().set_attention(use_sdpa)
 
     def encode_image(self, image):
         """(B, 3, 224, 224) preprocessed images -> (B, embed_dim) image embeddings."""

@@ -32,7 +32,7 @@ from PIL import Image, PngImagePlugin
 
 import ddpm
 import weights
-from clip import CLIPTextTransformer, set_sdpa
+from clip import CLIPTextTransformer
 from tokenizer import CLIPTokenizer
 from unet import UNetModel
 from vae import AutoencoderKL
@@ -72,7 +72,7 @@ class StableDiffusion:
         """One switch for the attention of all three networks: SDPA or the plain math (tested equal)."""
         self.unet.set_attention(use_sdpa, slice_size)
         self.vae.set_attention(use_sdpa)
-        set_sdpa(self.text_encoder, use_sdpa)
+        self.text_encoder.set_attention(use_sdpa)
 
     @torch.no_grad()
     def encode_text(self, prompts):

@@ -73,7 +73,8 @@ class Attention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.dropout, self.sdpa = config.n_head, config.dropout, config.sdpa
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.use_sdpa = True  # the switch (set_attention): F.scaled_dot_product_attention or the plain math
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
 
@@ -83,7 +84,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if past is not None:  # KV cache: keys and values of all earlier positions
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, S, D)
-        if self.sdpa:  # the fast path: the same math in one fused kernel
+        if self.use_sdpa:  # the fast path: the same math in one fused kernel
             y = F.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         else:
             att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
@@ -136,7 +137,12 @@ class GPTConfig:
     n_layer: int = 12
     layer_norm_epsilon: float = 1e-5
     dropout: float = 0.0  # OpenAI trained with 0.1 (attn, resid and embd pdrop alike); 0 for inference
-    sdpa: bool = True  # attention through F.scaled_dot_product_attention; False runs the plain math, same numbers
+
+    @classmethod
+    def from_dict(cls, saved):
+        """A config a checkpoint stores as a dict (dataclasses.asdict). Checkpoints written before GPT.set_attention
+        hold a field `sdpa`, dropped here: which attention path runs is no part of the model."""
+        return cls(**{k: v for k, v in saved.items() if k != "sdpa"})
 
 
 # Sizes from openai/gpt-2 `hparams.json` and the openai-community/gpt2* `config.json` files on the Hugging Face
@@ -225,6 +231,13 @@ class GPT(nn.Module):
         out = hidden if return_hidden else self.lm_head(hidden)
         return (out, presents) if use_cache else out
 
+    def set_attention(self, use_sdpa=True):
+        """The one switch for every attention layer: fused SDPA or the plain math (tested equal)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.use_sdpa = use_sdpa
+        return self
+
     # -----------------------------------------------------------------------------------------------------------
     # Loading the official weights
 
@@ -250,7 +263,7 @@ class GPT(nn.Module):
         """A GPT from tensors named as in the official files, with or without HF's "transformer." prefix.
 
         The config is read off the tensors and checked against the presets, unless given. overrides replace config
-        fields that no tensor fixes (dropout, sdpa). Mapping rule: strip "transformer."; ignore the causal-mask
+        fields that no tensor fixes (dropout). Mapping rule: strip "transformer."; ignore the causal-mask
         buffers h.N.attn.bias and h.N.attn.masked_bias (we rebuild the mask in forward); lm_head.weight, which
         only HF's own save carries, must equal wte.weight (tied) and is dropped."""
         sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
@@ -537,6 +550,11 @@ class Captioner(nn.Module):
         keywords (temperature, top_k, top_p, num_beams, length_penalty, eos_token_id, generator): greedy by default."""
         prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
         return self.gpt.generate(None, max_new_tokens, prefix_embeds=prefix, **sampling)
+
+    def set_attention(self, use_sdpa=True):
+        """GPT-2's switch (ClipCap's mapper keeps its plain attention: a few vectors, no mask)."""
+        self.gpt.set_attention(use_sdpa)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------

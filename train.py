@@ -442,7 +442,7 @@ def build_caption_model(cfg, checkpoint=None):
         tower = VisionTransformer.from_state_dict(weights.load_state_dict(path), preset=None).requires_grad_(False)
     prefix_length = cfg.prefix_length if cfg.mapping_type != "tokens" else tower.config.num_tokens
     if checkpoint or cfg.language_model == "tiny":
-        gpt = GPT(GPTConfig(**checkpoint["gpt_config"]) if checkpoint else GPTConfig(
+        gpt = GPT(GPTConfig.from_dict(checkpoint["gpt_config"]) if checkpoint else GPTConfig(
             n_ctx=prefix_length + cfg.max_caption_tokens + 1, n_embd=cfg.n_embd, n_head=cfg.n_head,
             n_layer=cfg.n_layer))
     else:
@@ -645,7 +645,7 @@ def build_diffusion_model(cfg, checkpoint=None):
             cfg.max_caption_tokens + 2, 49408, cfg.context_dim, max(1, cfg.context_dim // 64), cfg.text_layers)
         text = CLIPTextTransformer(text_config)
     else:  # GPT-2, frozen, by name or file
-        text = GPTHidden(GPT(GPTConfig(**saved)) if saved else GPT.from_pretrained(cfg.text_encoder))
+        text = GPTHidden(GPT(GPTConfig.from_dict(saved)) if saved else GPT.from_pretrained(cfg.text_encoder))
         text_config = text.gpt.config
     if checkpoint or cfg.unet == "tiny":
         channels = 4 if cfg.latent else 3 * cfg.patch ** 2

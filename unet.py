@@ -319,6 +319,7 @@ class UNetModel(nn.Module):
         for m in self.modules():
             if isinstance(m, CrossAttention):
                 m.use_sdpa, m.slice_size = use_sdpa, slice_size
+        return self
 
     # ------------------------------------------------------------------------------------------------------
     # Loading the official weights

@@ -56,10 +56,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions; q, k, v and proj_out are 1x1 convolutions."""
 
-    use_sdpa = True  # the one switch: F.scaled_dot_product_attention, or the plain math below
-
     def __init__(self, channels):
         super().__init__()
+        self.use_sdpa = True  # the switch (set_attention): F.scaled_dot_product_attention or the plain math
         self.norm = GroupNorm32(channels)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
@@ -303,9 +302,11 @@ class AutoencoderKL(nn.Module):
         return images.clamp(-1.0, 1.0)
 
     def set_attention(self, use_sdpa=True):
+        """The one switch for every attention layer: fused SDPA or the plain math (tested equal)."""
         for m in self.modules():
             if isinstance(m, AttnBlock):
                 m.use_sdpa = use_sdpa
+        return self
 
     # ------------------------------------------------------------------------------------------------------
     # Loading the official weights

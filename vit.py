@@ -32,28 +32,29 @@ class QuickGELU(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter layout (q; k; v packed as rows of
-    `in_proj_weight`, then `out_proj`), written out batch-first."""
+    `in_proj_weight`, then `out_proj`), written out batch-first. `causal`: token t attends to tokens <= t only
+    (CLIP's text tower); the image tower attends everywhere."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, causal=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
+        self.use_sdpa = True  # the switch (set_attention): F.scaled_dot_product_attention or the plain math
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's own initialisation
 
-    def forward(self, x, causal_mask=None, use_sdpa=True):
+    def forward(self, x):
         B, T, C = x.shape
         H, D = self.heads, C // self.heads
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=-1)
         q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if use_sdpa:  # fast path: fused kernel, same math
-            # the only mask CLIP uses is causal, so the fused kernel gets is_causal instead of the mask tensor
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal_mask is not None)
+        if self.use_sdpa:  # fast path: fused kernel, same math
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             att = q @ k.transpose(-2, -1) * D**-0.5  # (B, H, T, T)
-            if causal_mask is not None:
-                att = att + causal_mask[:T, :T].to(att.dtype)  # -inf above the diagonal: no looking ahead
+            if self.causal:  # -inf above the diagonal: no looking ahead
+                att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
             y = att.softmax(dim=-1) @ v  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.out_proj(y)
@@ -62,9 +63,9 @@ class Attention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, causal=False):
         super().__init__()
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, causal)
         self.ln_1 = nn.LayerNorm(width)  # eps 1e-5, PyTorch's default, as in the official code
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, 4 * width)),
@@ -73,32 +74,25 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = nn.LayerNorm(width)
 
-    def forward(self, x, causal_mask=None, use_sdpa=True):
-        x = x + self.attn(self.ln_1(x), causal_mask, use_sdpa)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of blocks. `use_sdpa` is the one switch between the plain attention math and
-    F.scaled_dot_product_attention; tests prove both give the same numbers."""
+    """A stack of blocks."""
 
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, causal=False):
         super().__init__()
-        self.use_sdpa = True
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
 
-    def forward(self, x, causal_mask=None):
+    def forward(self, x):
+        return self.resblocks(x)
+
+    def set_attention(self, use_sdpa=True):
         for block in self.resblocks:
-            x = block(x, causal_mask, self.use_sdpa)
-        return x
+            block.attn.use_sdpa = use_sdpa
 
-
-def set_sdpa(model, enabled):
-    """Switch every transformer inside `model` between the plain math (False) and SDPA (True)."""
-    for module in model.modules():
-        if isinstance(module, Transformer):
-            module.use_sdpa = enabled
-    return model
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: OpenAI's build_model names
@@ -179,6 +173,11 @@ class VisionTransformer(nn.Module):
         the class token. Row 0 is forward()'s pooled embedding; the rest keep where each patch is."""
         _, x = self.forward(image, return_tokens=True)  # (B, 1 + h*w, C)
         return self.ln_post(x) @ self.proj
+
+    def set_attention(self, use_sdpa=True):
+        """The one switch for every attention layer: fused SDPA (True) or the plain math (tested equal)."""
+        self.transformer.set_attention(use_sdpa)
+        return self
 
     @classmethod
     def from_state_dict(cls, sd, prefix="visual.", preset="ViT-B/32"):

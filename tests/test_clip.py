@@ -212,7 +212,7 @@ def test_vitb32_open_clip_safetensors_and_hf_layout(vitb32):
     check_clip(clip.CLIP.from_pretrained(str(path)), vitb32, "open_clip_model.safetensors")
     model = clip.CLIP.from_pretrained(str(folder / "hf" / "model.safetensors"))
     check_clip(model, vitb32, "HF model.safetensors")
-    check_clip(clip.set_sdpa(model, False), vitb32, "HF model.safetensors, plain attention")
+    check_clip(model.set_attention(use_sdpa=False), vitb32, "HF model.safetensors, plain attention")
 
 
 def test_text_pooling_at_end_of_text(vitb32):
@@ -270,7 +270,7 @@ def test_sd_text_encoder_from_single_file_and_standalone(sd_text):
         with torch.no_grad():
             report(f"SD text encoder, {what}: last hidden state", model(tokens), reference)
     with torch.no_grad():
-        report("SD text encoder, plain attention", clip.set_sdpa(model, False)(tokens), reference)
+        report("SD text encoder, plain attention", model.set_attention(use_sdpa=False)(tokens), reference)
     with pytest.raises(ValueError, match="no key of the checkpoint starts with 'cond_stage_model.transformer.'"):
         clip.CLIPTextTransformer.from_checkpoint({"model.diffusion_model.out.2.bias": torch.zeros(4)})
 

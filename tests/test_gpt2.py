@@ -8,7 +8,7 @@ attn.masked_bias buffers). Our code loads both files through weights/ and must a
 """
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -112,7 +112,7 @@ def test_cached_logits_equal_uncached(ours):
 
 
 def test_sdpa_equals_plain_attention(ours):
-    plain = GPT(replace(ours.config, sdpa=False)).eval()
+    plain = GPT(ours.config).set_attention(use_sdpa=False).eval()
     plain.load_state_dict(ours.state_dict())
     idx, attention_mask = pad_left([tokens(13).tolist(), tokens(5, seed=2).tolist()], EOT)
     with torch.no_grad():
@@ -235,6 +235,13 @@ def test_key_set_and_shape_errors_are_named(files):
     save_file({k: v for k, v in good.items() if k != "ln_f.bias"}, broken_file)
     with pytest.raises(ValueError, match=r"missing keys: \['ln_f.bias'\]"):
         GPT.from_pretrained(broken_file.parent)
+
+
+def test_config_stored_before_set_attention_still_loads():
+    """Checkpoints store GPTConfig as a dict; those written while it had an `sdpa` field rebuild the same config."""
+    stored = {**asdict(PRESETS["gpt2-medium"]), "sdpa": False}
+    assert GPTConfig.from_dict(stored) == PRESETS["gpt2-medium"]
+    assert GPTConfig.from_dict(asdict(PRESETS["gpt2"])) == PRESETS["gpt2"]
 
 
 def test_config_and_errors_for_long_inputs(ours):

@@ -178,6 +178,23 @@ def test_tokens_mapper_caches_every_token_and_captions(fixture, tmp_path, capsys
     assert file == str(image) and "<|endoftext|>" not in text
 
 
+def test_checkpoint_written_before_set_attention_still_captions(fixture, tmp_path, capsys):
+    """Checkpoints written while GPTConfig had an `sdpa` field hold it in their gpt_config: they still load, and
+    caption as the same checkpoint without it."""
+    train.main(args(fixture, tmp_path, "--epochs", "1"))
+    checkpoint = weights.load_checkpoint(tmp_path / "ckpt.pt")
+    assert "sdpa" not in checkpoint["gpt_config"]
+    checkpoint["gpt_config"]["sdpa"] = True  # what GPTConfig held before GPT.set_attention
+    weights.save_checkpoint(checkpoint, tmp_path / "old.pt")
+    image = fixture / "coco" / "val2017" / f"{101:012d}.jpg"
+    capsys.readouterr()
+    captions = []
+    for ckpt in ("ckpt.pt", "old.pt"):
+        generate.main([str(image), "--ckpt", str(tmp_path / ckpt), "--device", "cpu"])
+        captions.append(capsys.readouterr().out.rstrip("\n").split("\t")[1])
+    assert captions[0] == captions[1]
+
+
 def test_ddp_two_cpu_processes_equal_one(fixture, tmp_path):
     """torchrun, 2 processes, gloo: each takes half of every batch; the result equals one process (same batches,
     gradients summed over ranks, each micro-batch divided by the whole batch's target count)."""

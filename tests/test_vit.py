@@ -109,7 +109,7 @@ def test_sdpa_equals_plain_attention_and_tokens():
     image = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         fast, tokens = model(image, return_tokens=True)
-        plain = vit.set_sdpa(model, False)(image)
+        plain = model.set_attention(use_sdpa=False)(image)
     assert tokens.shape == (2, 50, 768) and fast.shape == (2, 512)
     diff = (fast - plain).abs().max().item()
     print(f"ViT-B/32 SDPA vs plain attention: max diff {diff:.2e}")
