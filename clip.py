@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 
 import weights
-from vit import (VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, check_config,
-                 load_checked, preprocess)
+from vit import VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, preprocess
 
 __all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "preprocess",
            "hf_to_openai", "openai_to_hf", "sd_text_encoder_shapes", "load_clip_state_dict", "classify"]
@@ -39,12 +38,12 @@ class TextConfig:
     transformer_heads: int = 8
     transformer_layers: int = 12
 
-    @staticmethod
-    def from_state_dict(sd):
+    @classmethod
+    def from_state_dict(cls, sd):
         """Read the config off the tensor shapes (OpenAI names), as openai/CLIP `build_model` does."""
         vocab_size, width = sd["token_embedding.weight"].shape
         layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
-        return TextConfig(sd["positional_embedding"].shape[0], vocab_size, width, width // 64, layers)
+        return cls(sd["positional_embedding"].shape[0], vocab_size, width, width // 64, layers)
 
 
 @dataclass
@@ -97,7 +96,7 @@ class CLIPTextTransformer(nn.Module):
         return self
 
     @classmethod
-    def from_checkpoint(cls, sd, prefix="cond_stage_model.transformer.", preset="ViT-L/14"):
+    def from_state_dict(cls, sd, prefix="cond_stage_model.transformer.", preset="ViT-L/14"):
         """Pick the text tower out of a whole checkpoint: the keys under `prefix`, in HF's `CLIPTextModel`
         layout (`text_model.…`). The SD 1.x single file needs the default prefix; a standalone
         `CLIPTextModel` file needs prefix="". The config is read off the shapes and checked against
@@ -110,8 +109,14 @@ class CLIPTextTransformer(nn.Module):
         picked = hf_to_openai(picked)
         config = TextConfig.from_state_dict(picked)
         if preset is not None:
-            check_config(config, PRESETS[preset].text, preset + " text tower")
-        return load_checked(cls(config), picked)
+            weights.check_config(config, PRESETS[preset].text, preset + " text tower")
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
+            model = cls(config)
+        picked = weights.check_state_dict(model, picked, f"CLIP text tower (prefix {prefix!r})")
+        picked = {k: v.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                  for k, v in picked.items()}
+        model.load_state_dict(picked, strict=True, assign=True)
+        return model
 
 
 class CLIP(CLIPTextTransformer):
@@ -153,21 +158,27 @@ class CLIP(CLIPTextTransformer):
         return logits_per_image, logits_per_image.t()
 
     @classmethod
-    def from_state_dict(cls, sd, preset="ViT-B/32"):
-        """Build from a state dict in OpenAI's, open_clip's or Hugging Face's layout; the config is read off
-        the shapes and checked against PRESETS[preset] (preset=None skips the check)."""
-        sd = to_openai_layout(sd)
+    def from_state_dict(cls, sd, prefix="", preset="ViT-B/32"):
+        """Build from the keys under `prefix` of a state dict in OpenAI's, open_clip's or Hugging Face's layout;
+        the config is read off the shapes and checked against PRESETS[preset] (preset=None skips the check)."""
+        sd = to_openai_layout({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
         config = CLIPConfig(VisionConfig.from_state_dict(sd), TextConfig.from_state_dict(sd))
         if preset is not None:
-            check_config(config.vision, PRESETS[preset].vision, preset + " image tower")
-            check_config(config.text, PRESETS[preset].text, preset + " text tower")
-        return load_checked(cls(config), sd)
+            weights.check_config(config.vision, PRESETS[preset].vision, preset + " image tower")
+            weights.check_config(config.text, PRESETS[preset].text, preset + " text tower")
+        with torch.device("meta"):
+            model = cls(config)
+        sd = weights.check_state_dict(model, sd, f"CLIP (prefix {prefix!r})")
+        # float32 (OpenAI stores many weights in fp16) and contiguous (HF's projections arrive transposed)
+        sd = {k: v.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model
 
     @classmethod
     def from_pretrained(cls, name_or_path="ViT-B/32", root=None, offline=False):
-        """A preset name (fetched through weights.fetch into `root`) or a checkpoint path."""
+        """A preset name (fetched through weights/ into `root`) or a checkpoint path."""
         if name_or_path in REGISTRY_NAMES:
-            path, preset = fetch_first(REGISTRY_NAMES[name_or_path], root, offline), name_or_path
+            path, preset = weights.fetch_first(REGISTRY_NAMES[name_or_path], root, offline), name_or_path
         else:
             path, preset = Path(name_or_path), None
         return cls.from_state_dict(load_clip_state_dict(path), preset=preset)
@@ -250,22 +261,6 @@ def to_openai_layout(sd):
     if any(k.startswith(("vision_model.", "text_model.")) for k in sd):
         sd = hf_to_openai(sd)
     return {k: v for k, v in sd.items() if k not in TORCHSCRIPT_ONLY}
-
-
-def fetch_first(names, root=None, offline=False):
-    """The first of `names` already on disk; else download them in order until one succeeds. On failure the
-    error is the preferred file's (its URL and where to put it)."""
-    for name in names:
-        try:
-            return weights.fetch(name, root=root, offline=True)
-        except weights.WeightsUnavailable as e:
-            first_error = first_error if name != names[0] else e
-    for name in names if not offline else ():
-        try:
-            return weights.fetch(name, root=root)
-        except weights.WeightsUnavailable as e:
-            first_error = first_error if name != names[0] else e
-    raise first_error
 
 
 def load_clip_state_dict(path):

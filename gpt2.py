@@ -139,6 +139,21 @@ class GPTConfig:
     dropout: float = 0.0  # OpenAI trained with 0.1 (attn, resid and embd pdrop alike); 0 for inference
 
     @classmethod
+    def from_state_dict(cls, sd):
+        """Sizes read off the tensors (width from wte, depth from the block indices, context from wpe); the head
+        count is in no shape, so it comes from the preset of that depth and width, which must then agree on all."""
+        if "wte.weight" not in sd or "wpe.weight" not in sd:
+            raise ValueError(f"not a GPT-2 state dict: no wte.weight / wpe.weight among {sorted(sd)[:8]}")
+        layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
+        n_vocab, n_embd = sd["wte.weight"].shape
+        found = cls(n_vocab, sd["wpe.weight"].shape[0], n_embd, n_layer=1 + max(layers, default=-1))
+        for name, preset in PRESETS.items():
+            if (preset.n_layer, preset.n_embd) == (found.n_layer, found.n_embd):
+                weights.check_config(replace(found, n_head=preset.n_head), preset, f"{name} (else pass config=)")
+                return preset
+        raise ValueError(f"no GPT-2 preset has n_layer={found.n_layer}, n_embd={found.n_embd}; pass config=")
+
+    @classmethod
     def from_dict(cls, saved):
         """A config a checkpoint stores as a dict (dataclasses.asdict). Checkpoints written before GPT.set_attention
         hold a field `sdpa`, dropped here: which attention path runs is no part of the model."""
@@ -153,22 +168,9 @@ PRESETS = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
 }
-
-def config_from_state_dict(sd):
-    """Sizes read off the tensors (width from wte, depth from the block indices, context from wpe); the head count
-    is in no shape, so it comes from the preset of that depth and width, which must then agree on everything."""
-    if "wte.weight" not in sd or "wpe.weight" not in sd:
-        raise ValueError(f"not a GPT-2 state dict: no wte.weight / wpe.weight among {sorted(sd)[:8]}")
-    layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
-    found = dict(n_vocab=sd["wte.weight"].shape[0], n_embd=sd["wte.weight"].shape[1], n_ctx=sd["wpe.weight"].shape[0],
-                 n_layer=1 + max(layers, default=-1))
-    for name, preset in PRESETS.items():
-        if (preset.n_layer, preset.n_embd) == (found["n_layer"], found["n_embd"]):
-            differ = {k: (v, getattr(preset, k)) for k, v in found.items() if getattr(preset, k) != v}
-            if differ:
-                raise ValueError(f"tensors look like {name} but differ (file, preset): {differ}; pass config=")
-            return preset
-    raise ValueError(f"no GPT-2 preset has n_layer={found['n_layer']}, n_embd={found['n_embd']}; pass config=")
+# The official files hold each block's causal-mask buffers (attn.bias; masked_bias in older transformers' saves).
+# forward builds the mask itself, so the loader drops them.
+IGNORED = ("h.*.attn.bias", "h.*.attn.masked_bias")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,29 +261,21 @@ class GPT(nn.Module):
         return cls.from_state_dict(weights.load_state_dict(path), **overrides)
 
     @classmethod
-    def from_state_dict(cls, state_dict, config=None, **overrides):
-        """A GPT from tensors named as in the official files, with or without HF's "transformer." prefix.
+    def from_state_dict(cls, state_dict, prefix="", config=None, **overrides):
+        """A GPT from the tensors under `prefix`, named as in the official files, with or without HF's
+        "transformer." level.
 
         The config is read off the tensors and checked against the presets, unless given. overrides replace config
-        fields that no tensor fixes (dropout). Mapping rule: strip "transformer."; ignore the causal-mask
-        buffers h.N.attn.bias and h.N.attn.masked_bias (we rebuild the mask in forward); lm_head.weight, which
-        only HF's own save carries, must equal wte.weight (tied) and is dropped."""
-        sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
-        sd = {k: v for k, v in sd.items() if not re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", k)}
+        fields that no tensor fixes (dropout). Mapping rule: strip "transformer."; drop the causal-mask buffers
+        (IGNORED); lm_head.weight, which only HF's own save carries, must equal wte.weight (tied) and is dropped."""
+        sd = {k[len(prefix):].removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith(prefix)}
         head = sd.pop("lm_head.weight", None)
         if head is not None and "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
             raise ValueError("lm_head.weight differs from wte.weight: GPT-2 ties them, so this is not a GPT-2 file")
-        config = replace(config or config_from_state_dict(sd), **overrides)
+        config = replace(config or GPTConfig.from_state_dict(sd), **overrides)
         with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        problems = [f"missing keys: {sorted(expected.keys() - sd.keys())}",
-                    f"unexpected keys: {sorted(sd.keys() - expected.keys())}",
-                    "wrong shapes: " + str(sorted(f"{k} {tuple(sd[k].shape)} != {tuple(shape)}"
-                                                  for k, shape in expected.items() if k in sd and sd[k].shape != shape))]
-        problems = [p for p in problems if not p.endswith("[]")]
-        if problems:
-            raise ValueError("not a GPT-2 state dict for " + str(config) + ":\n" + "\n".join(problems))
+        sd = weights.check_state_dict(model, sd, f"GPT-2 {config} (prefix {prefix!r})", IGNORED)
         model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in sd.items()}, strict=True, assign=True)
         return model
 

@@ -638,7 +638,7 @@ def build_diffusion_model(cfg, checkpoint=None):
         sd = weights.load_state_dict(cfg.sd_weights if Path(cfg.sd_weights).is_file() else weights.fetch(cfg.sd_weights))
     saved = checkpoint["text_config"] if checkpoint else None
     if cfg.text_encoder == "clip" and not saved:
-        text = CLIPTextTransformer.from_checkpoint(sd)  # SD's ViT-L/14 text tower, frozen
+        text = CLIPTextTransformer.from_state_dict(sd)  # SD's ViT-L/14 text tower, frozen
         text_config = TextConfig.from_state_dict(text.state_dict())
     elif cfg.text_encoder in ("tiny", "clip"):  # one head per 64 channels, as in CLIP
         text_config = TextConfig(**saved) if saved else TextConfig(
@@ -655,10 +655,10 @@ def build_diffusion_model(cfg, checkpoint=None):
             context_dim=cfg.context_dim, adm_in_channels=cfg.context_dim if cfg.pooled_text else 0,
             use_scale_shift_norm=cfg.scale_shift_norm))
     else:
-        unet = UNetModel.from_checkpoint(sd)  # the SD file's UNet, fine-tuned
+        unet = UNetModel.from_state_dict(sd)  # the SD file's UNet, fine-tuned
     unet.gradient_checkpointing = cfg.gradient_checkpointing
     vae = (AutoencoderKL(AutoencoderConfig(**checkpoint["vae_config"])) if checkpoint else
-           AutoencoderKL.from_checkpoint(sd)).requires_grad_(False) if cfg.latent else None
+           AutoencoderKL.from_state_dict(sd)).requires_grad_(False) if cfg.latent else None
     width = text_config.n_embd if isinstance(text, GPTHidden) else text_config.transformer_width
     net = TextConditionedUNet(unet, text.requires_grad_(cfg.text_encoder == "tiny"), width,
                               1 if cfg.latent else cfg.patch)

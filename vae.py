@@ -217,12 +217,25 @@ class AutoencoderConfig:
     # The ONE place of SD 1.x's latent scale: v1-inference.yaml `model.params.scale_factor`.
     scale_factor: float = 0.18215
 
+    @classmethod
+    def from_state_dict(cls, sd):
+        """Read the architecture off the tensors (widths, levels, blocks per level) on top of the sd15 preset."""
+        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+        blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        return cls(
+            in_channels=sd["encoder.conv_in.weight"].shape[1], out_ch=sd["decoder.conv_out.weight"].shape[0], ch=ch,
+            ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+            num_res_blocks=blocks, z_channels=sd["decoder.conv_in.weight"].shape[1],
+            embed_dim=sd["post_quant_conv.weight"].shape[1])
+
 
 PRESETS = {
     "sd15": AutoencoderConfig(),  # 83,653,863 parameters; SD 1.x first_stage_model (kl-f8)
     "tiny": AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),  # 658,375 parameters; fast tests (downscale 2)
 }
 PREFIX = "first_stage_model."  # where an SD 1.x single-file checkpoint keeps the VAE
+IGNORED = ("loss.*",)  # inside the prefix: the training loss of full checkpoints (discriminator, `logvar`)
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
@@ -312,38 +325,22 @@ class AutoencoderKL(nn.Module):
     # Loading the official weights
 
     @classmethod
-    def from_checkpoint(cls, state_dict, prefix=PREFIX, config=None, dtype=torch.float32):
+    def from_state_dict(cls, state_dict, prefix=PREFIX, config=None, dtype=torch.float32):
         """Build the VAE from a whole SD 1.x single-file state dict (weights.load_state_dict of a .safetensors
         or .ckpt), picking the keys under `prefix`; use prefix="" for a bare VAE state dict.
 
         Ignored: every key outside the prefix (`model.diffusion_model.*`, `cond_stage_model.*`, `model_ema.*`,
         the 12 noise-schedule buffers) and, inside it, the training loss (`loss.*`: the discriminator and
         `logvar` that full training checkpoints carry)."""
-        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        own = {k: v.to(dtype) for k, v in own.items() if not k.startswith(IGNORED_INSIDE)}
+        own = {k[len(prefix):]: v.to(dtype) for k, v in state_dict.items() if k.startswith(prefix)}
         if not own:
             raise KeyError(f"no VAE keys: none start with {prefix!r} (first keys: {sorted(state_dict)[:3]})")
-        config = config or config_from_state_dict(own)
-        with torch.device("meta"):
+        config = config or AutoencoderConfig.from_state_dict(own)
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
             model = cls(config)
-        weights.check_state_dict(model, own, "VAE", prefix)
+        own = weights.check_state_dict(model, own, f"VAE (prefix {prefix!r})", IGNORED)
         model.load_state_dict(own, strict=True, assign=True)
         return model
-
-
-IGNORED_INSIDE = ("loss.",)
-
-
-def config_from_state_dict(sd):
-    """Read the architecture off the tensors (widths, levels, blocks per level) on top of the sd15 preset."""
-    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
-    blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    return AutoencoderConfig(
-        in_channels=sd["encoder.conv_in.weight"].shape[1], out_ch=sd["decoder.conv_out.weight"].shape[0], ch=ch,
-        ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-        num_res_blocks=blocks, z_channels=sd["decoder.conv_in.weight"].shape[1],
-        embed_dim=sd["post_quant_conv.weight"].shape[1])
 
 
 def expected_shapes(config=None, prefix=PREFIX):

@@ -10,7 +10,7 @@ official code, everything is batch-first: no sequence-first (LND) permutes aroun
 The text tower, the whole CLIP model and the Hugging Face key mapping live in clip.py.
 """
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+import weights
 
 # -----------------------------------------------------------------------------------------------------------
 # Building blocks (shared with clip.py's text tower)
@@ -114,13 +116,13 @@ class VisionConfig:
     def num_tokens(self):
         return (self.image_resolution // self.vision_patch_size) ** 2 + 1  # the class token and the patch grid
 
-    @staticmethod
-    def from_state_dict(sd, prefix="visual."):
+    @classmethod
+    def from_state_dict(cls, sd, prefix="visual."):
         """Read the config off the tensor shapes, as openai/CLIP `build_model` does."""
         width, _, patch, _ = sd[prefix + "conv1.weight"].shape
         layers = len({k.split(".")[3] for k in sd if k.startswith(prefix + "transformer.resblocks.")})
         grid = round((sd[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
-        return VisionConfig(patch * grid, layers, width, patch, sd[prefix + "proj"].shape[1])
+        return cls(patch * grid, layers, width, patch, sd[prefix + "proj"].shape[1])
 
 
 # Parameter counts are of the image tower alone (conv1 ... proj); sources: openai/CLIP `_MODELS`.
@@ -129,14 +131,6 @@ VISION_PRESETS = {
     "ViT-B/16": VisionConfig(224, 12, 768, 16, 512),   # 86,192,640 params
     "ViT-L/14": VisionConfig(224, 24, 1024, 14, 768),  # 303,966,208 params
 }
-
-
-def check_config(found, preset, name):
-    """Fail naming every field where the checkpoint's shapes disagree with the preset."""
-    diffs = [f"{f.name}: checkpoint {getattr(found, f.name)} != preset {getattr(preset, f.name)}"
-             for f in fields(found) if getattr(found, f.name) != getattr(preset, f.name)]
-    if diffs:
-        raise ValueError(f"checkpoint does not match preset {name}: " + "; ".join(diffs))
 
 # -----------------------------------------------------------------------------------------------------------
 # The model
@@ -181,32 +175,19 @@ class VisionTransformer(nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd, prefix="visual.", preset="ViT-B/32"):
-        """Build from a state dict with OpenAI's names (keys under `prefix`); the config is read off the
-        shapes and checked against VISION_PRESETS[preset] (preset=None skips the check)."""
+        """Build from a state dict with OpenAI's names (keys under `prefix`; others are not the tower's); the
+        config is read off the shapes and checked against VISION_PRESETS[preset] (preset=None skips the check).
+        Tensors are cast to float32 (OpenAI stores many weights in fp16)."""
         config = VisionConfig.from_state_dict(sd, prefix)
         if preset is not None:
-            check_config(config, VISION_PRESETS[preset], preset)
-        model = cls(config)
-        load_checked(model, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+            weights.check_config(config, VISION_PRESETS[preset], preset)
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
+            model = cls(config)
+        own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        own = weights.check_state_dict(model, own, f"image tower (prefix {prefix!r})")
+        own = {k: v.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for k, v in own.items()}
+        model.load_state_dict(own, strict=True, assign=True)
         return model
-
-# -----------------------------------------------------------------------------------------------------------
-# Loading: sets, not counts
-
-
-def load_checked(model, sd, ignored=()):
-    """Copy `sd` into `model` after checking key sets and every shape; keys named in `ignored` are dropped.
-    Tensors are cast to the model's dtype (OpenAI stores many weights in fp16)."""
-    sd = {k: v for k, v in sd.items() if k not in ignored}
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} != model {tuple(expected[k].shape)}"
-                   for k in expected.keys() & sd.keys() if sd[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"state dict does not match {type(model).__name__}:\n  missing {missing}\n"
-                         f"  unexpected {unexpected}\n  wrong shapes {wrong}")
-    model.load_state_dict(sd, strict=True)
-    return model
 
 # -----------------------------------------------------------------------------------------------------------
 # Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`)

@@ -229,7 +229,7 @@ def test_loader_names_missing_unexpected_and_misshapen_keys(vitb32):
     with pytest.raises(ValueError) as error:
         clip.CLIP.from_state_dict(openai_sd)
     message = str(error.value)
-    assert "missing ['ln_final.bias']" in message and "unexpected ['visual.extra']" in message
+    assert "missing 1: ['ln_final.bias']" in message and "unexpected 1: ['visual.extra']" in message
     assert "transformer.resblocks.3.mlp.c_fc.bias: file (7,) != model (2048,)" in message
 
 # --------------------------------------------------------------------- Stable Diffusion's text encoder
@@ -266,13 +266,13 @@ def test_sd_text_encoder_from_single_file_and_standalone(sd_text):
             ("SD single file", single, {}),
             ("standalone CLIPTextModel", weights.load_state_dict(folder / "text_encoder.safetensors"), {"prefix": ""}),
             ("transformers 5 state dict (no text_model. level)", hf.state_dict(), {"prefix": ""})]:
-        model = clip.CLIPTextTransformer.from_checkpoint(checkpoint, **kwargs).eval()
+        model = clip.CLIPTextTransformer.from_state_dict(checkpoint, **kwargs).eval()
         with torch.no_grad():
             report(f"SD text encoder, {what}: last hidden state", model(tokens), reference)
     with torch.no_grad():
         report("SD text encoder, plain attention", model.set_attention(use_sdpa=False)(tokens), reference)
     with pytest.raises(ValueError, match="no key of the checkpoint starts with 'cond_stage_model.transformer.'"):
-        clip.CLIPTextTransformer.from_checkpoint({"model.diffusion_model.out.2.bias": torch.zeros(4)})
+        clip.CLIPTextTransformer.from_state_dict({"model.diffusion_model.out.2.bias": torch.zeros(4)})
 
 
 def test_sd_text_encoder_official_key_table(sd_text):
