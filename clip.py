@@ -7,7 +7,8 @@ The image tower is vit.py's VisionTransformer; this file adds the text tower, th
   open_clip's `open_clip_model.safetensors`, both with OpenAI's key names, which our modules carry;
 - Hugging Face's layout (`openai/clip-vit-base-patch32`), through one rule-based mapping table;
 - Stable Diffusion 1.x's text encoder: the text tower of CLIP ViT-L/14, stored in HF's layout under
-  `cond_stage_model.transformer.text_model.` in the SD file, or standalone as a `CLIPTextModel` file.
+  `cond_stage_model.transformer.text_model.` in the SD file, or standalone as a `CLIPTextModel` file;
+- the image tower alone of any of these files (`load_visual`: the captioner's frozen ViT-B/32).
 
     python clip.py photo.jpg "a dog" "a cat"      # zero-shot label probabilities
 """
@@ -23,8 +24,8 @@ import torch.nn as nn
 import weights
 from vit import VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, preprocess
 
-__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "preprocess",
-           "hf_to_openai", "openai_to_hf", "sd_text_encoder_shapes", "load_clip_state_dict", "classify"]
+__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "hf_to_openai",
+           "load_clip_state_dict", "load_visual", "classify"]
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: OpenAI's build_model names
@@ -59,7 +60,8 @@ PRESETS = {
     "ViT-L/14": CLIPConfig(VISION_PRESETS["ViT-L/14"], TextConfig(77, 49408, 768, 12, 12)),
 }
 # preset -> weights.fetch names, preferred first: open_clip's safetensors holds the same weights as OpenAI's
-# TorchScript archive in fp32 and with the same key names, and needs no pickle at all
+# TorchScript archive in fp32 and with the same key names, and needs no pickle at all. The one place that says
+# which files are ViT-B/32 (CLIP.from_pretrained and load_visual read it through find_weights).
 REGISTRY_NAMES = {"ViT-B/32": ("clip-vit-b-32/open_clip_model.safetensors", "clip-vit-b-32/ViT-B-32.pt")}
 
 # -----------------------------------------------------------------------------------------------------------
@@ -176,11 +178,8 @@ class CLIP(CLIPTextTransformer):
 
     @classmethod
     def from_pretrained(cls, name_or_path="ViT-B/32", root=None, offline=False):
-        """A preset name (fetched through weights/ into `root`) or a checkpoint path."""
-        if name_or_path in REGISTRY_NAMES:
-            path, preset = weights.fetch_first(REGISTRY_NAMES[name_or_path], root, offline), name_or_path
-        else:
-            path, preset = Path(name_or_path), None
+        """A preset name (fetched through weights/ into `root`) or a checkpoint path (see find_weights)."""
+        path, preset = find_weights(name_or_path, root, offline)
         return cls.from_state_dict(load_clip_state_dict(path), preset=preset)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -188,7 +187,7 @@ class CLIP(CLIPTextTransformer):
 
 # Hugging Face name -> OpenAI name (transformers' convert_clip_original_pytorch_to_hf.py, read backwards).
 # A rule starting with "." renames a part anywhere in the key (inside every block); any other rule renames
-# the start of the key. The same table read right-to-left gives openai_to_hf.
+# the start of the key. The same table read right-to-left gives tests/conftest.py's openai_to_hf.
 HF_TO_OPENAI = [
     ("text_model.embeddings.token_embedding.", "token_embedding."),
     ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
@@ -216,7 +215,7 @@ HF_IGNORED = ("position_ids",)  # HF's arange(T) buffer, found in SD files and o
 TORCHSCRIPT_ONLY = ("input_resolution", "context_length", "vocab_size")  # ViT-B-32.pt extras, as build_model
 
 
-def _rename(key, rules):
+def rename_key(key, rules):
     for old, new in rules:
         if old.startswith("."):
             key = key.replace(old, new)
@@ -231,28 +230,13 @@ def hf_to_openai(sd):
     for key, value in sd.items():
         if key.rsplit(".", 1)[-1] in HF_IGNORED:
             continue
-        key = _rename(key, HF_TO_OPENAI)
+        key = rename_key(key, HF_TO_OPENAI)
         out[key] = value.t() if key in TRANSPOSED else value
     for key in [k for k in out if ".self_attn.q_proj." in k]:
         stem, kind = key.split(".self_attn.q_proj.")  # kind: weight or bias
         parts = [f"{stem}.self_attn.{n}_proj.{kind}" for n in "qkv"]
         if all(p in out for p in parts):
             out[f"{stem}.attn.in_proj_{kind}"] = torch.cat([out.pop(p) for p in parts])
-    return out
-
-
-def openai_to_hf(sd):
-    """The inverse of hf_to_openai (used to list the official SD key set; works on meta tensors)."""
-    rules = [(new, old) for old, new in HF_TO_OPENAI]
-    out = {}
-    for key, value in sd.items():
-        value = value.t() if key in TRANSPOSED else value
-        if ".attn.in_proj_" in key:
-            stem, kind = key.split(".attn.in_proj_")
-            for n, part in zip("qkv", value.chunk(3)):
-                out[_rename(f"{stem}.self_attn.{n}_proj.{kind}", rules)] = part
-        else:
-            out[_rename(key, rules)] = value
     return out
 
 
@@ -268,12 +252,20 @@ def load_clip_state_dict(path):
     return to_openai_layout(weights.load_state_dict(path))
 
 
-def sd_text_encoder_shapes(prefix="cond_stage_model.transformer."):
-    """The official key -> shape table of SD 1.x's text encoder (196 tensors, 123,060,480 params), with HF's
-    names under `prefix` as in v1-5-pruned-emaonly.safetensors; `…embeddings.position_ids` is not listed."""
-    with torch.device("meta"):
-        model = CLIPTextTransformer(PRESETS["ViT-L/14"].text)
-    return {prefix + k: tuple(v.shape) for k, v in openai_to_hf(model.state_dict()).items()}
+def find_weights(name_or_path, root=None, offline=False):
+    """(path, preset): a preset name's file, fetched through weights/ when missing (REGISTRY_NAMES' order), or a
+    checkpoint path with preset None (its config is whatever its shapes say)."""
+    if name_or_path in REGISTRY_NAMES:
+        return weights.fetch_first(REGISTRY_NAMES[name_or_path], root, offline), name_or_path
+    return Path(name_or_path), None
+
+
+def load_visual(name_or_path="ViT-B/32", root=None, offline=False):
+    """The image tower alone (vit.py's VisionTransformer) of a preset name or of any CLIP file, in any layout:
+    OpenAI's ViT-B-32.pt, open_clip_model.safetensors, a Hugging Face CLIPModel file, or `visual.*` keys alone.
+    The text tower's tensors, if any, are read and dropped."""
+    path, preset = find_weights(name_or_path, root, offline)
+    return VisionTransformer.from_state_dict(load_clip_state_dict(path), preset=preset)
 
 # -----------------------------------------------------------------------------------------------------------
 # Zero-shot classification

@@ -48,7 +48,7 @@ from tqdm import tqdm
 import data
 import ddpm
 import weights
-from clip import CLIPTextTransformer, TextConfig
+from clip import CLIPTextTransformer, TextConfig, load_visual
 from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
 from tokenizer import CLIPTokenizer, GPT2Tokenizer
 from unet import TextConditionedUNet, UNetConfig, UNetModel
@@ -438,8 +438,7 @@ def build_caption_model(cfg, checkpoint=None):
         grid = tower.config.image_resolution // tower.config.vision_patch_size
         tower.positional_embedding.data[1:] = sincos_positions(grid, tower.config.vision_width)  # row 0: class token
     else:
-        path = weights.fetch("clip-vit-b-32/ViT-B-32.pt") if cfg.image_tower == "ViT-B/32" else cfg.image_tower
-        tower = VisionTransformer.from_state_dict(weights.load_state_dict(path), preset=None).requires_grad_(False)
+        tower = load_visual(cfg.image_tower).requires_grad_(False)
     prefix_length = cfg.prefix_length if cfg.mapping_type != "tokens" else tower.config.num_tokens
     if checkpoint or cfg.language_model == "tiny":
         gpt = GPT(GPTConfig.from_dict(checkpoint["gpt_config"]) if checkpoint else GPTConfig(

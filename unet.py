@@ -400,14 +400,3 @@ class TextConditionedUNet(nn.Module):
             return self.unet(x, timesteps, context, pooled)
         x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
         return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
-
-
-def expected_shapes(config=None, prefix=PREFIX):
-    """The official parameter keys (with prefix) and shapes of an SD 1.x UNet, without allocating memory."""
-    with torch.device("meta"):
-        model = UNetModel(config or PRESETS["sd15"])
-    return {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def count_parameters(config):
-    return sum(math.prod(s) for s in expected_shapes(config, "").values())

@@ -10,7 +10,6 @@ Official code matched here: CompVis/stable-diffusion `ldm/models/autoencoder.py`
 `ldm/modules/distributions/distributions.py` (DiagonalGaussianDistribution), with the first_stage_config of
 `configs/stable-diffusion/v1-inference.yaml`. Module names are the checkpoint keys under `first_stage_model.`.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -341,14 +340,3 @@ class AutoencoderKL(nn.Module):
         own = weights.check_state_dict(model, own, f"VAE (prefix {prefix!r})", IGNORED)
         model.load_state_dict(own, strict=True, assign=True)
         return model
-
-
-def expected_shapes(config=None, prefix=PREFIX):
-    """The official parameter keys (with prefix) and shapes of an SD 1.x VAE, without allocating memory."""
-    with torch.device("meta"):
-        model = AutoencoderKL(config or PRESETS["sd15"])
-    return {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def count_parameters(config):
-    return sum(math.prod(s) for s in expected_shapes(config, "").values())

@@ -7,7 +7,8 @@ Official code: openai/CLIP `clip/model.py` (`VisionTransformer`, `Transformer`, 
 OpenAI's checkpoint, so `visual.transformer.resblocks.0.attn.in_proj_weight` loads with no renaming. Unlike the
 official code, everything is batch-first: no sequence-first (LND) permutes around `nn.MultiheadAttention`.
 
-The text tower, the whole CLIP model and the Hugging Face key mapping live in clip.py.
+The text tower, the whole CLIP model, the Hugging Face key mapping and `load_visual` (this tower out of any CLIP
+file) live in clip.py.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ class VisionTransformer(nn.Module):
     def from_state_dict(cls, sd, prefix="visual.", preset="ViT-B/32"):
         """Build from a state dict with OpenAI's names (keys under `prefix`; others are not the tower's); the
         config is read off the shapes and checked against VISION_PRESETS[preset] (preset=None skips the check).
-        Tensors are cast to float32 (OpenAI stores many weights in fp16)."""
+        Tensors are cast to float32 (OpenAI stores many weights in fp16). clip.load_visual reads any CLIP file."""
         config = VisionConfig.from_state_dict(sd, prefix)
         if preset is not None:
             weights.check_config(config, VISION_PRESETS[preset], preset)

@@ -8,9 +8,10 @@
   `cond_stage_model.transformer.` in an SD-style single file and as a standalone file: same last hidden state
   within 1e-4 for prompts from our tokenizer (pad="eot", as SD), one of them longer than 77 tokens.
 """
+import dataclasses
+import math
 from collections import OrderedDict
 
-import math
 import pytest
 import torch
 import torch.nn as nn
@@ -19,8 +20,9 @@ from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
 
 import clip
 import weights
-from conftest import clip_vitb32_config
+from conftest import clip_vitb32_config, sd_text_encoder_shapes
 from tokenizer import CLIPTokenizer
+from vit import VisionTransformer
 
 TOL = 1e-4
 PROMPTS = ["a photo of a dog", "A diagram of the Transformer, drawn in red ink!", "x"]
@@ -215,6 +217,24 @@ def test_vitb32_open_clip_safetensors_and_hf_layout(vitb32):
     check_clip(model.set_attention(use_sdpa=False), vitb32, "HF model.safetensors, plain attention")
 
 
+def test_load_visual_reads_the_image_tower_of_every_layout(vitb32, tmp_path, monkeypatch):
+    """clip.load_visual: the image tower alone, out of a file with OpenAI's key names or Hugging Face's, or by the
+    preset name through REGISTRY_NAMES (its first file made to be on disk here); and CLIP under a key prefix."""
+    hf_sd, images, _, reference, folder = vitb32
+    name = "clip-vit-b-32/open_clip_model.safetensors"
+    (tmp_path / name).parent.mkdir()
+    save_file(hf_to_openai_reference(hf_sd), str(tmp_path / name))
+    monkeypatch.setitem(weights.REGISTRY, name, dataclasses.replace(weights.REGISTRY[name], size=None))
+    for layout, source in [("OpenAI names", tmp_path / name), ("HF layout", folder / "hf" / "model.safetensors"),
+                           ("preset name", "ViT-B/32")]:
+        tower = clip.load_visual(str(source), root=tmp_path, offline=True).eval()
+        assert isinstance(tower, VisionTransformer) and tower.config == clip.PRESETS["ViT-B/32"].vision
+        with torch.no_grad():
+            report(f"load_visual, {layout}: image embeddings", tower(images), reference["image"])
+    prefixed = {"clip." + k: v for k, v in hf_to_openai_reference(hf_sd).items()}
+    check_clip(clip.CLIP.from_state_dict(prefixed, prefix="clip."), vitb32, "OpenAI names under prefix 'clip.'")
+
+
 def test_text_pooling_at_end_of_text(vitb32):
     tokens = vitb32[2]
     eot = tokens.argmax(-1)
@@ -279,7 +299,7 @@ def test_sd_text_encoder_official_key_table(sd_text):
     hf, _ = sd_text
     official = {"cond_stage_model.transformer.text_model." + k: tuple(v.shape) for k, v in hf.state_dict().items()
                 if not k.endswith("position_ids")}
-    table = clip.sd_text_encoder_shapes()
+    table = sd_text_encoder_shapes()
     assert table == official and len(table) == 196
     assert sum(math.prod(s) for s in table.values()) == 123_060_480
 

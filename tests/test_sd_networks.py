@@ -13,11 +13,11 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
-import clip
 import sd_oracle as so
 import unet as unet_lib
 import vae as vae_lib
 import weights
+from conftest import count_parameters, expected_shapes, sd_text_encoder_shapes
 
 TOL = 1e-4
 
@@ -133,8 +133,9 @@ def test_vae_from_state_dict_reads_the_single_file(sd15_vae):
 
 
 def test_official_key_set_of_the_sd15_file():
-    unet_keys, vae_keys = unet_lib.expected_shapes(), vae_lib.expected_shapes()
-    text_keys = clip.sd_text_encoder_shapes()
+    unet_keys = expected_shapes(unet_lib.UNetModel, unet_lib.PRESETS["sd15"], unet_lib.PREFIX)
+    vae_keys = expected_shapes(vae_lib.AutoencoderKL, vae_lib.PRESETS["sd15"], vae_lib.PREFIX)
+    text_keys = sd_text_encoder_shapes()
     assert (len(unet_keys), len(vae_keys), len(text_keys)) == (686, 248, 196)
     everything = {**unet_keys, **vae_keys, **text_keys}
     assert len(everything) == 1130  # the three prefixes do not overlap
@@ -162,7 +163,7 @@ def test_official_key_set_of_the_sd15_file():
 def test_unet_preset_counts_and_config_from_tensors(name):
     config = unet_lib.PRESETS[name]
     counts = {"sd15": 859_520_964, "tiny-pixel": 7_402_563, "tiny-latent": 1_055_044}
-    assert unet_lib.count_parameters(config) == counts[name]
+    assert count_parameters(unet_lib.UNetModel, config) == counts[name]
     with torch.device("meta"):
         state = unet_lib.UNetModel(config).state_dict()
     read = unet_lib.UNetConfig.from_state_dict(state)
@@ -170,7 +171,7 @@ def test_unet_preset_counts_and_config_from_tensors(name):
 
 
 def test_vae_tiny_preset_count():
-    assert vae_lib.count_parameters(vae_lib.PRESETS["tiny"]) == 658_375
+    assert count_parameters(vae_lib.AutoencoderKL, vae_lib.PRESETS["tiny"]) == 658_375
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -190,7 +190,8 @@ def test_sd15_finetune_full_size(tmp_path):
     checkpointing, on a folder of images with captions. Needs about 16 GB of memory (AdamW on 860M parameters)."""
     import sd_oracle
     from clip import PRESETS as CLIP_PRESETS
-    from clip import CLIPTextTransformer, openai_to_hf
+    from clip import CLIPTextTransformer
+    from conftest import openai_to_hf
     from unet import PRESETS as UNET_PRESETS
     from unet import UNetModel
     from vae import PRESETS as VAE_PRESETS
