@@ -11,8 +11,8 @@
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first, find_in_hub_cache,
-                         weights_dir)
+from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first,
+                         find_in_hub_cache, weights_dir)
 from .readers import check_config, check_state_dict, load_checkpoint, load_state_dict, save_checkpoint
 from .registry import REGISTRY, WeightsFile
 from .safetensors_format import read_safetensors, read_safetensors_metadata, write_safetensors
