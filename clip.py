@@ -7,7 +7,8 @@ The image tower is vit.py's VisionTransformer; this file adds the text tower, th
   open_clip's `open_clip_model.safetensors`, both with OpenAI's key names, which our modules carry;
 - Hugging Face's layout (`openai/clip-vit-base-patch32`), through one rule-based mapping table;
 - Stable Diffusion 1.x's text encoder: the text tower of CLIP ViT-L/14, stored in HF's layout under
-  `cond_stage_model.transformer.text_model.` in the SD file, or standalone as a `CLIPTextModel` file.
+  `cond_stage_model.transformer.text_model.` in the SD file, or standalone as a `CLIPTextModel` file;
+- the image tower alone of any of these files (`load_visual`: the captioner's frozen ViT-B/32).
 
     python clip.py photo.jpg "a dog" "a cat"      # zero-shot label probabilities
 """
@@ -21,11 +22,10 @@ import torch
 import torch.nn as nn
 
 import weights
-from vit import (VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, check_config,
-                 load_checked, preprocess, set_sdpa)
+from vit import VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, preprocess
 
-__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "preprocess", "set_sdpa",
-           "hf_to_openai", "openai_to_hf", "sd_text_encoder_shapes", "load_clip_state_dict", "classify"]
+__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "hf_to_openai",
+           "load_clip_state_dict", "load_visual", "classify"]
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: OpenAI's build_model names
@@ -39,12 +39,12 @@ class TextConfig:
     transformer_heads: int = 8
     transformer_layers: int = 12
 
-    @staticmethod
-    def from_state_dict(sd):
+    @classmethod
+    def from_state_dict(cls, sd):
         """Read the config off the tensor shapes (OpenAI names), as openai/CLIP `build_model` does."""
         vocab_size, width = sd["token_embedding.weight"].shape
         layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
-        return TextConfig(sd["positional_embedding"].shape[0], vocab_size, width, width // 64, layers)
+        return cls(sd["positional_embedding"].shape[0], vocab_size, width, width // 64, layers)
 
 
 @dataclass
@@ -60,7 +60,8 @@ PRESETS = {
     "ViT-L/14": CLIPConfig(VISION_PRESETS["ViT-L/14"], TextConfig(77, 49408, 768, 12, 12)),
 }
 # preset -> weights.fetch names, preferred first: open_clip's safetensors holds the same weights as OpenAI's
-# TorchScript archive in fp32 and with the same key names, and needs no pickle at all
+# TorchScript archive in fp32 and with the same key names, and needs no pickle at all. The one place that says
+# which files are ViT-B/32 (CLIP.from_pretrained and load_visual read it through find_weights).
 REGISTRY_NAMES = {"ViT-B/32": ("clip-vit-b-32/open_clip_model.safetensors", "clip-vit-b-32/ViT-B-32.pt")}
 
 # -----------------------------------------------------------------------------------------------------------
@@ -76,10 +77,8 @@ class CLIPTextTransformer(nn.Module):
         C, T = config.transformer_width, config.context_length
         self.token_embedding = nn.Embedding(config.vocab_size, C)
         self.positional_embedding = nn.Parameter(torch.empty(T, C))
-        self.transformer = Transformer(C, config.transformer_layers, config.transformer_heads)
+        self.transformer = Transformer(C, config.transformer_layers, config.transformer_heads, causal=True)
         self.ln_final = nn.LayerNorm(C)
-        # additive mask, -inf above the diagonal: token t attends to tokens <= t (derived, so not saved)
-        self.register_buffer("causal_mask", torch.full((T, T), float("-inf")).triu(1), persistent=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # openai/CLIP initialize_parameters
         nn.init.normal_(self.positional_embedding, std=0.01)
 
@@ -90,11 +89,16 @@ class CLIPTextTransformer(nn.Module):
             raise ValueError(f"{T} tokens exceed the context length {self.positional_embedding.shape[0]}; "
                              "tokenize with truncate=True")
         x = self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, C)
-        x = self.transformer(x, self.causal_mask)
+        x = self.transformer(x)  # causal: token t attends to tokens <= t
         return self.ln_final(x)
 
+    def set_attention(self, use_sdpa=True):
+        """The one switch for every attention layer: fused SDPA (True) or the plain math (tested equal)."""
+        self.transformer.set_attention(use_sdpa)
+        return self
+
     @classmethod
-    def from_checkpoint(cls, sd, prefix="cond_stage_model.transformer.", preset="ViT-L/14"):
+    def from_state_dict(cls, sd, prefix="cond_stage_model.transformer.", preset="ViT-L/14"):
         """Pick the text tower out of a whole checkpoint: the keys under `prefix`, in HF's `CLIPTextModel`
         layout (`text_model.…`). The SD 1.x single file needs the default prefix; a standalone
         `CLIPTextModel` file needs prefix="". The config is read off the shapes and checked against
@@ -107,8 +111,14 @@ class CLIPTextTransformer(nn.Module):
         picked = hf_to_openai(picked)
         config = TextConfig.from_state_dict(picked)
         if preset is not None:
-            check_config(config, PRESETS[preset].text, preset + " text tower")
-        return load_checked(cls(config), picked)
+            weights.check_config(config, PRESETS[preset].text, preset + " text tower")
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
+            model = cls(config)
+        picked = weights.check_state_dict(model, picked, f"CLIP text tower (prefix {prefix!r})")
+        picked = {k: v.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                  for k, v in picked.items()}
+        model.load_state_dict(picked, strict=True, assign=True)
+        return model
 
 
 class CLIP(CLIPTextTransformer):
@@ -123,6 +133,11 @@ class CLIP(CLIPTextTransformer):
         width = config.text.transformer_width
         self.text_projection = nn.Parameter(torch.randn(width, config.vision.embed_dim) * width**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature, paper §2.5
+
+    def set_attention(self, use_sdpa=True):
+        """The text tower's switch and the image tower's."""
+        self.visual.set_attention(use_sdpa)
+        return super().set_attention(use_sdpa)
 
     def encode_image(self, image):
         """(B, 3, 224, 224) preprocessed images -> (B, embed_dim) image embeddings."""
@@ -145,23 +160,26 @@ class CLIP(CLIPTextTransformer):
         return logits_per_image, logits_per_image.t()
 
     @classmethod
-    def from_state_dict(cls, sd, preset="ViT-B/32"):
-        """Build from a state dict in OpenAI's, open_clip's or Hugging Face's layout; the config is read off
-        the shapes and checked against PRESETS[preset] (preset=None skips the check)."""
-        sd = to_openai_layout(sd)
+    def from_state_dict(cls, sd, prefix="", preset="ViT-B/32"):
+        """Build from the keys under `prefix` of a state dict in OpenAI's, open_clip's or Hugging Face's layout;
+        the config is read off the shapes and checked against PRESETS[preset] (preset=None skips the check)."""
+        sd = to_openai_layout({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
         config = CLIPConfig(VisionConfig.from_state_dict(sd), TextConfig.from_state_dict(sd))
         if preset is not None:
-            check_config(config.vision, PRESETS[preset].vision, preset + " image tower")
-            check_config(config.text, PRESETS[preset].text, preset + " text tower")
-        return load_checked(cls(config), sd)
+            weights.check_config(config.vision, PRESETS[preset].vision, preset + " image tower")
+            weights.check_config(config.text, PRESETS[preset].text, preset + " text tower")
+        with torch.device("meta"):
+            model = cls(config)
+        sd = weights.check_state_dict(model, sd, f"CLIP (prefix {prefix!r})")
+        # float32 (OpenAI stores many weights in fp16) and contiguous (HF's projections arrive transposed)
+        sd = {k: v.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model
 
     @classmethod
     def from_pretrained(cls, name_or_path="ViT-B/32", root=None, offline=False):
-        """A preset name (fetched through weights.fetch into `root`) or a checkpoint path."""
-        if name_or_path in REGISTRY_NAMES:
-            path, preset = fetch_first(REGISTRY_NAMES[name_or_path], root, offline), name_or_path
-        else:
-            path, preset = Path(name_or_path), None
+        """A preset name (fetched through weights/ into `root`) or a checkpoint path (see find_weights)."""
+        path, preset = find_weights(name_or_path, root, offline)
         return cls.from_state_dict(load_clip_state_dict(path), preset=preset)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -169,7 +187,7 @@ class CLIP(CLIPTextTransformer):
 
 # Hugging Face name -> OpenAI name (transformers' convert_clip_original_pytorch_to_hf.py, read backwards).
 # A rule starting with "." renames a part anywhere in the key (inside every block); any other rule renames
-# the start of the key. The same table read right-to-left gives openai_to_hf.
+# the start of the key. The same table read right-to-left gives tests/conftest.py's openai_to_hf.
 HF_TO_OPENAI = [
     ("text_model.embeddings.token_embedding.", "token_embedding."),
     ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
@@ -197,7 +215,7 @@ HF_IGNORED = ("position_ids",)  # HF's arange(T) buffer, found in SD files and o
 TORCHSCRIPT_ONLY = ("input_resolution", "context_length", "vocab_size")  # ViT-B-32.pt extras, as build_model
 
 
-def _rename(key, rules):
+def rename_key(key, rules):
     for old, new in rules:
         if old.startswith("."):
             key = key.replace(old, new)
@@ -212,28 +230,13 @@ def hf_to_openai(sd):
     for key, value in sd.items():
         if key.rsplit(".", 1)[-1] in HF_IGNORED:
             continue
-        key = _rename(key, HF_TO_OPENAI)
+        key = rename_key(key, HF_TO_OPENAI)
         out[key] = value.t() if key in TRANSPOSED else value
     for key in [k for k in out if ".self_attn.q_proj." in k]:
         stem, kind = key.split(".self_attn.q_proj.")  # kind: weight or bias
         parts = [f"{stem}.self_attn.{n}_proj.{kind}" for n in "qkv"]
         if all(p in out for p in parts):
             out[f"{stem}.attn.in_proj_{kind}"] = torch.cat([out.pop(p) for p in parts])
-    return out
-
-
-def openai_to_hf(sd):
-    """The inverse of hf_to_openai (used to list the official SD key set; works on meta tensors)."""
-    rules = [(new, old) for old, new in HF_TO_OPENAI]
-    out = {}
-    for key, value in sd.items():
-        value = value.t() if key in TRANSPOSED else value
-        if ".attn.in_proj_" in key:
-            stem, kind = key.split(".attn.in_proj_")
-            for n, part in zip("qkv", value.chunk(3)):
-                out[_rename(f"{stem}.self_attn.{n}_proj.{kind}", rules)] = part
-        else:
-            out[_rename(key, rules)] = value
     return out
 
 
@@ -244,33 +247,25 @@ def to_openai_layout(sd):
     return {k: v for k, v in sd.items() if k not in TORCHSCRIPT_ONLY}
 
 
-def fetch_first(names, root=None, offline=False):
-    """The first of `names` already on disk; else download them in order until one succeeds. On failure the
-    error is the preferred file's (its URL and where to put it)."""
-    for name in names:
-        try:
-            return weights.fetch(name, root=root, offline=True)
-        except weights.WeightsUnavailable as e:
-            first_error = first_error if name != names[0] else e
-    for name in names if not offline else ():
-        try:
-            return weights.fetch(name, root=root)
-        except weights.WeightsUnavailable as e:
-            first_error = first_error if name != names[0] else e
-    raise first_error
-
-
 def load_clip_state_dict(path):
     """Read ViT-B-32.pt (TorchScript zip), open_clip_model.safetensors or an HF CLIPModel file -> OpenAI names."""
     return to_openai_layout(weights.load_state_dict(path))
 
 
-def sd_text_encoder_shapes(prefix="cond_stage_model.transformer."):
-    """The official key -> shape table of SD 1.x's text encoder (196 tensors, 123,060,480 params), with HF's
-    names under `prefix` as in v1-5-pruned-emaonly.safetensors; `…embeddings.position_ids` is not listed."""
-    with torch.device("meta"):
-        model = CLIPTextTransformer(PRESETS["ViT-L/14"].text)
-    return {prefix + k: tuple(v.shape) for k, v in openai_to_hf(model.state_dict()).items()}
+def find_weights(name_or_path, root=None, offline=False):
+    """(path, preset): a preset name's file, fetched through weights/ when missing (REGISTRY_NAMES' order), or a
+    checkpoint path with preset None (its config is whatever its shapes say)."""
+    if name_or_path in REGISTRY_NAMES:
+        return weights.fetch_first(REGISTRY_NAMES[name_or_path], root, offline), name_or_path
+    return Path(name_or_path), None
+
+
+def load_visual(name_or_path="ViT-B/32", root=None, offline=False):
+    """The image tower alone (vit.py's VisionTransformer) of a preset name or of any CLIP file, in any layout:
+    OpenAI's ViT-B-32.pt, open_clip_model.safetensors, a Hugging Face CLIPModel file, or `visual.*` keys alone.
+    The text tower's tensors, if any, are read and dropped."""
+    path, preset = find_weights(name_or_path, root, offline)
+    return VisionTransformer.from_state_dict(load_clip_state_dict(path), preset=preset)
 
 # -----------------------------------------------------------------------------------------------------------
 # Zero-shot classification

@@ -215,11 +215,16 @@ class GaussianDiffusion:
         Image-to-image: `init` holds the clean x_0 of the input image; it is noised to the first timestep of the
         run chosen by `strength`. `generator` feeds the fresh noise of DDPM and of DDIM with eta > 0."""
         ts, start = self.sampling_timesteps(sampler, steps, strength)
-        loop = {"ddpm": self._ddpm, "ddim": self._ddim, "euler": self._euler, "dpm++2m": self._dpm_solver_pp_2m}
-        bar = tqdm(total=len(ts) - start, desc=sampler, disable=not progress, leave=False)
-        x = loop[sampler](model, noise.float(), init, ts, start, eta=eta, generator=generator, bar=bar)
-        bar.close()
-        return x
+        ts = ts[start:]  # the run: image-to-image skips the first steps, and each sampler starts at ts[0]
+        indices = tqdm(range(len(ts)), desc=sampler, disable=not progress, leave=False)
+        noise = noise.float()
+        if sampler == "ddpm":
+            return self._ddpm(model, noise, init, ts, indices, generator)
+        if sampler == "ddim":
+            return self._ddim(model, noise, init, ts, indices, eta, generator)
+        if sampler == "euler":
+            return self._euler(model, noise, init, ts, indices)
+        return self._dpm_solver_pp_2m(model, noise, init, ts, indices)
 
     def _vp_start(self, noise, init, alpha_bar):
         """x at the first step for the samplers that work on x_t itself: the noise, or the noised input image."""
@@ -227,15 +232,15 @@ class GaussianDiffusion:
             return noise
         return alpha_bar.sqrt() * init.float() + (1 - alpha_bar).sqrt() * noise
 
-    def _ddpm(self, model, noise, init, ts, start, generator, bar, **_):
+    def _ddpm(self, model, noise, init, ts, indices, generator):
         """Ancestral sampling (DDPM eq. 6-7), with the step's β recomputed from ᾱ so it works on a strided chain,
         and the "fixed small" variance β̃ (eq. 7) clamped at 1e-20 as diffusers does."""
-        acp = self.alphas_cumprod
-        x = self._vp_start(noise, init, acp[int(ts[start])])
-        for i in range(start, len(ts)):
+        alphas_cumprod = self.alphas_cumprod
+        x = self._vp_start(noise, init, alphas_cumprod[int(ts[0])])
+        for i in indices:
             t = int(ts[i])
-            a_t = acp[t]
-            a_prev = acp[int(ts[i + 1])] if i + 1 < len(ts) else torch.tensor(1.0)
+            a_t = alphas_cumprod[t]
+            a_prev = alphas_cumprod[int(ts[i + 1])] if i + 1 < len(ts) else torch.tensor(1.0)
             _, x0 = self._predict(model, x, t, a_t**0.5, (1 - a_t) ** 0.5)
             if self.config.clip_sample:
                 x0 = x0.clamp(-1, 1)
@@ -244,18 +249,17 @@ class GaussianDiffusion:
             if t > 0:
                 variance = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
                 x = x + variance**0.5 * randn(x.shape, generator, x.device)
-            bar.update()
         return x
 
-    def _ddim(self, model, noise, init, ts, start, eta, generator, bar):
+    def _ddim(self, model, noise, init, ts, indices, eta, generator):
         """DDIM (Song et al. eq. 12): x_prev = √ᾱ_prev·x̂_0 + √(1-ᾱ_prev-σ²)·ε + σ·z, σ = η·√β̃. η = 0 is
         deterministic; η = 1 is DDPM's variance. The last step lands on `final_alpha_cumprod`."""
-        acp = self.alphas_cumprod
-        x = self._vp_start(noise, init, acp[int(ts[start])])
-        for i in range(start, len(ts)):
+        alphas_cumprod = self.alphas_cumprod
+        x = self._vp_start(noise, init, alphas_cumprod[int(ts[0])])
+        for i in indices:
             t = int(ts[i])
-            a_t = acp[t]
-            a_prev = acp[int(ts[i + 1])] if i + 1 < len(ts) else self.final_alpha_cumprod
+            a_t = alphas_cumprod[t]
+            a_prev = alphas_cumprod[int(ts[i + 1])] if i + 1 < len(ts) else self.final_alpha_cumprod
             eps, x0 = self._predict(model, x, t, a_t**0.5, (1 - a_t) ** 0.5)
             if self.config.clip_sample:  # the direction term keeps the unclipped ε, as in diffusers
                 x0 = x0.clamp(-1, 1)
@@ -263,28 +267,26 @@ class GaussianDiffusion:
             x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
             if eta > 0:
                 x = x + std * randn(x.shape, generator, x.device)
-            bar.update()
         return x
 
-    def _euler(self, model, noise, init, ts, start, bar, **_):
+    def _euler(self, model, noise, init, ts, indices):
         """Euler steps on the probability-flow ODE dx/dσ = ε(x/√(σ²+1), t) in the variable x = x_t/√ᾱ_t
         (= x_0 + σ·ε, Karras et al. eq. 1 with Algorithm 1's first-order step). The network sees x/√(σ²+1)."""
         sigmas = [self._sigma_at(t) for t in ts] + [torch.tensor(0.0)]
         if init is not None:
-            x = init.float() + sigmas[start] * noise
+            x = init.float() + sigmas[0] * noise
         elif self.config.timestep_spacing == "leading":  # diffusers' init_noise_sigma: √(σ_max²+1), i.e. x_T = ε
             x = noise * (sigmas[0] ** 2 + 1) ** 0.5
         else:
             x = noise * sigmas[0]
-        for i in range(start, len(ts)):
+        for i in indices:
             sigma = sigmas[i]
             scale = (sigma**2 + 1) ** 0.5
             eps, _ = self._predict(model, x / scale, ts[i], 1 / scale, sigma / scale)
             x = x + eps * (sigmas[i + 1] - sigma)  # dx/dσ = (x − x̂_0)/σ = ε, times dσ
-            bar.update()
         return x
 
-    def _dpm_solver_pp_2m(self, model, noise, init, ts, start, bar, **_):
+    def _dpm_solver_pp_2m(self, model, noise, init, ts, indices):
         """DPM-Solver++(2M) (Lu et al. Algorithm 2) in log-SNR time λ = log(α/σ): each step is exact for a
         data prediction x̂_0 that is linear in λ, estimated from this step's and the previous step's x̂_0.
         First order on the first and on the last step (to σ = 0), as diffusers does."""
@@ -292,9 +294,9 @@ class GaussianDiffusion:
         alphas = [1 / (s**2 + 1) ** 0.5 for s in sig]  # α_t = √ᾱ_t
         sigmas = [s * a for s, a in zip(sig, alphas)]  # σ_t = √(1-ᾱ_t)
         lambdas = [torch.log(a) - torch.log(s) for a, s in zip(alphas, sigmas)]  # λ = +inf at the end
-        x = noise if init is None else alphas[start] * init.float() + sigmas[start] * noise
+        x = noise if init is None else alphas[0] * init.float() + sigmas[0] * noise
         x0_prev = None
-        for i in range(start, len(ts)):
+        for i in indices:
             _, x0 = self._predict(model, x, ts[i], alphas[i], sigmas[i])
             h = lambdas[i + 1] - lambdas[i]
             d = x0
@@ -303,5 +305,4 @@ class GaussianDiffusion:
                 d = x0 + (0.5 / r) * (x0 - x0_prev)
             x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * (torch.exp(-h) - 1.0)) * d
             x0_prev = x0
-            bar.update()
         return x

@@ -32,7 +32,7 @@ from PIL import Image, PngImagePlugin
 
 import ddpm
 import weights
-from clip import CLIPTextTransformer, set_sdpa
+from clip import CLIPTextTransformer
 from tokenizer import CLIPTokenizer
 from unet import UNetModel
 from vae import AutoencoderKL
@@ -59,9 +59,9 @@ class StableDiffusion:
         """Read the file once (weights/' restricted readers: no pickle code runs) and build the three networks
         from their prefixes; each loader checks its key set and shapes and names what it ignores."""
         state = weights.load_state_dict(path)
-        unet = UNetModel.from_checkpoint(state, dtype=dtype)
-        vae = AutoencoderKL.from_checkpoint(state, dtype=dtype)
-        text_encoder = CLIPTextTransformer.from_checkpoint(state, preset=None)  # shapes say which size it is
+        unet = UNetModel.from_state_dict(state, dtype=dtype)
+        vae = AutoencoderKL.from_state_dict(state, dtype=dtype)
+        text_encoder = CLIPTextTransformer.from_state_dict(state, preset=None)  # shapes say which size it is
         return cls(unet.to(device), vae.to(device), text_encoder.to(device, dtype))
 
     @property
@@ -72,7 +72,7 @@ class StableDiffusion:
         """One switch for the attention of all three networks: SDPA or the plain math (tested equal)."""
         self.unet.set_attention(use_sdpa, slice_size)
         self.vae.set_attention(use_sdpa)
-        set_sdpa(self.text_encoder, use_sdpa)
+        self.text_encoder.set_attention(use_sdpa)
 
     @torch.no_grad()
     def encode_text(self, prompts):

@@ -1,11 +1,17 @@
 """GPT-2, by hand: the language model of Radford et al. 2019, "Language Models are Unsupervised Multitask
-Learners", in all four released sizes (124M to 1.5B parameters).
+Learners", in all four released sizes (124M to 1.5B parameters); then GPT-2 Vision: GPT-2 writing a caption after
+a prefix made from an image (ClipCap, Mokady et al. 2021).
 
 It computes what OpenAI's TensorFlow code computes (openai/gpt-2 `src/model.py`) and what Hugging Face's port
 computes (transformers `GPT2LMHeadModel`), and it loads the official Hugging Face files (openai-community/gpt2*:
 `model.safetensors`, `pytorch_model.bin`) without renaming anything: every module is named after its key there.
-Read top to bottom: building blocks, config and presets, the model, loading the official weights, sampling
-(greedy, temperature, top-k, top-p, beam search), and the command line:
+Read top to bottom, two chapters and the command line:
+
+1. GPT-2: building blocks, config and presets, the model, loading the official weights, decoding (greedy,
+   temperature, top-k, top-p, beam search);
+2. GPT-2 Vision: ClipCap's mapping networks (and LLaVA-1.5's per-token one) that turn what an image tower
+   (vit.py) makes of an image into GPT-2 input vectors, and the captioner that learns and decodes through them;
+3. the command line:
 
     python gpt2.py "The meaning of life is" --max-new-tokens 40
 
@@ -25,6 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
+
+# ===============================================================================================================
+# 1. GPT-2
+# ===============================================================================================================
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -62,7 +73,8 @@ class Attention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.dropout, self.sdpa = config.n_head, config.dropout, config.sdpa
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.use_sdpa = True  # the switch (set_attention): F.scaled_dot_product_attention or the plain math
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
 
@@ -72,7 +84,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if past is not None:  # KV cache: keys and values of all earlier positions
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, S, D)
-        if self.sdpa:  # the fast path: the same math in one fused kernel
+        if self.use_sdpa:  # the fast path: the same math in one fused kernel
             y = F.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         else:
             att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
@@ -125,7 +137,27 @@ class GPTConfig:
     n_layer: int = 12
     layer_norm_epsilon: float = 1e-5
     dropout: float = 0.0  # OpenAI trained with 0.1 (attn, resid and embd pdrop alike); 0 for inference
-    sdpa: bool = True  # attention through F.scaled_dot_product_attention; False runs the plain math, same numbers
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        """Sizes read off the tensors (width from wte, depth from the block indices, context from wpe); the head
+        count is in no shape, so it comes from the preset of that depth and width, which must then agree on all."""
+        if "wte.weight" not in sd or "wpe.weight" not in sd:
+            raise ValueError(f"not a GPT-2 state dict: no wte.weight / wpe.weight among {sorted(sd)[:8]}")
+        layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
+        n_vocab, n_embd = sd["wte.weight"].shape
+        found = cls(n_vocab, sd["wpe.weight"].shape[0], n_embd, n_layer=1 + max(layers, default=-1))
+        for name, preset in PRESETS.items():
+            if (preset.n_layer, preset.n_embd) == (found.n_layer, found.n_embd):
+                weights.check_config(replace(found, n_head=preset.n_head), preset, f"{name} (else pass config=)")
+                return preset
+        raise ValueError(f"no GPT-2 preset has n_layer={found.n_layer}, n_embd={found.n_embd}; pass config=")
+
+    @classmethod
+    def from_dict(cls, saved):
+        """A config a checkpoint stores as a dict (dataclasses.asdict). Checkpoints written before GPT.set_attention
+        hold a field `sdpa`, dropped here: which attention path runs is no part of the model."""
+        return cls(**{k: v for k, v in saved.items() if k != "sdpa"})
 
 
 # Sizes from openai/gpt-2 `hparams.json` and the openai-community/gpt2* `config.json` files on the Hugging Face
@@ -136,22 +168,9 @@ PRESETS = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
 }
-
-def config_from_state_dict(sd):
-    """Sizes read off the tensors (width from wte, depth from the block indices, context from wpe); the head count
-    is in no shape, so it comes from the preset of that depth and width, which must then agree on everything."""
-    if "wte.weight" not in sd or "wpe.weight" not in sd:
-        raise ValueError(f"not a GPT-2 state dict: no wte.weight / wpe.weight among {sorted(sd)[:8]}")
-    layers = [int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))]
-    found = dict(n_vocab=sd["wte.weight"].shape[0], n_embd=sd["wte.weight"].shape[1], n_ctx=sd["wpe.weight"].shape[0],
-                 n_layer=1 + max(layers, default=-1))
-    for name, preset in PRESETS.items():
-        if (preset.n_layer, preset.n_embd) == (found["n_layer"], found["n_embd"]):
-            differ = {k: (v, getattr(preset, k)) for k, v in found.items() if getattr(preset, k) != v}
-            if differ:
-                raise ValueError(f"tensors look like {name} but differ (file, preset): {differ}; pass config=")
-            return preset
-    raise ValueError(f"no GPT-2 preset has n_layer={found['n_layer']}, n_embd={found['n_embd']}; pass config=")
+# The official files hold each block's causal-mask buffers (attn.bias; masked_bias in older transformers' saves).
+# forward builds the mask itself, so the loader drops them.
+IGNORED = ("h.*.attn.bias", "h.*.attn.masked_bias")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,14 +195,12 @@ class GPT(nn.Module):
         """Logits from hidden states: the output layer is the token embedding itself (tied weights)."""
         return F.linear(hidden, self.wte.weight)  # (B, T, V)
 
-    def forward(self, idx, prefix_embeds=None, attention_mask=None, past_key_values=None, use_cache=False,
-                return_hidden=False):
-        """idx (B, T) token ids, or None; prefix_embeds (B, P, C) vectors placed before them (a captioner's image
-        prefix). attention_mask (B, S), 1 = real and 0 = padding, covers every position so far, cached ones
-        included (the Hugging Face convention), so left padding (generation) and right padding (training) both
-        work. past_key_values: what an earlier call with use_cache=True returned.
-        Returns logits (B, P+T, V), or with return_hidden=True the hidden states after ln_f (B, P+T, C) so a trainer
-        can apply lm_head to some positions only; with use_cache=True also the new past_key_values."""
+    def hidden_states(self, idx, prefix_embeds=None, attention_mask=None, past_key_values=None):
+        """The transformer. idx (B, T) token ids, or None; prefix_embeds (B, P, C) vectors placed before them (a
+        captioner's image prefix). attention_mask (B, S), 1 = real and 0 = padding, covers every position so far,
+        cached ones included (the Hugging Face convention), so left padding (generation) and right padding
+        (training) both work. past_key_values: what an earlier call returned for the positions before these.
+        Returns the hidden states after ln_f (B, P+T, C) and the past_key_values including these positions."""
         x = self.wte(idx) if idx is not None else None  # (B, T, C)
         if prefix_embeds is not None:
             x = prefix_embeds if x is None else torch.cat([prefix_embeds.to(x.dtype), x], dim=1)  # (B, P+T, C)
@@ -205,9 +222,23 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             x, present = block(x, mask, None if past_key_values is None else past_key_values[i])
             presents.append(present)
-        x = self.ln_f(x)
-        out = x if return_hidden else self.lm_head(x)
+        return self.ln_f(x), presents
+
+    def forward(self, idx, prefix_embeds=None, attention_mask=None, past_key_values=None, use_cache=False,
+                return_hidden=False):
+        """Logits (B, P+T, V) for hidden_states' arguments, called as Hugging Face's GPT2LMHeadModel is:
+        return_hidden=True gives the hidden states instead (a trainer applies lm_head where it needs it), and
+        use_cache=True returns (logits or hidden states, the new past_key_values)."""
+        hidden, presents = self.hidden_states(idx, prefix_embeds, attention_mask, past_key_values)
+        out = hidden if return_hidden else self.lm_head(hidden)
         return (out, presents) if use_cache else out
+
+    def set_attention(self, use_sdpa=True):
+        """The one switch for every attention layer: fused SDPA or the plain math (tested equal)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.use_sdpa = use_sdpa
+        return self
 
     # -----------------------------------------------------------------------------------------------------------
     # Loading the official weights
@@ -230,29 +261,21 @@ class GPT(nn.Module):
         return cls.from_state_dict(weights.load_state_dict(path), **overrides)
 
     @classmethod
-    def from_state_dict(cls, state_dict, config=None, **overrides):
-        """A GPT from tensors named as in the official files, with or without HF's "transformer." prefix.
+    def from_state_dict(cls, state_dict, prefix="", config=None, **overrides):
+        """A GPT from the tensors under `prefix`, named as in the official files, with or without HF's
+        "transformer." level.
 
         The config is read off the tensors and checked against the presets, unless given. overrides replace config
-        fields that no tensor fixes (dropout, sdpa). Mapping rule: strip "transformer."; ignore the causal-mask
-        buffers h.N.attn.bias and h.N.attn.masked_bias (we rebuild the mask in forward); lm_head.weight, which
-        only HF's own save carries, must equal wte.weight (tied) and is dropped."""
-        sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
-        sd = {k: v for k, v in sd.items() if not re.fullmatch(r"h\.\d+\.attn\.(bias|masked_bias)", k)}
+        fields that no tensor fixes (dropout). Mapping rule: strip "transformer."; drop the causal-mask buffers
+        (IGNORED); lm_head.weight, which only HF's own save carries, must equal wte.weight (tied) and is dropped."""
+        sd = {k[len(prefix):].removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith(prefix)}
         head = sd.pop("lm_head.weight", None)
         if head is not None and "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
             raise ValueError("lm_head.weight differs from wte.weight: GPT-2 ties them, so this is not a GPT-2 file")
-        config = replace(config or config_from_state_dict(sd), **overrides)
+        config = replace(config or GPTConfig.from_state_dict(sd), **overrides)
         with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        problems = [f"missing keys: {sorted(expected.keys() - sd.keys())}",
-                    f"unexpected keys: {sorted(sd.keys() - expected.keys())}",
-                    "wrong shapes: " + str(sorted(f"{k} {tuple(sd[k].shape)} != {tuple(shape)}"
-                                                  for k, shape in expected.items() if k in sd and sd[k].shape != shape))]
-        problems = [p for p in problems if not p.endswith("[]")]
-        if problems:
-            raise ValueError("not a GPT-2 state dict for " + str(config) + ":\n" + "\n".join(problems))
+        sd = weights.check_state_dict(model, sd, f"GPT-2 {config} (prefix {prefix!r})", IGNORED)
         model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in sd.items()}, strict=True, assign=True)
         return model
 
@@ -272,9 +295,9 @@ class GPT(nn.Module):
             raise ValueError(f"a prompt of {prompt_length} positions plus {max_new_tokens} new tokens exceeds "
                              f"GPT-2's context of {self.config.n_ctx}")
         if num_beams > 1:
-            return self.beam_search(idx, max_new_tokens, num_beams, length_penalty, attention_mask, prefix_embeds,
-                                    eos_token_id)
-        hidden, past = self(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
+            return beam_search(self, idx, max_new_tokens, num_beams, length_penalty, attention_mask, prefix_embeds,
+                               eos_token_id)
+        hidden, past = self.hidden_states(idx, prefix_embeds, attention_mask)
         finished = torch.zeros(hidden.size(0), dtype=torch.bool, device=hidden.device)
         new_tokens = []
         for _ in range(max_new_tokens):
@@ -287,65 +310,12 @@ class GPT(nn.Module):
                 break
             if attention_mask is not None:
                 attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            hidden, past = self(token[:, None], None, attention_mask, past, use_cache=True, return_hidden=True)
+            hidden, past = self.hidden_states(token[:, None], None, attention_mask, past)
         return torch.stack(new_tokens, dim=1)
-
-    @torch.no_grad()
-    def beam_search(self, idx, max_new_tokens, num_beams, length_penalty=1.0, attention_mask=None,
-                    prefix_embeds=None, eos_token_id=50256):
-        """Keep the num_beams continuations with the highest summed log-probability. A beam that emits eos, or
-        reaches max_new_tokens, becomes a finished hypothesis scored sum / length**length_penalty; each row keeps
-        its num_beams best. This follows Hugging Face's beam search step for step: the top 2 * num_beams
-        candidates are scored, only the first num_beams of them may finish, and a row stops collecting once no
-        running beam can beat its worst kept hypothesis (HF's default early_stopping=False heuristic)."""
-        B, K = (idx if idx is not None else prefix_embeds).size(0), num_beams
-        expand = lambda t: None if t is None else t.repeat_interleave(K, dim=0)  # noqa: E731  (B*K, ...)
-        idx, attention_mask, prefix_embeds = expand(idx), expand(attention_mask), expand(prefix_embeds)
-        hidden, past = self(idx, prefix_embeds, attention_mask, use_cache=True, return_hidden=True)
-        scores = torch.zeros(B, K, device=hidden.device)
-        scores[:, 1:] = -1e9  # the K copies of a prompt are equal: take the first step's candidates from one only
-        beams = [[[] for _ in range(K)] for _ in range(B)]  # tokens of each running beam
-        hypotheses = [[] for _ in range(B)]  # per row: (score, tokens) of finished beams, best first
-        done = [False] * B
-        for step in range(max_new_tokens):
-            logprobs = self.lm_head(hidden[:, -1]).float().log_softmax(dim=-1)  # (B*K, V)
-            V = logprobs.size(-1)
-            candidates = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
-            top_scores, top = candidates.topk(2 * K, dim=1)  # (B, 2K): at least K do not end in eos
-            last = step == max_new_tokens - 1
-            running = []  # per row: K (score, source beam, token), best first
-            for b in range(B):
-                keep = []
-                for rank, (score, i) in enumerate(zip(top_scores[b].tolist(), top[b].tolist())):
-                    beam, token = divmod(i, V)
-                    if token == eos_token_id or last:
-                        if rank < K and not done[b]:
-                            hypothesis = beams[b][beam] + [token]
-                            hypotheses[b].append((score / len(hypothesis) ** length_penalty, hypothesis))
-                    elif len(keep) < K:
-                        keep.append((score, beam, token))
-                hypotheses[b] = sorted(hypotheses[b], key=lambda h: h[0], reverse=True)[:K]
-                if keep and len(hypotheses[b]) == K:  # can the best running beam still beat the worst hypothesis?
-                    done[b] = done[b] or keep[0][0] / (step + 1) ** length_penalty <= hypotheses[b][-1][0]
-                running.append(keep)
-            if last or all(done):
-                break
-            source = torch.tensor([b * K + beam for b in range(B) for _, beam, _ in running[b]], device=hidden.device)
-            tokens = torch.tensor([[t for _, _, t in row] for row in running], device=hidden.device)  # (B, K)
-            scores = torch.tensor([[s for s, _, _ in row] for row in running], device=hidden.device)
-            beams = [[beams[b][beam] + [t] for _, beam, t in running[b]] for b in range(B)]
-            past = [(k[source], v[source]) for k, v in past]  # each beam continues its source's cache
-            if attention_mask is not None:  # rows of one prompt share their mask, so it needs no reordering
-                attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            hidden, past = self(tokens.view(B * K, 1), None, attention_mask, past, use_cache=True, return_hidden=True)
-        best = [h[0][1] for h in hypotheses]
-        width = max(map(len, best))
-        pad = eos_token_id if eos_token_id is not None else 0
-        return torch.tensor([row + [pad] * (width - len(row)) for row in best], device=hidden.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling helpers
+# Decoding helpers: sampling, beam search, left padding
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -364,6 +334,61 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+@torch.no_grad()
+def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, attention_mask=None, prefix_embeds=None,
+                eos_token_id=50256):
+    """GPT.generate with num_beams > 1 (same arguments, same result layout): keep the num_beams continuations
+    with the highest summed log-probability. A beam that emits eos, or reaches max_new_tokens, becomes a finished
+    hypothesis scored sum / length**length_penalty; each row keeps its num_beams best. This follows Hugging Face's
+    beam search step for step: the top 2 * num_beams candidates are scored, only the first num_beams of them may
+    finish, and a row stops collecting once no running beam can beat its worst kept hypothesis (HF's default
+    early_stopping=False heuristic)."""
+    B, K = (idx if idx is not None else prefix_embeds).size(0), num_beams
+    idx, attention_mask, prefix_embeds = (None if t is None else t.repeat_interleave(K, dim=0)  # (B*K, ...)
+                                          for t in (idx, attention_mask, prefix_embeds))
+    hidden, past = model.hidden_states(idx, prefix_embeds, attention_mask)
+    scores = torch.zeros(B, K, device=hidden.device)
+    scores[:, 1:] = -1e9  # the K copies of a prompt are equal: take the first step's candidates from one only
+    beams = [[[] for _ in range(K)] for _ in range(B)]  # tokens of each running beam
+    hypotheses = [[] for _ in range(B)]  # per row: (score, tokens) of finished beams, best first
+    done = [False] * B
+    for step in range(max_new_tokens):
+        logprobs = model.lm_head(hidden[:, -1]).float().log_softmax(dim=-1)  # (B*K, V)
+        V = logprobs.size(-1)
+        candidates = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
+        top_scores, top = candidates.topk(2 * K, dim=1)  # (B, 2K): at least K do not end in eos
+        last = step == max_new_tokens - 1
+        running = []  # per row: K (score, source beam, token), best first
+        for b in range(B):
+            keep = []
+            for rank, (score, i) in enumerate(zip(top_scores[b].tolist(), top[b].tolist())):
+                beam, token = divmod(i, V)
+                if token == eos_token_id or last:
+                    if rank < K and not done[b]:
+                        hypothesis = beams[b][beam] + [token]
+                        hypotheses[b].append((score / len(hypothesis) ** length_penalty, hypothesis))
+                elif len(keep) < K:
+                    keep.append((score, beam, token))
+            hypotheses[b] = sorted(hypotheses[b], key=lambda h: h[0], reverse=True)[:K]
+            if keep and len(hypotheses[b]) == K:  # can the best running beam still beat the worst hypothesis?
+                done[b] = done[b] or keep[0][0] / (step + 1) ** length_penalty <= hypotheses[b][-1][0]
+            running.append(keep)
+        if last or all(done):
+            break
+        source = torch.tensor([b * K + beam for b in range(B) for _, beam, _ in running[b]], device=hidden.device)
+        tokens = torch.tensor([[t for _, _, t in row] for row in running], device=hidden.device)  # (B, K)
+        scores = torch.tensor([[s for s, _, _ in row] for row in running], device=hidden.device)
+        beams = [[beams[b][beam] + [t] for _, beam, t in running[b]] for b in range(B)]
+        past = [(k[source], v[source]) for k, v in past]  # each beam continues its source's cache
+        if attention_mask is not None:  # rows of one prompt share their mask, so it needs no reordering
+            attention_mask = F.pad(attention_mask, (0, 1), value=1)
+        hidden, past = model.hidden_states(tokens.view(B * K, 1), None, attention_mask, past)
+    best = [h[0][1] for h in hypotheses]
+    width = max(map(len, best))
+    pad = eos_token_id if eos_token_id is not None else 0
+    return torch.tensor([row + [pad] * (width - len(row)) for row in best], device=hidden.device)
+
+
 def pad_left(rows, pad_id):
     """Token id lists of different lengths -> ids (B, T) padded on the left with pad_id, and attention_mask (B, T)."""
     T = max(map(len, rows))
@@ -372,60 +397,9 @@ def pad_left(rows, pad_id):
     return idx, attention_mask
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Continue prompts with GPT-2 and OpenAI's released weights.")
-    parser.add_argument("prompt", nargs="+", help="one or more prompts, continued together as one batch")
-    parser.add_argument("--model", default="gpt2", help=f"a preset ({', '.join(PRESETS)}) or a path to "
-                        "model.safetensors / pytorch_model.bin")
-    parser.add_argument("--max-new-tokens", type=int, default=50, help="how many tokens to add at most")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
-    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1 = all)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams when > 1 "
-                        "(deterministic: the sampling flags do not apply)")
-    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
-    parser.add_argument("--weights-dir", default=None, help="where weights live (default: $MINIMODAL_WEIGHTS, "
-                        "else weights/ in the repository)")
-    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
-    args = parser.parse_args()
-    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0:
-        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k at least 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
-
-    from tokenizer import GPT2Tokenizer  # only the command line needs text; the model works on ids
-
-    tokenizer = GPT2Tokenizer.default()
-    try:
-        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline)
-    except (weights.WeightsUnavailable, FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    model.to(args.device).eval()
-    print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    # an empty prompt starts from <|endoftext|>, the way OpenAI's unconditional samples begin
-    rows = [tokenizer.encode(p) or [tokenizer.eot_token] for p in args.prompt]
-    idx, attention_mask = pad_left(rows, tokenizer.eot_token)
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    try:
-        out = model.generate(idx.to(args.device), args.max_new_tokens, attention_mask.to(args.device),
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             num_beams=args.num_beams, length_penalty=args.length_penalty,
-                             eos_token_id=tokenizer.eot_token, generator=generator)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    for prompt, new in zip(args.prompt, out.tolist()):
-        new = new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
-        print("-" * 80 + "\n" + prompt + tokenizer.decode(new))
-
-# ---------------------------------------------------------------------------------------------------------------
-# The captioner: GPT-2 continues a prefix made from an image
-#
+# ===============================================================================================================
+# 2. GPT-2 Vision: GPT-2 continues a prefix made from an image
+# ===============================================================================================================
 # ClipCap (Mokady et al. 2021, "ClipCap: CLIP Prefix for Image Captioning", github.com/rmokady/CLIP_prefix_caption):
 # a mapping network turns one CLIP image embedding (B, prefix_size) into prefix_length vectors of GPT-2's width, and
 # GPT-2 reads them as the embeddings of a prompt, then writes the caption. The image tower (vit.py) stays outside.
@@ -545,11 +519,11 @@ class Captioner(nn.Module):
         token_mask = token_mask.bool()
         attention_mask = torch.cat([token_mask.new_ones(B, P), token_mask], dim=1)  # (B, P+T)
         if vocab is None:
-            hidden = self.gpt(tokens, prefix, attention_mask, return_hidden=True)  # (B, P+T, C)
+            hidden, _ = self.gpt.hidden_states(tokens, prefix, attention_mask)  # (B, P+T, C)
         else:  # the used rows, gathered once, embed the tokens and make the logits: one gradient scatter into wte
             table = self.gpt.wte.weight[vocab]  # (|vocab|, C)
             rows = torch.searchsorted(vocab, tokens).clamp(max=len(vocab) - 1)  # (B, T); padding (any id) is masked
-            hidden = self.gpt(None, torch.cat([prefix, table[rows]], dim=1), attention_mask, return_hidden=True)
+            hidden, _ = self.gpt.hidden_states(None, torch.cat([prefix, table[rows]], dim=1), attention_mask)
         # position P-1+t predicts caption token t (the last prefix vector predicts the first word), and the position
         # of a caption's last token predicts end-of-text; padding positions predict nothing
         lengths = token_mask.sum(dim=1, keepdim=True)  # (B, 1)
@@ -570,6 +544,63 @@ class Captioner(nn.Module):
         keywords (temperature, top_k, top_p, num_beams, length_penalty, eos_token_id, generator): greedy by default."""
         prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
         return self.gpt.generate(None, max_new_tokens, prefix_embeds=prefix, **sampling)
+
+    def set_attention(self, use_sdpa=True):
+        """GPT-2's switch (ClipCap's mapper keeps its plain attention: a few vectors, no mask)."""
+        self.gpt.set_attention(use_sdpa)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Continue prompts with GPT-2 and OpenAI's released weights.")
+    parser.add_argument("prompt", nargs="+", help="one or more prompts, continued together as one batch")
+    parser.add_argument("--model", default="gpt2", help=f"a preset ({', '.join(PRESETS)}) or a path to "
+                        "model.safetensors / pytorch_model.bin")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="how many tokens to add at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1 = all)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams when > 1 "
+                        "(deterministic: the sampling flags do not apply)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    parser.add_argument("--weights-dir", default=None, help="where weights live (default: $MINIMODAL_WEIGHTS, "
+                        "else weights/ in the repository)")
+    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
+    args = parser.parse_args()
+    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0:
+        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k at least 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+
+    from tokenizer import GPT2Tokenizer  # only the command line needs text; the model works on ids
+
+    tokenizer = GPT2Tokenizer.default()
+    try:
+        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline)
+    except (weights.WeightsUnavailable, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    model.to(args.device).eval()
+    print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    # an empty prompt starts from <|endoftext|>, the way OpenAI's unconditional samples begin
+    rows = [tokenizer.encode(p) or [tokenizer.eot_token] for p in args.prompt]
+    idx, attention_mask = pad_left(rows, tokenizer.eot_token)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    try:
+        out = model.generate(idx.to(args.device), args.max_new_tokens, attention_mask.to(args.device),
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             num_beams=args.num_beams, length_penalty=args.length_penalty,
+                             eos_token_id=tokenizer.eot_token, generator=generator)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    for prompt, new in zip(args.prompt, out.tolist()):
+        new = new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
+        print("-" * 80 + "\n" + prompt + tokenizer.decode(new))
 
 
 if __name__ == "__main__":

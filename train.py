@@ -48,7 +48,7 @@ from tqdm import tqdm
 import data
 import ddpm
 import weights
-from clip import CLIPTextTransformer, TextConfig
+from clip import CLIPTextTransformer, TextConfig, load_visual
 from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
 from tokenizer import CLIPTokenizer, GPT2Tokenizer
 from unet import TextConditionedUNet, UNetConfig, UNetModel
@@ -419,30 +419,17 @@ class CaptionModel(nn.Module):
         return self.captioner(self.embed(inputs), tokens, token_mask, self.vocab)
 
 
-def sincos_positions(grid, width):
-    """2-D sine-cosine position embeddings, (grid * grid, width): x in the first half, y in the second (MAE, He et
-    al. 2021; Beyer et al. 2022, "Better plain ViT baselines"). A tiny tower starts from them instead of random
-    vectors, so it knows where each patch is from the first step (shapes: 45% -> 55% exact match after 4,000 steps)."""
-    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    omega = 1 / 10000 ** (torch.arange(width // 4) / (width // 4))  # (C/4,)
-    angles = [position.reshape(-1, 1) * omega for position in (x, y)]  # each (grid * grid, C/4)
-    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
-
-
 def build_caption_model(cfg, checkpoint=None):
     """(CaptionModel, image tower). A tiny tower trains with the captioner (it is inside the model); ViT-B/32 or a
     CLIP file stays frozen outside it. From a checkpoint, the sizes are the checkpoint's, not the flags'."""
-    if cfg.image_tower == "tiny":
+    if cfg.image_tower == "tiny":  # sin-cos patch positions: it knows where each patch is from the first step
         tower = VisionTransformer(VisionConfig(**checkpoint["vision_config"]) if checkpoint else VisionConfig(
-            cfg.image_size, cfg.vision_layers, cfg.vision_width, cfg.patch_size, cfg.embed_dim))
-        grid = tower.config.image_resolution // tower.config.vision_patch_size
-        tower.positional_embedding.data[1:] = sincos_positions(grid, tower.config.vision_width)  # row 0: class token
+            cfg.image_size, cfg.vision_layers, cfg.vision_width, cfg.patch_size, cfg.embed_dim), sincos=True)
     else:
-        path = weights.fetch("clip-vit-b-32/ViT-B-32.pt") if cfg.image_tower == "ViT-B/32" else cfg.image_tower
-        tower = VisionTransformer.from_state_dict(weights.load_state_dict(path), preset=None).requires_grad_(False)
+        tower = load_visual(cfg.image_tower).requires_grad_(False)
     prefix_length = cfg.prefix_length if cfg.mapping_type != "tokens" else tower.config.num_tokens
     if checkpoint or cfg.language_model == "tiny":
-        gpt = GPT(GPTConfig(**checkpoint["gpt_config"]) if checkpoint else GPTConfig(
+        gpt = GPT(GPTConfig.from_dict(checkpoint["gpt_config"]) if checkpoint else GPTConfig(
             n_ctx=prefix_length + cfg.max_caption_tokens + 1, n_embd=cfg.n_embd, n_head=cfg.n_head,
             n_layer=cfg.n_layer))
     else:
@@ -638,14 +625,14 @@ def build_diffusion_model(cfg, checkpoint=None):
         sd = weights.load_state_dict(cfg.sd_weights if Path(cfg.sd_weights).is_file() else weights.fetch(cfg.sd_weights))
     saved = checkpoint["text_config"] if checkpoint else None
     if cfg.text_encoder == "clip" and not saved:
-        text = CLIPTextTransformer.from_checkpoint(sd)  # SD's ViT-L/14 text tower, frozen
+        text = CLIPTextTransformer.from_state_dict(sd)  # SD's ViT-L/14 text tower, frozen
         text_config = TextConfig.from_state_dict(text.state_dict())
     elif cfg.text_encoder in ("tiny", "clip"):  # one head per 64 channels, as in CLIP
         text_config = TextConfig(**saved) if saved else TextConfig(
             cfg.max_caption_tokens + 2, 49408, cfg.context_dim, max(1, cfg.context_dim // 64), cfg.text_layers)
         text = CLIPTextTransformer(text_config)
     else:  # GPT-2, frozen, by name or file
-        text = GPTHidden(GPT(GPTConfig(**saved)) if saved else GPT.from_pretrained(cfg.text_encoder))
+        text = GPTHidden(GPT(GPTConfig.from_dict(saved)) if saved else GPT.from_pretrained(cfg.text_encoder))
         text_config = text.gpt.config
     if checkpoint or cfg.unet == "tiny":
         channels = 4 if cfg.latent else 3 * cfg.patch ** 2
@@ -655,10 +642,10 @@ def build_diffusion_model(cfg, checkpoint=None):
             context_dim=cfg.context_dim, adm_in_channels=cfg.context_dim if cfg.pooled_text else 0,
             use_scale_shift_norm=cfg.scale_shift_norm))
     else:
-        unet = UNetModel.from_checkpoint(sd)  # the SD file's UNet, fine-tuned
+        unet = UNetModel.from_state_dict(sd)  # the SD file's UNet, fine-tuned
     unet.gradient_checkpointing = cfg.gradient_checkpointing
     vae = (AutoencoderKL(AutoencoderConfig(**checkpoint["vae_config"])) if checkpoint else
-           AutoencoderKL.from_checkpoint(sd)).requires_grad_(False) if cfg.latent else None
+           AutoencoderKL.from_state_dict(sd)).requires_grad_(False) if cfg.latent else None
     width = text_config.n_embd if isinstance(text, GPTHidden) else text_config.transformer_width
     net = TextConditionedUNet(unet, text.requires_grad_(cfg.text_encoder == "tiny"), width,
                               1 if cfg.latent else cfg.patch)

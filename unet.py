@@ -225,6 +225,27 @@ class UNetConfig:
     adm_in_channels: int = 0  # > 0: a vector y (B, adm_in_channels) joins the timestep embedding (SDXL's name)
     use_scale_shift_norm: bool = False  # ResBlocks scale and shift by the embedding (ADM) instead of adding it (SD)
 
+    @classmethod
+    def from_state_dict(cls, sd):
+        """Read the architecture off the tensors; the number of heads is not in them and stays SD 1.x's 8."""
+        mc = sd["input_blocks.0.0.weight"].shape[0]
+        n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+        downsamples = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.") and ".op.weight" in k)
+        per_level = downsamples[0] if downsamples else n_input - 1  # ResBlocks + Downsample of one level
+        first_block = [1 + level * per_level for level in range(len(downsamples) + 1)]
+        attention_at = [2 ** level for level, n in enumerate(first_block) if f"input_blocks.{n}.1.norm.weight" in sd]
+        depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("middle_block.1.transformer_blocks."))
+        return cls(
+            in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+            model_channels=mc, num_res_blocks=per_level - 1 if downsamples else per_level,
+            channel_mult=tuple(sd[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0] // mc for n in first_block),
+            attention_resolutions=tuple(sorted(attention_at, reverse=True)), transformer_depth=depth,
+            context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+            adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else 0,
+            use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
+            use_scale_shift_norm=sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+            == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0])
+
 
 PRESETS = {
     "sd15": UNetConfig(),  # 859,520,964 parameters; SD 1.x model.diffusion_model (v1-inference.yaml)
@@ -319,12 +340,13 @@ class UNetModel(nn.Module):
         for m in self.modules():
             if isinstance(m, CrossAttention):
                 m.use_sdpa, m.slice_size = use_sdpa, slice_size
+        return self
 
     # ------------------------------------------------------------------------------------------------------
     # Loading the official weights
 
     @classmethod
-    def from_checkpoint(cls, state_dict, prefix=PREFIX, config=None, dtype=torch.float32):
+    def from_state_dict(cls, state_dict, prefix=PREFIX, config=None, dtype=torch.float32):
         """Build the UNet from a whole SD 1.x single-file state dict (weights.load_state_dict of a .safetensors
         or .ckpt), picking the keys under `prefix`; use prefix="" for a bare UNet state dict.
 
@@ -335,13 +357,12 @@ class UNetModel(nn.Module):
         own = {k[len(prefix):]: v.to(dtype) for k, v in state_dict.items() if k.startswith(prefix)}
         if not own:
             raise KeyError(f"no UNet keys: none start with {prefix!r} (first keys: {sorted(state_dict)[:3]})")
-        config = config or config_from_state_dict(own)
-        with torch.device("meta"):
+        config = config or UNetConfig.from_state_dict(own)
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
             model = cls(config)
-        weights.check_state_dict(model, own, "UNet", prefix)
+        own = weights.check_state_dict(model, own, f"UNet (prefix {prefix!r})")
         model.load_state_dict(own, strict=True, assign=True)
         return model
-
 
 
 class TextConditionedUNet(nn.Module):
@@ -379,35 +400,3 @@ class TextConditionedUNet(nn.Module):
             return self.unet(x, timesteps, context, pooled)
         x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
         return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
-
-
-def config_from_state_dict(sd):
-    """Read the architecture off the tensors; the number of heads is not in them and stays SD 1.x's 8."""
-    mc = sd["input_blocks.0.0.weight"].shape[0]
-    n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
-    downsamples = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.") and ".op.weight" in k)
-    per_level = downsamples[0] if downsamples else n_input - 1  # ResBlocks + Downsample of one level
-    first_block = [1 + level * per_level for level in range(len(downsamples) + 1)]
-    attention_at = [2 ** level for level, n in enumerate(first_block) if f"input_blocks.{n}.1.norm.weight" in sd]
-    depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("middle_block.1.transformer_blocks."))
-    return UNetConfig(
-        in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
-        model_channels=mc, num_res_blocks=per_level - 1 if downsamples else per_level,
-        channel_mult=tuple(sd[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0] // mc for n in first_block),
-        attention_resolutions=tuple(sorted(attention_at, reverse=True)), transformer_depth=depth,
-        context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
-        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else 0,
-        use_linear_in_transformer=sd["middle_block.1.proj_in.weight"].ndim == 2,
-        use_scale_shift_norm=sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
-        == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0])
-
-
-def expected_shapes(config=None, prefix=PREFIX):
-    """The official parameter keys (with prefix) and shapes of an SD 1.x UNet, without allocating memory."""
-    with torch.device("meta"):
-        model = UNetModel(config or PRESETS["sd15"])
-    return {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def count_parameters(config):
-    return sum(math.prod(s) for s in expected_shapes(config, "").values())

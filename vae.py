@@ -10,7 +10,6 @@ Official code matched here: CompVis/stable-diffusion `ldm/models/autoencoder.py`
 `ldm/modules/distributions/distributions.py` (DiagonalGaussianDistribution), with the first_stage_config of
 `configs/stable-diffusion/v1-inference.yaml`. Module names are the checkpoint keys under `first_stage_model.`.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +55,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions; q, k, v and proj_out are 1x1 convolutions."""
 
-    use_sdpa = True  # the one switch: F.scaled_dot_product_attention, or the plain math below
-
     def __init__(self, channels):
         super().__init__()
+        self.use_sdpa = True  # the switch (set_attention): F.scaled_dot_product_attention or the plain math
         self.norm = GroupNorm32(channels)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
@@ -99,6 +97,9 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """The bottleneck at the lowest resolution: a ResnetBlock, self-attention over every position (the only
+    attention in SD's autoencoder: `attn_resolutions` is empty), another ResnetBlock."""
+
     def __init__(self, channels, dropout):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
@@ -110,6 +111,10 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> the moments of q(z|x), (B, 2 * z_channels, H/f, W/f) with f = 2^(levels - 1): per level
+    num_res_blocks ResnetBlocks at width ch * ch_mult[level], then a Downsample (not after the last level); the
+    MidBlock; norm, swish and a 3x3 conv to a mean and a log-variance per latent channel."""
+
     def __init__(self, cfg):
         super().__init__()
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
@@ -141,6 +146,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents (B, z_channels, h, w) -> image (B, 3, f*h, f*w), the encoder's path run backwards: a 3x3 conv to the
+    widest width, the MidBlock, then per level from the lowest resolution up num_res_blocks + 1 ResnetBlocks and an
+    Upsample (not after the full-resolution level); norm, swish and a 3x3 conv to RGB."""
+
     def __init__(self, cfg):
         super().__init__()
         block_in = cfg.ch * cfg.ch_mult[-1]
@@ -207,12 +216,25 @@ class AutoencoderConfig:
     # The ONE place of SD 1.x's latent scale: v1-inference.yaml `model.params.scale_factor`.
     scale_factor: float = 0.18215
 
+    @classmethod
+    def from_state_dict(cls, sd):
+        """Read the architecture off the tensors (widths, levels, blocks per level) on top of the sd15 preset."""
+        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+        blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        return cls(
+            in_channels=sd["encoder.conv_in.weight"].shape[1], out_ch=sd["decoder.conv_out.weight"].shape[0], ch=ch,
+            ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+            num_res_blocks=blocks, z_channels=sd["decoder.conv_in.weight"].shape[1],
+            embed_dim=sd["post_quant_conv.weight"].shape[1])
+
 
 PRESETS = {
     "sd15": AutoencoderConfig(),  # 83,653,863 parameters; SD 1.x first_stage_model (kl-f8)
     "tiny": AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),  # 658,375 parameters; fast tests (downscale 2)
 }
 PREFIX = "first_stage_model."  # where an SD 1.x single-file checkpoint keeps the VAE
+IGNORED = ("loss.*",)  # inside the prefix: the training loss of full checkpoints (discriminator, `logvar`)
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
@@ -292,54 +314,29 @@ class AutoencoderKL(nn.Module):
         return images.clamp(-1.0, 1.0)
 
     def set_attention(self, use_sdpa=True):
+        """The one switch for every attention layer: fused SDPA or the plain math (tested equal)."""
         for m in self.modules():
             if isinstance(m, AttnBlock):
                 m.use_sdpa = use_sdpa
+        return self
 
     # ------------------------------------------------------------------------------------------------------
     # Loading the official weights
 
     @classmethod
-    def from_checkpoint(cls, state_dict, prefix=PREFIX, config=None, dtype=torch.float32):
+    def from_state_dict(cls, state_dict, prefix=PREFIX, config=None, dtype=torch.float32):
         """Build the VAE from a whole SD 1.x single-file state dict (weights.load_state_dict of a .safetensors
         or .ckpt), picking the keys under `prefix`; use prefix="" for a bare VAE state dict.
 
         Ignored: every key outside the prefix (`model.diffusion_model.*`, `cond_stage_model.*`, `model_ema.*`,
         the 12 noise-schedule buffers) and, inside it, the training loss (`loss.*`: the discriminator and
         `logvar` that full training checkpoints carry)."""
-        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        own = {k: v.to(dtype) for k, v in own.items() if not k.startswith(IGNORED_INSIDE)}
+        own = {k[len(prefix):]: v.to(dtype) for k, v in state_dict.items() if k.startswith(prefix)}
         if not own:
             raise KeyError(f"no VAE keys: none start with {prefix!r} (first keys: {sorted(state_dict)[:3]})")
-        config = config or config_from_state_dict(own)
-        with torch.device("meta"):
+        config = config or AutoencoderConfig.from_state_dict(own)
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
             model = cls(config)
-        weights.check_state_dict(model, own, "VAE", prefix)
+        own = weights.check_state_dict(model, own, f"VAE (prefix {prefix!r})", IGNORED)
         model.load_state_dict(own, strict=True, assign=True)
         return model
-
-
-IGNORED_INSIDE = ("loss.",)
-
-
-def config_from_state_dict(sd):
-    """Read the architecture off the tensors (widths, levels, blocks per level) on top of the sd15 preset."""
-    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
-    blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    return AutoencoderConfig(
-        in_channels=sd["encoder.conv_in.weight"].shape[1], out_ch=sd["decoder.conv_out.weight"].shape[0], ch=ch,
-        ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-        num_res_blocks=blocks, z_channels=sd["decoder.conv_in.weight"].shape[1],
-        embed_dim=sd["post_quant_conv.weight"].shape[1])
-
-
-def expected_shapes(config=None, prefix=PREFIX):
-    """The official parameter keys (with prefix) and shapes of an SD 1.x VAE, without allocating memory."""
-    with torch.device("meta"):
-        model = AutoencoderKL(config or PRESETS["sd15"])
-    return {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def count_parameters(config):
-    return sum(math.prod(s) for s in expected_shapes(config, "").values())

@@ -7,10 +7,11 @@ Official code: openai/CLIP `clip/model.py` (`VisionTransformer`, `Transformer`, 
 OpenAI's checkpoint, so `visual.transformer.resblocks.0.attn.in_proj_weight` loads with no renaming. Unlike the
 official code, everything is batch-first: no sequence-first (LND) permutes around `nn.MultiheadAttention`.
 
-The text tower, the whole CLIP model and the Hugging Face key mapping live in clip.py.
+The text tower, the whole CLIP model, the Hugging Face key mapping and `load_visual` (this tower out of any CLIP
+file) live in clip.py.
 """
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+import weights
 
 # -----------------------------------------------------------------------------------------------------------
 # Building blocks (shared with clip.py's text tower)
@@ -32,28 +35,29 @@ class QuickGELU(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter layout (q; k; v packed as rows of
-    `in_proj_weight`, then `out_proj`), written out batch-first."""
+    `in_proj_weight`, then `out_proj`), written out batch-first. `causal`: token t attends to tokens <= t only
+    (CLIP's text tower); the image tower attends everywhere."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, causal=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
+        self.use_sdpa = True  # the switch (set_attention): F.scaled_dot_product_attention or the plain math
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's own initialisation
 
-    def forward(self, x, causal_mask=None, use_sdpa=True):
+    def forward(self, x):
         B, T, C = x.shape
         H, D = self.heads, C // self.heads
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=-1)
         q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if use_sdpa:  # fast path: fused kernel, same math
-            # the only mask CLIP uses is causal, so the fused kernel gets is_causal instead of the mask tensor
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal_mask is not None)
+        if self.use_sdpa:  # fast path: fused kernel, same math
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             att = q @ k.transpose(-2, -1) * D**-0.5  # (B, H, T, T)
-            if causal_mask is not None:
-                att = att + causal_mask[:T, :T].to(att.dtype)  # -inf above the diagonal: no looking ahead
+            if self.causal:  # -inf above the diagonal: no looking ahead
+                att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
             y = att.softmax(dim=-1) @ v  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.out_proj(y)
@@ -62,9 +66,9 @@ class Attention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, causal=False):
         super().__init__()
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, causal)
         self.ln_1 = nn.LayerNorm(width)  # eps 1e-5, PyTorch's default, as in the official code
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, 4 * width)),
@@ -73,32 +77,35 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = nn.LayerNorm(width)
 
-    def forward(self, x, causal_mask=None, use_sdpa=True):
-        x = x + self.attn(self.ln_1(x), causal_mask, use_sdpa)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of blocks. `use_sdpa` is the one switch between the plain attention math and
-    F.scaled_dot_product_attention; tests prove both give the same numbers."""
+    """A stack of blocks."""
 
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, causal=False):
         super().__init__()
-        self.use_sdpa = True
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
 
-    def forward(self, x, causal_mask=None):
+    def forward(self, x):
+        return self.resblocks(x)
+
+    def set_attention(self, use_sdpa=True):
         for block in self.resblocks:
-            x = block(x, causal_mask, self.use_sdpa)
-        return x
+            block.attn.use_sdpa = use_sdpa
 
 
-def set_sdpa(model, enabled):
-    """Switch every transformer inside `model` between the plain math (False) and SDPA (True)."""
-    for module in model.modules():
-        if isinstance(module, Transformer):
-            module.use_sdpa = enabled
-    return model
+def sincos_positions(grid, width):
+    """2-D sine-cosine position embeddings, (grid * grid, width): x in the first half, y in the second (MAE, He et
+    al. 2021; Beyer et al. 2022, "Better plain ViT baselines"). A tiny tower trained from scratch starts from them
+    instead of random vectors, so it knows where each patch is from the first step (shapes captioner: 45% -> 55%
+    exact match after 4,000 steps)."""
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    omega = 1 / 10000 ** (torch.arange(width // 4) / (width // 4))  # (C/4,)
+    angles = [position.reshape(-1, 1) * omega for position in (x, y)]  # each (grid * grid, C/4)
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: OpenAI's build_model names
@@ -120,13 +127,13 @@ class VisionConfig:
     def num_tokens(self):
         return (self.image_resolution // self.vision_patch_size) ** 2 + 1  # the class token and the patch grid
 
-    @staticmethod
-    def from_state_dict(sd, prefix="visual."):
+    @classmethod
+    def from_state_dict(cls, sd, prefix="visual."):
         """Read the config off the tensor shapes, as openai/CLIP `build_model` does."""
         width, _, patch, _ = sd[prefix + "conv1.weight"].shape
         layers = len({k.split(".")[3] for k in sd if k.startswith(prefix + "transformer.resblocks.")})
         grid = round((sd[prefix + "positional_embedding"].shape[0] - 1) ** 0.5)
-        return VisionConfig(patch * grid, layers, width, patch, sd[prefix + "proj"].shape[1])
+        return cls(patch * grid, layers, width, patch, sd[prefix + "proj"].shape[1])
 
 
 # Parameter counts are of the image tower alone (conv1 ... proj); sources: openai/CLIP `_MODELS`.
@@ -136,27 +143,24 @@ VISION_PRESETS = {
     "ViT-L/14": VisionConfig(224, 24, 1024, 14, 768),  # 303,966,208 params
 }
 
-
-def check_config(found, preset, name):
-    """Fail naming every field where the checkpoint's shapes disagree with the preset."""
-    diffs = [f"{f.name}: checkpoint {getattr(found, f.name)} != preset {getattr(preset, f.name)}"
-             for f in fields(found) if getattr(found, f.name) != getattr(preset, f.name)]
-    if diffs:
-        raise ValueError(f"checkpoint does not match preset {name}: " + "; ".join(diffs))
-
 # -----------------------------------------------------------------------------------------------------------
 # The model
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: VisionConfig, sincos=False):
+        """sincos=True starts the patch positions from sincos_positions (a tower trained from scratch); the
+        class token's position, and every position with sincos=False, starts random as in openai/CLIP."""
         super().__init__()
         self.config = config
         C, P = config.vision_width, config.vision_patch_size
         scale = C**-0.5
         self.conv1 = nn.Conv2d(3, C, kernel_size=P, stride=P, bias=False)  # patchify: one token per P x P patch
         self.class_embedding = nn.Parameter(scale * torch.randn(C))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(config.num_tokens, C))
+        positions = scale * torch.randn(config.num_tokens, C)
+        if sincos:
+            positions[1:] = sincos_positions(config.image_resolution // P, C)  # row 0: the class token
+        self.positional_embedding = nn.Parameter(positions)
         self.ln_pre = nn.LayerNorm(C)
         self.transformer = Transformer(C, config.vision_layers, config.vision_heads)
         self.ln_post = nn.LayerNorm(C)
@@ -180,34 +184,26 @@ class VisionTransformer(nn.Module):
         _, x = self.forward(image, return_tokens=True)  # (B, 1 + h*w, C)
         return self.ln_post(x) @ self.proj
 
+    def set_attention(self, use_sdpa=True):
+        """The one switch for every attention layer: fused SDPA (True) or the plain math (tested equal)."""
+        self.transformer.set_attention(use_sdpa)
+        return self
+
     @classmethod
     def from_state_dict(cls, sd, prefix="visual.", preset="ViT-B/32"):
-        """Build from a state dict with OpenAI's names (keys under `prefix`); the config is read off the
-        shapes and checked against VISION_PRESETS[preset] (preset=None skips the check)."""
+        """Build from a state dict with OpenAI's names (keys under `prefix`; others are not the tower's); the
+        config is read off the shapes and checked against VISION_PRESETS[preset] (preset=None skips the check).
+        Tensors are cast to float32 (OpenAI stores many weights in fp16). clip.load_visual reads any CLIP file."""
         config = VisionConfig.from_state_dict(sd, prefix)
         if preset is not None:
-            check_config(config, VISION_PRESETS[preset], preset)
-        model = cls(config)
-        load_checked(model, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+            weights.check_config(config, VISION_PRESETS[preset], preset)
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
+            model = cls(config)
+        own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        own = weights.check_state_dict(model, own, f"image tower (prefix {prefix!r})")
+        own = {k: v.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for k, v in own.items()}
+        model.load_state_dict(own, strict=True, assign=True)
         return model
-
-# -----------------------------------------------------------------------------------------------------------
-# Loading: sets, not counts
-
-
-def load_checked(model, sd, ignored=()):
-    """Copy `sd` into `model` after checking key sets and every shape; keys named in `ignored` are dropped.
-    Tensors are cast to the model's dtype (OpenAI stores many weights in fp16)."""
-    sd = {k: v for k, v in sd.items() if k not in ignored}
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} != model {tuple(expected[k].shape)}"
-                   for k in expected.keys() & sd.keys() if sd[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"state dict does not match {type(model).__name__}:\n  missing {missing}\n"
-                         f"  unexpected {unexpected}\n  wrong shapes {wrong}")
-    model.load_state_dict(sd, strict=True)
-    return model
 
 # -----------------------------------------------------------------------------------------------------------
 # Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`)

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from transformers import CLIPModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import clip  # noqa: E402
+from conftest import clip_vitb32_config  # noqa: E402
 
 
 def timed(fn, device):
@@ -53,13 +54,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                                   num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu"),
-        vision_config=CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                       num_attention_heads=12, image_size=224, patch_size=32, hidden_act="quick_gelu"),
-        projection_dim=512)
-    theirs = CLIPModel(config).eval()
+    theirs = CLIPModel(clip_vitb32_config()).eval()
     ours = clip.CLIP.from_state_dict(theirs.state_dict()).eval()
     theirs, ours = theirs.to(device, dtype), ours.to(device, dtype)
     print(f"device {device}, dtype {args.dtype}, batch {args.batch}, threads {torch.get_num_threads()}, "

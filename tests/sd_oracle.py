@@ -11,12 +11,15 @@ official `v1-5-pruned-emaonly.safetensors`.
   meta device and loaded strictly from diffusers' conversion of that state (tensors shared, no copy).
 - `random_init_(module, seed)`: fast seeded init that keeps activations O(1) through deep stacks.
 - `max_rel_diff(ours, ref)`: max |ours - ref| / max |ref|, the tolerance measure of the SD parity tests.
+- `SD15_SCHEDULER_CONFIG`, `reference_scheduler(sampler, **overrides)`: diffusers' scheduler for one of ddpm.py's
+  samplers, configured as SD 1.5's scheduler_config.json, as users swap samplers (`Scheduler.from_config`).
 """
 import math
 
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers import UNet2DConditionModel
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       UNet2DConditionModel)
 from diffusers.loaders import single_file_utils as sfu
 
 import unet as unet_lib
@@ -26,6 +29,16 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2")
+# SD 1.5's scheduler/scheduler_config.json, with the defaults its PNDMScheduler registers (timestep_spacing
+# "leading"), so that from_config gives every scheduler the spacing SD pipelines use.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None, "clip_sample": False, "timestep_spacing": "leading", "prediction_type": "epsilon",
+}
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+              "dpm++2m": DPMSolverMultistepScheduler}
+SCHEDULER_OPTIONS = {"dpm++2m": {"algorithm_type": "dpmsolver++", "solver_order": 2}}  # DPM-Solver++(2M)
 
 
 def original_config(unet_cfg=None, vae_cfg=None):
@@ -73,6 +86,11 @@ def single_file_state(unet=None, vae=None, text=None):
     if text is not None:
         state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     return state
+
+
+def reference_scheduler(sampler, **overrides):
+    return SCHEDULERS[sampler].from_config({**SD15_SCHEDULER_CONFIG, **SCHEDULER_OPTIONS.get(sampler, {}),
+                                            **overrides})
 
 
 def _load_on_meta(cls, config, converted):

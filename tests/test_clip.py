@@ -8,18 +8,21 @@
   `cond_stage_model.transformer.` in an SD-style single file and as a standalone file: same last hidden state
   within 1e-4 for prompts from our tokenizer (pad="eot", as SD), one of them longer than 77 tokens.
 """
+import dataclasses
+import math
 from collections import OrderedDict
 
-import math
 import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
 
 import clip
 import weights
+from conftest import clip_vitb32_config, sd_text_encoder_shapes
 from tokenizer import CLIPTokenizer
+from vit import VisionTransformer
 
 TOL = 1e-4
 PROMPTS = ["a photo of a dog", "A diagram of the Transformer, drawn in red ink!", "x"]
@@ -167,13 +170,7 @@ def write_torchscript_archive(openai_sd, path):
 @pytest.fixture(scope="module")
 def vitb32(tmp_path_factory):
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                                   num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu"),
-        vision_config=CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                       num_attention_heads=12, image_size=224, patch_size=32, hidden_act="quick_gelu"),
-        projection_dim=512)
-    hf = randomize(CLIPModel(config), seed=1)
+    hf = randomize(CLIPModel(clip_vitb32_config()), seed=1)
     with torch.no_grad():
         hf.logit_scale.fill_(math.log(100.0))  # the trained value: logits up to +-100 make the 1e-4 bound strict
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
@@ -217,7 +214,25 @@ def test_vitb32_open_clip_safetensors_and_hf_layout(vitb32):
     check_clip(clip.CLIP.from_pretrained(str(path)), vitb32, "open_clip_model.safetensors")
     model = clip.CLIP.from_pretrained(str(folder / "hf" / "model.safetensors"))
     check_clip(model, vitb32, "HF model.safetensors")
-    check_clip(clip.set_sdpa(model, False), vitb32, "HF model.safetensors, plain attention")
+    check_clip(model.set_attention(use_sdpa=False), vitb32, "HF model.safetensors, plain attention")
+
+
+def test_load_visual_reads_the_image_tower_of_every_layout(vitb32, tmp_path, monkeypatch):
+    """clip.load_visual: the image tower alone, out of a file with OpenAI's key names or Hugging Face's, or by the
+    preset name through REGISTRY_NAMES (its first file made to be on disk here); and CLIP under a key prefix."""
+    hf_sd, images, _, reference, folder = vitb32
+    name = "clip-vit-b-32/open_clip_model.safetensors"
+    (tmp_path / name).parent.mkdir()
+    save_file(hf_to_openai_reference(hf_sd), str(tmp_path / name))
+    monkeypatch.setitem(weights.REGISTRY, name, dataclasses.replace(weights.REGISTRY[name], size=None))
+    for layout, source in [("OpenAI names", tmp_path / name), ("HF layout", folder / "hf" / "model.safetensors"),
+                           ("preset name", "ViT-B/32")]:
+        tower = clip.load_visual(str(source), root=tmp_path, offline=True).eval()
+        assert isinstance(tower, VisionTransformer) and tower.config == clip.PRESETS["ViT-B/32"].vision
+        with torch.no_grad():
+            report(f"load_visual, {layout}: image embeddings", tower(images), reference["image"])
+    prefixed = {"clip." + k: v for k, v in hf_to_openai_reference(hf_sd).items()}
+    check_clip(clip.CLIP.from_state_dict(prefixed, prefix="clip."), vitb32, "OpenAI names under prefix 'clip.'")
 
 
 def test_text_pooling_at_end_of_text(vitb32):
@@ -234,7 +249,7 @@ def test_loader_names_missing_unexpected_and_misshapen_keys(vitb32):
     with pytest.raises(ValueError) as error:
         clip.CLIP.from_state_dict(openai_sd)
     message = str(error.value)
-    assert "missing ['ln_final.bias']" in message and "unexpected ['visual.extra']" in message
+    assert "missing 1: ['ln_final.bias']" in message and "unexpected 1: ['visual.extra']" in message
     assert "transformer.resblocks.3.mlp.c_fc.bias: file (7,) != model (2048,)" in message
 
 # --------------------------------------------------------------------- Stable Diffusion's text encoder
@@ -271,20 +286,20 @@ def test_sd_text_encoder_from_single_file_and_standalone(sd_text):
             ("SD single file", single, {}),
             ("standalone CLIPTextModel", weights.load_state_dict(folder / "text_encoder.safetensors"), {"prefix": ""}),
             ("transformers 5 state dict (no text_model. level)", hf.state_dict(), {"prefix": ""})]:
-        model = clip.CLIPTextTransformer.from_checkpoint(checkpoint, **kwargs).eval()
+        model = clip.CLIPTextTransformer.from_state_dict(checkpoint, **kwargs).eval()
         with torch.no_grad():
             report(f"SD text encoder, {what}: last hidden state", model(tokens), reference)
     with torch.no_grad():
-        report("SD text encoder, plain attention", clip.set_sdpa(model, False)(tokens), reference)
+        report("SD text encoder, plain attention", model.set_attention(use_sdpa=False)(tokens), reference)
     with pytest.raises(ValueError, match="no key of the checkpoint starts with 'cond_stage_model.transformer.'"):
-        clip.CLIPTextTransformer.from_checkpoint({"model.diffusion_model.out.2.bias": torch.zeros(4)})
+        clip.CLIPTextTransformer.from_state_dict({"model.diffusion_model.out.2.bias": torch.zeros(4)})
 
 
 def test_sd_text_encoder_official_key_table(sd_text):
     hf, _ = sd_text
     official = {"cond_stage_model.transformer.text_model." + k: tuple(v.shape) for k, v in hf.state_dict().items()
                 if not k.endswith("position_ids")}
-    table = clip.sd_text_encoder_shapes()
+    table = sd_text_encoder_shapes()
     assert table == official and len(table) == 196
     assert sum(math.prod(s) for s in table.values()) == 123_060_480
 

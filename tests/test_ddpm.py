@@ -9,37 +9,13 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 import ddpm
+from sd_oracle import SD15_SCHEDULER_CONFIG, reference_scheduler
 
-# SD 1.5's scheduler/scheduler_config.json, with the defaults its PNDMScheduler registers (timestep_spacing
-# "leading"), so that from_config gives every scheduler the spacing SD pipelines use.
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None, "clip_sample": False, "timestep_spacing": "leading", "prediction_type": "epsilon",
-}
-REFERENCE = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-             "dpm++2m": DPMSolverMultistepScheduler}
-EXTRA = {"dpm++2m": {"algorithm_type": "dpmsolver++", "solver_order": 2}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread beats two, whose OpenMP barriers stall whenever the (shared) machine
-    is busy (measured: 0.15 s against 3-11 s for one tiny pipeline run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reference_scheduler(sampler, **overrides):
-    return REFERENCE[sampler].from_config({**SD15_SCHEDULER_CONFIG, **EXTRA.get(sampler, {}), **overrides})
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 ALPHAS_CUMPROD = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG).alphas_cumprod.double()
 
 

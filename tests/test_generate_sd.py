@@ -16,16 +16,15 @@ import threading
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 import generate
 import weights
-from sd_oracle import build, diffusers_unet, diffusers_vae, random_init_, single_file_state
-from test_ddpm import SD15_SCHEDULER_CONFIG
+from sd_oracle import (SD15_SCHEDULER_CONFIG, build, diffusers_unet, diffusers_vae, random_init_,
+                       reference_scheduler, single_file_state)
 from tokenizer import VOCAB_DIR, bytes_to_unicode
 from unet import UNetConfig, UNetModel
 from vae import PRESETS as VAE_PRESETS
@@ -38,20 +37,9 @@ TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
 TINY_VAE = VAE_PRESETS["tiny"]  # 2x downscale: 16x16 images, 8x8 latents
 TINY_TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu")
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-              "dpm++2m": DPMSolverMultistepScheduler}
 PROMPTS = ["a red circle above a blue square", "an astronaut riding a horse, oil painting"]
 NEGATIVES = ["blurry", ""]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread beats two, whose OpenMP barriers stall whenever the (shared) machine
-    is busy (measured: 0.15 s against 3-11 s for one tiny pipeline run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def hf_clip_tokenizer(folder):
@@ -90,10 +78,8 @@ def tiny(tmp_path_factory):
 
 
 def reference(tiny, sampler, img2img=False):
-    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if sampler == "dpm++2m" else {}
-    scheduler = SCHEDULERS[sampler].from_config({**SD15_SCHEDULER_CONFIG, **extra})
-    pipe = (StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline)(**tiny["components"],
-                                                                                    scheduler=scheduler)
+    pipeline = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = pipeline(**tiny["components"], scheduler=reference_scheduler(sampler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -8,7 +8,7 @@ attn.masked_bias buffers). Our code loads both files through weights/ and must a
 """
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -112,7 +112,7 @@ def test_cached_logits_equal_uncached(ours):
 
 
 def test_sdpa_equals_plain_attention(ours):
-    plain = GPT(replace(ours.config, sdpa=False)).eval()
+    plain = GPT(ours.config).set_attention(use_sdpa=False).eval()
     plain.load_state_dict(ours.state_dict())
     idx, attention_mask = pad_left([tokens(13).tolist(), tokens(5, seed=2).tolist()], EOT)
     with torch.no_grad():
@@ -218,9 +218,9 @@ def test_key_set_and_shape_errors_are_named(files):
     with pytest.raises(ValueError) as error:
         GPT.from_state_dict(broken)
     message = str(error.value)
-    assert "missing keys: ['h.3.mlp.c_fc.bias']" in message
-    assert "unexpected keys: ['h.3.mlp.c_fc.extra']" in message
-    assert "h.5.attn.c_proj.weight (768, 769) != (768, 768)" in message
+    assert "missing 1: ['h.3.mlp.c_fc.bias']" in message
+    assert "unexpected 1: ['h.3.mlp.c_fc.extra']" in message
+    assert "h.5.attn.c_proj.weight: file (768, 769) != model (768, 768)" in message
     untied = {**good, "lm_head.weight": good["wte.weight"] + 1}
     with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
         GPT.from_state_dict(untied)
@@ -233,8 +233,24 @@ def test_key_set_and_shape_errors_are_named(files):
     broken_file = files / "broken" / "model.safetensors"  # and the same report through a file on disk
     broken_file.parent.mkdir(exist_ok=True)
     save_file({k: v for k, v in good.items() if k != "ln_f.bias"}, broken_file)
-    with pytest.raises(ValueError, match=r"missing keys: \['ln_f.bias'\]"):
+    with pytest.raises(ValueError, match=r"missing 1: \['ln_f.bias'\]"):
         GPT.from_pretrained(broken_file.parent)
+
+
+def test_state_dict_under_a_prefix(files, ours):
+    """from_state_dict(sd, prefix=...) picks one model's tensors out of a larger checkpoint."""
+    sd = {"captioner.gpt." + k: v for k, v in weights.load_state_dict(files / "model.safetensors").items()}
+    sd["captioner.clip_project.model.0.weight"] = torch.zeros(3)  # another model's tensor beside it
+    model = GPT.from_state_dict(sd, prefix="captioner.gpt.")
+    for key, value in ours.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_config_stored_before_set_attention_still_loads():
+    """Checkpoints store GPTConfig as a dict; those written while it had an `sdpa` field rebuild the same config."""
+    stored = {**asdict(PRESETS["gpt2-medium"]), "sdpa": False}
+    assert GPTConfig.from_dict(stored) == PRESETS["gpt2-medium"]
+    assert GPTConfig.from_dict(asdict(PRESETS["gpt2"])) == PRESETS["gpt2"]
 
 
 def test_config_and_errors_for_long_inputs(ours):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
-import clip
 import sd_oracle as so
 import unet as unet_lib
 import vae as vae_lib
 import weights
+from conftest import count_parameters, expected_shapes, sd_text_encoder_shapes
 
 TOL = 1e-4
 
@@ -73,7 +73,7 @@ def test_unet_pooled_text_and_scale_shift_match_diffusers(scale_shift):
                                  num_res_blocks=1, attention_resolutions=(2,), num_heads=4, context_dim=64,
                                  adm_in_channels=64, use_scale_shift_norm=scale_shift)
     ours = so.build(unet_lib.UNetModel, config, seed=3)
-    assert dataclasses.replace(unet_lib.config_from_state_dict(ours.state_dict()), num_heads=4) == config
+    assert dataclasses.replace(unet_lib.UNetConfig.from_state_dict(ours.state_dict()), num_heads=4) == config
     ref = so.diffusers_unet(so.single_file_state(unet=ours), config)
     gen = torch.Generator().manual_seed(0)
     x, timesteps = torch.randn(2, 12, 16, 16, generator=gen), torch.tensor([999, 37])
@@ -85,9 +85,9 @@ def test_unet_pooled_text_and_scale_shift_match_diffusers(scale_shift):
     assert so.max_rel_diff(got, expected) < TOL
 
 
-def test_unet_from_checkpoint_reads_the_single_file(sd15_unet):
+def test_unet_from_state_dict_reads_the_single_file(sd15_unet):
     ours, checkpoint, _ = sd15_unet
-    loaded = unet_lib.UNetModel.from_checkpoint(checkpoint)  # ignores the schedule buffers and model_ema.*
+    loaded = unet_lib.UNetModel.from_state_dict(checkpoint)  # ignores the schedule buffers and model_ema.*
     assert loaded.config == unet_lib.PRESETS["sd15"]
     for (name, a), (_, b) in zip(ours.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -119,10 +119,10 @@ def test_vae_sd15_matches_diffusers(sd15_vae):
     assert torch.allclose(ours.encode_to_latents(images, torch.Generator().manual_seed(7)), sample * 0.18215)
 
 
-def test_vae_from_checkpoint_reads_the_single_file(sd15_vae):
+def test_vae_from_state_dict_reads_the_single_file(sd15_vae):
     ours, checkpoint, _ = sd15_vae
     checkpoint = {**checkpoint, "first_stage_model.loss.logvar": torch.zeros(())}  # full training files carry it
-    loaded = vae_lib.AutoencoderKL.from_checkpoint(checkpoint)
+    loaded = vae_lib.AutoencoderKL.from_state_dict(checkpoint)
     assert loaded.config == vae_lib.PRESETS["sd15"]
     for (name, a), (_, b) in zip(ours.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -133,8 +133,9 @@ def test_vae_from_checkpoint_reads_the_single_file(sd15_vae):
 
 
 def test_official_key_set_of_the_sd15_file():
-    unet_keys, vae_keys = unet_lib.expected_shapes(), vae_lib.expected_shapes()
-    text_keys = clip.sd_text_encoder_shapes()
+    unet_keys = expected_shapes(unet_lib.UNetModel, unet_lib.PRESETS["sd15"], unet_lib.PREFIX)
+    vae_keys = expected_shapes(vae_lib.AutoencoderKL, vae_lib.PRESETS["sd15"], vae_lib.PREFIX)
+    text_keys = sd_text_encoder_shapes()
     assert (len(unet_keys), len(vae_keys), len(text_keys)) == (686, 248, 196)
     everything = {**unet_keys, **vae_keys, **text_keys}
     assert len(everything) == 1130  # the three prefixes do not overlap
@@ -162,15 +163,15 @@ def test_official_key_set_of_the_sd15_file():
 def test_unet_preset_counts_and_config_from_tensors(name):
     config = unet_lib.PRESETS[name]
     counts = {"sd15": 859_520_964, "tiny-pixel": 7_402_563, "tiny-latent": 1_055_044}
-    assert unet_lib.count_parameters(config) == counts[name]
+    assert count_parameters(unet_lib.UNetModel, config) == counts[name]
     with torch.device("meta"):
         state = unet_lib.UNetModel(config).state_dict()
-    read = unet_lib.config_from_state_dict(state)
+    read = unet_lib.UNetConfig.from_state_dict(state)
     assert dataclasses.replace(read, num_heads=config.num_heads) == config  # heads are not in the tensors
 
 
 def test_vae_tiny_preset_count():
-    assert vae_lib.count_parameters(vae_lib.PRESETS["tiny"]) == 658_375
+    assert count_parameters(vae_lib.AutoencoderKL, vae_lib.PRESETS["tiny"]) == 658_375
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,8 +190,8 @@ def test_loaders_read_a_safetensors_single_file(tmp_path, dtype):
     checkpoint = {k: v.to(dtype) if v.is_floating_point() else v for k, v in so.single_file_state(unet, vae).items()}
     weights.write_safetensors({k: v.contiguous() for k, v in checkpoint.items()}, tmp_path / "tiny.safetensors")
     state = weights.load_state_dict(tmp_path / "tiny.safetensors")
-    loaded_unet = unet_lib.UNetModel.from_checkpoint(state, config=unet_lib.PRESETS["tiny-latent"]).eval()
-    loaded_vae = vae_lib.AutoencoderKL.from_checkpoint(state).eval()
+    loaded_unet = unet_lib.UNetModel.from_state_dict(state, config=unet_lib.PRESETS["tiny-latent"]).eval()
+    loaded_vae = vae_lib.AutoencoderKL.from_state_dict(state).eval()
     assert loaded_vae.config == vae_lib.PRESETS["tiny"]
     assert next(loaded_unet.parameters()).dtype == torch.float32  # cast on load
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
@@ -208,15 +209,15 @@ def test_loader_errors_name_the_sorted_differences():
     bad["model.diffusion_model.time_embed.0.weight"] = torch.zeros(3, 3)
     config = unet_lib.PRESETS["tiny-latent"]
     with pytest.raises(ValueError) as error:
-        unet_lib.UNetModel.from_checkpoint(bad, config=config)
+        unet_lib.UNetModel.from_state_dict(bad, config=config)
     message = str(error.value)
     assert "missing 2: ['input_blocks.1.0.in_layers.2.bias', 'out.2.bias']" in message
     assert "unexpected 1: ['extra.weight']" in message
     assert "time_embed.0.weight: file (3, 3) != model (128, 32)" in message
     with pytest.raises(ValueError, match="missing 1: \\['decoder.conv_in.bias'\\]"):
-        vae_lib.AutoencoderKL.from_checkpoint({k: v for k, v in good.items() if k != "first_stage_model.decoder.conv_in.bias"})
+        vae_lib.AutoencoderKL.from_state_dict({k: v for k, v in good.items() if k != "first_stage_model.decoder.conv_in.bias"})
     with pytest.raises(KeyError, match="model.diffusion_model."):
-        unet_lib.UNetModel.from_checkpoint(so.schedule_buffers())
+        unet_lib.UNetModel.from_state_dict(so.schedule_buffers())
 
 
 # ----------------------------------------------------------------------------------------------------------

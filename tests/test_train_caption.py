@@ -17,6 +17,7 @@ import data
 import generate
 import train
 import weights
+from conftest import logged_losses
 from vit import VisionConfig, VisionTransformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,13 +66,9 @@ def args(fixture, out, *extra):
             "--log-every", "1", "--max-caption-tokens", "12", "--device", "cpu", "--out-dir", str(out), *extra]
 
 
-def losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
-
-
 def test_loss_falls_resume_equals_uninterrupted_and_eval(fixture, tmp_path, capsys):
     whole, loss = train.main(args(fixture, tmp_path / "whole"))  # 16 pairs, batch 8: 6 steps
-    assert losses(tmp_path / "whole")[-1] < losses(tmp_path / "whole")[0]
+    assert logged_losses(tmp_path / "whole")[-1] < logged_losses(tmp_path / "whole")[0]
     train.main(args(fixture, tmp_path / "split", "--stop-after", "2"))
     assert weights.load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 2
     resumed, _ = train.main(args(fixture, tmp_path / "split", "--resume", str(tmp_path / "split" / "ckpt.pt")))
@@ -107,7 +104,7 @@ def test_loss_falls_resume_equals_uninterrupted_and_eval(fixture, tmp_path, caps
 def test_overfits_one_batch(fixture, tmp_path):
     train.main(args(fixture, tmp_path, "--max-train-samples", "8", "--epochs", "30", "--n-embd", "64", "--lr", "1e-2",
                     "--no-closed-vocab"))  # 8 pairs, batch 8: the same batch 30 times
-    curve = losses(tmp_path)
+    curve = logged_losses(tmp_path)
     assert curve[-1] < 0.1 * curve[0], curve
 
 
@@ -167,7 +164,7 @@ def test_tokens_mapper_caches_every_token_and_captions(fixture, tmp_path, capsys
     """--mapping-type tokens with a frozen tower: the cache holds every token (N, 1 + h*w, D), row 0 the pooled
     embedding; the prefix is the tower's token count, whatever --prefix-length says; generate.py captions with it."""
     model, _ = train.main(args(fixture, tmp_path, "--mapping-type", "tokens"))
-    assert losses(tmp_path)[-1] < losses(tmp_path)[0]
+    assert logged_losses(tmp_path)[-1] < logged_losses(tmp_path)[0]
     assert model.captioner.config.prefix_length == 17 and model.captioner.clip_project.model[0].in_features == 32
     caches = {np.load(path, mmap_mode="r").shape for path in (tmp_path / "cache").glob("tokens-*.npy")}
     assert caches == {(8, 17, 32), (4, 17, 32)}  # train and val: the class token and a 4 x 4 grid, 32 wide each
@@ -179,6 +176,23 @@ def test_tokens_mapper_caches_every_token_and_captions(fixture, tmp_path, capsys
     generate.main([str(image), "--ckpt", str(tmp_path / "ckpt.pt"), "--device", "cpu"])
     file, text = capsys.readouterr().out.rstrip("\n").split("\t")
     assert file == str(image) and "<|endoftext|>" not in text
+
+
+def test_checkpoint_written_before_set_attention_still_captions(fixture, tmp_path, capsys):
+    """Checkpoints written while GPTConfig had an `sdpa` field hold it in their gpt_config: they still load, and
+    caption as the same checkpoint without it."""
+    train.main(args(fixture, tmp_path, "--epochs", "1"))
+    checkpoint = weights.load_checkpoint(tmp_path / "ckpt.pt")
+    assert "sdpa" not in checkpoint["gpt_config"]
+    checkpoint["gpt_config"]["sdpa"] = True  # what GPTConfig held before GPT.set_attention
+    weights.save_checkpoint(checkpoint, tmp_path / "old.pt")
+    image = fixture / "coco" / "val2017" / f"{101:012d}.jpg"
+    capsys.readouterr()
+    captions = []
+    for ckpt in ("ckpt.pt", "old.pt"):
+        generate.main([str(image), "--ckpt", str(tmp_path / ckpt), "--device", "cpu"])
+        captions.append(capsys.readouterr().out.rstrip("\n").split("\t")[1])
+    assert captions[0] == captions[1]
 
 
 def test_ddp_two_cpu_processes_equal_one(fixture, tmp_path):

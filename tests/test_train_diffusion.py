@@ -16,6 +16,7 @@ import generate
 import train
 import weights
 from clip import CLIP, CLIPConfig, TextConfig
+from conftest import logged_losses
 from vit import VisionConfig
 
 TINY = ["--task", "diffusion", "--preset", "shapes", "--image-size", "16", "--model-channels", "32",
@@ -25,10 +26,6 @@ TINY = ["--task", "diffusion", "--preset", "shapes", "--image-size", "16", "--mo
 
 def run(out, *extra):
     return train.main([*TINY, "--out-dir", str(out), *extra])
-
-
-def losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def test_shortened_tour(tmp_path, capsys):
@@ -63,7 +60,7 @@ def test_shortened_tour(tmp_path, capsys):
 def test_loss_falls_and_resume_equals_uninterrupted(tmp_path):
     whole, _ = run(tmp_path / "whole", "--max-train-samples", "32", "--epochs", "6", "--lr", "3e-3",
                    "--warmup-steps", "2")  # 4 steps an epoch
-    curve = losses(tmp_path / "whole")
+    curve = logged_losses(tmp_path / "whole")
     assert sum(curve[-4:]) < 0.7 * sum(curve[:4]), curve
     short = ["--max-train-samples", "32", "--epochs", "1.5", "--eval-every", "100"]
     uninterrupted, _ = run(tmp_path / "one", *short)
@@ -193,7 +190,8 @@ def test_sd15_finetune_full_size(tmp_path):
     checkpointing, on a folder of images with captions. Needs about 16 GB of memory (AdamW on 860M parameters)."""
     import sd_oracle
     from clip import PRESETS as CLIP_PRESETS
-    from clip import CLIPTextTransformer, openai_to_hf
+    from clip import CLIPTextTransformer
+    from conftest import openai_to_hf
     from unet import PRESETS as UNET_PRESETS
     from unet import UNetModel
     from vae import PRESETS as VAE_PRESETS

@@ -109,7 +109,7 @@ def test_sdpa_equals_plain_attention_and_tokens():
     image = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         fast, tokens = model(image, return_tokens=True)
-        plain = vit.set_sdpa(model, False)(image)
+        plain = model.set_attention(use_sdpa=False)(image)
     assert tokens.shape == (2, 50, 768) and fast.shape == (2, 512)
     diff = (fast - plain).abs().max().item()
     print(f"ViT-B/32 SDPA vs plain attention: max diff {diff:.2e}")
@@ -135,3 +135,28 @@ def test_config_read_off_shapes_and_checked_against_preset():
     assert vit.VisionConfig.from_state_dict(sd) == vit.VISION_PRESETS["ViT-B/16"]
     with pytest.raises(ValueError, match="vision_patch_size: checkpoint 16 != preset 32"):
         vit.VisionTransformer.from_state_dict(sd, preset="ViT-B/32")
+
+
+def test_sincos_positions_are_maes_table_and_change_nothing_else():
+    """sincos=True (a tower trained from scratch): rows 1.. of the positional embedding are MAE's 2-D sine-cosine
+    table (facebookresearch/mae util/pos_embed.py get_2d_sincos_pos_embed, written out here in numpy); every other
+    tensor, the class token's position included, is the random init the tower gets without it, and the key set (what
+    checkpoints hold) is the same."""
+    config = vit.VisionConfig(image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8, embed_dim=32)
+    torch.manual_seed(0)
+    plain = vit.VisionTransformer(config)
+    torch.manual_seed(0)
+    sincos = vit.VisionTransformer(config, sincos=True)
+
+    def one_axis(dim, positions):  # get_1d_sincos_pos_embed_from_grid
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", positions.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    grid = np.meshgrid(np.arange(4, dtype=np.float32), np.arange(4, dtype=np.float32))  # MAE: w goes first
+    expected = torch.from_numpy(np.concatenate([one_axis(32, grid[0]), one_axis(32, grid[1])], axis=1)).float()
+    torch.testing.assert_close(sincos.positional_embedding[1:].detach(), expected, atol=1e-6, rtol=0)
+    assert plain.state_dict().keys() == sincos.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        if key != "positional_embedding":
+            assert torch.equal(sincos.state_dict()[key], value), key
+    assert torch.equal(sincos.positional_embedding[0], plain.positional_embedding[0])

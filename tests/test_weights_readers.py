@@ -628,3 +628,24 @@ def test_save_checkpoint_checks_a_shared_structure_once(tmp_path):
     assert weights.load_checkpoint(tmp_path / "dag.pt")["shared"][0] is not None
     with pytest.raises(TypeError, match="str_"):
         weights.save_checkpoint({"x": np.str_("text")}, tmp_path / "text.pt")
+
+
+def test_loader_checks_name_sorted_differences_and_drop_only_ignored_keys():
+    """check_state_dict: the one key-set-and-shape check every model loader makes; check_config: the one check of a
+    config read off the tensors against its preset."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3))
+    good = {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}
+    extra = {"0.attn.bias": torch.ones(1), "loss.logvar": torch.ones(1), "loss.disc.0.weight": torch.ones(1)}
+    assert weights.check_state_dict(model, {**good, **extra}, "toy", ignored=("*.attn.bias", "loss.*")) == good
+    bad = {**good, "0.weight": torch.zeros(3, 3), "2.extra": torch.zeros(1), "0.attn.bias": torch.ones(1)}
+    del bad["1.bias"]
+    with pytest.raises(ValueError) as error:
+        weights.check_state_dict(model, bad, "toy (prefix 'x.')")
+    assert str(error.value) == ("toy (prefix 'x.') does not match Sequential:\n  missing 1: ['1.bias']\n"
+                                "  unexpected 2: ['0.attn.bias', '2.extra']\n"
+                                "  wrong shapes 1: ['0.weight: file (3, 3) != model (3, 2)']")
+    from vit import VISION_PRESETS
+    weights.check_config(VISION_PRESETS["ViT-B/32"], VISION_PRESETS["ViT-B/32"], "ViT-B/32")
+    with pytest.raises(ValueError, match=r"preset ViT-L/14: vision_layers: checkpoint 12 != preset 24; "
+                                         r"vision_width: checkpoint 768 != preset 1024"):
+        weights.check_config(VISION_PRESETS["ViT-B/32"], VISION_PRESETS["ViT-L/14"], "ViT-L/14")

@@ -1,29 +1,30 @@
 """Where official and trained checkpoints live, and the code that fetches and opens them.
 
     registry.py            REGISTRY: the official files (URL, size, sha256, format)
-    downloader.py          weights_dir, download (resumable, verified, atomic), fetch
+    downloader.py          weights_dir, download (resumable, verified, atomic), fetch, fetch_first
     safetensors_format.py  read_safetensors / write_safetensors, by hand
     pickle_scan.py         the opcode pre-scan every pickle passes before it is unpickled
     unpickler.py           the allow-list: what a pickle may ask for; load_pickle
     readers.py             load_state_dict / load_checkpoint for PyTorch files (zip, legacy,
                            TorchScript) without running their code; save_checkpoint (atomic);
-                           check_optimizer_state (what AdamW saves, before --resume loads it)
+                           check_optimizer_state (what AdamW saves, before --resume loads it);
+                           check_state_dict / check_config, every model loader's checks
 
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, find_in_hub_cache,
-                         weights_dir)
-from .readers import (check_optimizer_state, check_state_dict, load_checkpoint, load_state_dict,
-                      save_checkpoint)
+from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first,
+                         find_in_hub_cache, weights_dir)
+from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
+                      load_state_dict, save_checkpoint)
 from .registry import REGISTRY, WeightsFile
 from .safetensors_format import read_safetensors, read_safetensors_metadata, write_safetensors
 from .unpickler import PLACEHOLDER_PREFIXES, Placeholder, UnsafeCheckpointError, load_pickle
 
 __all__ = [
-    "REGISTRY", "WeightsFile", "weights_dir", "download", "fetch", "find_in_hub_cache",
+    "REGISTRY", "WeightsFile", "weights_dir", "download", "fetch", "fetch_first", "find_in_hub_cache",
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
-    "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_optimizer_state",
-    "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
+    "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
+    "check_optimizer_state", "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
 ]

@@ -454,3 +454,17 @@ def fetch(name, root=None, offline=False, *, progress=True, retries=4, backoff=1
     # a wrong-sized file at `target` is replaced (atomically) only once the new copy is verified
     return download(entry.url, target, entry.sha256, entry.size, retries=retries, backoff=backoff,
                     progress=progress)
+
+
+def fetch_first(names, root=None, offline=False):
+    """The first of several registered files holding the same weights (the preferred one first): the first
+    already on disk, else the first that downloads. On failure the error is the preferred file's (its URL and
+    where to put it)."""
+    first_error = None
+    attempts = [(name, True) for name in names] + [(name, False) for name in names if not offline]
+    for name, local_only in attempts:  # every file on disk first, then every download
+        try:
+            return fetch(name, root=root, offline=local_only)
+        except WeightsUnavailable as e:
+            first_error = e if name == names[0] else first_error
+    raise first_error

@@ -24,6 +24,8 @@ refused, not loaded). Everything that is wrong with a file is one `ValueError` n
 """
 import collections
 import contextlib
+import dataclasses
+import fnmatch
 import re
 import struct
 import zipfile
@@ -407,14 +409,30 @@ def save_checkpoint(obj, path):
     return path
 
 
-def check_state_dict(model, sd, what, prefix):
-    """A loader's last check before load_state_dict(strict=True): compare key sets and every shape, fail with
-    the sorted differences."""
+def check_state_dict(model, sd, what, ignored=()):
+    """A loader's last check before `model.load_state_dict(sd, strict=True, assign=True)`: sets, not counts.
+
+    Keys matching one of the `ignored` patterns (fnmatch: "h.*.attn.bias", "loss.*"), which a file may carry and
+    the model does not hold, are dropped; then the key sets and every shape are compared with the model's (built
+    on the meta device: no memory), and any difference fails with the sorted lists. Returns `sd` without the
+    ignored keys. `what` names the checkpoint part in the message ("UNet (prefix 'model.diffusion_model.')")."""
+    sd = {k: v for k, v in sd.items() if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignored)}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    wrong = sorted(f"{k}: file {tuple(sd[k].shape)} != model {s}" for k, s in expected.items()
-                   if k in sd and tuple(sd[k].shape) != s)
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} checkpoint (prefix {prefix!r}) does not match the model:\n"
-                         f"  missing {len(missing)}: {missing[:20]}\n  unexpected {len(unexpected)}: "
-                         f"{unexpected[:20]}\n  wrong shapes {len(wrong)}: {wrong[:20]}")
+    differences = {
+        "missing": sorted(expected.keys() - sd.keys()),
+        "unexpected": sorted(sd.keys() - expected.keys()),
+        "wrong shapes": sorted(f"{k}: file {tuple(sd[k].shape)} != model {s}" for k, s in expected.items()
+                               if k in sd and tuple(sd[k].shape) != s)}
+    if any(differences.values()):
+        raise ValueError(f"{what} does not match {type(model).__name__}:\n" + "\n".join(
+            f"  {kind} {len(keys)}: {keys[:20]}" for kind, keys in differences.items() if keys))
+    return sd
+
+
+def check_config(found, preset, name):
+    """A config read off a checkpoint's tensors against the preset it claims to be: fail naming every field
+    where they disagree (both are dataclasses of one type)."""
+    differences = [f"{f.name}: checkpoint {getattr(found, f.name)} != preset {getattr(preset, f.name)}"
+                   for f in dataclasses.fields(found) if getattr(found, f.name) != getattr(preset, f.name)]
+    if differences:
+        raise ValueError(f"checkpoint does not match preset {name}: " + "; ".join(differences))
