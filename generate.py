@@ -45,7 +45,7 @@ DEFAULT_WEIGHTS = "sd15/v1-5-pruned-emaonly.safetensors"
 SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size: SD 1.5 draws 512 x 512, 12000 x 12000 is 4 GB
+MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size (SD draws 512x512; 12000x12000: 4 GB)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt -> image: the Stable Diffusion pipeline
@@ -112,8 +112,8 @@ class StableDiffusion:
 
 def load_image(path, width=None, height=None):
     """An image file -> (3, H, W) in [-1, 1], resized with Lanczos to width x height (default: its own size
-    rounded down to multiples of 8, up to MAX_INIT_PIXELS), as diffusers' VaeImageProcessor prepares it. vit.py
-    opens it (one error, ImageReadError) and composites transparency on white."""
+    rounded down to multiples of 8, up to MAX_INIT_PIXELS), as diffusers' VaeImageProcessor prepares it.
+    vit.py opens it (one error, ImageReadError) and composites transparency on white."""
     image = to_rgb(open_image(path, None if width and height else MAX_INIT_PIXELS))
     width, height = width or image.width // 8 * 8, height or image.height // 8 * 8
     if width < 8 or height < 8:
@@ -175,7 +175,7 @@ def pick_device(name):
 
 
 def resolve_weights(args):
-    """--sd-weights as a file path, else as a registry name fetched into --weights-dir (downloaded on first use)."""
+    """--sd-weights as a file path, else as a registry name fetched into --weights-dir (on first use)."""
     if Path(args.sd_weights).is_file():
         return Path(args.sd_weights)
     if args.sd_weights not in weights.REGISTRY:
@@ -186,14 +186,14 @@ def resolve_weights(args):
 
 def draw(args, prompts, checkpoint):
     """Prompt -> image files: one image per (prompt, seed), seeds counting up from --seed over all images."""
-    device, precision = pick_device(args.device), args.precision
-    dtype = PRECISIONS[precision] if precision != "auto" else (torch.float32 if device.type == "cpu" else torch.float16)
+    device = pick_device(args.device)
+    dtype = PRECISIONS.get(args.precision, torch.float32 if device.type == "cpu" else torch.float16)  # auto
     init_image = None
     if args.init_image:
         try:
             init_image = load_image(args.init_image, args.width, args.height)
         except ValueError as error:
-            hint = "" if args.width and args.height else " (--width and --height resize it; SD 1.5 draws 512x512)"
+            hint = "" if args.width and args.height else " (--width and --height resize it; SD 1.5: 512x512)"
             raise ValueError(f"--init-image: {error}{hint}") from None
     width = init_image.shape[2] if init_image is not None else args.width or 512
     height = init_image.shape[1] if init_image is not None else args.height or 512
@@ -225,8 +225,8 @@ def draw(args, prompts, checkpoint):
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         images = pipe([p for p, _ in batch], [s for _, s in batch], [args.negative_prompt] * len(batch),
-                      args.sampler, args.sampling_steps, args.guidance_scale, args.eta, height, width, init_image,
-                      args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
+                      args.sampler, args.sampling_steps, args.guidance_scale, args.eta, height, width,
+                      init_image, args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
         for (prompt, image_seed), image in zip(batch, to_pil(images)):
             candidates.append((score(image, prompt) if score else 0.0, image_seed, image))
             if len(candidates) < args.rerank:
@@ -248,7 +248,7 @@ def draw(args, prompts, checkpoint):
 
 
 def trained_pipeline(args, checkpoint, prompts, device, dtype):
-    """A text-to-image checkpoint of train.py as a pipeline called like StableDiffusion: (pipe, path, image size).
+    """A text-to-image checkpoint of train.py as a pipeline called like StableDiffusion: (pipe, path, size).
     Prompts the model cannot read whole, or with words its training captions never used, are warned about."""
     from train import load_text_to_image, words
     model, cfg, tokenize = load_text_to_image(checkpoint, device)
@@ -294,22 +294,23 @@ def is_image_file(path):
 
 
 def image_files(arg):
-    """The image files an input names, or None for a prompt: an existing folder (its image files, sorted; "" is
-    not the current folder), an existing image file, or a glob with magic characters that matches image files.
-    Nothing here raises on a long or odd string: os.path answers False where Path would raise (name too long)."""
+    """The image files an input names, or None for a prompt: an existing folder (its image files, sorted; ""
+    is not the current folder), an existing image file, or a glob with magic characters that matches image
+    files. Nothing here raises on a long or odd string: os.path answers False where Path raises (too long)."""
     if arg and os.path.isdir(arg):
         return sorted(p for p in (os.path.join(arg, name) for name in os.listdir(arg)) if is_image_file(p))
     if is_image_file(arg):
         return [arg]
     try:
-        return sorted(f for f in glob.glob(arg) if is_image_file(f)) or None if re.search(r"[*?[]", arg) else None
+        matches = sorted(f for f in glob.glob(arg) if is_image_file(f)) if re.search(r"[*?[]", arg) else []
     except (OSError, ValueError):
-        return None
+        matches = []
+    return matches or None
 
 
 @torch.no_grad()
 def caption_images(args, files, checkpoint):
-    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at a time.
+    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at once.
     Returns how many could not be read (each reported on stderr and skipped)."""
     from tokenizer import GPT2Tokenizer
     from train import caption, load_captioner  # the captioner's code; Stable Diffusion never needs it
@@ -352,8 +353,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def main(argv=None):
-    """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit with 2
-    for a usage problem (a flag, a missing file) or 1 for a failure, an image that could not be captioned included."""
+    """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit
+    with 2 for a usage problem (a flag, a missing file) or 1 for a failure (an image that could not be
+    captioned included)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return run(argv)
@@ -365,8 +367,8 @@ def main(argv=None):
 
 
 def run(argv):
-    parser = Parser(description="Images for prompts with Stable Diffusion 1.x, or with a model of train.py; captions "
-                    "for images with a captioner of train.py.", formatter_class=HelpFormatter)
+    parser = Parser(description="Images for prompts with Stable Diffusion 1.x, or with a model of train.py; "
+                    "captions for images with a captioner of train.py.", formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image files, "
                         "folders and globs to caption (with --ckpt)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt, never taken for a file name "
@@ -375,7 +377,7 @@ def run(argv):
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = no guidance; "
                         "default 7.5, or a --ckpt model's own from its training config)")
-    parser.add_argument("--sampling-steps", type=int, help="sampler steps (default 50, or the --ckpt model's own)")
+    parser.add_argument("--sampling-steps", type=int, help="sampler steps (default 50, or a --ckpt model's)")
     parser.add_argument("--sampler", choices=ddpm.SAMPLERS, help="ddim (default: CompVis' txt2img.py, and "
                         "diffusers' DDIMScheduler; or the --ckpt model's own), ddpm, euler or dpm++2m")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise: 0 deterministic, 1 like DDPM")
@@ -387,16 +389,16 @@ def run(argv):
                         "init image's)")
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512, or the "
                         "init image's)")
-    parser.add_argument("--init-image", help="image-to-image: start from this picture instead of noise (at its own "
-                        f"size, up to {MAX_INIT_PIXELS:,} pixels, unless --width and --height say)")
+    parser.add_argument("--init-image", help="image-to-image: start from this picture, not noise (at its "
+                        f"own size, up to {MAX_INIT_PIXELS:,} pixels, unless --width and --height say)")
     parser.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change the "
                         "init image, in (0, 1]; 1 ignores it")
     parser.add_argument("--out-dir", default="outputs", help="where the PNGs go")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help="the networks' "
                         "precision (auto: fp16 on a GPU, fp32 on the CPU); the sampler always works in fp32")
-    parser.add_argument("--sd-weights", default=DEFAULT_WEIGHTS, help="SD 1.x weights: a single file (.safetensors "
-                        "or .ckpt) or a registered name (fetched on first use)")
+    parser.add_argument("--sd-weights", default=DEFAULT_WEIGHTS, help="SD 1.x weights: a single file "
+                        "(.safetensors or .ckpt) or a registered name (fetched on first use)")
     parser.add_argument("--weights-dir", help="where registered weights live (default: $MINIMODAL_WEIGHTS, "
                         "else weights/)")
     parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
@@ -408,13 +410,13 @@ def run(argv):
                         "--task diffusion draws the prompts (instead of SD)")
     parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one CLIP "
                         "finds most like the prompt")
-    parser.add_argument("--clip-weights", help="CLIP weights: --rerank's (default ViT-B/32, fetched on first use), "
-                        "or the file of a --ckpt captioner's frozen image tower")
+    parser.add_argument("--clip-weights", help="CLIP weights: --rerank's (default ViT-B/32, fetched on first "
+                        "use), or the file of a --ckpt captioner's frozen image tower")
     parser.add_argument("--json", action="store_true", help="captions as JSON lines {file, caption}")
     parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1 (default greedy)")
     parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (default greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="captions: nucleus sampling mass")
-    parser.add_argument("--traceback", action="store_true", help="on an error, the whole traceback, not one line")
+    parser.add_argument("--traceback", action="store_true", help="on an error, the traceback, not one line")
     args = parser.parse_args(argv)
 
     for name in ("height", "width"):
@@ -423,13 +425,13 @@ def run(argv):
             parser.error(f"--{name} must be a positive multiple of 8 (the VAE shrinks images 8x), got {value}")
     if min(1 if args.sampling_steps is None else args.sampling_steps, args.num_images, args.batch_size,
            args.rerank, args.num_beams) < 1:
-        parser.error("--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be at least 1")
+        parser.error("--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be >= 1")
     if not 0 < args.strength <= 1 or args.eta < 0 or (args.guidance_scale or 0) < 0:
         parser.error("--strength must be in (0, 1]; --eta and --guidance-scale must be >= 0")
     if pick_device(args.device) is None:
         parser.error(f"--device {args.device}: this machine has no such device")
 
-    # What the inputs are decides the task (the rule is image_files'): image files get captions, prompts images.
+    # What the inputs are decides the task (image_files has the rule): images get captions, prompts images
     found = {arg: image_files(arg) for arg in args.inputs}
     images = [arg for arg, files in found.items() if files is not None]
     prompts = [arg for arg in args.inputs if arg not in images] + args.prompt
@@ -445,13 +447,14 @@ def run(argv):
     if empty := [arg for arg in images if not found[arg]]:
         parser.error(f"no image files in the folder {empty[0]} ({', '.join(IMAGE_SUFFIXES)})")
     if images and not args.ckpt:
-        parser.error(f"{images[0]} is an image input: captions need --ckpt (a train.py --task caption checkpoint); "
-                     f"to draw it as a prompt, give --prompt {images[0]!r}")
+        parser.error(f"{images[0]} is an image input: captions need --ckpt (a train.py --task caption "
+                     f"checkpoint); to draw it as a prompt, give --prompt {images[0]!r}")
     for arg in images:
         if "/" not in arg and os.sep not in arg and not arg.lower().endswith(IMAGE_SUFFIXES):
             print(f"note: {arg!r} names {'a folder' if os.path.isdir(arg) else 'files'} here: captioning "
                   f"{len(found[arg])} image(s) (--prompt {arg!r} draws it instead)", file=sys.stderr)
-    missing = [arg for arg in prompts if arg.lower().endswith(IMAGE_SUFFIXES) and " " not in arg]
+    missing = [arg for arg in args.inputs if found[arg] is None and " " not in arg and
+               arg.lower().endswith(IMAGE_SUFFIXES)]
     if missing:  # a mistyped file name should not start a 4 GB download to draw it as a prompt
         parser.error(f"no such image file: {missing[0]} (--prompt {missing[0]!r} draws it as a prompt)")
     if not images and not prompts:
@@ -464,8 +467,8 @@ def run(argv):
         checkpoint = read_checkpoint(args.ckpt)
         if checkpoint["task"] != ("caption" if images else "diffusion"):
             parser.error(f"--ckpt {args.ckpt} is a train.py --task {checkpoint['task']} checkpoint: it " + (
-                "draws prompts, and captioning images needs a --task caption one" if images else
-                "captions images, and drawing prompts needs a --task diffusion one (or no --ckpt: Stable Diffusion)"))
+                "draws prompts, and captioning images needs a --task caption one" if images else "captions "
+                "images, and drawing prompts needs a --task diffusion one (or no --ckpt: Stable Diffusion)"))
     if images:
         files = [file for arg in images for file in found[arg]]
         if unreadable := caption_images(args, files, checkpoint):

@@ -66,34 +66,37 @@ from vae import AutoencoderConfig, AutoencoderKL
 from vit import VisionConfig, VisionTransformer, normalize, resize_crop
 
 
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
+TASKS, DATASETS = ("caption", "diffusion"), ("shapes", "coco", "karpathy", "folder", "cifar100")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def flag(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    task: str = flag("caption", "what to train: caption (image -> caption, ClipCap) or diffusion (caption -> image)")
+    task: str = flag("caption", "caption: image -> caption (ClipCap); diffusion: caption -> image", TASKS)
     preset: str = flag("shapes", "starting values of the flags, listed below")
-    data: str = flag("shapes", "shapes, coco (2017), karpathy (COCO, Karpathy's splits), folder, cifar100")
+    data: str = flag("shapes", "coco: 2017; karpathy: COCO, Karpathy's splits", DATASETS)
     data_root: str = flag("", "dataset directory (karpathy: with dataset_coco.json; folder: 5%% of images held out)")
-    download: bool = flag(False, "fetch the official archives (COCO, Karpathy's splits, CIFAR-100) when missing")
-    out_dir: str = flag("runs/caption", "where the log, the checkpoint and the feature cache go (--resume, --eval: "
-                        "the checkpoint's folder)")
-    overwrite: bool = flag(False, "start afresh in an --out-dir that holds a run (its checkpoint and log are replaced)")
-    weights_dir: str = flag("", "where official weights are looked for and fetched to (default: $MINIMODAL_WEIGHTS, "
-                            "else weights/)")
+    download: bool = flag(False, "fetch the official archives (COCO, Karpathy's splits, CIFAR-100)")
+    out_dir: str = flag("runs/caption", "log, checkpoint, cache (--resume, --eval: the checkpoint's folder)")
+    overwrite: bool = flag(False, "start afresh in an --out-dir that holds a run (its checkpoint, log go)")
+    weights_dir: str = flag("", "where official weights live (none: $MINIMODAL_WEIGHTS, else weights/)")
     offline: bool = flag(False, "never download (weights or data): say which file to put where")
     batch_size: int = flag(64, "pairs per optimizer step, over all processes and micro-batches")
     grad_accum: int = flag(1, "micro-batches per step: the same step in less memory")
     epochs: float = flag(1.0, "passes over the training pairs")
-    minutes: float = flag(0.0, "fit the run into this many training minutes (evaluations left out): the cosine "
-                          "schedule ends where the time runs out, re-estimated every step, at most --epochs (0 = off)")
+    minutes: float = flag(0.0, "fit the run into this many training minutes (evaluations left out): the "
+                          "cosine schedule ends where they run out, at most --epochs (0: off)")
     lr: float = flag(2e-3, "peak learning rate of AdamW")
     warmup_steps: int = flag(100, "steps of linear warm-up from 0 to --lr")
     weight_decay: float = flag(0.01, "AdamW weight decay, matrices only")
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this (0 = off)")
-    precision: str = flag("fp32", "fp32, bf16 (autocast), fp16 (autocast + gradient scaler, CUDA) or auto (bf16 "
-                          "where the device computes it natively: a GPU with bf16, a CPU with AMX or AVX512-BF16)")
+    precision: str = flag("fp32", "bf16: autocast; fp16: autocast + gradient scaler (CUDA); auto: bf16 where "
+                          "the device computes it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16)",
+                          PRECISIONS)
     max_train_samples: int = flag(0, "use at most this many training pairs (0 = all; shapes: images drawn)")
     max_val_samples: int = flag(500, "evaluate on at most this many validation images")
     eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end")
@@ -107,14 +110,15 @@ class TrainConfig:
     resume: str = flag("", "continue from this checkpoint: model, optimizer, step and random state")
     stop_after: int = flag(0, "end this run after this many steps, checkpointed (--resume continues)")
     # the caption task
-    image_tower: str = flag("tiny", "tiny (trained with the captioner) or clip (--clip-weights, frozen, cached)")
+    image_tower: str = flag("tiny", "tiny: trained with the captioner; clip: --clip-weights, frozen",
+                            ("tiny", "clip"))
     clip_weights: str = flag("ViT-B/32", "CLIP weights: ViT-B/32 (fetched) or a CLIP file")
-    language_model: str = flag("tiny", "tiny (from scratch) or gpt2 (--gpt2-weights)")
-    gpt2_weights: str = flag("gpt2", "GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (fetched) or a file")
+    language_model: str = flag("tiny", "tiny: from scratch; gpt2: --gpt2-weights", ("tiny", "gpt2"))
+    gpt2_weights: str = flag("gpt2", "GPT-2 weights: gpt2, gpt2-medium, -large, -xl (fetched) or a file")
     freeze_gpt: bool = flag(False, "train the mapper only (ClipCap's --only_prefix)")
     closed_vocab: bool = flag(False, "tiny GPT-2: unused tokens keep a 0 embedding; exact softmax, fewer rows")
-    mapping_type: str = flag("mlp", "mlp (ClipCap's MLP), transformer (ClipCap's TransformerMapper) or tokens "
-                             "(one vector per tower token, LLaVA-1.5's projector)")
+    mapping_type: str = flag("mlp", "mlp, transformer: ClipCap's mappers; tokens: one vector per tower token "
+                             "(LLaVA-1.5's projector)", ("mlp", "transformer", "tokens"))
     prefix_length: int = flag(4, "image vectors GPT-2 reads before the caption (tokens: the tower's token count)")
     mapper_layers: int = flag(8, "transformer mapper: blocks")
     image_size: int = flag(32, "tiny tower: input resolution (shapes are drawn at this size)")
@@ -128,13 +132,14 @@ class TrainConfig:
     max_caption_tokens: int = flag(30, "captions are cut to this many tokens; generation stops there")
     num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search")
     eval: str = flag("", "score this checkpoint on --split and exit (text-to-image: on val, --judge to read back)")
-    split: str = flag("val", "the split --eval scores: val, or test (shapes, karpathy, cifar100)")
+    split: str = flag("val", "the split --eval scores (test: shapes, karpathy, cifar100)", ("val", "test"))
     # the diffusion task
-    text_encoder: str = flag("tiny", "tiny (CLIP-style, trained), clip (SD's text tower from --sd-weights) or gpt2 "
-                             "(--gpt2-weights; frozen, its hidden states projected)")
-    sd_weights: str = flag("", "SD 1.x weights, a file or registered name: the VAE (--latent), text tower, UNet")
+    text_encoder: str = flag("tiny", "tiny: CLIP-style, trained; clip: SD's text tower (--sd-weights); gpt2: "
+                             "--gpt2-weights, frozen, its hidden states projected", ("tiny", "clip", "gpt2"))
+    sd_weights: str = flag("", "SD 1.x weights, a file or registered name: the VAE, text tower, UNet")
     latent: bool = flag(False, "diffuse in the frozen SD VAE's latent space (8x smaller) instead of pixels")
-    unet: str = flag("tiny", "tiny (the sizes below, from scratch) or sd15 (the --sd-weights UNet, fine-tuned)")
+    unet: str = flag("tiny", "tiny: the sizes below, from scratch; sd15: --sd-weights', fine-tuned",
+                     ("tiny", "sd15"))
     model_channels: int = flag(32, "tiny UNet: channels of the first level")
     channel_mult: str = flag("1,2", "tiny UNet: channel multiplier of each level")
     attention_resolutions: str = flag("2", "tiny UNet: downsampling factors with (cross-)attention (\"\": the "
@@ -146,12 +151,12 @@ class TrainConfig:
     scale_shift_norm: bool = flag(False, "tiny UNet: the embedding scales and shifts each ResBlock's channels (ADM)")
     text_layers: int = flag(2, "tiny text encoder: blocks")
     patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: a 32x32 image costs 16x16)")
-    schedule: str = flag("cosine", "noise schedule, a ddpm.py preset: cosine, linear or sd15")
-    parameterization: str = flag("eps", "the UNet predicts eps (the noise) or v")
+    schedule: str = flag("cosine", "noise schedule, a ddpm.py preset", tuple(ddpm.PRESETS))
+    parameterization: str = flag("eps", "the UNet predicts eps (the noise) or v", ("eps", "v"))
     min_snr_gamma: float = flag(5.0, "Min-SNR loss weighting gamma (0 = the plain mean squared error)")
     caption_dropout: float = flag(0.1, "train on the empty prompt this often (classifier-free guidance)")
     ema_decay: float = flag(0.999, "EMA of the weights, which draws the samples (0 = none)")
-    sampler: str = flag("ddim", "evaluation samples: ddim, ddpm, euler or dpm++2m")
+    sampler: str = flag("ddim", "evaluation samples: the sampler", tuple(ddpm.SAMPLERS))
     sampling_steps: int = flag(20, "evaluation samples: sampler steps")
     guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale")
     gradient_checkpointing: bool = flag(False, "recompute the UNet's activations in backward: less memory")
@@ -170,9 +175,9 @@ PRESETS = {"caption": {
     "coco": dict(data="karpathy", image_tower="clip", language_model="gpt2", prefix_length=10, batch_size=40,
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
 }, "diffusion": {
-    # 32x32 pixels denoised as 16x16x12 patches by a 0.8M-parameter UNet, a 3.3M tiny text encoder, for 12 minutes
-    # (the tour; bf16 where the CPU has AMX) on up to 160k fresh images. FiLM with the pooled prompt, cross-attention
-    # in the middle block only, Min-SNR gamma 0.5, DDPM's 50 steps at guidance 1.5: the README's tour says why
+    # 32x32 pixels denoised as 16x16x12 patches by a 0.8M-parameter UNet, a 3.3M tiny text encoder, for 12
+    # minutes (the tour; bf16 where the CPU has AMX) on up to 160k fresh images. FiLM with the pooled prompt,
+    # cross-attention in the middle block only, Min-SNR 0.5, DDPM's 50 steps, guidance 1.5: README says why
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=160_000,
                    minutes=12.0, precision="auto", pooled_text=True, scale_shift_norm=True, attention_resolutions="",
                    parameterization="v", min_snr_gamma=0.5, eval_every=500, max_val_samples=200,
@@ -191,12 +196,13 @@ PRESETS = {"caption": {
                  guidance_scale=7.5),
 }}
 SMOKE_TEST = dict(image_tower="tiny", language_model="tiny", max_train_samples=256, max_val_samples=32,
-                  batch_size=16, epochs=1.0, minutes=0.0, warmup_steps=2, log_every=4, sampling_steps=2, num_judged=16)
-# what a checkpoint's config never sets: where to read and write, what to fetch, on which device (this run's own)
+                  batch_size=16, epochs=1.0, minutes=0.0, warmup_steps=2, log_every=4, sampling_steps=2,
+                  num_judged=16)
+# what a checkpoint's config never sets: where to read and write, what to fetch, the device (this run's own)
 LOCAL = {"out_dir", "data_root", "download", "weights_dir", "offline", "device", "threads", "resume", "eval",
          "stop_after", "overwrite", "judge", "traceback", "smoke_test"}
-BOUNDS = {"max_caption_tokens": 1000, "image_size": 4096, "max_train_samples": 10**7, "max_val_samples": 10**7,
-          "num_judged": 10**5, "batch_size": 10**5}  # what a checkpoint's config may ask for at most
+BOUNDS = {"max_caption_tokens": 1000, "image_size": 4096, "max_train_samples": 10**7,  # what a checkpoint
+          "max_val_samples": 10**7, "num_judged": 10**5, "batch_size": 10**5}  # may ask for, at most
 
 # -----------------------------------------------------------------------------------------------------------------
 # The harness: what every task shares
@@ -243,30 +249,31 @@ def log(cfg, record):
 
 @contextlib.contextmanager
 def own_out_dir(cfg, checkpoint):
-    """Hold --out-dir for this run: a lock that a live run keeps (flock: released however the process ends), so what
-    a killed run left half-written there (.ckpt.pt.*.tmp, and cache .part files no live process holds) can go; a
-    resumed run's log is cut back to its checkpoint's step (a killed run logged steps the checkpoint does not have),
-    an --overwrite run starts without the old checkpoint and log."""
+    """Hold --out-dir while this run writes there: a lock (flock, gone however the process ends) tells a live
+    run from a killed one, so what a killed run left half-written (.ckpt.pt.*.tmp; cache .part files, locked
+    while written) is removed. A resumed run's log loses what was logged after its checkpoint; --overwrite
+    starts afresh."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a") as lock:
-        if fcntl and not try_lock(lock):
-            raise OSError(f"{out} is in use: another train.py is writing to it (give this run another --out-dir)")
-        stale = [p for p in [*out.glob(".ckpt.pt.*.tmp"), *out.glob("cache/*.part")] if fcntl and unused(p)]
+        if fcntl and not locked(lock):
+            raise OSError(f"{out} is in use: another train.py writes there (give this run another --out-dir)")
+        parts = (path for path in out.glob("cache/*.part") if locked(open(path, "rb")))
+        stale = [*out.glob(".ckpt.pt.*.tmp"), *parts] if fcntl else []
         for path in stale:
             path.unlink()
-        if stale:
-            print(f"removed {len(stale)} file(s) a killed run left half-written in {out}", file=sys.stderr)
+            print(f"removed {path}, left half-written by a killed run", file=sys.stderr)
         if cfg.overwrite and not (checkpoint and out.resolve() == Path(cfg.resume).resolve().parent):
             for name in ("ckpt.pt", "log.jsonl"):
                 (out / name).unlink(missing_ok=True)
-        if checkpoint and (path := out / "log.jsonl").exists():
-            kept = [line for line in path.read_text().splitlines() if logged_step(line) <= checkpoint["step"]]
-            path.write_text("".join(line + "\n" for line in kept))
+        if checkpoint and (path := out / "log.jsonl").exists():  # whole records up to the checkpoint's step
+            path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if (
+                step := re.match(r'{"step": (\d+),.*}$', line)) and int(step[1]) <= checkpoint["step"]))
         yield
 
 
-def try_lock(handle):
+def locked(handle):
+    """Take the file's lock, unless a live process holds it."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -274,23 +281,10 @@ def try_lock(handle):
         return False
 
 
-def unused(path):
-    """No live process holds the file (cache writers lock their .part; a checkpoint's .tmp is the run lock's)."""
-    with open(path, "rb") as handle:
-        return path.suffix == ".tmp" or try_lock(handle)
-
-
-def logged_step(line):
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, TypeError, KeyError):
-        return math.inf  # a half-written line
-
-
 def train(task, cfg, rank=0, world=1, device=torch.device("cpu"), checkpoint=None, clock=time.perf_counter):
     """The loop. The batch of step s is fixed by (seed, epoch, s) alone and every micro-batch divides its summed
     loss by the batch's target count, so 1 process equals N processes equals N micro-batches, and a resumed run
-    (`checkpoint`: optimizer, scaler, step, random state; the model is the task's) equals an uninterrupted one.
+    (`checkpoint`: optimizer, scaler, step, random state; the task's model) equals an uninterrupted one.
     `clock` keeps the training time (evaluations left out) for the log and --minutes. Sanity check, one batch
     overfitted: --max-train-samples 64 --batch-size 64 --epochs 300 (the loss must fall towards 0)."""
     if task.num_pairs < cfg.batch_size:
@@ -350,10 +344,11 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu"), checkpoint=Non
             dist.all_reduce(loss_sum := torch.tensor(loss_sum, device=device))
             loss_sum = loss_sum.item()
         seconds = clock() - started - eval_seconds  # this process's training time, evaluations left out
-        if cfg.minutes:  # every step: the steps that fit in the time left, at the step time since the untimed ones
+        if cfg.minutes:  # every step: the steps that fit in the time left, at the mean time of the timed ones
             timed = (seconds, step) if step - first_step == UNTIMED_STEPS else timed
             rate = (step - timed[1]) / (seconds - timed[0]) if timed and seconds > timed[0] else math.inf
-            fits = step if seconds >= budget else min(max_steps, step + int(min((budget - seconds) * rate, 1e12)))
+            more = 0 if seconds >= budget else int(min((budget - seconds) * rate, max_steps))
+            fits = min(max_steps, step + more)
             if world > 1:  # rank 0's clock decides for all
                 dist.broadcast(fits := torch.tensor(fits, device=device), 0)
             total_steps = max(step, int(fits))
@@ -382,30 +377,30 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu"), checkpoint=Non
         if stopping:
             break
     if rank == 0 and step > first_step:
-        print(end_of_run(cfg, step, total_steps, steps_per_epoch, seconds, earlier_seconds, eval_seconds, timed))
+        print(end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, earlier_seconds + seconds,
+                         eval_seconds))
     return model, loss_sum
 
 
-def end_of_run(cfg, step, total_steps, steps_per_epoch, seconds, earlier_seconds, eval_seconds, timed):
-    """What happened, in a line: --stop-after, or the time budget used, or the steps run."""
+def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_seconds):
+    """What happened, in a line: --stop-after, the time budget, or the steps run."""
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.stop_after and step < total_steps:
-        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; --resume {ckpt} continues"
-    used = f"{(earlier_seconds + seconds) / 60:.2f} training minutes (evaluations {eval_seconds / 60:.2f} more)"
-    if not cfg.minutes:
-        return f"trained {step:,} steps in {used}; {ckpt}"
-    per_step = f", {(seconds - timed[0]) / (step - timed[1]):.3f} s a step" if timed and step > timed[1] else ""
-    why = "--epochs ended it first" if step == max(1, round(cfg.epochs * steps_per_epoch)) else "the budget ended it"
-    return (f"--minutes {cfg.minutes:g}: {step:,} steps in {used}{per_step}; {why}; --epochs "
-            f"{step / steps_per_epoch:.6g} --minutes 0 trains as many steps")
+        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; " \
+               f"--resume {ckpt} continues"
+    done = f"{step:,} steps in {used / 60:.2f} training minutes (evaluations {eval_seconds / 60:.2f} more)"
+    why = "--epochs ended it first" if step == max_steps else "the budget ended it"
+    return f"trained {done}; {ckpt}" if not cfg.minutes else (
+        f"--minutes {cfg.minutes:g}: {done}; {why}; --epochs {step / steps_per_epoch:.6g} --minutes 0 trains "
+        "as many steps")
 
 # -----------------------------------------------------------------------------------------------------------------
 # The caption task
 
 
 def no_images(cfg, split, dataset):
-    return (f"none of the {len(dataset.image_ids())} images of the {split} split of --data {cfg.data} can be read "
-            "(each is missing or unreadable)")
+    return (f"none of the {len(dataset.image_ids())} images of the {split} split of --data {cfg.data} can be "
+            "read (each is missing or unreadable)")
 
 
 def words(text):
@@ -449,7 +444,7 @@ def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_si
         size = cfg.image_size if tower is None else tower.config.image_resolution
         shape = (3, size, size) if tower is None else (tower.config.embed_dim,) if not tokens else \
             (tower.config.num_tokens, tower.config.embed_dim)
-        holder = open(part, "wb")  # locked while written: a run starting meanwhile leaves it alone (own_out_dir)
+        holder = open(part, "wb")  # locked while written: a run starting meanwhile leaves it be (own_out_dir)
         if fcntl:
             fcntl.flock(holder, fcntl.LOCK_EX)
         out = np.lib.format.open_memmap(part, "w+", np.uint8 if tower is None else np.float16, (len(ids), *shape))
@@ -457,7 +452,7 @@ def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_si
             images = {row: dataset.load_image(ids[row]) for row in range(start, min(start + batch_size, len(ids)))}
             skipped += [str(ids[row]) for row, image in images.items() if image is None]
             rows = [row for row, image in images.items() if image is not None]
-            pixels = torch.stack([resize_crop(images[r], size) for r in rows]) if rows else None  # CLIP's crop
+            pixels = torch.stack([resize_crop(images[r], size) for r in rows]) if rows else None  # CLIP's
             if rows and tower is None:
                 out[rows] = pixels.numpy()
             elif rows:
@@ -506,20 +501,20 @@ def sincos_positions(grid, width):
 
 def image_tower(cfg, config=None):
     """The frozen CLIP image tower of --clip-weights: a CLIP file of any layout, or a registered name through
-    clip.py's choice of file; when a captioner's `config` (its vision_config) is given, it must be that tower."""
+    clip.py's choice of file; given a captioner's `config` (its vision_config), it must be its tower."""
     if Path(cfg.clip_weights).is_file():
         tower = VisionTransformer.from_state_dict(load_clip_state_dict(cfg.clip_weights), preset=None)
     else:
         tower = CLIP.from_pretrained(cfg.clip_weights, cfg.weights_dir or None, cfg.offline).visual
     if config is not None and dataclasses.asdict(tower.config) != config:
-        raise ValueError(f"--clip-weights {cfg.clip_weights} is not the image tower this captioner was trained on")
+        raise ValueError(f"--clip-weights {cfg.clip_weights} is not the tower this captioner was trained on")
     return tower.requires_grad_(False).eval()
 
 
 def build_caption_model(cfg, checkpoint=None):
-    """(CaptionModel, image tower). A tiny tower trains with the captioner (it is inside the model); a frozen one
-    (image_tower) stays outside it. From a checkpoint every size is the checkpoint's and no file is read (the tower
-    returned is then built from its config: a frozen one's weights come from image_tower)."""
+    """(CaptionModel, image tower). A tiny tower trains with the captioner (it is inside the model); a frozen
+    one (image_tower) stays outside it. From a checkpoint every size is the checkpoint's and no file is read
+    (the tower returned is then built from its config: a frozen one's weights come from image_tower)."""
     if cfg.image_tower == "tiny" or checkpoint:
         tower = VisionTransformer(VisionConfig(**checkpoint["vision_config"]) if checkpoint else VisionConfig(
             cfg.image_size, cfg.vision_layers, cfg.vision_width, cfg.patch_size, cfg.embed_dim))
@@ -543,13 +538,13 @@ def build_caption_model(cfg, checkpoint=None):
 
 
 def rebuild(build, cfg, checkpoint):
-    """build(cfg, checkpoint), after a dry run on the meta device: a checkpoint's configs size nothing until its
-    tensors agree with them (a crafted config cannot make us allocate more than the file holds)."""
+    """build(cfg, checkpoint), after a dry run on the meta device: a checkpoint's configs size nothing until
+    its tensors agree with them (a crafted config cannot make us allocate more than the file holds)."""
     with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # load_state_dict into meta tensors is a no-op: the shapes are checked
+        warnings.simplefilter("ignore")  # load_state_dict into meta tensors copies nothing, checks the shapes
         try:
             build(cfg, checkpoint)
-        except (RuntimeError, TypeError, KeyError, ValueError) as error:  # torch lists every tensor: the first says it
+        except (RuntimeError, TypeError, KeyError, ValueError) as error:  # torch lists each tensor: one tells
             lines = str(error).strip().splitlines()
             raise ValueError(f"the checkpoint's model does not match its config: {lines[-1].strip()}" + (
                 f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")) from None
@@ -557,9 +552,9 @@ def rebuild(build, cfg, checkpoint):
 
 
 def load_captioner(checkpoint, device="cpu", **flags):
-    """A checkpoint of the caption task -> (CaptionModel with its image tower attached, in eval mode; its config).
-    `flags`: this run's own (weights_dir, offline, clip_weights: a frozen tower's file the checkpoint only names)."""
-    cfg = TrainConfig(**{**checkpoint_config(checkpoint, "the captioner"), **flags})
+    """A checkpoint of the caption task -> (CaptionModel with its image tower attached, in eval mode; its
+    config). `flags`: this run's own (weights_dir, offline; clip_weights: a frozen tower's file)."""
+    cfg = TrainConfig(**{**checkpoint_config(checkpoint, "the captioner", flags), **flags})
     model, tower = rebuild(build_caption_model, cfg, checkpoint)
     model.visual = tower if cfg.image_tower == "tiny" else image_tower(cfg, checkpoint["vision_config"])
     return model.to(device).eval(), cfg
@@ -591,7 +586,8 @@ class CaptionTask:
 
     def __init__(self, cfg, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
         self.cfg, self.device, self.tokenizer = cfg, torch.device(device), GPT2Tokenizer.default()
-        self.model, tower = rebuild(build_caption_model, cfg, checkpoint) if checkpoint else build_caption_model(cfg)
+        self.model, tower = rebuild(build_caption_model, cfg, checkpoint) if checkpoint else \
+            build_caption_model(cfg)
         if cfg.image_tower != "tiny" and checkpoint:
             tower = image_tower(cfg, checkpoint["vision_config"])
         frozen = None if cfg.image_tower == "tiny" else tower.to(self.device)
@@ -673,10 +669,11 @@ class GPTHidden(nn.Module):
 
 def text_tokenizer(cfg):
     """Captions -> (B, T) ids for the text encoder, padded with end-of-text as SD pads (its UNet attends to every
-    position), cut to the context: CLIP's BPE (77 tokens for SD's tower, max_caption_tokens + 2 for the tiny one)
-    or GPT-2's. `length` asks for another context (generate.py: was a prompt cut?)."""
+    position), cut to the context: CLIP's BPE (77 tokens for SD's tower, max_caption_tokens + 2 for the tiny
+    one) or GPT-2's. `length` asks for another context (generate.py: was a prompt cut?)."""
     if cfg.text_encoder in ("tiny", "clip"):
-        tokenizer, context = CLIPTokenizer.default(), 77 if cfg.text_encoder == "clip" else cfg.max_caption_tokens + 2
+        context = 77 if cfg.text_encoder == "clip" else cfg.max_caption_tokens + 2
+        tokenizer = CLIPTokenizer.default()
         return lambda texts, length=context: tokenizer.tokenize(texts, length, pad="eot")
     tokenizer, context = GPT2Tokenizer.default(), cfg.max_caption_tokens + 1
 
@@ -741,8 +738,8 @@ def build_diffusion_model(cfg, checkpoint=None):
     sd, root = {}, cfg.weights_dir or None
     if cfg.sd_weights and checkpoint is None:
         if not Path(cfg.sd_weights).is_file() and cfg.sd_weights not in weights.REGISTRY:
-            raise FileNotFoundError(f"--sd-weights {cfg.sd_weights}: no such file, nor a registered name (e.g. "
-                                    f"{PRESETS['diffusion']['sd15']['sd_weights']})")
+            raise FileNotFoundError(f"--sd-weights {cfg.sd_weights}: no such file, nor a registered name "
+                                    f"(e.g. {PRESETS['diffusion']['sd15']['sd_weights']})")
         sd = weights.load_state_dict(cfg.sd_weights if Path(cfg.sd_weights).is_file() else
                                      weights.fetch(cfg.sd_weights, root, cfg.offline))
     saved = checkpoint["text_config"] if checkpoint else None
@@ -840,7 +837,8 @@ class DiffusionTask:
                                   else pairs)
         self.num_pairs = len(self.splits["train"][3]) if "train" in self.splits else 0
         if "train" in self.splits:  # the words its captions use (generate.py warns of a prompt's others)
-            self.extra["caption_words"] = sorted({w for _, text in self.splits["train"][3] for w in words(text)})
+            texts = {text for _, text in self.splits["train"][3]}
+            self.extra["caption_words"] = sorted({word for text in texts for word in words(text)})
 
     def count_targets(self, pair_ids):
         return len(pair_ids)  # the loss is a mean over images
@@ -916,69 +914,72 @@ def read_checkpoint(path, task=None):
     return checkpoint
 
 
-def checkpoint_config(checkpoint, path):
-    """A checkpoint's flags, read as data: TrainConfig's names with its types, none of LOCAL, sizes within BOUNDS.
-    Checkpoints from before the -weights flags read too (--image-tower ViT-B/32, --language-model gpt2-medium)."""
+def checkpoint_config(checkpoint, path, given=()):
+    """A checkpoint's flags, read as data: TrainConfig's names, types and choices, none of LOCAL, sizes within
+    BOUNDS; a frozen tower's file it names (not holds) must be `given` again. Checkpoints from before the
+    -weights flags read too (--image-tower ViT-B/32, --language-model gpt2-medium)."""
     config, types = dict(checkpoint["config"]), {f.name: type(f.default) for f in fields(TrainConfig)}
-    for choice, name, family in (("image_tower", "clip_weights", "clip"), ("language_model", "gpt2_weights", "gpt2"),
-                                 ("text_encoder", "gpt2_weights", "gpt2")):
+    for choice, name, family in (("image_tower", "clip_weights", "clip"),
+                                 ("text_encoder", "gpt2_weights", "gpt2"),
+                                 ("language_model", "gpt2_weights", "gpt2")):
         if name not in config and config.get(choice, "tiny") not in ("tiny", "clip"):
             config[choice], config[name] = family, config[choice]
     config = {k: v for k, v in config.items() if k in types and k not in LOCAL}
     wrong = [k for k, v in config.items() if type(v) is not types[k] and (types[k], type(v)) != (float, int)]
     wrong += [k for k, bound in BOUNDS.items() if k in config and not 0 <= config[k] <= bound]
+    wrong += [f.name for f in fields(TrainConfig) if f.metadata["choices"] and config.get(f.name, f.default)
+              not in f.metadata["choices"]]
     if wrong:
         raise ValueError(f"{path}: its config holds values of the wrong type or size: {sorted(wrong)}")
+    if config.get("image_tower") == "clip" and config["clip_weights"] != TrainConfig.clip_weights and \
+            "clip_weights" not in given:
+        raise FileNotFoundError(f"{path}'s frozen image tower is the file {config['clip_weights']}, which it "
+                                "does not hold: give it as --clip-weights")
     return config
 
 
 def config_error(cfg):
     """The first thing wrong with a configuration, or None."""
     for bad, message in [
-            (cfg.precision not in ("fp32", "bf16", "fp16", "auto"), "--precision must be auto, fp32, bf16 or fp16"),
-            (min(cfg.batch_size, cfg.grad_accum, cfg.prefix_length, cfg.eval_every, cfg.log_every, cfg.num_beams) < 1,
-             "--batch-size, --grad-accum, --prefix-length, --eval-every, --log-every, --num-beams must be >= 1"),
+            (min(cfg.batch_size, cfg.grad_accum, cfg.prefix_length, cfg.eval_every, cfg.log_every,
+                 cfg.num_beams) < 1,
+             "--batch-size, --grad-accum, --prefix-length, --eval-every, --log-every, --num-beams must be "
+             ">= 1"),
             (cfg.lr <= 0 or cfg.epochs <= 0 or min(cfg.warmup_steps, cfg.minutes, cfg.stop_after) < 0,
              "--lr, --epochs must be > 0, --warmup-steps, --minutes, --stop-after >= 0"),
-            (cfg.mapping_type not in ("mlp", "transformer", "tokens"),
-             "--mapping-type must be mlp, transformer or tokens"),
-            ((cfg.image_tower, cfg.language_model, cfg.text_encoder, cfg.unet) not in
-             [(a, b, c, d) for a in ("tiny", "clip") for b in ("tiny", "gpt2") for c in ("tiny", "clip", "gpt2")
-              for d in ("tiny", "sd15")], "--image-tower is tiny or clip, --language-model tiny or gpt2, "
-             "--text-encoder tiny, clip or gpt2, --unet tiny or sd15 (the weights: --clip-weights, --gpt2-weights, "
-             "--sd-weights)"),
             (cfg.closed_vocab and cfg.language_model != "tiny", "--closed-vocab needs --language-model tiny"),
-            (cfg.image_tower == "tiny" and cfg.image_size % cfg.patch_size, "--patch-size must divide --image-size"),
-            (cfg.schedule not in ddpm.PRESETS or cfg.sampler not in ddpm.SAMPLERS or cfg.parameterization not in
-             ("eps", "v"), f"--schedule must be one of {list(ddpm.PRESETS)}, --sampler of {ddpm.SAMPLERS}, "
-             "--parameterization eps or v"),
+            (cfg.image_tower == "tiny" and cfg.image_size % cfg.patch_size,
+             "--patch-size must divide --image-size"),
             (not cfg.sd_weights and (cfg.latent or cfg.text_encoder == "clip" or cfg.unet == "sd15"),
              "--latent, --text-encoder clip and --unet sd15 need --sd-weights (an SD 1.x file)"),
-            (cfg.data not in ("shapes", "coco", "karpathy", "folder", "cifar100") or cfg.split not in ("val", "test"),
-             "--data must be shapes, coco, karpathy, folder or cifar100, and --split val or test"),
-            (cfg.split == "test" and cfg.data in data.NO_TEST_SPLIT, f"--split test: {data.NO_TEST_SPLIT.get(cfg.data)}"),
-            (cfg.data == "folder" and not cfg.data_root, "--data folder needs --data-root DIR (images, captions file)"),
+            (cfg.split == "test" and cfg.data in data.NO_TEST_SPLIT,
+             f"--split test: {data.NO_TEST_SPLIT.get(cfg.data)}"),
+            (cfg.data == "folder" and not cfg.data_root,
+             "--data folder needs --data-root DIR (images, captions file)"),
             (cfg.offline and cfg.download, "--offline never downloads: leave out --download")]:
         if bad:
             return message
 
 
-EVAL_FLAGS = LOCAL | {"data", "split", "num_beams", "max_val_samples", "max_caption_tokens", "num_judged", "sampler",
-                      "sampling_steps", "guidance_scale", "clip_weights"}
+EVAL_FLAGS = LOCAL | {"data", "split", "num_beams", "max_val_samples", "max_caption_tokens", "num_judged",
+                      "sampler", "sampling_steps", "guidance_scale", "clip_weights"}
 
 
 def parse_config(argv=None):
-    """Flags from TrainConfig's fields -> (config, the flags given, the checkpoint of --resume or --eval). Precedence:
-    defaults < preset < --smoke-test < the checkpoint's config (never its LOCAL flags) < the flags given."""
+    """Flags from TrainConfig's fields -> (config, the flags given, the checkpoint of --resume or --eval).
+    Precedence: defaults < preset < --smoke-test < the checkpoint's config (never its LOCAL flags) < the flags
+    given; --help shows each default and what every preset sets."""
     presets = "\n".join(textwrap.fill(f"--task {t} --preset {p}: " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in values.items()), 110, initial_indent="  ", subsequent_indent="    ")
-        for t in PRESETS for p, values in PRESETS[t].items())
-    parser = Parser(description="Train minimodal's models: --task caption (ClipCap) or diffusion.", epilog=(
-        f"presets (the flags each one sets):\n{presets}"), formatter_class=argparse.RawDescriptionHelpFormatter)
+        f"--{k.replace('_', '-')} {v}" for k, v in values.items()), 110, initial_indent="  ",
+        subsequent_indent="    ") for t in PRESETS for p, values in PRESETS[t].items())
+    parser = Parser(description="Train minimodal's models: --task caption (ClipCap) or diffusion.",
+                    epilog=f"presets (the flags each one sets):\n{presets}",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else dict(type=type(f.default))
+        kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
+            dict(type=type(f.default), choices=f.metadata["choices"])
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
-                            help=f"{f.metadata['help']} (default: {f.default if f.default != '' else 'none'})")
+                            help=f"{f.metadata['help']} (default: {f.default if f.default != '' else '-'})")
     given = vars(parser.parse_args(argv))
     path, checkpoint, stored = given.get("resume") or given.get("eval"), None, {}
     if given.get("resume") and given.get("eval"):
@@ -987,53 +988,55 @@ def parse_config(argv=None):
         if not Path(path).is_file():
             parser.error(f"no such checkpoint: {path}")
         checkpoint = read_checkpoint(path)
-        stored = checkpoint_config(checkpoint, path)
+        stored = checkpoint_config(checkpoint, path, given)
         not_for_eval = sorted(set(given) - EVAL_FLAGS) if given.get("eval") else []
         if not_for_eval or given.get("task", stored["task"]) != stored["task"]:
-            parser.error(f"{path} is a --task {stored['task']} checkpoint, scored as it was trained: "
-                         + ", ".join("--" + k.replace("_", "-") for k in not_for_eval or ["task"]) + " do not apply")
-        if stored.get("image_tower") == "clip" and stored["clip_weights"] != TrainConfig.clip_weights and \
-                "clip_weights" not in given:  # a file the checkpoint names but does not hold
-            parser.error(f"{path}'s frozen image tower is the file {stored['clip_weights']}: give it as --clip-weights")
+            flags = ", ".join("--" + k.replace("_", "-") for k in not_for_eval or ["task"])
+            parser.error(f"{path} is a --task {stored['task']} checkpoint, scored as it was trained: {flags} "
+                         "do not apply")
         given.setdefault("out_dir", str(Path(path).parent))  # the checkpoint's own folder, never one it names
-    task, preset = stored.get("task", given.get("task", "caption")), stored.get("preset", given.get("preset", "shapes"))
+    task = stored.get("task", given.get("task", TrainConfig.task))
+    preset = stored.get("preset", given.get("preset", TrainConfig.preset))
     if preset not in PRESETS.get(task, {}):
         parser.error(f"--task/--preset must be one of {[(t, p) for t in PRESETS for p in PRESETS[t]]}")
-    cfg = TrainConfig(**{**PRESETS[task][preset], **(SMOKE_TEST if given.get("smoke_test") else {}), **stored, **given})
+    smoke_test = SMOKE_TEST if given.get("smoke_test") else {}
+    cfg = TrainConfig(**{**PRESETS[task][preset], **smoke_test, **stored, **given})
     if message := config_error(cfg):
         parser.error(message)
-    held = [name for name in ("ckpt.pt", "log.jsonl") if (Path(cfg.out_dir) / name).exists()]
-    if held and not cfg.eval and not cfg.overwrite and Path(cfg.out_dir).resolve() != Path(path or ".").resolve().parent:
-        parser.error(f"{cfg.out_dir} holds a run ({', '.join(held)}): " + (
-            f"--resume {Path(cfg.out_dir) / 'ckpt.pt'} continues it, " if "ckpt.pt" in held else "") +
-            "another --out-dir starts a new one, --overwrite replaces it")
+    out = Path(cfg.out_dir)  # a new run never replaces a run's checkpoint and log, unless told to
+    held = [name for name in ("ckpt.pt", "log.jsonl") if (out / name).exists()]
+    if held and not (cfg.eval or cfg.overwrite or out.resolve() == Path(path or ".").resolve().parent):
+        resume = f"--resume {out / 'ckpt.pt'} continues it, " if "ckpt.pt" in held else ""
+        parser.error(f"{out} holds a run ({', '.join(held)}): {resume}another --out-dir starts a new one, "
+                     "--overwrite replaces it")
     return cfg, given, checkpoint
 
 
 def evaluate_checkpoint(cfg, checkpoint):
-    """Score a checkpoint on one split: a captioner's BLEU-1..4 and CIDEr-D, with the split, decoding and training
-    behind them; a text-to-image model's validation loss and samples, and with --judge its prompts read back."""
-    Task = DiffusionTask if checkpoint["task"] == "diffusion" else CaptionTask
-    task = Task(cfg, device=cfg.device, splits=(cfg.split,), checkpoint=checkpoint)
+    """Score a checkpoint on one split: a captioner's BLEU-1..4 and CIDEr-D, with the split, decoding and
+    training behind them; a text-to-image model's validation loss and samples, and with --judge its prompts
+    read back."""
+    diffusion = checkpoint["task"] == "diffusion"
+    task = (DiffusionTask if diffusion else CaptionTask)(cfg, device=cfg.device, splits=(cfg.split,),
+                                                          checkpoint=checkpoint)
     metrics = task.evaluate(task.model.to(cfg.device), cfg.split)
+    beams = "greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams"
     print(f"checkpoint {cfg.eval}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
-          f"{cfg.preset}" + (f") | split {cfg.split} | sampler {cfg.sampler}, {cfg.sampling_steps} steps, guidance "
-                             f"{cfg.guidance_scale:g}\n" + "  ".join(f"{k} {v}" for k, v in metrics.items())
-                             if Task is DiffusionTask else ""))
-    if Task is DiffusionTask:
-        return metrics
-    decoding = "greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams"
-    print(f"  {cfg.mapping_type} mapper, GPT-2 {'frozen' if cfg.freeze_gpt else 'trained'})\n"
-          f"split: {cfg.data} {cfg.split}, {len(task.splits[cfg.split][3])} images | decoding: {decoding}, at most "
-          f"{cfg.max_caption_tokens} tokens\n" + "  ".join(f"{k} {v * 100:.1f}" if k != "val_loss" else f"{k} {v}"
-                                                       for k, v in metrics.items()))
-    print(f"compare with: {clipcap_row(cfg)}")
+          f"{cfg.preset}" + ("" if diffusion else f", {cfg.mapping_type} mapper, GPT-2 "
+                             f"{'frozen' if cfg.freeze_gpt else 'trained'}") + ")\n"
+          f"split: {cfg.data} {cfg.split}, {len(task.splits[cfg.split][0].image_ids())} images | " + (
+              f"sampler {cfg.sampler}, {cfg.sampling_steps} steps, guidance {cfg.guidance_scale:g}"
+              if diffusion else f"decoding: {beams}, at most {cfg.max_caption_tokens} tokens") + "\n" +
+          "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}"
+                    for k, v in metrics.items()))
+    if not diffusion:
+        print(f"compare with: {clipcap_row(cfg)}")
     return metrics
 
 
 def main(argv=None):
-    """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit with 2
-    for a usage problem (a flag, a missing file or folder) or 1 for a failure."""
+    """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit
+    with 2 for a usage problem (a flag, a missing file or folder) or 1 for a failure."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return run(argv)
@@ -1048,18 +1051,20 @@ def run(argv):
     cfg, given, checkpoint = parse_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # the one seed: initialisation (equal on every rank); data order derives from it
+    torch.manual_seed(cfg.seed)  # the one seed: initialisation (equal on every rank); data order follows
     if cfg.eval:
         return evaluate_checkpoint(cfg, checkpoint)
     rank, world, device = setup_distributed(cfg)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must divide by processes ({world}) x --grad-accum")
     with own_out_dir(cfg, checkpoint) if rank == 0 else contextlib.nullcontext():
-        task = (DiffusionTask if cfg.task == "diffusion" else CaptionTask)(cfg, rank, world, device, checkpoint=checkpoint)
+        Task = DiffusionTask if cfg.task == "diffusion" else CaptionTask
+        task = Task(cfg, rank, world, device, checkpoint=checkpoint)
         if rank == 0:
-            counts = [sum(p.numel() for p in task.model.parameters() if p.requires_grad == t) for t in (True, False)]
+            trained, frozen = (sum(p.numel() for p in task.model.parameters() if p.requires_grad == t)
+                               for t in (True, False))
             print(json.dumps(dataclasses.asdict(cfg)))
-            print(f"{task.num_pairs:,} training pairs; parameters: {counts[0]:,} trained, {counts[1]:,} frozen")
+            print(f"{task.num_pairs:,} training pairs; parameters: {trained:,} trained, {frozen:,} frozen")
         result = train(task, cfg, rank, world, device, checkpoint)
     if world > 1:
         dist.destroy_process_group()

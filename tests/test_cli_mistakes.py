@@ -210,7 +210,7 @@ def test_generate_init_images_bounded(home):
     one_line(bomb, 1, "generate.py: error: --init-image: cannot read image bomb.png: DecompressionBombError: Image "
              "size (400000000 pixels) exceeds limit")
     one_line(large, 1, "--init-image: cannot use image large.png: 12000x12000 pixels, more than 1,048,576 (--width "
-             "and --height resize it; SD 1.5 draws 512x512)")
+             "and --height resize it; SD 1.5: 512x512)")
     one_line(fifo, 1, "--init-image: cannot read image fifo.png: not a regular file")
 
 
@@ -257,10 +257,11 @@ def test_train_usage_mistakes_and_missing_data(home):
              "--download")
     one_line(results[4], 2, "train.py: error: no captions file in empty: expected one of")
     one_line(results[5], 2, "train.py: error: argument --epochs: invalid float value: 'x'")
-    one_line(results[6], 2, "--image-tower is tiny or clip, --language-model tiny or gpt2")
+    one_line(results[6], 2, "train.py: error: argument --image-tower: invalid choice: 'ViT-B/32' (choose from "
+             "'tiny', 'clip')")
     help_text = run_script(home, "train.py", "--help").stdout
     assert "(default: 64)" in help_text and "--task diffusion --preset sd15: --data folder" in help_text
-    assert "--precision PRECISION" in help_text and "--sampling-steps" in help_text
+    assert "--precision {auto,fp32,bf16,fp16}" in help_text and "--sampling-steps" in help_text
 
 
 def test_train_presets_without_weights_say_what_to_fetch(home):
@@ -358,7 +359,8 @@ def test_resume_writes_only_where_the_user_says_and_cleans_up(home):
         holder.kill()
         holder.wait()
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "removed 2 file(s) a killed run left half-written in copy" in resumed.stderr
+    assert resumed.stderr.count("left half-written by a killed run") == 2
+    assert "removed copy/cache/pixels-abc.npy.part, left half-written by a killed run" in resumed.stderr
     assert held.exists() and not (root / "copy/.ckpt.pt.x1y2z3.tmp").exists()
     assert log_steps(root / "copy/log.jsonl") == [1, 2, 3, 4, 5, 6]  # 3 and 4 once: their first logging dropped
     assert weights.load_checkpoint(root / "copy/ckpt.pt")["step"] == 6
