@@ -186,6 +186,15 @@ def test_tokens_mapper_caches_every_token_and_captions(fixture, tmp_path, capsys
                    str(fixture / "tower.pt")])
     file, text = capsys.readouterr().out.rstrip("\n").split("\t")
     assert file == str(image) and "<|endoftext|>" not in text
+    # a checkpoint from before the -weights flags (--image-tower FILE, --debug) reads the same
+    checkpoint = weights.load_checkpoint(tmp_path / "ckpt.pt")
+    config = {k: v for k, v in checkpoint["config"].items() if k not in (
+        "clip_weights", "gpt2_weights", "smoke_test", "overwrite", "weights_dir", "offline", "traceback")}
+    checkpoint["config"] = {**config, "image_tower": str(fixture / "tower.pt"), "debug": False}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    generate.main([str(image), "--ckpt", str(tmp_path / "old.pt"), "--device", "cpu", "--clip-weights",
+                   str(fixture / "tower.pt")])
+    assert capsys.readouterr().out.rstrip("\n").split("\t") == [file, text]
 
 
 def test_ddp_two_cpu_processes_equal_one(fixture, tmp_path):
