@@ -192,8 +192,9 @@ def draw(args, prompts, checkpoint):
     if args.init_image:
         try:
             init_image = load_image(args.init_image, args.width, args.height)
-        except ValueError as error:
-            hint = "" if args.width and args.height else " (--width and --height resize it; SD 1.5: 512x512)"
+        except ValueError as error:  # too large to draw at its own size: say how to resize it
+            large = "pixels, more than" in str(error)
+            hint = " (--width and --height resize it; SD 1.5: 512x512)" if large else ""
             raise ValueError(f"--init-image: {error}{hint}") from None
     width = init_image.shape[2] if init_image is not None else args.width or 512
     height = init_image.shape[1] if init_image is not None else args.height or 512

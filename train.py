@@ -905,7 +905,8 @@ def read_checkpoint(path, task=None):
     try:
         checkpoint = weights.load_checkpoint(path)
     except Exception as error:  # truncated, not a checkpoint, unsafe: whatever the reader found
-        raise ValueError(f"{path} is not a readable checkpoint: {error}") from None
+        reason = str(error).removeprefix(f"{path}: ")
+        raise ValueError(f"{path} is not a readable checkpoint: {reason}") from None
     kind = checkpoint.get("task") if isinstance(checkpoint, dict) else None
     if kind not in PRESETS or not isinstance(checkpoint.get("config"), dict) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint of train.py")
