@@ -280,14 +280,15 @@ def classify(model, tokenizer, images, labels):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Zero-shot image classification with CLIP ViT-B/32.")
+    parser = argparse.ArgumentParser(description="Zero-shot image classification with CLIP ViT-B/32.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("image", help="an image file (any format and mode Pillow reads)")
     parser.add_argument("labels", nargs="+", help='candidate labels, e.g. "a dog" "a cat"')
-    parser.add_argument("--weights", default="ViT-B/32",
-                        help="ViT-B/32 (fetched through weights/) or a checkpoint path: ViT-B-32.pt, "
-                             "open_clip_model.safetensors or a Hugging Face CLIPModel file")
-    parser.add_argument("--weights-dir", default=None, help="where official weights live (default: weights/ "
-                        "or $MINIMODAL_WEIGHTS)")
+    parser.add_argument("--clip-weights", dest="weights", default="ViT-B/32",
+                        help="CLIP weights: ViT-B/32 (fetched: open_clip_model.safetensors, else ViT-B-32.pt) or a "
+                             "file: ViT-B-32.pt, open_clip_model.safetensors or a Hugging Face CLIPModel file")
+    parser.add_argument("--weights-dir", help="where official weights live (none: $MINIMODAL_WEIGHTS, else "
+                        "weights/)")
     parser.add_argument("--offline", action="store_true", help="never download; fail if the file is missing")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     args = parser.parse_args()
@@ -296,7 +297,7 @@ def main():
     except RuntimeError as e:
         parser.error(f"--device: {e}")
     if args.weights not in REGISTRY_NAMES and not Path(args.weights).is_file():
-        parser.error(f"--weights: {args.weights} is neither a preset ({', '.join(REGISTRY_NAMES)}) nor a file")
+        parser.error(f"--clip-weights: {args.weights} is neither a preset ({', '.join(REGISTRY_NAMES)}) nor a file")
 
     from tokenizer import CLIPTokenizer
     try:

@@ -4,7 +4,8 @@ Every dataset speaks one interface: `ds[i] -> (RGB PIL image, caption, image_id)
 images, for the CLIP feature cache), `ds.load_image(image_id)`, `ds.references()` (image_id -> its captions).
 1. shapes: a synthetic, deterministic, offline set drawn on the fly, the measuring stick of the offline tour.
 2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, the Flickr8k tutorials'
-   descriptions.txt, any folder of images with a captions file, CIFAR-100 (Krizhevsky 2009).
+   descriptions.txt, any folder of images with a captions file, CIFAR-100 (Krizhevsky 2009); `open_split`
+   picks one split of any of them (train, val, and test where the dataset has one).
 3. Scoring captions: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), equal to the
    COCO caption evaluation code (github.com/tylin/coco-caption, pip pycocoevalcap).
 """
@@ -16,6 +17,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import tarfile
 import zipfile
@@ -27,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import weights
+from vit import ImageReadError, open_image, to_rgb
 
 # -----------------------------------------------------------------------------
 # 1. shapes
@@ -140,12 +143,13 @@ def draw_shapes(scene, image_size=32, supersample=4):
 
 class ShapesDataset:
     """n scenes drawn on the fly; item i is the same on every call and machine: its own random stream, seeded
-    by the string "shapes/{split}/{seed}/{i}" (hashed with SHA-512). The splits are disjoint as scenes and share
-    captions (all 70 single-object ones); rarely two scenes draw the same pixels (1 in 1,500 at 32 x 32)."""
+    by the string "shapes/{split}/{seed}/{i}" (hashed with SHA-512). The three splits (train, val, test) are
+    disjoint as scenes and share captions (all 70 single-object ones); rarely two scenes draw the same pixels
+    (1 in 1,500 at 32 x 32)."""
 
     def __init__(self, n, image_size=32, seed=0, max_objects=2, split="train"):
-        if split not in ("train", "val") or max_objects not in (1, 2):
-            raise ValueError(f"split must be 'train' or 'val' and max_objects 1 or 2, got {split!r}, {max_objects}")
+        if split not in ("train", "val", "test") or max_objects not in (1, 2):
+            raise ValueError(f"split must be train, val or test and max_objects 1 or 2, got {split!r}, {max_objects}")
         self.n, self.image_size, self.seed, self.max_objects, self.split = n, image_size, seed, max_objects, split
         self.skipped = set()  # drawn images are never bad; kept for the common interface
 
@@ -185,6 +189,11 @@ COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served, md5 
     "val2017": ("zips/val2017.zip", 815585330, "442b8da7639aecaf257c1dceb8ba8c80")}
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5, CIFAR100_SIZE = "eb9058c3a382ffc7106e4002c42a8d85", 169001437  # md5 from the authors' page
+# Karpathy & Fei-Fei 2015's splits of COCO, Flickr8k and Flickr30k (dataset_coco.json, ...), from Karpathy's page
+KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+NO_TEST_SPLIT = {  # the datasets that have no test captions, and what to do instead
+    "coco": "COCO 2017 publishes no test captions: score --split val, or use --data karpathy (its 5,000 test images)",
+    "folder": "an image folder is split into train and val only (5% of its images held out): score --split val"}
 
 
 def data_dir(root=None):
@@ -219,17 +228,16 @@ class CaptionPairs:
         return references
 
     def open_image(self, image_id):
-        with Image.open(self.files[image_id]) as image:
-            return image.convert("RGB")  # convert() decodes every byte: a truncated file fails here, not later
+        return to_rgb(open_image(self.files[image_id]))  # vit.py's opener: one error, ImageReadError
 
     def load_image(self, image_id):
         if image_id in self.skipped:
             return None
         try:
             return self.open_image(image_id)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except ImageReadError as error:
             self.skipped.add(image_id)
-            print(f"skipping bad image {self.files.get(image_id, image_id)}: {error}", file=sys.stderr)
+            print(f"skipping bad image: {error}", file=sys.stderr)
             return None
 
     def report_skipped(self):
@@ -278,10 +286,26 @@ def coco_captions(root=None, split="train", download=False):
     return CaptionPairs([(a["image_id"], a["caption"].strip()) for a in index["annotations"]], files)
 
 
+def fetch_karpathy(root):
+    """--download for Karpathy's splits: the COCO 2017 images (the 2014 train and val images, renamed) and
+    dataset_coco.json out of Karpathy's caption_datasets.zip, each once."""
+    for name in ("train2017", "val2017"):
+        _download_and_unpack(name, root)
+    if not (target := root / "dataset_coco.json").exists():
+        archive = weights.download(KARPATHY_URL, root / Path(KARPATHY_URL).name)
+        with zipfile.ZipFile(archive) as zf, zf.open("dataset_coco.json") as src, \
+                open(part := target.with_name(target.name + ".part"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(part, target)
+
+
 def karpathy_coco(karpathy_json, image_root, split="train"):
     """Karpathy's splits (dataset_coco.json), "train" with "restval" as ClipCap and most papers use it. An
     image is filepath/filename (2014 names), else train2017/ or val2017/{cocoid:012d}.jpg (its 2017 name)."""
     splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",), "restval": ("restval",)}[split]
+    if not Path(karpathy_json).is_file():
+        raise FileNotFoundError(f"{karpathy_json} not found: Karpathy's split file is dataset_coco.json in "
+                                f"{KARPATHY_URL} (unzip it there), or pass --download")
     image_root, pairs, files = Path(image_root), [], {}
     for image in [i for i in json.loads(Path(karpathy_json).read_text())["images"] if i["split"] in splits]:
         image_id = image.get("cocoid", image["filename"])
@@ -323,7 +347,7 @@ def image_folder(root, captions_file=None):
     """A folder of images and a captions file (by default its captions.jsonl, .csv, .txt or descriptions.txt).
     Image names without a suffix get the one found on disk."""
     root, found = Path(root), ("captions.jsonl", "captions.csv", "captions.txt", "descriptions.txt")
-    captions_file = captions_file or next((root / name for name in found if (root / name).exists()), None)
+    captions_file = captions_file or next((root / name for name in found if (root / name).is_file()), None)
     if captions_file is None:
         raise FileNotFoundError(f"no captions file in {root}: expected one of {found}")
     pairs, files = read_captions_file(captions_file), {}
@@ -357,6 +381,35 @@ class CIFAR100Captions(CaptionPairs):
 
     def open_image(self, image_id):
         return Image.fromarray(self.images[image_id], "RGB")
+
+
+def open_split(name, split, root=None, download=False, image_size=32, seed=0, max_images=0):
+    """One split (train, val or test) of dataset `name`: shapes, coco, karpathy, folder or cifar100. Splits never
+    share an image. Shapes draws max_images images (0: 96,000 for train, 500 else) from the split's own stream; a
+    val or test split of the others keeps its first max_images images (0: all) with all their captions. CIFAR-100's
+    val is 5,000 images held out of its training set (its test set stays the test); a folder holds out 5% as val."""
+    if split == "test" and name in NO_TEST_SPLIT:
+        raise ValueError(NO_TEST_SPLIT[name])
+    if (root is None and name == "folder") or (root is not None and not download and not Path(root).is_dir()):
+        raise FileNotFoundError(f"--data-root {root}: no such folder" if root else
+                                "--data folder needs --data-root DIR: a folder of images with a captions file")
+    if name == "shapes":
+        return ShapesDataset(max_images or (96_000 if split == "train" else 500), image_size, seed, split=split)
+    if name == "coco":
+        dataset = coco_captions(root, split, download)
+    elif name == "karpathy":
+        root = Path(root or data_dir() / "coco")
+        if download:
+            fetch_karpathy(root)
+        dataset = karpathy_coco(root / "dataset_coco.json", root, split)
+    elif name == "cifar100":
+        dataset = CIFAR100Captions(root, "test" if split == "test" else "train", download)
+        dataset = dataset if split == "test" else dataset.split_by_image(0.1, seed=0)[split == "val"]
+    elif name == "folder":
+        dataset = image_folder(root).split_by_image(0.05, seed=0)[split == "val"]
+    else:
+        raise ValueError(f"unknown dataset {name!r}: shapes, coco, karpathy, folder or cifar100")
+    return dataset.subset(dataset.image_ids()[:max_images]) if split != "train" and max_images else dataset
 
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     python generate.py "a cat wearing a space suit on Mars"
     python generate.py "a watercolor fox" --init-image photo.jpg --strength 0.6 --seed 7
-    python generate.py --prompt-file prompts.txt --num-images 4 --sampler dpm++2m --steps 25
+    python generate.py --prompt-file prompts.txt --num-images 4 --sampler dpm++2m --sampling-steps 25
 
 The pipeline is the one of Rombach et al. 2022 (arXiv:2112.10752) as diffusers' StableDiffusionPipeline and
 StableDiffusionImg2ImgPipeline run it: CLIP ViT-L/14 text features of prompt and negative prompt (clip.py),
@@ -16,6 +16,8 @@ Image files, folders and globs get captions from a captioner of train.py --task 
     python generate.py photo.jpg holiday/ "shots/*.png" --ckpt runs/caption/ckpt.pt [--json]
 Prompts get images from a text-to-image model of train.py --task diffusion, with the same flags as SD:
     python generate.py "a large red circle" --ckpt runs/diffusion/ckpt.pt --num-images 4 --rerank 8
+An input is an image input when it is an existing image file, an existing folder (its images), or a glob with
+magic characters (* ? [) that matches image files; anything else is a prompt (--prompt TEXT: always one).
 """
 import argparse
 import glob
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -36,11 +39,13 @@ from clip import CLIPTextTransformer
 from tokenizer import CLIPTokenizer
 from unet import UNetModel
 from vae import AutoencoderKL
+from vit import open_image, to_rgb
 
 DEFAULT_WEIGHTS = "sd15/v1-5-pruned-emaonly.safetensors"
 SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size (SD draws 512x512; 12000x12000: 4 GB)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt -> image: the Stable Diffusion pipeline
@@ -107,12 +112,9 @@ class StableDiffusion:
 
 def load_image(path, width=None, height=None):
     """An image file -> (3, H, W) in [-1, 1], resized with Lanczos to width x height (default: its own size
-    rounded down to multiples of 8), as diffusers' VaeImageProcessor prepares it."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError) as error:  # missing, truncated, not an image
-        raise ValueError(f"cannot read image {path}: {error}") from None
+    rounded down to multiples of 8, up to MAX_INIT_PIXELS), as diffusers' VaeImageProcessor prepares it.
+    vit.py opens it (one error, ImageReadError) and composites transparency on white."""
+    image = to_rgb(open_image(path, None if width and height else MAX_INIT_PIXELS))
     width, height = width or image.width // 8 * 8, height or image.height // 8 * 8
     if width < 8 or height < 8:
         raise ValueError(f"image {path} is {image.width}x{image.height}: too small (at least 8x8)")
@@ -159,42 +161,45 @@ def image_grid(images):
 
 
 def pick_device(name):
+    """A torch device, or None when this machine has no such device."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return None
     if (device.type == "cuda" and not torch.cuda.is_available()) or \
             (device.type == "mps" and not torch.backends.mps.is_available()):
-        sys.exit(f"error: --device {name}: this machine has no such device")
+        return None
     return device
 
 
 def resolve_weights(args):
-    """--weights as a file path, else as a registry name fetched into --weights-dir (downloaded on first use)."""
-    if Path(args.weights).is_file():
-        return Path(args.weights)
-    if args.weights not in weights.REGISTRY:
-        sys.exit(f"error: --weights {args.weights}: no such file, and not a registered name "
-                 f"(e.g. {DEFAULT_WEIGHTS})")
-    try:
-        return weights.fetch(args.weights, root=args.weights_dir, offline=args.offline)
-    except weights.WeightsUnavailable as error:
-        sys.exit(f"error: Stable Diffusion weights unavailable: {error}")
+    """--sd-weights as a file path, else as a registry name fetched into --weights-dir (on first use)."""
+    if Path(args.sd_weights).is_file():
+        return Path(args.sd_weights)
+    if args.sd_weights not in weights.REGISTRY:
+        raise FileNotFoundError(f"--sd-weights {args.sd_weights}: no such file, and not a registered name "
+                                f"(e.g. {DEFAULT_WEIGHTS})")
+    return weights.fetch(args.sd_weights, root=args.weights_dir, offline=args.offline)
 
 
-def draw(args, prompts):
+def draw(args, prompts, checkpoint):
     """Prompt -> image files: one image per (prompt, seed), seeds counting up from --seed over all images."""
-    device, dtype = pick_device(args.device), args.dtype
-    dtype = DTYPES[dtype] if dtype != "auto" else (torch.float32 if device.type == "cpu" else torch.float16)
+    device = pick_device(args.device)
+    dtype = PRECISIONS.get(args.precision, torch.float32 if device.type == "cpu" else torch.float16)  # auto
     init_image = None
     if args.init_image:
         try:
             init_image = load_image(args.init_image, args.width, args.height)
-        except ValueError as error:
-            sys.exit(f"error: --init-image: {error}")
+        except ValueError as error:  # too large to draw at its own size: say how to resize it
+            large = "pixels, more than" in str(error)
+            hint = " (--width and --height resize it; SD 1.5: 512x512)" if large else ""
+            raise ValueError(f"--init-image: {error}{hint}") from None
     width = init_image.shape[2] if init_image is not None else args.width or 512
     height = init_image.shape[1] if init_image is not None else args.height or 512
-    if args.ckpt:  # a text-to-image model of train.py
-        pipe, path, width = trained_pipeline(args, device, dtype)
+    if checkpoint:  # a text-to-image model of train.py
+        pipe, path, width = trained_pipeline(args, checkpoint, prompts, device, dtype)
         height = width
     else:
         path = resolve_weights(args)
@@ -202,7 +207,7 @@ def draw(args, prompts):
         try:
             pipe = StableDiffusion.from_single_file(path, device, dtype)
         except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD 1.x, truncated, unsafe
-            sys.exit(f"error: {path} is not a usable Stable Diffusion 1.x checkpoint: {error}")
+            raise ValueError(f"{path} is not a usable Stable Diffusion 1.x checkpoint: {error}") from None
         pipe.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
         for prompt in prompts + [args.negative_prompt]:
             if len(pipe.tokenizer.encode(prompt)) + 2 > 77:  # what diffusers warns about, too
@@ -221,16 +226,16 @@ def draw(args, prompts):
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         images = pipe([p for p, _ in batch], [s for _, s in batch], [args.negative_prompt] * len(batch),
-                      args.sampler, args.steps, args.guidance_scale, args.eta, height, width, init_image,
-                      args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
+                      args.sampler, args.sampling_steps, args.guidance_scale, args.eta, height, width,
+                      init_image, args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
         for (prompt, image_seed), image in zip(batch, to_pil(images)):
             candidates.append((score(image, prompt) if score else 0.0, image_seed, image))
             if len(candidates) < args.rerank:
                 continue
             _, image_seed, image = max(candidates, key=lambda c: c[0])  # the best by CLIP, else the only one
             candidates = []
-            text = parameters_text(prompt, args.negative_prompt, args.steps, args.sampler, args.guidance_scale,
-                                   image_seed, width, height, path.stem, strength,
+            text = parameters_text(prompt, args.negative_prompt, args.sampling_steps, args.sampler,
+                                   args.guidance_scale, image_seed, width, height, path.stem, strength,
                                    args.eta if args.sampler == "ddim" else 0.0)
             made.append((out_dir / f"{first + len(made):05d}-{image_seed}.png", image, text))
             save_png(image, made[-1][0], text)
@@ -243,21 +248,25 @@ def draw(args, prompts):
     return saved
 
 
-def trained_pipeline(args, device, dtype):
-    """A text-to-image checkpoint of train.py as a pipeline called like StableDiffusion: (pipe, path, image size)."""
-    from train import load_text_to_image
-    try:
-        model, cfg, tokenize = load_text_to_image(args.ckpt, device)
-    except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:
-        sys.exit(f"error: --ckpt {args.ckpt}: {error}")
-    if args.init_image or {args.width, args.height} - {None, cfg.image_size}:
-        sys.exit(f"error: {args.ckpt} draws {cfg.image_size}x{cfg.image_size} images from noise only (no "
-                 "--init-image, and --width/--height only at that size)")
+def trained_pipeline(args, checkpoint, prompts, device, dtype):
+    """A text-to-image checkpoint of train.py as a pipeline called like StableDiffusion: (pipe, path, size).
+    Prompts the model cannot read whole, or with words its training captions never used, are warned about."""
+    from train import load_text_to_image, words
+    model, cfg, tokenize = load_text_to_image(checkpoint, device)
     model.to(device, dtype)
     # what the model was judged with at training (its config's sampler, steps, guidance) unless given here:
     # the SD defaults (guidance 7.5) overdrive a small model trained from scratch
-    args.sampler, args.steps = args.sampler or cfg.sampler, args.steps or cfg.sampling_steps
+    args.sampler, args.sampling_steps = args.sampler or cfg.sampler, args.sampling_steps or cfg.sampling_steps
     args.guidance_scale = cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    seen = set(checkpoint.get("caption_words") or ())
+    for prompt in dict.fromkeys(prompts + [args.negative_prompt]):
+        cut = tokenize([prompt])[0]
+        if not torch.equal(tokenize([prompt], 1024)[0, :len(cut)], cut):
+            print(f"warning: the model reads {len(cut)} tokens, the rest is cut off: {prompt[:60]!r}...",
+                  file=sys.stderr)
+        if seen and (unseen := sorted(set(words(prompt)) - seen)):
+            print(f"warning: words its training captions never used, so it has not learned them: "
+                  f"{', '.join(unseen)} (in {prompt[:60]!r})", file=sys.stderr)
 
     def pipe(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, eta, *_, progress=False, **__):
         return model.generate(tokenize(prompts).to(device), seeds, sampler, steps, guidance_scale, cfg.image_size,
@@ -269,10 +278,10 @@ def clip_scorer(args, device):
     """--rerank: (PIL image, prompt) -> the cosine similarity of CLIP's image and text embeddings."""
     from clip import CLIP, preprocess
     try:
-        model = CLIP.from_pretrained(args.clip_weights, args.weights_dir, args.offline).to(device).eval()
+        model = CLIP.from_pretrained(args.clip_weights or "ViT-B/32", args.weights_dir, args.offline)
     except (weights.WeightsUnavailable, ValueError, KeyError, OSError) as error:
-        sys.exit(f"error: --rerank needs CLIP weights (--clip-weights): {error}")
-    tokenizer = CLIPTokenizer.default()
+        raise ValueError(f"--rerank needs CLIP weights (--clip-weights): {error}") from None
+    model, tokenizer = model.to(device).eval(), CLIPTokenizer.default()
 
     @torch.no_grad()
     def score(image, prompt):
@@ -281,27 +290,38 @@ def clip_scorer(args, device):
     return score
 
 
-def is_image_file(arg):
-    return arg.lower().endswith(IMAGE_SUFFIXES) and Path(arg).is_file()
+def is_image_file(path):
+    return path.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)  # os.path: False, never an error
 
 
 def image_files(arg):
-    """The image files an input names: itself, a folder's images (sorted), or a glob's matches; [] for a prompt."""
-    if Path(arg).is_dir():
-        return sorted(str(p) for p in Path(arg).iterdir() if is_image_file(str(p)))
-    return [arg] if is_image_file(arg) else sorted(f for f in glob.glob(arg) if is_image_file(f))
+    """The image files an input names, or None for a prompt: an existing folder (its image files, sorted; ""
+    is not the current folder), an existing image file, or a glob with magic characters that matches image
+    files. Nothing here raises on a long or odd string: os.path answers False where Path raises (too long)."""
+    if arg and os.path.isdir(arg):
+        return sorted(p for p in (os.path.join(arg, name) for name in os.listdir(arg)) if is_image_file(p))
+    if is_image_file(arg):
+        return [arg]
+    try:
+        matches = sorted(f for f in glob.glob(arg) if is_image_file(f)) if re.search(r"[*?[]", arg) else []
+    except (OSError, ValueError):
+        matches = []
+    return matches or None
 
 
 @torch.no_grad()
-def caption_images(args, files):
-    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at a time."""
+def caption_images(args, files, checkpoint):
+    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at once.
+    Returns how many could not be read (each reported on stderr and skipped)."""
     from tokenizer import GPT2Tokenizer
     from train import caption, load_captioner  # the captioner's code; Stable Diffusion never needs it
     from vit import ImageReadError, preprocess
 
     device = pick_device(args.device)
-    model, cfg = load_captioner(args.ckpt, device)
-    tokenizer = GPT2Tokenizer.default()
+    flags = dict(weights_dir=args.weights_dir or "", offline=args.offline)
+    model, cfg = load_captioner(checkpoint, device, **flags, **({"clip_weights": args.clip_weights}
+                                                                 if args.clip_weights else {}))
+    tokenizer, unreadable = GPT2Tokenizer.default(), 0
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(files), args.batch_size):
         batch = []
@@ -310,23 +330,55 @@ def caption_images(args, files):
                 batch.append((file, preprocess(file, model.visual.config.image_resolution)))
             except ImageReadError as error:  # reported and skipped; the others are captioned
                 print(error, file=sys.stderr)
+                unreadable += 1
         if batch:
             embeds = model.embed(torch.stack([pixels for _, pixels in batch]).to(device))
             texts = caption(model, embeds, tokenizer, cfg.max_caption_tokens, num_beams=args.num_beams,
                             temperature=args.temperature, top_p=args.top_p, generator=generator)
             for (file, _), text in zip(batch, texts):
                 print(json.dumps({"file": file, "caption": text}) if args.json else f"{file}	{text}", flush=True)
+    return unreadable
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, and --help with the defaults (a default that depends on others is
+    said in the flag's help instead)."""
+
+    def error(self, message):
+        self.exit(2, f"generate.py: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Images for prompts with Stable Diffusion 1.x.")
+    """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit
+    with 2 for a usage problem (a flag, a missing file) or 1 for a failure (an image that could not be
+    captioned included)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except (OSError, ValueError, pickle.UnpicklingError, weights.WeightsUnavailable, MemoryError) as error:
+        if "--traceback" in argv:
+            raise
+        print(f"generate.py: error: {error or type(error).__name__}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, FileNotFoundError) else 1) from None
+
+
+def run(argv):
+    parser = Parser(description="Images for prompts with Stable Diffusion 1.x, or with a model of train.py; "
+                    "captions for images with a captioner of train.py.", formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image files, "
                         "folders and globs to caption (with --ckpt)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt, never taken for a file name "
+                        "(repeatable)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = no guidance; "
                         "default 7.5, or a --ckpt model's own from its training config)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default 50, or the --ckpt model's own)")
+    parser.add_argument("--sampling-steps", type=int, help="sampler steps (default 50, or a --ckpt model's)")
     parser.add_argument("--sampler", choices=ddpm.SAMPLERS, help="ddim (default: CompVis' txt2img.py, and "
                         "diffusers' DDIMScheduler; or the --ckpt model's own), ddpm, euler or dpm++2m")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise: 0 deterministic, 1 like DDPM")
@@ -338,15 +390,16 @@ def main(argv=None):
                         "init image's)")
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512, or the "
                         "init image's)")
-    parser.add_argument("--init-image", help="image-to-image: start from this picture instead of noise")
+    parser.add_argument("--init-image", help="image-to-image: start from this picture, not noise (at its "
+                        f"own size, up to {MAX_INIT_PIXELS:,} pixels, unless --width and --height say)")
     parser.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change the "
                         "init image, in (0, 1]; 1 ignores it")
     parser.add_argument("--out-dir", default="outputs", help="where the PNGs go")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights' precision "
-                        "(auto: fp16 on a GPU, fp32 on the CPU); the sampler always works in fp32")
-    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="an SD 1.x single file (.safetensors or "
-                        f".ckpt) or a registered name (default {DEFAULT_WEIGHTS}, fetched on first use)")
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help="the networks' "
+                        "precision (auto: fp16 on a GPU, fp32 on the CPU); the sampler always works in fp32")
+    parser.add_argument("--sd-weights", default=DEFAULT_WEIGHTS, help="SD 1.x weights: a single file "
+                        "(.safetensors or .ckpt) or a registered name (fetched on first use)")
     parser.add_argument("--weights-dir", help="where registered weights live (default: $MINIMODAL_WEIGHTS, "
                         "else weights/)")
     parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
@@ -358,51 +411,84 @@ def main(argv=None):
                         "--task diffusion draws the prompts (instead of SD)")
     parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one CLIP "
                         "finds most like the prompt")
-    parser.add_argument("--clip-weights", default="ViT-B/32", help="--rerank: CLIP ViT-B/32 (fetched on first "
-                        "use) or a CLIP file")
+    parser.add_argument("--clip-weights", help="CLIP weights: --rerank's (default ViT-B/32, fetched on first "
+                        "use), or the file of a --ckpt captioner's frozen image tower")
     parser.add_argument("--json", action="store_true", help="captions as JSON lines {file, caption}")
     parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1 (default greedy)")
     parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (default greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="captions: nucleus sampling mass")
+    parser.add_argument("--traceback", action="store_true", help="on an error, the traceback, not one line")
     args = parser.parse_args(argv)
 
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
             parser.error(f"--{name} must be a positive multiple of 8 (the VAE shrinks images 8x), got {value}")
-    if min(1 if args.steps is None else args.steps, args.num_images, args.batch_size, args.rerank) < 1:
-        parser.error("--steps, --num-images and --batch-size must be at least 1, and --rerank too")
+    if min(1 if args.sampling_steps is None else args.sampling_steps, args.num_images, args.batch_size,
+           args.rerank, args.num_beams) < 1:
+        parser.error("--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be >= 1")
     if not 0 < args.strength <= 1 or args.eta < 0 or (args.guidance_scale or 0) < 0:
         parser.error("--strength must be in (0, 1]; --eta and --guidance-scale must be >= 0")
+    if pick_device(args.device) is None:
+        parser.error(f"--device {args.device}: this machine has no such device")
 
-    # What the inputs are decides the task: image files get captions, anything else is a prompt.
-    images = {arg: image_files(arg) for arg in args.inputs}
-    if any(images.values()):
-        if not all(images.values()) or not args.ckpt or args.num_beams < 1:
-            parser.error("captioning takes image files, folders or globs only, and --ckpt (a train.py --task "
-                         f"caption checkpoint); no images in: {[a for a, f in images.items() if not f]}")
-        return caption_images(args, [file for files in images.values() for file in files])
-    missing = [arg for arg in args.inputs if arg.lower().endswith(IMAGE_SUFFIXES) and " " not in arg]
-    if missing:  # a mistyped file name should not start a 4 GB download to draw it as a prompt
-        parser.error(f"no such image file: {missing[0]}")
-    prompts = list(args.inputs)
+    # What the inputs are decides the task (image_files has the rule): images get captions, prompts images
+    found = {arg: image_files(arg) for arg in args.inputs}
+    images = [arg for arg, files in found.items() if files is not None]
+    prompts = [arg for arg in args.inputs if arg not in images] + args.prompt
     if args.prompt_file:
         try:
             prompts += [line.strip() for line in Path(args.prompt_file).read_text("utf-8").splitlines()
                         if line.strip()]
         except (OSError, UnicodeDecodeError) as error:
             parser.error(f"--prompt-file: {error}")
-    if not prompts:
-        parser.error("give at least one prompt (or --prompt-file)")
-    if not args.ckpt:  # Stable Diffusion's defaults; a trained model's come with it (trained_pipeline)
-        args.sampler, args.steps = args.sampler or "ddim", args.steps or 50
+    if images and prompts:
+        parser.error(f"give images to caption or prompts to draw, not both: {images[0]!r} is an image input, "
+                     f"{prompts[0]!r} a prompt (--prompt TEXT is always one)")
+    if empty := [arg for arg in images if not found[arg]]:
+        parser.error(f"no image files in the folder {empty[0]} ({', '.join(IMAGE_SUFFIXES)})")
+    if images and not args.ckpt:
+        parser.error(f"{images[0]} is an image input: captions need --ckpt (a train.py --task caption "
+                     f"checkpoint); to draw it as a prompt, give --prompt {images[0]!r}")
+    for arg in images:
+        if "/" not in arg and os.sep not in arg and not arg.lower().endswith(IMAGE_SUFFIXES):
+            print(f"note: {arg!r} names {'a folder' if os.path.isdir(arg) else 'files'} here: captioning "
+                  f"{len(found[arg])} image(s) (--prompt {arg!r} draws it instead)", file=sys.stderr)
+    missing = [arg for arg in args.inputs if found[arg] is None and " " not in arg and
+               arg.lower().endswith(IMAGE_SUFFIXES)]
+    if missing:  # a mistyped file name should not start a 4 GB download to draw it as a prompt
+        parser.error(f"no such image file: {missing[0]} (--prompt {missing[0]!r} draws it as a prompt)")
+    if not images and not prompts:
+        parser.error("give at least one prompt (or --prompt-file), or image files to caption")
+    checkpoint = None
+    if args.ckpt:
+        from train import read_checkpoint
+        if not os.path.isfile(args.ckpt):
+            parser.error(f"--ckpt {args.ckpt}: no such file")
+        checkpoint = read_checkpoint(args.ckpt)
+        if checkpoint["task"] != ("caption" if images else "diffusion"):
+            parser.error(f"--ckpt {args.ckpt} is a train.py --task {checkpoint['task']} checkpoint: it " + (
+                "draws prompts, and captioning images needs a --task caption one" if images else "captions "
+                "images, and drawing prompts needs a --task diffusion one (or no --ckpt: Stable Diffusion)"))
+    if images:
+        files = [file for arg in images for file in found[arg]]
+        if unreadable := caption_images(args, files, checkpoint):
+            raise ValueError(f"{unreadable} of {len(files)} images could not be read (each is named above)")
+        return None
+    if checkpoint:  # a text-to-image model of train.py draws at its training size, from noise only
+        size = checkpoint["config"].get("image_size")
+        if args.init_image or {args.width, args.height} - {None, size}:
+            parser.error(f"{args.ckpt} draws {size}x{size} images from noise only (no --init-image, and "
+                         "--width/--height only at that size)")
+    else:  # Stable Diffusion's defaults; a trained model's come with it (trained_pipeline)
+        args.sampler, args.sampling_steps = args.sampler or "ddim", args.sampling_steps or 50
         args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
         try:
-            ddpm.GaussianDiffusion().sampling_timesteps(args.sampler, args.steps,
+            ddpm.GaussianDiffusion().sampling_timesteps(args.sampler, args.sampling_steps,
                                                         args.strength if args.init_image else 1.0)
         except ValueError as error:
             parser.error(str(error))
-    return draw(args, prompts)
+    return draw(args, prompts, checkpoint)
 
 
 if __name__ == "__main__":

@@ -556,10 +556,11 @@ class Captioner(nn.Module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Continue prompts with GPT-2 and OpenAI's released weights.")
+    parser = argparse.ArgumentParser(description="Continue prompts with GPT-2 and OpenAI's released weights.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("prompt", nargs="+", help="one or more prompts, continued together as one batch")
-    parser.add_argument("--model", default="gpt2", help=f"a preset ({', '.join(PRESETS)}) or a path to "
-                        "model.safetensors / pytorch_model.bin")
+    parser.add_argument("--gpt2-weights", dest="model", default="gpt2", help=f"GPT-2 weights: a preset "
+                        f"({', '.join(PRESETS)}, fetched) or a model.safetensors / pytorch_model.bin file")
     parser.add_argument("--max-new-tokens", type=int, default=50, help="how many tokens to add at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
@@ -569,8 +570,8 @@ def main():
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
-    parser.add_argument("--weights-dir", default=None, help="where weights live (default: $MINIMODAL_WEIGHTS, "
-                        "else weights/ in the repository)")
+    parser.add_argument("--weights-dir", help="where weights live (none: $MINIMODAL_WEIGHTS, else weights/ in the "
+                        "repository)")
     parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
     args = parser.parse_args()
     if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0:

@@ -32,7 +32,12 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
+import sys
+import textwrap
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -42,6 +47,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+try:
+    import fcntl  # run directories are locked where the OS can (POSIX)
+except ImportError:  # Windows: no lock, so nothing a killed run left half-written is removed
+    fcntl = None
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -53,32 +63,40 @@ from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
 from tokenizer import CLIPTokenizer, GPT2Tokenizer
 from unet import TextConditionedUNet, UNetConfig, UNetModel
 from vae import AutoencoderConfig, AutoencoderKL
-from vit import CLIP_MEAN, CLIP_STD, VisionConfig, VisionTransformer, preprocess
+from vit import VisionConfig, VisionTransformer, normalize, resize_crop
 
 
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
+TASKS, DATASETS = ("caption", "diffusion"), ("shapes", "coco", "karpathy", "folder", "cifar100")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def flag(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    task: str = flag("caption", "what to train: caption (image -> caption, ClipCap) or diffusion (caption -> image)")
-    preset: str = flag("shapes", "starting values of the flags: shapes (tiny, from scratch) or coco (ClipCap)")
-    data: str = flag("shapes", "shapes, coco (2017), karpathy (COCO, Karpathy's splits), folder, cifar100")
+    task: str = flag("caption", "caption: image -> caption (ClipCap); diffusion: caption -> image", TASKS)
+    preset: str = flag("shapes", "starting values of the flags, listed below")
+    data: str = flag("shapes", "coco: 2017; karpathy: COCO, Karpathy's splits", DATASETS)
     data_root: str = flag("", "dataset directory (karpathy: with dataset_coco.json; folder: 5%% of images held out)")
-    download: bool = flag(False, "fetch the official archives (COCO, CIFAR-100) when missing")
-    out_dir: str = flag("runs/caption", "where the log, the checkpoint and the feature cache go")
+    download: bool = flag(False, "fetch the official archives (COCO, Karpathy's splits, CIFAR-100)")
+    out_dir: str = flag("runs/caption", "log, checkpoint, cache (--resume, --eval: the checkpoint's folder)")
+    overwrite: bool = flag(False, "start afresh in an --out-dir that holds a run (its checkpoint, log go)")
+    weights_dir: str = flag("", "where official weights live (none: $MINIMODAL_WEIGHTS, else weights/)")
+    offline: bool = flag(False, "never download (weights or data): say which file to put where")
     batch_size: int = flag(64, "pairs per optimizer step, over all processes and micro-batches")
     grad_accum: int = flag(1, "micro-batches per step: the same step in less memory")
     epochs: float = flag(1.0, "passes over the training pairs")
-    minutes: float = flag(0.0, "fit the run into this many training minutes (evaluations left out): after 20 timed "
-                          "steps the schedule ends where they say it fits, at most --epochs (0 = --epochs alone)")
+    minutes: float = flag(0.0, "fit the run into this many training minutes (evaluations left out): the "
+                          "cosine schedule ends where they run out, at most --epochs (0: off)")
     lr: float = flag(2e-3, "peak learning rate of AdamW")
     warmup_steps: int = flag(100, "steps of linear warm-up from 0 to --lr")
     weight_decay: float = flag(0.01, "AdamW weight decay, matrices only")
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this (0 = off)")
-    precision: str = flag("fp32", "fp32, bf16 (autocast), fp16 (autocast + gradient scaler, CUDA) or auto (bf16 "
-                          "where the device computes it natively: a GPU with bf16, a CPU with AMX or AVX512-BF16)")
+    precision: str = flag("fp32", "bf16: autocast; fp16: autocast + gradient scaler (CUDA); auto: bf16 where "
+                          "the device computes it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16)",
+                          PRECISIONS)
     max_train_samples: int = flag(0, "use at most this many training pairs (0 = all; shapes: images drawn)")
     max_val_samples: int = flag(500, "evaluate on at most this many validation images")
     eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end")
@@ -87,16 +105,20 @@ class TrainConfig:
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...")
     threads: int = flag(0, "CPU threads for torch (0 = torch's default)")
     compile: bool = flag(False, "torch.compile the model")
-    debug: bool = flag(False, "a tiny quick run: tiny models, 256 pairs, 32 validation images")
+    smoke_test: bool = flag(False, "a tiny quick run: tiny models, 256 pairs, 32 validation images")
+    traceback: bool = flag(False, "on an error, the whole traceback instead of one line")
     resume: str = flag("", "continue from this checkpoint: model, optimizer, step and random state")
     stop_after: int = flag(0, "end this run after this many steps, checkpointed (--resume continues)")
     # the caption task
-    image_tower: str = flag("tiny", "tiny (trained with the captioner), ViT-B/32 or a CLIP file (frozen, cached)")
-    language_model: str = flag("tiny", "tiny (from scratch), gpt2, gpt2-medium, ... or a GPT-2 weights file")
+    image_tower: str = flag("tiny", "tiny: trained with the captioner; clip: --clip-weights, frozen",
+                            ("tiny", "clip"))
+    clip_weights: str = flag("ViT-B/32", "CLIP weights: ViT-B/32 (fetched) or a CLIP file")
+    language_model: str = flag("tiny", "tiny: from scratch; gpt2: --gpt2-weights", ("tiny", "gpt2"))
+    gpt2_weights: str = flag("gpt2", "GPT-2 weights: gpt2, gpt2-medium, -large, -xl (fetched) or a file")
     freeze_gpt: bool = flag(False, "train the mapper only (ClipCap's --only_prefix)")
     closed_vocab: bool = flag(False, "tiny GPT-2: unused tokens keep a 0 embedding; exact softmax, fewer rows")
-    mapping_type: str = flag("mlp", "mlp (ClipCap's MLP), transformer (ClipCap's TransformerMapper) or tokens "
-                             "(one vector per tower token, LLaVA-1.5's projector)")
+    mapping_type: str = flag("mlp", "mlp, transformer: ClipCap's mappers; tokens: one vector per tower token "
+                             "(LLaVA-1.5's projector)", ("mlp", "transformer", "tokens"))
     prefix_length: int = flag(4, "image vectors GPT-2 reads before the caption (tokens: the tower's token count)")
     mapper_layers: int = flag(8, "transformer mapper: blocks")
     image_size: int = flag(32, "tiny tower: input resolution (shapes are drawn at this size)")
@@ -110,13 +132,14 @@ class TrainConfig:
     max_caption_tokens: int = flag(30, "captions are cut to this many tokens; generation stops there")
     num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search")
     eval: str = flag("", "score this checkpoint on --split and exit (text-to-image: on val, --judge to read back)")
-    split: str = flag("val", "the split --eval scores: val, or test (Karpathy)")
+    split: str = flag("val", "the split --eval scores (test: shapes, karpathy, cifar100)", ("val", "test"))
     # the diffusion task
-    text_encoder: str = flag("tiny", "tiny (CLIP-style, trained), clip (SD's text tower from --sd-weights) or gpt2, "
-                             "gpt2-medium, ... or a GPT-2 file (frozen; its hidden states projected)")
-    sd_weights: str = flag("", "an SD 1.x file or registered name: its VAE (--latent), text tower, UNet (--unet sd15)")
+    text_encoder: str = flag("tiny", "tiny: CLIP-style, trained; clip: SD's text tower (--sd-weights); gpt2: "
+                             "--gpt2-weights, frozen, its hidden states projected", ("tiny", "clip", "gpt2"))
+    sd_weights: str = flag("", "SD 1.x weights, a file or registered name: the VAE, text tower, UNet")
     latent: bool = flag(False, "diffuse in the frozen SD VAE's latent space (8x smaller) instead of pixels")
-    unet: str = flag("tiny", "tiny (the sizes below, from scratch) or sd15 (the --sd-weights UNet, fine-tuned)")
+    unet: str = flag("tiny", "tiny: the sizes below, from scratch; sd15: --sd-weights', fine-tuned",
+                     ("tiny", "sd15"))
     model_channels: int = flag(32, "tiny UNet: channels of the first level")
     channel_mult: str = flag("1,2", "tiny UNet: channel multiplier of each level")
     attention_resolutions: str = flag("2", "tiny UNet: downsampling factors with (cross-)attention (\"\": the "
@@ -128,12 +151,12 @@ class TrainConfig:
     scale_shift_norm: bool = flag(False, "tiny UNet: the embedding scales and shifts each ResBlock's channels (ADM)")
     text_layers: int = flag(2, "tiny text encoder: blocks")
     patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: a 32x32 image costs 16x16)")
-    schedule: str = flag("cosine", "noise schedule, a ddpm.py preset: cosine, linear or sd15")
-    parameterization: str = flag("eps", "the UNet predicts eps (the noise) or v")
+    schedule: str = flag("cosine", "noise schedule, a ddpm.py preset", tuple(ddpm.PRESETS))
+    parameterization: str = flag("eps", "the UNet predicts eps (the noise) or v", ("eps", "v"))
     min_snr_gamma: float = flag(5.0, "Min-SNR loss weighting gamma (0 = the plain mean squared error)")
     caption_dropout: float = flag(0.1, "train on the empty prompt this often (classifier-free guidance)")
     ema_decay: float = flag(0.999, "EMA of the weights, which draws the samples (0 = none)")
-    sampler: str = flag("ddim", "evaluation samples: ddim, ddpm, euler or dpm++2m")
+    sampler: str = flag("ddim", "evaluation samples: the sampler", tuple(ddpm.SAMPLERS))
     sampling_steps: int = flag(20, "evaluation samples: sampler steps")
     guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale")
     gradient_checkpointing: bool = flag(False, "recompute the UNet's activations in backward: less memory")
@@ -149,17 +172,12 @@ PRESETS = {"caption": {
                    mapping_type="tokens", epochs=9.0, eval_every=1000),
     # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32 embeddings, GPT-2 124M fine-tuned, MLP
     # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4 CIDEr
-    "coco": dict(data="karpathy", image_tower="ViT-B/32", language_model="gpt2", prefix_length=10, batch_size=40,
+    "coco": dict(data="karpathy", image_tower="clip", language_model="gpt2", prefix_length=10, batch_size=40,
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
 }, "diffusion": {
-    # 32x32 pixels denoised as 16x16x12 patches by a 0.8M-parameter UNet, a 3.3M tiny text encoder. The tour gives
-    # it 12 minutes on one core beside the captioner (--minutes: as many steps as fit; bf16 where the CPU has AMX):
-    # compute and fresh images are what it needs most (single objects drawn right at 1k..5k steps: 22, 43, 53, 62,
-    # 70%; 4,506 steps of 144k fresh images 73%, of 64k images seen 2.25 times 55-67%). The pooled prompt scales and
-    # shifts every ResBlock (FiLM: 12% -> 37% at 1,200 steps); cross-attention only in the middle block (1.4x
-    # faster, as good); Min-SNR gamma 0.5, not 5, weights the noise levels where the prompt decides the shape.
-    # DDPM's noisy 50 steps draw it better than DPM++ 2M's 12 (tour checkpoint, 400 prompts: 72% vs 63%; guidance
-    # 1.5, 2, 3: 63, 64, 55%)
+    # 32x32 pixels denoised as 16x16x12 patches by a 0.8M-parameter UNet, a 3.3M tiny text encoder, for 12
+    # minutes (the tour; bf16 where the CPU has AMX) on up to 160k fresh images. FiLM with the pooled prompt,
+    # cross-attention in the middle block only, Min-SNR 0.5, DDPM's 50 steps, guidance 1.5: README says why
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=160_000,
                    minutes=12.0, precision="auto", pooled_text=True, scale_shift_norm=True, attention_resolutions="",
                    parameterization="v", min_snr_gamma=0.5, eval_every=500, max_val_samples=200,
@@ -177,14 +195,20 @@ PRESETS = {"caption": {
                  max_caption_tokens=75, precision="bf16", gradient_checkpointing=True, sampling_steps=50,
                  guidance_scale=7.5),
 }}
-DEBUG = dict(image_tower="tiny", language_model="tiny", max_train_samples=256, max_val_samples=32, batch_size=16,
-             epochs=1.0, warmup_steps=2, log_every=4, sampling_steps=2, num_judged=16)
+SMOKE_TEST = dict(image_tower="tiny", language_model="tiny", max_train_samples=256, max_val_samples=32,
+                  batch_size=16, epochs=1.0, minutes=0.0, warmup_steps=2, log_every=4, sampling_steps=2,
+                  num_judged=16)
+# what a checkpoint's config never sets: where to read and write, what to fetch, the device (this run's own)
+LOCAL = {"out_dir", "data_root", "download", "weights_dir", "offline", "device", "threads", "resume", "eval",
+         "stop_after", "overwrite", "judge", "traceback", "smoke_test"}
+BOUNDS = {"max_caption_tokens": 1000, "image_size": 4096, "max_train_samples": 10**7,  # what a checkpoint
+          "max_val_samples": 10**7, "num_judged": 10**5, "batch_size": 10**5}  # may ask for, at most
 
 # -----------------------------------------------------------------------------------------------------------------
 # The harness: what every task shares
 
 
-TIMED_STEPS = 20  # --minutes: the steps timed before the schedule's length is fixed
+UNTIMED_STEPS = 5  # --minutes: a process's first steps (compilation, allocation, kernel choice) are not timed
 
 
 def lr_at(step, total_steps, cfg):
@@ -223,11 +247,48 @@ def log(cfg, record):
         f.write(json.dumps(record) + "\n")
 
 
-def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
+@contextlib.contextmanager
+def own_out_dir(cfg, checkpoint):
+    """Hold --out-dir while this run writes there: a lock (flock, gone however the process ends) tells a live
+    run from a killed one, so what a killed run left half-written (.ckpt.pt.*.tmp; cache .part files, locked
+    while written) is removed. A resumed run's log loses what was logged after its checkpoint; --overwrite
+    starts afresh."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a") as lock:
+        if fcntl and not locked(lock):
+            raise OSError(f"{out} is in use: another train.py writes there (give this run another --out-dir)")
+        parts = (path for path in out.glob("cache/*.part") if locked(open(path, "rb")))
+        stale = [*out.glob(".ckpt.pt.*.tmp"), *parts] if fcntl else []
+        for path in stale:
+            path.unlink()
+            print(f"removed {path}, left half-written by a killed run", file=sys.stderr)
+        if cfg.overwrite and not (checkpoint and out.resolve() == Path(cfg.resume).resolve().parent):
+            for name in ("ckpt.pt", "log.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        if checkpoint and (path := out / "log.jsonl").exists():  # whole records up to the checkpoint's step
+            path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if (
+                step := re.match(r'{"step": (\d+),.*}$', line)) and int(step[1]) <= checkpoint["step"]))
+        yield
+
+
+def locked(handle):
+    """Take the file's lock, unless a live process holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def train(task, cfg, rank=0, world=1, device=torch.device("cpu"), checkpoint=None, clock=time.perf_counter):
     """The loop. The batch of step s is fixed by (seed, epoch, s) alone and every micro-batch divides its summed
     loss by the batch's target count, so 1 process equals N processes equals N micro-batches, and a resumed run
-    (model, optimizer, scaler, step, random state) equals an uninterrupted one. Sanity check, one batch overfitted:
-    --max-train-samples 64 --batch-size 64 --epochs 300 (the loss must fall towards 0)."""
+    (`checkpoint`: optimizer, scaler, step, random state; the task's model) equals an uninterrupted one.
+    `clock` keeps the training time (evaluations left out) for the log and --minutes. Sanity check, one batch
+    overfitted: --max-train-samples 64 --batch-size 64 --epochs 300 (the loss must fall towards 0)."""
+    if task.num_pairs < cfg.batch_size:
+        raise ValueError(f"{task.num_pairs} training pairs, fewer than --batch-size {cfg.batch_size}")
     model = task.model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2]},  # decay matrices only
@@ -238,24 +299,23 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
         print(f"--precision auto: {precision} on {device.type}")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     steps_per_epoch = max(1, task.num_pairs // cfg.batch_size)  # the last partial batch is dropped
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    step = 0
-    if cfg.resume:
-        checkpoint = weights.load_checkpoint(cfg.resume)
-        model.load_state_dict(checkpoint["model"], strict=True)
+    total_steps = max_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    step, earlier_seconds = 0, 0.0  # training seconds of the runs this one resumes
+    if checkpoint:
         optimizer.load_state_dict(weights.check_optimizer_state(checkpoint["optimizer"], optimizer, cfg.resume))
         scaler.load_state_dict(checkpoint["scaler"])
-        step = checkpoint["step"]
-        if cfg.minutes and checkpoint.get("total_steps"):  # the length its timed steps chose
-            total_steps = checkpoint["total_steps"]
+        step, earlier_seconds = checkpoint["step"], checkpoint.get("train_seconds", 0.0)
         torch.set_rng_state(checkpoint["rng"])
         print(f"resumed from {cfg.resume} at step {step}")
+    budget = cfg.minutes * 60 - earlier_seconds
+    if cfg.minutes and budget <= 0:
+        total_steps = step  # its time budget is spent
     runner = DistributedDataParallel(model) if world > 1 else model
     runner = torch.compile(runner) if cfg.compile else runner
     autocast = dict(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                     enabled=precision != "fp32")
     micro = cfg.batch_size // (world * cfg.grad_accum)
-    first_step, started, eval_seconds, metrics, loss_sum = step, time.time(), 0.0, {}, math.nan
+    first_step, started, eval_seconds, timed, metrics, loss_sum = step, clock(), 0.0, None, {}, math.nan
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         order = torch.randperm(task.num_pairs, generator=torch.Generator().manual_seed(cfg.seed + epoch))
@@ -283,57 +343,74 @@ def train(task, cfg, rank=0, world=1, device=torch.device("cpu")):
         if world > 1:  # each rank saw part of the batch: add the parts
             dist.all_reduce(loss_sum := torch.tensor(loss_sum, device=device))
             loss_sum = loss_sum.item()
-        seconds = time.time() - started - eval_seconds  # training time, evaluations left out
-        minutes = round(seconds / 60, 2)
-        if cfg.minutes and step == TIMED_STEPS > first_step:  # a run resumed later keeps its checkpoint's total
-            per_step = seconds / (step - first_step)
-            fits = torch.tensor(int(cfg.minutes * 60 / per_step), device=device)
-            if world > 1:  # rank 0's timing decides for all
-                dist.broadcast(fits, 0)
-            total_steps = max(step, min(total_steps, int(fits)))
-            if rank == 0:
-                print(f"--minutes {cfg.minutes:g}: {total_steps:,} steps fit ({per_step:.3f} s a step); --epochs "
-                      f"{total_steps / steps_per_epoch!r} --minutes 0 repeats this schedule", flush=True)
+        seconds = clock() - started - eval_seconds  # this process's training time, evaluations left out
+        if cfg.minutes:  # every step: the steps that fit in the time left, at the mean time of the timed ones
+            timed = (seconds, step) if step - first_step == UNTIMED_STEPS else timed
+            rate = (step - timed[1]) / (seconds - timed[0]) if timed and seconds > timed[0] else math.inf
+            more = 0 if seconds >= budget else int(min((budget - seconds) * rate, max_steps))
+            fits = min(max_steps, step + more)
+            if world > 1:  # rank 0's clock decides for all
+                dist.broadcast(fits := torch.tensor(fits, device=device), 0)
+            total_steps = max(step, int(fits))
         if rank == 0 and (step % cfg.log_every == 0 or step in (1, total_steps)):
             log(cfg, {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
                       "lr": round(optimizer.param_groups[0]["lr"], 8), "grad_norm": round(grad_norm, 4),
-                      "pairs_per_s": round((step - first_step) * cfg.batch_size / seconds, 1),
-                      "minutes": minutes, "cpu_minutes": round(time.process_time() / 60, 2)})
+                      "pairs_per_s": round((step - first_step) * cfg.batch_size / max(seconds, 1e-9), 1),
+                      "minutes": round((earlier_seconds + seconds) / 60, 2),
+                      "cpu_minutes": round(time.process_time() / 60, 2)})
         stopping = cfg.stop_after and step - first_step >= cfg.stop_after
-        if step % cfg.eval_every == 0 or step == total_steps or stopping:
+        due = step % cfg.eval_every == 0 or step == total_steps
+        if due or stopping:
             if rank == 0:
-                evaluated = time.time()
-                if not stopping:
+                evaluated = clock()
+                if due:
                     metrics = task.evaluate(model)
-                    log(cfg, {"step": step, "minutes": minutes, **metrics})
+                    log(cfg, {"step": step, "minutes": round((earlier_seconds + seconds) / 60, 2), **metrics})
                 weights.save_checkpoint({  # atomic; a plain state_dict of the unwrapped model; the resolved config
                     "task": cfg.task, "config": dataclasses.asdict(cfg), "model": model.state_dict(), "step": step,
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "metrics": metrics,
-                    "total_steps": total_steps, "rng": torch.get_rng_state(), **task.extra},
-                    Path(cfg.out_dir) / "ckpt.pt")
-                eval_seconds += time.time() - evaluated
+                    "total_steps": total_steps, "train_seconds": earlier_seconds + seconds,
+                    "rng": torch.get_rng_state(), **task.extra}, Path(cfg.out_dir) / "ckpt.pt")
+                eval_seconds += clock() - evaluated
             if world > 1:
                 dist.barrier()
         if stopping:
             break
+    if rank == 0 and step > first_step:
+        print(end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, earlier_seconds + seconds,
+                         eval_seconds))
     return model, loss_sum
+
+
+def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_seconds):
+    """What happened, in a line: --stop-after, the time budget, or the steps run."""
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.stop_after and step < total_steps:
+        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; " \
+               f"--resume {ckpt} continues"
+    done = f"{step:,} steps in {used / 60:.2f} training minutes (evaluations {eval_seconds / 60:.2f} more)"
+    why = "--epochs ended it first" if step == max_steps else "the budget ended it"
+    return f"trained {done}; {ckpt}" if not cfg.minutes else (
+        f"--minutes {cfg.minutes:g}: {done}; {why}; --epochs {step / steps_per_epoch:.6g} --minutes 0 trains "
+        "as many steps")
 
 # -----------------------------------------------------------------------------------------------------------------
 # The caption task
 
 
+def no_images(cfg, split, dataset):
+    return (f"none of the {len(dataset.image_ids())} images of the {split} split of --data {cfg.data} can be "
+            "read (each is missing or unreadable)")
+
+
+def words(text):
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 def open_split(cfg, split):
-    """The (image, caption) pairs of one split; splits never share an image."""
-    root, train = cfg.data_root or None, split == "train"
-    if cfg.data == "shapes":  # each split and index draws from its own random stream: disjoint images
-        n = (cfg.max_train_samples or 96_000) if train else cfg.max_val_samples
-        return data.ShapesDataset(n, cfg.image_size, cfg.seed, split="train" if train else "val")
-    if cfg.data == "karpathy":
-        root = Path(root or data.data_dir() / "coco")
-        return data.karpathy_coco(root / "dataset_coco.json", root, split)
-    return {"coco": lambda: data.coco_captions(root, "train" if train else "val", cfg.download),  # no test captions
-            "cifar100": lambda: data.CIFAR100Captions(root, "train" if train else "test", cfg.download),
-            "folder": lambda: data.image_folder(root).split_by_image(0.05, seed=0)[not train]}[cfg.data]()
+    """The (image, caption) pairs of one split (data.py); splits never share an image."""
+    return data.open_split(cfg.data, split, cfg.data_root or None, cfg.download, cfg.image_size, cfg.seed,
+                           cfg.max_train_samples if split == "train" else cfg.max_val_samples)
 
 
 def fingerprint(dataset, tower):
@@ -352,16 +429,6 @@ def fingerprint(dataset, tower):
     return h.hexdigest()[:24]
 
 
-def image_bytes(image, size):
-    """A PIL image -> (3, size, size) uint8, resized and centre-cropped as CLIP's preprocessing does. A drawn shapes
-    image (size x size RGB already, no EXIF turn) is taken as it is: the same bytes as the round trip through CLIP's
-    float normalisation, in a seventh of the time (3 s instead of 22 for the tour's 64,000 images)."""
-    if image.size == (size, size) and image.mode == "RGB" and not image.getexif().get(0x0112):
-        return np.asarray(image).transpose(2, 0, 1)
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (preprocess(image, size) * std + mean).mul(255).round().byte().numpy()
-
-
 @torch.no_grad()
 def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_size=64):
     """The frozen tower's embedding of every image, (N, D) fp16 (the tokens mapper: every token's, (N, 1 + h*w, D)),
@@ -377,19 +444,24 @@ def cached_features(dataset, tower, cfg, rank=0, world=1, device="cpu", batch_si
         size = cfg.image_size if tower is None else tower.config.image_resolution
         shape = (3, size, size) if tower is None else (tower.config.embed_dim,) if not tokens else \
             (tower.config.num_tokens, tower.config.embed_dim)
+        holder = open(part, "wb")  # locked while written: a run starting meanwhile leaves it be (own_out_dir)
+        if fcntl:
+            fcntl.flock(holder, fcntl.LOCK_EX)
         out = np.lib.format.open_memmap(part, "w+", np.uint8 if tower is None else np.float16, (len(ids), *shape))
         for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
             images = {row: dataset.load_image(ids[row]) for row in range(start, min(start + batch_size, len(ids)))}
             skipped += [str(ids[row]) for row, image in images.items() if image is None]
             rows = [row for row, image in images.items() if image is not None]
+            pixels = torch.stack([resize_crop(images[r], size) for r in rows]) if rows else None  # CLIP's
             if rows and tower is None:
-                out[rows] = np.stack([image_bytes(images[r], size) for r in rows])
-            elif rows:  # CLIP's preprocessing (short side to size, centre crop)
-                pixels = torch.stack([preprocess(images[r], size) for r in rows])
-                out[rows] = (tower.embed_tokens if tokens else tower)(pixels.to(device)).float().cpu().numpy()
+                out[rows] = pixels.numpy()
+            elif rows:
+                embed = tower.embed_tokens if tokens else tower
+                out[rows] = embed(normalize(pixels.to(device))).float().cpu().numpy()
         out.flush()
         path.with_suffix(".skipped.json").write_text(json.dumps(skipped))
         os.replace(part, path)  # atomic: a killed run never leaves half a cache under the final name
+        holder.close()
     if world > 1:
         dist.barrier()
     return np.load(path, mmap_mode="r"), set(json.loads(path.with_suffix(".skipped.json").read_text()))
@@ -401,15 +473,13 @@ class CaptionModel(nn.Module):
     def __init__(self, captioner, visual=None):
         super().__init__()
         self.captioner, self.visual = captioner, visual
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("vocab", None, persistent=False)  # closed vocabulary: the used token ids, sorted
 
     def embed(self, inputs):
         """uint8 pixels (B, 3, h, w) or CLIP-normalised ones -> embeddings (B, D), or every token's (B, 1 + h*w, D)
         for the tokens mapper; cached embeddings pass through."""
         if inputs.dtype == torch.uint8:  # cached pixels are bytes: 4x less memory than floats
-            inputs = (inputs.float() / 255 - self.mean) / self.std
+            inputs = normalize(inputs)
         if self.visual is None:
             return inputs.float()
         return self.visual.embed_tokens(inputs) if self.captioner.config.mapping_type == "tokens" else \
@@ -419,21 +489,31 @@ class CaptionModel(nn.Module):
         return self.captioner(self.embed(inputs), tokens, token_mask, self.vocab)
 
 
+def image_tower(cfg, config=None):
+    """The frozen CLIP image tower of --clip-weights: a CLIP file of any layout, or a registered name through
+    clip.py's choice of file; given a captioner's `config` (its vision_config), it must be its tower."""
+    tower = load_visual(cfg.clip_weights, cfg.weights_dir or None, cfg.offline)
+    if config is not None and dataclasses.asdict(tower.config) != config:
+        raise ValueError(f"--clip-weights {cfg.clip_weights} is not the tower this captioner was trained on")
+    return tower.requires_grad_(False).eval()
+
+
 def build_caption_model(cfg, checkpoint=None):
-    """(CaptionModel, image tower). A tiny tower trains with the captioner (it is inside the model); ViT-B/32 or a
-    CLIP file stays frozen outside it. From a checkpoint, the sizes are the checkpoint's, not the flags'."""
-    if cfg.image_tower == "tiny":  # sin-cos patch positions: it knows where each patch is from the first step
+    """(CaptionModel, image tower). A tiny tower trains with the captioner (it is inside the model); a frozen
+    one (image_tower) stays outside it. From a checkpoint every size is the checkpoint's and no file is read
+    (the tower returned is then built from its config: a frozen one's weights come from image_tower)."""
+    if cfg.image_tower == "tiny" or checkpoint:
         tower = VisionTransformer(VisionConfig(**checkpoint["vision_config"]) if checkpoint else VisionConfig(
             cfg.image_size, cfg.vision_layers, cfg.vision_width, cfg.patch_size, cfg.embed_dim), sincos=True)
     else:
-        tower = load_visual(cfg.image_tower).requires_grad_(False)
+        tower = image_tower(cfg)
     prefix_length = cfg.prefix_length if cfg.mapping_type != "tokens" else tower.config.num_tokens
     if checkpoint or cfg.language_model == "tiny":
         gpt = GPT(GPTConfig.from_dict(checkpoint["gpt_config"]) if checkpoint else GPTConfig(
             n_ctx=prefix_length + cfg.max_caption_tokens + 1, n_embd=cfg.n_embd, n_head=cfg.n_head,
             n_layer=cfg.n_layer))
     else:
-        gpt = GPT.from_pretrained(cfg.language_model)
+        gpt = GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline)
     captioner = Captioner(CaptionerConfig(tower.config.embed_dim, prefix_length, cfg.mapping_type,
                                           prefix_length, cfg.mapper_layers), gpt.requires_grad_(not cfg.freeze_gpt))
     model = CaptionModel(captioner, tower if cfg.image_tower == "tiny" else None)
@@ -442,12 +522,26 @@ def build_caption_model(cfg, checkpoint=None):
     return model, tower.eval() if cfg.image_tower != "tiny" else tower
 
 
-def load_captioner(path, device="cpu"):
-    """A checkpoint of the caption task -> (CaptionModel with its image tower attached, in eval mode; its config)."""
-    checkpoint = weights.load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("task") != "caption":
-        raise ValueError(f"{path} is not a checkpoint of train.py --task caption")
-    model, model.visual = build_caption_model(cfg := TrainConfig(**checkpoint["config"]), checkpoint)
+def rebuild(build, cfg, checkpoint):
+    """build(cfg, checkpoint), after a dry run on the meta device: a checkpoint's configs size nothing until
+    its tensors agree with them (a crafted config cannot make us allocate more than the file holds)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load_state_dict into meta tensors copies nothing, checks the shapes
+        try:
+            build(cfg, checkpoint)
+        except (RuntimeError, TypeError, KeyError, ValueError) as error:  # torch lists each tensor: one tells
+            lines = str(error).strip().splitlines()
+            raise ValueError(f"the checkpoint's model does not match its config: {lines[-1].strip()}" + (
+                f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")) from None
+    return build(cfg, checkpoint)
+
+
+def load_captioner(checkpoint, device="cpu", **flags):
+    """A checkpoint of the caption task -> (CaptionModel with its image tower attached, in eval mode; its
+    config). `flags`: this run's own (weights_dir, offline; clip_weights: a frozen tower's file)."""
+    cfg = TrainConfig(**{**checkpoint_config(checkpoint, "the captioner", flags), **flags})
+    model, tower = rebuild(build_caption_model, cfg, checkpoint)
+    model.visual = tower if cfg.image_tower == "tiny" else image_tower(cfg, checkpoint["vision_config"])
     return model.to(device).eval(), cfg
 
 
@@ -461,7 +555,8 @@ def caption(model, embeds, tokenizer, max_new_tokens=30, **sampling):
 
 def clipcap_row(cfg):
     """The row of ClipCap's Table 1 (COCO Karpathy test, CIDEr) that a configuration corresponds to."""
-    if (cfg.data, cfg.split, cfg.image_tower, cfg.language_model) != ("karpathy", "test", "ViT-B/32", "gpt2"):
+    if (cfg.data, cfg.split, cfg.image_tower, cfg.clip_weights, cfg.language_model, cfg.gpt2_weights) != (
+            "karpathy", "test", "clip", "ViT-B/32", "gpt2", "gpt2"):
         return "none: ClipCap's rows are COCO Karpathy test with ViT-B/32 and GPT-2 124M (--preset coco --split test)"
     if cfg.mapping_type == "tokens":
         return "none: ClipCap maps the pooled embedding only; the tokens mapper reads every token (LLaVA-1.5's way)"
@@ -476,21 +571,24 @@ class CaptionTask:
 
     def __init__(self, cfg, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
         self.cfg, self.device, self.tokenizer = cfg, torch.device(device), GPT2Tokenizer.default()
-        self.model, tower = build_caption_model(cfg, checkpoint)
+        self.model, tower = rebuild(build_caption_model, cfg, checkpoint) if checkpoint else \
+            build_caption_model(cfg)
+        if cfg.image_tower != "tiny" and checkpoint:
+            tower = image_tower(cfg, checkpoint["vision_config"])
         frozen = None if cfg.image_tower == "tiny" else tower.to(self.device)
         self.extra = {"gpt_config": dataclasses.asdict(self.model.captioner.gpt.config),
                       "vision_config": dataclasses.asdict(tower.config)}
         self.splits, encoded = {}, {}  # many captions repeat: encode each once
         for split in splits:
             dataset = open_split(cfg, split)
-            if split != "train" and cfg.max_val_samples and not isinstance(dataset, data.ShapesDataset):
-                dataset = dataset.subset(dataset.image_ids()[:cfg.max_val_samples])  # whole images, every caption
             images, skipped = cached_features(dataset, frozen, cfg, rank, world, self.device)
             row = {image_id: k for k, image_id in enumerate(dataset.image_ids()) if str(image_id) not in skipped}
             references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
             pairs = [(r, encoded.setdefault(c, self.tokenizer.encode(c)[:cfg.max_caption_tokens]))
                      for r, captions in references.items() for c in captions]
             limit = cfg.max_train_samples if split == "train" else 0
+            if not pairs:
+                raise ValueError(no_images(cfg, split, dataset))
             self.splits[split] = (dataset, images, pairs[:limit or None], references)
         if cfg.closed_vocab:  # the rows of tokens no caption uses are 0 and stay 0 (gpt2.py Captioner.forward)
             wte, used = self.model.captioner.gpt.wte.weight.data, torch.zeros(GPTConfig.n_vocab, dtype=torch.bool)
@@ -556,13 +654,15 @@ class GPTHidden(nn.Module):
 
 def text_tokenizer(cfg):
     """Captions -> (B, T) ids for the text encoder, padded with end-of-text as SD pads (its UNet attends to every
-    position): CLIP's BPE (77 tokens for SD's tower, max_caption_tokens + 2 for the tiny one) or GPT-2's."""
+    position), cut to the context: CLIP's BPE (77 tokens for SD's tower, max_caption_tokens + 2 for the tiny
+    one) or GPT-2's. `length` asks for another context (generate.py: was a prompt cut?)."""
     if cfg.text_encoder in ("tiny", "clip"):
-        tokenizer, length = CLIPTokenizer.default(), 77 if cfg.text_encoder == "clip" else cfg.max_caption_tokens + 2
-        return lambda texts: tokenizer.tokenize(texts, length, pad="eot")
-    tokenizer, length = GPT2Tokenizer.default(), cfg.max_caption_tokens + 1
+        context = 77 if cfg.text_encoder == "clip" else cfg.max_caption_tokens + 2
+        tokenizer = CLIPTokenizer.default()
+        return lambda texts, length=context: tokenizer.tokenize(texts, length, pad="eot")
+    tokenizer, context = GPT2Tokenizer.default(), cfg.max_caption_tokens + 1
 
-    def tokenize(texts):
+    def tokenize(texts, length=context):
         rows = [tokenizer.encode(text)[:length - 1] for text in texts]
         return torch.tensor([row + [tokenizer.eot_token] * (length - len(row)) for row in rows])
     return tokenize
@@ -620,9 +720,13 @@ class DiffusionModel(nn.Module):
 def build_diffusion_model(cfg, checkpoint=None):
     """(DiffusionModel, what the checkpoint keeps to rebuild it). --sd-weights gives the VAE, SD's text tower and the
     sd15 UNet; GPT-2 comes by name or file. From a checkpoint every size is the checkpoint's and no file is read."""
-    sd = {}
+    sd, root = {}, cfg.weights_dir or None
     if cfg.sd_weights and checkpoint is None:
-        sd = weights.load_state_dict(cfg.sd_weights if Path(cfg.sd_weights).is_file() else weights.fetch(cfg.sd_weights))
+        if not Path(cfg.sd_weights).is_file() and cfg.sd_weights not in weights.REGISTRY:
+            raise FileNotFoundError(f"--sd-weights {cfg.sd_weights}: no such file, nor a registered name "
+                                    f"(e.g. {PRESETS['diffusion']['sd15']['sd_weights']})")
+        sd = weights.load_state_dict(cfg.sd_weights if Path(cfg.sd_weights).is_file() else
+                                     weights.fetch(cfg.sd_weights, root, cfg.offline))
     saved = checkpoint["text_config"] if checkpoint else None
     if cfg.text_encoder == "clip" and not saved:
         text = CLIPTextTransformer.from_state_dict(sd)  # SD's ViT-L/14 text tower, frozen
@@ -632,7 +736,8 @@ def build_diffusion_model(cfg, checkpoint=None):
             cfg.max_caption_tokens + 2, 49408, cfg.context_dim, max(1, cfg.context_dim // 64), cfg.text_layers)
         text = CLIPTextTransformer(text_config)
     else:  # GPT-2, frozen, by name or file
-        text = GPTHidden(GPT(GPTConfig.from_dict(saved)) if saved else GPT.from_pretrained(cfg.text_encoder))
+        text = GPTHidden(GPT(GPTConfig.from_dict(saved)) if saved else
+                         GPT.from_pretrained(cfg.gpt2_weights, root=root, offline=cfg.offline))
         text_config = text.gpt.config
     if checkpoint or cfg.unet == "tiny":
         channels = 4 if cfg.latent else 3 * cfg.patch ** 2
@@ -656,13 +761,10 @@ def build_diffusion_model(cfg, checkpoint=None):
                    "vae_config": vae and dataclasses.asdict(vae.config)}
 
 
-def load_text_to_image(path, device="cpu"):
+def load_text_to_image(checkpoint, device="cpu"):
     """A checkpoint of the diffusion task -> (DiffusionModel in eval mode, its config, its tokenizer)."""
-    checkpoint = weights.load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("task") != "diffusion":
-        raise ValueError(f"{path} is not a checkpoint of train.py --task diffusion")
-    cfg = TrainConfig(**checkpoint["config"])
-    return build_diffusion_model(cfg, checkpoint)[0].to(device).eval(), cfg, text_tokenizer(cfg)
+    cfg = TrainConfig(**checkpoint_config(checkpoint, "the text-to-image model"))
+    return rebuild(build_diffusion_model, cfg, checkpoint)[0].to(device).eval(), cfg, text_tokenizer(cfg)
 
 
 def image_grid(images, cols):
@@ -674,11 +776,12 @@ def image_grid(images, cols):
 
 
 @torch.no_grad()
-def judge_drawings(images, prompts, judge_path, device):
+def judge_drawings(images, prompts, cfg, device):
     """Read drawings of shapes prompts back with a shapes captioner (--judge) and score them: a single object is
     drawn right when colour and shape are (the size is scored beside, in drawn_exact); two objects when both objects'
     colours and shapes are; drawn_exact asks for the whole caption (sizes, relation) in canonical form."""
-    captioner, judge_cfg = load_captioner(judge_path, device)
+    judge = read_checkpoint(cfg.judge, "caption")
+    captioner, _ = load_captioner(judge, device, weights_dir=cfg.weights_dir, offline=cfg.offline)
     size = captioner.visual.config.image_resolution
     pixels = (F.interpolate(images, size=(size, size), mode="bilinear", antialias=True) if images.shape[-1] != size
               else images).mul(255).round().clamp(0, 255).byte()
@@ -693,8 +796,7 @@ def judge_drawings(images, prompts, judge_path, device):
         scores[len(want["objects"])].append((right, exact))
     metrics = {f"{name}_{n}": round(float(np.mean([s[k] for s in scores[n]])), 4) for n in (1, 2) if scores[n]
                for k, name in enumerate(("drawn_right", "drawn_exact"))}
-    judge_exact_match = weights.load_checkpoint(judge_path)["metrics"].get("exact_match", math.nan)
-    return {**metrics, "judge_exact_match": judge_exact_match}, read
+    return {**metrics, "judge_exact_match": judge.get("metrics", {}).get("exact_match", math.nan)}, read
 
 
 class DiffusionTask:
@@ -703,21 +805,25 @@ class DiffusionTask:
 
     def __init__(self, cfg, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
         self.cfg, self.device, self.tokenize = cfg, torch.device(device), text_tokenizer(cfg)
-        self.model, self.extra = build_diffusion_model(cfg, checkpoint)
+        self.model, self.extra = rebuild(build_diffusion_model, cfg, checkpoint) if checkpoint else \
+            build_diffusion_model(cfg)
         self.splits = {}
         for split in splits:
             dataset = open_split(cfg, split)
-            if split != "train" and cfg.max_val_samples and not isinstance(dataset, data.ShapesDataset):
-                dataset = dataset.subset(dataset.image_ids()[:cfg.max_val_samples])
             ids, images, skipped = dataset.image_ids(), None, set()
             if not cfg.latent:  # pixels are small: cache them once; photos for the VAE are read per batch
                 images, skipped = cached_features(dataset, None, cfg, rank, world, self.device)
             references = dataset.references()
             pairs = [(row, text) for row, image_id in enumerate(ids) if str(image_id) not in skipped
                      for text in references[image_id]]
+            if not pairs:
+                raise ValueError(no_images(cfg, split, dataset))
             self.splits[split] = (dataset, ids, images, pairs[:cfg.max_train_samples or None] if split == "train"
                                   else pairs)
         self.num_pairs = len(self.splits["train"][3]) if "train" in self.splits else 0
+        if "train" in self.splits:  # the words its captions use (generate.py warns of a prompt's others)
+            texts = {text for _, text in self.splits["train"][3]}
+            self.extra["caption_words"] = sorted({word for text in texts for word in words(text)})
 
     def count_targets(self, pair_ids):
         return len(pair_ids)  # the loss is a mean over images
@@ -731,7 +837,9 @@ class DiffusionTask:
         else:
             loaded = [(dataset.load_image(ids[row]), text) for row, text in rows]
             rows = [(image, text) for image, text in loaded if image is not None]
-            pixels = torch.from_numpy(np.stack([image_bytes(image, self.cfg.image_size) for image, _ in rows]))
+            if not rows:
+                raise ValueError(no_images(self.cfg, split, dataset))
+            pixels = torch.stack([resize_crop(image, self.cfg.image_size) for image, _ in rows])
         return pixels.to(device), self.tokenize([text for _, text in rows]).to(device)
 
     @torch.no_grad()
@@ -753,7 +861,7 @@ class DiffusionTask:
         path.parent.mkdir(exist_ok=True)
         image_grid(images[:16], 4).save(path)
         if cfg.judge:
-            judged, read = judge_drawings(images, prompts, cfg.judge, self.device)
+            judged, read = judge_drawings(images, prompts, cfg, self.device)
             metrics.update(judged)
             print(f"  drawn right, as {cfg.judge} reads {len(prompts)} held-out prompts back: single objects "
                   f"{judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
@@ -769,88 +877,181 @@ class DiffusionTask:
 # Command line
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line: the usage of 80 flags would bury them."""
+
+    def error(self, message):
+        self.exit(2, f"train.py: error: {message}\n")
+
+
+def read_checkpoint(path, task=None):
+    """A checkpoint of train.py, read as data (weights/' restricted reader: no code runs), of `task` if given;
+    anything else is one ValueError naming the file."""
+    try:
+        checkpoint = weights.load_checkpoint(path)
+    except Exception as error:  # truncated, not a checkpoint, unsafe: whatever the reader found
+        reason = str(error).removeprefix(f"{path}: ")
+        raise ValueError(f"{path} is not a readable checkpoint: {reason}") from None
+    kind = checkpoint.get("task") if isinstance(checkpoint, dict) else None
+    if kind not in PRESETS or not isinstance(checkpoint.get("config"), dict) or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a checkpoint of train.py")
+    if task and kind != task:
+        raise ValueError(f"{path} is a checkpoint of train.py --task {kind}, not --task {task}")
+    return checkpoint
+
+
+def checkpoint_config(checkpoint, path, given=()):
+    """A checkpoint's flags, read as data: TrainConfig's names, types and choices, none of LOCAL, sizes within
+    BOUNDS; a frozen tower's file it names (not holds) must be `given` again. Checkpoints from before the
+    -weights flags read too (--image-tower ViT-B/32, --language-model gpt2-medium)."""
+    config, types = dict(checkpoint["config"]), {f.name: type(f.default) for f in fields(TrainConfig)}
+    for choice, name, family in (("image_tower", "clip_weights", "clip"),
+                                 ("text_encoder", "gpt2_weights", "gpt2"),
+                                 ("language_model", "gpt2_weights", "gpt2")):
+        if name not in config and config.get(choice, "tiny") not in ("tiny", "clip"):
+            config[choice], config[name] = family, config[choice]
+    config = {k: v for k, v in config.items() if k in types and k not in LOCAL}
+    wrong = [k for k, v in config.items() if type(v) is not types[k] and (types[k], type(v)) != (float, int)]
+    wrong += [k for k, bound in BOUNDS.items() if k in config and not 0 <= config[k] <= bound]
+    wrong += [f.name for f in fields(TrainConfig) if f.metadata["choices"] and config.get(f.name, f.default)
+              not in f.metadata["choices"]]
+    if wrong:
+        raise ValueError(f"{path}: its config holds values of the wrong type or size: {sorted(wrong)}")
+    if config.get("image_tower") == "clip" and config["clip_weights"] != TrainConfig.clip_weights and \
+            "clip_weights" not in given:
+        raise FileNotFoundError(f"{path}'s frozen image tower is the file {config['clip_weights']}, which it "
+                                "does not hold: give it as --clip-weights")
+    return config
+
+
+def config_error(cfg):
+    """The first thing wrong with a configuration, or None."""
+    for bad, message in [
+            (min(cfg.batch_size, cfg.grad_accum, cfg.prefix_length, cfg.eval_every, cfg.log_every,
+                 cfg.num_beams) < 1,
+             "--batch-size, --grad-accum, --prefix-length, --eval-every, --log-every, --num-beams must be "
+             ">= 1"),
+            (cfg.lr <= 0 or cfg.epochs <= 0 or min(cfg.warmup_steps, cfg.minutes, cfg.stop_after) < 0,
+             "--lr, --epochs must be > 0, --warmup-steps, --minutes, --stop-after >= 0"),
+            (cfg.closed_vocab and cfg.language_model != "tiny", "--closed-vocab needs --language-model tiny"),
+            (cfg.image_tower == "tiny" and cfg.image_size % cfg.patch_size,
+             "--patch-size must divide --image-size"),
+            (not cfg.sd_weights and (cfg.latent or cfg.text_encoder == "clip" or cfg.unet == "sd15"),
+             "--latent, --text-encoder clip and --unet sd15 need --sd-weights (an SD 1.x file)"),
+            (cfg.split == "test" and cfg.data in data.NO_TEST_SPLIT,
+             f"--split test: {data.NO_TEST_SPLIT.get(cfg.data)}"),
+            (cfg.data == "folder" and not cfg.data_root,
+             "--data folder needs --data-root DIR (images, captions file)"),
+            (cfg.offline and cfg.download, "--offline never downloads: leave out --download")]:
+        if bad:
+            return message
+
+
+EVAL_FLAGS = LOCAL | {"data", "split", "num_beams", "max_val_samples", "max_caption_tokens", "num_judged",
+                      "sampler", "sampling_steps", "guidance_scale", "clip_weights"}
+
+
 def parse_config(argv=None):
-    """Flags from TrainConfig's fields. Precedence: defaults < preset < --debug < the checkpoint being resumed < the
-    flags given. Returns (config, the flags given)."""
-    parser = argparse.ArgumentParser(description="Train minimodal's models: --task caption (ClipCap) or diffusion.")
+    """Flags from TrainConfig's fields -> (config, the flags given, the checkpoint of --resume or --eval).
+    Precedence: defaults < preset < --smoke-test < the checkpoint's config (never its LOCAL flags) < the flags
+    given; --help shows each default and what every preset sets."""
+    presets = "\n".join(textwrap.fill(f"--task {t} --preset {p}: " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in values.items()), 110, initial_indent="  ",
+        subsequent_indent="    ") for t in PRESETS for p, values in PRESETS[t].items())
+    parser = Parser(description="Train minimodal's models: --task caption (ClipCap) or diffusion.",
+                    epilog=f"presets (the flags each one sets):\n{presets}",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else dict(type=type(f.default))
-        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=f.metadata["help"], **kind)
+        kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
+            dict(type=type(f.default), choices=f.metadata["choices"])
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
+                            help=f"{f.metadata['help']} (default: {f.default if f.default != '' else '-'})")
     given = vars(parser.parse_args(argv))
-    task, preset = given.get("task", TrainConfig.task), given.get("preset", TrainConfig.preset)
+    path, checkpoint, stored = given.get("resume") or given.get("eval"), None, {}
+    if given.get("resume") and given.get("eval"):
+        parser.error("--resume continues a run, --eval scores one: give one of them")
+    if path:
+        if not Path(path).is_file():
+            parser.error(f"no such checkpoint: {path}")
+        checkpoint = read_checkpoint(path)
+        stored = checkpoint_config(checkpoint, path, given)
+        not_for_eval = sorted(set(given) - EVAL_FLAGS) if given.get("eval") else []
+        if not_for_eval or given.get("task", stored["task"]) != stored["task"]:
+            flags = ", ".join("--" + k.replace("_", "-") for k in not_for_eval or ["task"])
+            parser.error(f"{path} is a --task {stored['task']} checkpoint, scored as it was trained: {flags} "
+                         "do not apply")
+        given.setdefault("out_dir", str(Path(path).parent))  # the checkpoint's own folder, never one it names
+    task = stored.get("task", given.get("task", TrainConfig.task))
+    preset = stored.get("preset", given.get("preset", TrainConfig.preset))
     if preset not in PRESETS.get(task, {}):
         parser.error(f"--task/--preset must be one of {[(t, p) for t in PRESETS for p in PRESETS[t]]}")
-    if any(given.get(name) and not Path(given[name]).is_file() for name in ("resume", "eval")):
-        parser.error(f"no such checkpoint: {given.get('resume') or given.get('eval')}")
-    resumed = weights.load_checkpoint(given["resume"])["config"] if given.get("resume") else {}
-    resumed = {k: v for k, v in resumed.items() if k not in ("resume", "stop_after", "eval")}  # this run's own
-    cfg = TrainConfig(**{**PRESETS[task][preset], **(DEBUG if given.get("debug") else {}), **resumed, **given})
-    for bad, message in [
-            (cfg.precision not in ("fp32", "bf16", "fp16", "auto"), "--precision must be fp32, bf16, fp16 or auto"),
-            (min(cfg.batch_size, cfg.grad_accum, cfg.prefix_length, cfg.eval_every, cfg.log_every, cfg.num_beams) < 1,
-             "--batch-size, --grad-accum, --prefix-length, --eval-every, --log-every, --num-beams must be >= 1"),
-            (cfg.lr <= 0 or cfg.epochs <= 0 or min(cfg.warmup_steps, cfg.minutes) < 0,
-             "--lr, --epochs must be > 0, --warmup-steps, --minutes >= 0"),
-            (cfg.mapping_type not in ("mlp", "transformer", "tokens"),
-             "--mapping-type must be mlp, transformer or tokens"),
-            (cfg.closed_vocab and cfg.language_model != "tiny", "--closed-vocab needs --language-model tiny"),
-            (cfg.image_tower == "tiny" and cfg.image_size % cfg.patch_size, "--patch-size must divide --image-size"),
-            (cfg.schedule not in ddpm.PRESETS or cfg.sampler not in ddpm.SAMPLERS or cfg.parameterization not in
-             ("eps", "v"), f"--schedule must be one of {list(ddpm.PRESETS)}, --sampler of {ddpm.SAMPLERS}, "
-             "--parameterization eps or v"),
-            (not cfg.sd_weights and (cfg.latent or cfg.text_encoder == "clip" or cfg.unet == "sd15"),
-             "--latent, --text-encoder clip and --unet sd15 need --sd-weights (an SD 1.x file)")]:
-        if bad:
-            parser.error(message)
-    return cfg, given
+    smoke_test = SMOKE_TEST if given.get("smoke_test") else {}
+    cfg = TrainConfig(**{**PRESETS[task][preset], **smoke_test, **stored, **given})
+    if message := config_error(cfg):
+        parser.error(message)
+    out = Path(cfg.out_dir)  # a new run never replaces a run's checkpoint and log, unless told to
+    held = [name for name in ("ckpt.pt", "log.jsonl") if (out / name).exists()]
+    if held and not (cfg.eval or cfg.overwrite or out.resolve() == Path(path or ".").resolve().parent):
+        resume = f"--resume {out / 'ckpt.pt'} continues it, " if "ckpt.pt" in held else ""
+        parser.error(f"{out} holds a run ({', '.join(held)}): {resume}another --out-dir starts a new one, "
+                     "--overwrite replaces it")
+    return cfg, given, checkpoint
 
 
-def evaluate_checkpoint(cfg, given):
-    """Score a checkpoint on one split: a captioner's BLEU-1..4 and CIDEr-D, with the split, decoding and training
-    behind them; a text-to-image model's validation loss and samples, and with --judge its prompts read back."""
-    path, checkpoint = cfg.eval, weights.load_checkpoint(cfg.eval)
-    if not isinstance(checkpoint, dict) or checkpoint.get("task") not in ("caption", "diffusion"):
-        raise SystemExit(f"error: {path} is not a checkpoint of train.py")
-    if checkpoint["task"] == "diffusion":
-        keep = "judge num_judged sampler sampling_steps guidance_scale max_val_samples device out_dir threads".split()
-        cfg = TrainConfig(**{**checkpoint["config"], **{k: v for k, v in given.items() if k in keep}})
-        task = DiffusionTask(cfg, device=cfg.device, splits=("val",), checkpoint=checkpoint)
-        metrics = task.evaluate(task.model.to(cfg.device))
-        print(f"checkpoint {path}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
-              f"{cfg.preset}) | sampler {cfg.sampler}, {cfg.sampling_steps} steps, guidance {cfg.guidance_scale:g}\n"
-              + "  ".join(f"{k} {v}" for k, v in metrics.items()))
-        return metrics
-    keep = "data data_root download split num_beams max_val_samples max_caption_tokens device out_dir threads".split()
-    cfg = TrainConfig(**{**checkpoint["config"], **{k: v for k, v in given.items() if k in keep}})
-    task = CaptionTask(cfg, device=cfg.device, splits=(cfg.split,), checkpoint=checkpoint)
+def evaluate_checkpoint(cfg, checkpoint):
+    """Score a checkpoint on one split: a captioner's BLEU-1..4 and CIDEr-D, with the split, decoding and
+    training behind them; a text-to-image model's validation loss and samples, and with --judge its prompts
+    read back."""
+    diffusion = checkpoint["task"] == "diffusion"
+    task = (DiffusionTask if diffusion else CaptionTask)(cfg, device=cfg.device, splits=(cfg.split,),
+                                                          checkpoint=checkpoint)
     metrics = task.evaluate(task.model.to(cfg.device), cfg.split)
-    decoding = "greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams"
-    print(f"checkpoint {path}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
-          f"{cfg.preset}, {cfg.mapping_type} mapper, GPT-2 {'frozen' if cfg.freeze_gpt else 'trained'})\n"
-          f"split: {cfg.data} {cfg.split}, {len(task.splits[cfg.split][3])} images | decoding: {decoding}, at most "
-          f"{cfg.max_caption_tokens} tokens\n" + "  ".join(f"{k} {v * 100:.1f}" if k != "val_loss" else f"{k} {v}"
-                                                       for k, v in metrics.items()))
-    print(f"compare with: {clipcap_row(cfg)}")
+    beams = "greedy" if cfg.num_beams == 1 else f"beam search, {cfg.num_beams} beams"
+    print(f"checkpoint {cfg.eval}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
+          f"{cfg.preset}" + ("" if diffusion else f", {cfg.mapping_type} mapper, GPT-2 "
+                             f"{'frozen' if cfg.freeze_gpt else 'trained'}") + ")\n"
+          f"split: {cfg.data} {cfg.split}, {len(task.splits[cfg.split][0].image_ids())} images | " + (
+              f"sampler {cfg.sampler}, {cfg.sampling_steps} steps, guidance {cfg.guidance_scale:g}"
+              if diffusion else f"decoding: {beams}, at most {cfg.max_caption_tokens} tokens") + "\n" +
+          "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}"
+                    for k, v in metrics.items()))
+    if not diffusion:
+        print(f"compare with: {clipcap_row(cfg)}")
     return metrics
 
 
 def main(argv=None):
-    cfg, given = parse_config(argv)
+    """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit
+    with 2 for a usage problem (a flag, a missing file or folder) or 1 for a failure."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except (OSError, ValueError, pickle.UnpicklingError, weights.WeightsUnavailable, MemoryError) as error:
+        if "--traceback" in argv:
+            raise
+        print(f"train.py: error: {error or type(error).__name__}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, FileNotFoundError) else 1) from None
+
+
+def run(argv):
+    cfg, given, checkpoint = parse_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # the one seed: initialisation (equal on every rank); data order derives from it
+    torch.manual_seed(cfg.seed)  # the one seed: initialisation (equal on every rank); data order follows
     if cfg.eval:
-        return evaluate_checkpoint(cfg, given)
+        return evaluate_checkpoint(cfg, checkpoint)
     rank, world, device = setup_distributed(cfg)
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise SystemExit(f"error: --batch-size {cfg.batch_size} must divide by processes x --grad-accum")
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    task = (DiffusionTask if cfg.task == "diffusion" else CaptionTask)(cfg, rank, world, device)
-    if rank == 0:
-        counts = [sum(p.numel() for p in task.model.parameters() if p.requires_grad == t) for t in (True, False)]
-        print(json.dumps(dataclasses.asdict(cfg)))
-        print(f"{task.num_pairs:,} training pairs; parameters: {counts[0]:,} trained, {counts[1]:,} frozen")
-    result = train(task, cfg, rank, world, device)
+        raise ValueError(f"--batch-size {cfg.batch_size} must divide by processes ({world}) x --grad-accum")
+    with own_out_dir(cfg, checkpoint) if rank == 0 else contextlib.nullcontext():
+        Task = DiffusionTask if cfg.task == "diffusion" else CaptionTask
+        task = Task(cfg, rank, world, device, checkpoint=checkpoint)
+        if rank == 0:
+            trained, frozen = (sum(p.numel() for p in task.model.parameters() if p.requires_grad == t)
+                               for t in (True, False))
+            print(json.dumps(dataclasses.asdict(cfg)))
+            print(f"{task.num_pairs:,} training pairs; parameters: {trained:,} trained, {frozen:,} frozen")
+        result = train(task, cfg, rank, world, device, checkpoint)
     if world > 1:
         dist.destroy_process_group()
     return result

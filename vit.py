@@ -10,6 +10,9 @@ official code, everything is batch-first: no sequence-first (LND) permutes aroun
 The text tower, the whole CLIP model, the Hugging Face key mapping and `load_visual` (this tower out of any CLIP
 file) live in clip.py.
 """
+import os
+import stat
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,23 +209,47 @@ class VisionTransformer(nn.Module):
         return model
 
 # -----------------------------------------------------------------------------------------------------------
-# Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`)
+# Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`): one opener, resize_crop
+# (uint8 pixels) and normalize (CLIP's input); preprocess = both
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 50  # a centre crop of a 1 x 30000 strip keeps nothing, and resized first it is 224 x 6,720,000
 
 
 class ImageReadError(ValueError):
-    """A file that is empty, truncated or not an image."""
+    """An image that cannot be used: missing, not a regular file, empty, truncated, not an image, over Pillow's
+    decompression-bomb limit or the caller's pixel limit, or of an aspect ratio beyond MAX_ASPECT_RATIO."""
 
 
-def open_image(path):
-    """Open and fully decode an image file, or raise one ImageReadError naming the file."""
+def check_size(size, where, max_pixels=None):
+    w, h = size
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageReadError(f"cannot use image {where}: {w}x{h} pixels, an aspect ratio beyond "
+                             f"{MAX_ASPECT_RATIO}:1 (crop it first)")
+    if max_pixels and w * h > max_pixels:
+        raise ImageReadError(f"cannot use image {where}: {w}x{h} pixels, more than {max_pixels:,}")
+
+
+def open_image(path, max_pixels=None):
+    """The one way an image file is read: its size checked from the header before a pixel is decoded, then decoded
+    in full (a truncated file fails here, not later) and turned by its EXIF orientation tag, in its own mode.
+    Anything that goes wrong is one ImageReadError naming the file; a FIFO or device is refused unread (reading
+    it would block forever)."""
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not later
-            return ImageOps.exif_transpose(image)  # apply the camera's orientation tag (a copy)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageReadError(f"cannot read image {path}: not a regular file")
+        with warnings.catch_warnings():  # Pillow warns from 89 megapixels and refuses from 179 (an error, below)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            check_size(image.size, path, max_pixels)
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # no second copy of a large image
+            return image
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
@@ -233,34 +260,48 @@ def to_rgb(image):
     1/257 so 65535 maps to 255 (Pillow's own conversion clips at 255 and turns most of a 16-bit photo
     white); float images (F) follow Pillow's convention of 0..255. CMYK uses Pillow's conversion."""
     if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        values = values / 257 if image.mode != "F" else values
-        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+        grey = np.empty((image.height, image.width), np.uint8)
+        for top in range(0, image.height, 256):  # in bands: never a float64 copy of the whole image
+            band = np.asarray(image.crop((0, top, image.width, min(top + 256, image.height))), dtype=np.float64)
+            grey[top:top + 256] = np.clip(np.round(band / 257 if image.mode != "F" else band), 0, 255)
+        image = Image.fromarray(grey, "L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resize_crop(image, resolution=224):
+    """A PIL image to CLIP's pixels, (3, resolution, resolution) uint8: EXIF orientation, RGB, short side to
+    `resolution` with bicubic filtering (long side int(resolution * long / short), as torchvision and Hugging Face
+    compute it), centre crop. The crop offset is floor((size - resolution) / 2) like Hugging Face; torchvision's
+    CenterCrop rounds half to even instead, so a few sizes are offset by one pixel from openai/CLIP.
+    An image whose short side already is `resolution` is only cropped (the same pixels, no resize); any other is
+    resized whole, since Pillow's filter positions depend on the whole size, so MAX_ASPECT_RATIO bounds its memory."""
+    if image.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag
+        image = ImageOps.exif_transpose(image)
+    image = to_rgb(image)
+    check_size(image.size, getattr(image, "filename", "") or "(in memory)")
+    w, h = image.size
+    long = int(resolution * max(w, h) / min(w, h))
+    size = (resolution, long) if w <= h else (long, resolution)
+    if size != image.size:
+        image = image.resize(size, Image.BICUBIC)
+    top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, h, w)
+
+
+def normalize(pixels):
+    """uint8 pixels (..., 3, h, w) -> CLIP's input: scaled to [0, 1], then CLIP's per-channel mean and std."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
 
 
 def preprocess(image_or_path, resolution=224):
-    """A path or PIL image to CLIP's input, a (3, resolution, resolution) float tensor: EXIF orientation,
-    RGB, short side to `resolution` with bicubic filtering (long side int(resolution * long / short), as
-    torchvision and Hugging Face compute it), centre crop, scale to [0, 1], CLIP's mean and std.
-    The crop offset is floor((size - resolution) / 2) like Hugging Face; torchvision's CenterCrop rounds
-    half to even instead, so a few sizes are offset by one pixel from openai/CLIP."""
-    if isinstance(image_or_path, (str, Path)):
-        image = open_image(image_or_path)
-    else:
-        image = ImageOps.exif_transpose(image_or_path)
-    image = to_rgb(image)
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    long = int(resolution * long / short)
-    w, h = (resolution, long) if w <= h else (long, resolution)
-    image = image.resize((w, h), Image.BICUBIC)
-    top, left = (h - resolution) // 2, (w - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255  # (3, h, w)
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    """A path or PIL image to CLIP's input, a (3, resolution, resolution) float tensor: open_image, resize_crop,
+    normalize."""
+    image = open_image(image_or_path) if isinstance(image_or_path, (str, Path)) else image_or_path
+    return normalize(resize_crop(image, resolution))

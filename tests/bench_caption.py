@@ -279,7 +279,7 @@ def memory_report(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=40, help="pairs per step (ClipCap: 40)")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps after one warm-up step")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--skip-reference", action="store_true", help="time ours only")
     parser.add_argument("--memory", action="store_true", help="time nothing: count the peak tensor memory of one "
@@ -308,7 +308,7 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed_steps(ours, args.steps, device)
+    seconds = timed_steps(ours, args.repeats, device)
     memory = (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (capped at 6 GB)"
               if device.type == "cuda" else
               f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
@@ -336,13 +336,13 @@ def main():
             reference_optimizer.step()
             reference_optimizer.zero_grad(set_to_none=True)
 
-        reference_seconds = timed_steps(clipcap, args.steps, device)
+        reference_seconds = timed_steps(clipcap, args.repeats, device)
         print(f"ClipCap way (transformers, every position's logits): {args.batch_size / reference_seconds:.1f} pairs/s"
               f" ({reference_seconds:.2f} s/step); ours / reference time: {seconds / reference_seconds:.2f}")
     tower = VisionTransformer(VISION_PRESETS["ViT-B/32"]).to(device).eval()
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
     with torch.no_grad(), torch.autocast(**autocast):
-        seconds = timed_steps(lambda: tower(images), args.steps, device)
+        seconds = timed_steps(lambda: tower(images), args.repeats, device)
     print(f"feature cache: ViT-B/32 embeds {args.batch_size / seconds:.1f} images/s; COCO train2017 (118,287 images) "
           f"in {118287 / (args.batch_size / seconds) / 60:.0f} min")
 

@@ -1,6 +1,6 @@
 """Benchmark gpt2.py against transformers' GPT2LMHeadModel on the same weights, in the same run.
 
-    python tests/bench_gpt2.py [--threads N] [--runs 10]
+    python tests/bench_gpt2.py [--threads N] [--repeats 10]
 
 Two measurements at the full 124M configuration (random weights, seeded; the speed does not depend on them):
 a forward pass B=1 T=256 (full logits) and a 32-token greedy generation with the KV cache from a 16-token prompt.
@@ -34,7 +34,7 @@ def median_seconds(functions, runs, warmup=2):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (median reported)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median reported)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,7 +47,7 @@ def main():
     generator = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 50257, (1, 256), generator=generator).to(args.device)
     prompt = idx[:, :16]
-    print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, median of {args.runs} runs")
+    print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, median of {args.repeats} runs")
 
     with torch.inference_mode():
         difference = (ours(idx) - reference(idx).logits).abs().max().item()
@@ -61,7 +61,7 @@ def main():
                  lambda: reference.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=50256))]
         for name, goal, ours_fn, reference_fn in rows:
             ours_s, reference_s = median_seconds([lambda: (ours_fn(), sync()), lambda: (reference_fn(), sync())],
-                                                 args.runs)
+                                                 args.repeats)
             ratio = ours_s / reference_s
             verdict = "meets" if ratio <= goal else "MISSES"
             print(f"{name:26s} ours {ours_s * 1e3:8.1f} ms  transformers {reference_s * 1e3:8.1f} ms  "

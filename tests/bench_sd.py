@@ -1,7 +1,7 @@
 """Benchmark: our SD 1.5 UNet and VAE against diffusers' on the same weights, in the same run.
 
     python tests/bench_sd.py                  # one UNet step (fp32, B=2, 32x32 latent), one 256x256 VAE decode
-    python tests/bench_sd.py --device cuda --dtype float16 --size 64   # 512x512 on a GPU
+    python tests/bench_sd.py --device cuda --precision fp16 --size 64   # 512x512 on a GPU
 
 Both models hold the same random weights: ours, written in the official single-file layout and read into
 diffusers by its own converter (tests/sd_oracle.py). Runs alternate ours / diffusers and the best of
@@ -56,28 +56,30 @@ def report(name, times, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights and activations")
-    parser.add_argument("--batch", type=int, default=2, help="batch size of the UNet step")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="weights and activations")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch size of the UNet step")
     parser.add_argument("--size", type=int, default=32, help="latent side (image side / 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per model (best is kept)")
     parser.add_argument("--only", choices=["unet", "vae"], default=None, help="benchmark one network only")
     args = parser.parse_args()
-    if args.size % 8 or args.batch < 1 or args.repeats < 1:
-        parser.error("--size must be a multiple of 8, --batch and --repeats positive")
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.size % 8 or args.batch_size < 1 or args.repeats < 1:
+        parser.error("--size must be a multiple of 8, --batch-size and --repeats positive")
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {device}, {args.dtype}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {device}, {args.precision}, {torch.get_num_threads()} threads")
 
     if args.only in (None, "unet"):
         ours = so.build(unet_lib.UNetModel, unet_lib.PRESETS["sd15"])
         ref = so.diffusers_unet(so.single_file_state(unet=ours))
         ours, ref = move(ours, device, dtype), move(ref, device, dtype)
-        x = torch.randn(args.batch, 4, args.size, args.size, generator=gen).to(device, dtype)
-        t = torch.full((args.batch,), 500, device=device)
-        context = torch.randn(args.batch, 77, 768, generator=gen).to(device, dtype)
+        x = torch.randn(args.batch_size, 4, args.size, args.size, generator=gen).to(device, dtype)
+        t = torch.full((args.batch_size,), 500, device=device)
+        context = torch.randn(args.batch_size, 77, 768, generator=gen).to(device, dtype)
         times = best_times([lambda: ours(x, t, context), lambda: ref(x, t, encoder_hidden_states=context)],
                            args.repeats, device)
-        report(f"UNet step B={args.batch} {args.size}x{args.size}", times, device)
+        report(f"UNet step B={args.batch_size} {args.size}x{args.size}", times, device)
         del ours, ref
 
     if args.only in (None, "vae"):

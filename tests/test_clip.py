@@ -309,7 +309,7 @@ def test_cli_prints_label_probabilities(vitb32, tmp_path, capsys, monkeypatch):
     image = tmp_path / "photo.png"
     Image.new("RGB", (300, 200), (200, 40, 40)).save(image)
     checkpoint = vitb32[-1] / "hf" / "model.safetensors"
-    monkeypatch.setattr("sys.argv", ["clip.py", str(image), "a dog", "a cat", "--weights", str(checkpoint)])
+    monkeypatch.setattr("sys.argv", ["clip.py", str(image), "a dog", "a cat", "--clip-weights", str(checkpoint)])
     clip.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and {line.split(maxsplit=1)[1] for line in lines} == {"a dog", "a cat"}

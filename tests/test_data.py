@@ -121,13 +121,17 @@ def test_two_object_relations_are_visibly_true():
 
 
 def test_shapes_splits_disjoint():
-    train, val = ShapesDataset(1500, image_size=64), ShapesDataset(1500, image_size=64, split="val")
+    """train, val and test: three random streams, no scene in two of them (test's golden first caption pinned)."""
+    train, val, test = (ShapesDataset(1500, image_size=64, split=split) for split in ("train", "val", "test"))
     train_scenes = {repr(train.scene(i)) for i in range(len(train))}
-    assert not any(repr(val.scene(i)) in train_scenes for i in range(len(val)))
+    val_scenes = {repr(val.scene(i)) for i in range(len(val))}
+    assert not val_scenes & train_scenes and not {repr(test.scene(i)) for i in range(1500)} & (train_scenes | val_scenes)
     train_images = {train.load_image(i).tobytes() for i in range(300)}
     assert not any(val.load_image(i).tobytes() in train_images for i in range(300))
+    assert not any(test.load_image(i).tobytes() in train_images for i in range(300))
+    assert test.caption(0) == "a large orange square"  # fixed forever, as the other splits' first captions
     with pytest.raises(ValueError, match="split"):
-        ShapesDataset(10, split="test")
+        ShapesDataset(10, split="holdout")
     with pytest.raises(IndexError):
         train.scene(1500)
 
@@ -254,6 +258,27 @@ def test_captions_file_errors_name_the_line(tmp_path):
         data.read_captions_file(tmp_path / "bad.csv")
     with pytest.raises(FileNotFoundError, match="captions file"):
         data.image_folder(tmp_path / "nothing")
+
+
+def test_open_split_has_real_test_splits_or_refuses(tmp_path):
+    """--split test never scores val: shapes and Karpathy's splits have a test split, CIFAR-100 its official test set
+    (val is 10% of its training images, held out); COCO 2017 and image folders refuse, saying what to do."""
+    assert data.open_split("shapes", "test", max_images=5).split == "test"
+    for name, message in (("coco", "COCO 2017 publishes no test captions"), ("folder", "train and val only")):
+        with pytest.raises(ValueError, match=message):
+            data.open_split(name, "test", root=str(tmp_path))
+    root = _coco_fixture(tmp_path / "coco")
+    assert data.open_split("coco", "val", str(root), max_images=2).image_ids() == [139, 285]  # first images, whole
+    with pytest.raises(FileNotFoundError, match="--data-root .*nowhere: no such folder"):
+        data.open_split("coco", "val", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="--data folder needs --data-root"):
+        data.open_split("folder", "train")
+    with pytest.raises(FileNotFoundError, match="caption_datasets.zip .*--download"):
+        data.open_split("karpathy", "test", str(root))
+    _cifar_fixture(tmp_path / "cifar", n_train=20, n_test=4)
+    train, val, test = (data.open_split("cifar100", split, str(tmp_path / "cifar")) for split in ("train", "val", "test"))
+    assert (len(train.image_ids()), len(val.image_ids()), len(test.image_ids())) == (18, 2, 4)
+    assert not set(train.image_ids()) & set(val.image_ids())
 
 
 def _python2_pickle(obj):
@@ -388,6 +413,31 @@ def test_coco_unpack_refuses_paths_outside_the_root(tmp_path, local_server, monk
     with pytest.raises(ValueError, match="outside"):
         data._download_and_unpack("val2017", tmp_path / "coco")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_karpathy_download_fetches_the_split_file(tmp_path, local_server, monkeypatch):
+    """--download with Karpathy's splits: the COCO 2017 images and dataset_coco.json out of caption_datasets.zip."""
+    import json
+    import zipfile
+    served, url = local_server
+    source = _coco_fixture(tmp_path / "source")
+    (served / "zips").mkdir()
+    for split in ("train2017", "val2017"):
+        with zipfile.ZipFile(served / "zips" / f"{split}.zip", "w") as zf:
+            for path in sorted((source / "val2017").iterdir()) if split == "val2017" else ():
+                zf.write(path, f"val2017/{path.name}")
+    karpathy = {"images": [{"filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": i, "split": "test",
+                            "sentences": [{"raw": f"Raw {i}."}]} for i in (139, 285)]}
+    with zipfile.ZipFile(served / "caption_datasets.zip", "w") as zf:
+        zf.writestr("dataset_coco.json", json.dumps(karpathy))
+        zf.writestr("dataset_flickr8k.json", "{}")
+    monkeypatch.setattr(data, "COCO_URL", url)
+    monkeypatch.setattr(data, "KARPATHY_URL", url + "caption_datasets.zip")
+    monkeypatch.setattr(data, "COCO_ARCHIVES", {name: (f"zips/{name}.zip", (served / f"zips/{name}.zip").stat().st_size,
+                                                       None) for name in ("train2017", "val2017")})
+    test = data.open_split("karpathy", "test", str(tmp_path / "coco"), download=True)
+    assert test.pairs == [(139, "Raw 139."), (285, "Raw 285.")] and test[0][0].size == (20, 16)
+    assert sorted(p.name for p in (tmp_path / "coco").glob("*.json")) == ["dataset_coco.json"]
 
 
 def test_cifar100_download_checks_the_md5(tmp_path, local_server, monkeypatch):

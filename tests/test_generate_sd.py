@@ -131,7 +131,7 @@ def test_plain_attention_equals_sdpa(tiny):
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 0.03), (torch.bfloat16, 0.1)])
 def test_half_precision_stays_close_to_fp32(tiny, dtype, tolerance):
-    """--dtype fp16 / bf16: the networks run in half precision, the sampler stays in fp32."""
+    """--precision fp16 / bf16: the networks run in half precision, the sampler stays in fp32."""
     half = generate.StableDiffusion.from_single_file(tiny["path"], dtype=dtype)
     assert next(half.unet.parameters()).dtype == dtype
     args = dict(prompts=PROMPTS, seeds=[5, 6], negative_prompts=NEGATIVES, sampler="dpm++2m", steps=4, height=16,
@@ -156,8 +156,8 @@ def read_parameters(path):
 
 
 def run(tiny, *args):
-    return generate.main([*args, "--weights", str(tiny["path"]), "--height", "16", "--width", "16",
-                          "--steps", "2", "--device", "cpu"])
+    return generate.main([*args, "--sd-weights", str(tiny["path"]), "--height", "16", "--width", "16",
+                          "--sampling-steps", "2", "--device", "cpu"])
 
 
 def test_cli_writes_pngs_with_parameters_and_a_grid(tiny, tmp_path):
@@ -197,9 +197,9 @@ def test_cli_reads_the_ckpt_format(tiny, tmp_path):
     ckpt = tmp_path / "tiny-sd.ckpt"
     state = {k: v.clone() for k, v in weights.load_state_dict(tiny["path"]).items()}
     torch.save({"state_dict": state, "global_step": 840000, "epoch": 6}, ckpt)
-    args = ["a cat", "--height", "16", "--width", "16", "--steps", "2", "--seed", "3", "--device", "cpu"]
-    from_ckpt = generate.main(args + ["--weights", str(ckpt), "--out-dir", str(tmp_path / "a")])
-    from_safetensors = generate.main(args + ["--weights", str(tiny["path"]), "--out-dir", str(tmp_path / "b")])
+    args = ["a cat", "--height", "16", "--width", "16", "--sampling-steps", "2", "--seed", "3", "--device", "cpu"]
+    from_ckpt = generate.main(args + ["--sd-weights", str(ckpt), "--out-dir", str(tmp_path / "a")])
+    from_safetensors = generate.main(args + ["--sd-weights", str(tiny["path"]), "--out-dir", str(tmp_path / "b")])
     assert np.array_equal(np.asarray(Image.open(from_ckpt[0])), np.asarray(Image.open(from_safetensors[0])))
 
 
@@ -207,9 +207,9 @@ def test_cli_reads_the_ckpt_format(tiny, tmp_path):
     (["--height", "500"], "--height must be a positive multiple of 8"),
     (["--width", "0"], "--width must be a positive multiple of 8"),
     (["--strength", "1.5"], "--strength must be in (0, 1]"),
-    (["--steps", "0"], "--steps, --num-images and --batch-size must be at least 1"),
+    (["--sampling-steps", "0"], "--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be"),
     (["holiday.jpg"], "no such image file: holiday.jpg"),
-    (["--sampler", "ddim", "--steps", "2000"], "steps must be between 1 and 1000"),
+    (["--sampler", "ddim", "--sampling-steps", "2000"], "steps must be between 1 and 1000"),
 ])
 def test_cli_rejects_bad_values(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -217,12 +217,14 @@ def test_cli_rejects_bad_values(flags, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_cli_bad_init_image_is_one_clear_error(tiny, tmp_path):
+def test_cli_bad_init_image_is_one_clear_error(tiny, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(SystemExit) as exit_info:
         run(tiny, "a cat", "--init-image", str(bad), "--out-dir", str(tmp_path / "out"))
-    assert "cannot read image" in str(exit_info.value.code) and str(bad) in str(exit_info.value.code)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"generate.py: error: --init-image: cannot read image {bad}: ")
     assert not (tmp_path / "out").exists()
 
 
@@ -233,17 +235,19 @@ def test_cli_bad_checkpoints_are_one_clear_error(tiny, tmp_path, capsys):
     weights.write_safetensors({"wte.weight": torch.zeros(4, 2)}, not_sd)
     for path in (truncated, not_sd):
         with pytest.raises(SystemExit) as exit_info:
-            generate.main(["a cat", "--weights", str(path), "--device", "cpu", "--out-dir", str(tmp_path / "o")])
-        assert f"{path} is not a usable Stable Diffusion 1.x checkpoint" in str(exit_info.value.code)
+            generate.main(["a cat", "--sd-weights", str(path), "--device", "cpu", "--out-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and f"{path} is not a usable Stable Diffusion 1.x checkpoint" in err
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_offline_without_weights_names_url_and_path(tmp_path, monkeypatch):
+def test_cli_offline_without_weights_names_url_and_path(tmp_path, monkeypatch, capsys):
     for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):  # no hub cache holds a copy either
         monkeypatch.setenv(var, str(tmp_path / "empty-cache"))
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["a cat", "--offline", "--weights-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")])
-    message = str(exit_info.value.code)
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 1 and message.startswith("generate.py: error: offline: sd15/")
     entry = weights.REGISTRY[generate.DEFAULT_WEIGHTS]
     assert entry.url in message and str(tmp_path / generate.DEFAULT_WEIGHTS) in message
     assert not (tmp_path / "sd15").exists() and not (tmp_path / "o").exists()
@@ -272,7 +276,7 @@ def test_cli_fetches_missing_weights_on_first_use(tiny, tmp_path, monkeypatch):
             url, len(data), hashlib.sha256(data).hexdigest(), "safetensors"))
         for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
             monkeypatch.setenv(var, str(tmp_path / "empty-cache"))
-        args = ["a cat", "--weights-dir", str(tmp_path / "w"), "--height", "16", "--width", "16", "--steps", "2",
+        args = ["a cat", "--weights-dir", str(tmp_path / "w"), "--height", "16", "--width", "16", "--sampling-steps", "2",
                 "--out-dir", str(tmp_path / "out"), "--seed", "0", "--device", "cpu"]
         first = generate.main(args)
         target = tmp_path / "w" / generate.DEFAULT_WEIGHTS
@@ -298,8 +302,8 @@ def test_full_size_sd15_file_through_the_cli_equals_diffusers(tmp_path):
                               text=text_state)
     path = tmp_path / "v1-5-pruned-emaonly.safetensors"
     weights.write_safetensors({k: v.contiguous() for k, v in state.items()}, path)
-    args = ["an astronaut riding a horse", "--negative-prompt", "blurry", "--weights", str(path), "--height", "64",
-            "--width", "64", "--steps", "3", "--seed", "0", "--device", "cpu", "--dtype", "fp32"]
+    args = ["an astronaut riding a horse", "--negative-prompt", "blurry", "--sd-weights", str(path), "--height", "64",
+            "--width", "64", "--sampling-steps", "3", "--seed", "0", "--device", "cpu", "--precision", "fp32"]
     ours = np.asarray(Image.open(generate.main(args + ["--out-dir", str(tmp_path / "out")])[0]), dtype=np.int16)
     tokenizer_dir = tmp_path / "tokenizer"
     tokenizer_dir.mkdir()

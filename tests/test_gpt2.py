@@ -294,7 +294,7 @@ def test_command_line(files, tmp_path):
     run = lambda *args: subprocess.run([sys.executable, str(REPO / "gpt2.py"), *args], capture_output=True,  # noqa
                                        text=True, cwd=tmp_path, timeout=300,
                                        env={"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hub")})
-    result = run("Hello, my name is", "A", "--model", str(files / "model.safetensors"), "--max-new-tokens", "5",
+    result = run("Hello, my name is", "A", "--gpt2-weights", str(files / "model.safetensors"), "--max-new-tokens", "5",
                  "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("-" * 80 + "\nHello, my name is") == 1 and "\nA" in result.stdout

@@ -17,6 +17,7 @@ import data
 import generate
 import train
 import weights
+import vit
 from conftest import logged_losses
 from vit import VisionConfig, VisionTransformer
 
@@ -60,8 +61,8 @@ def fixture(tmp_path_factory):
 
 
 def args(fixture, out, *extra):
-    return ["--data", "coco", "--data-root", str(fixture / "coco"), "--image-tower", str(fixture / "tower.pt"),
-            "--language-model", "tiny", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--prefix-length", "2",
+    return ["--data", "coco", "--data-root", str(fixture / "coco"), "--image-tower", "clip", "--clip-weights",
+            str(fixture / "tower.pt"), "--language-model", "tiny", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--prefix-length", "2",
             "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2", "--epochs", "3", "--eval-every", "1000",
             "--log-every", "1", "--max-caption-tokens", "12", "--device", "cpu", "--out-dir", str(out), *extra]
 
@@ -78,27 +79,32 @@ def test_loss_falls_resume_equals_uninterrupted_and_eval(fixture, tmp_path, caps
     assert checkpoint["step"] == 6 and checkpoint["config"]["n_embd"] == 32
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
     capsys.readouterr()
-    metrics = train.main(["--eval", str(tmp_path / "whole" / "ckpt.pt"), "--split", "val", "--num-beams", "2"])
+    metrics = train.main(["--eval", str(tmp_path / "whole" / "ckpt.pt"), "--split", "val", "--num-beams", "2",
+                          "--clip-weights", str(fixture / "tower.pt"), "--data-root", str(fixture / "coco")])
     printed = capsys.readouterr().out
     assert "split: coco val, 4 images | decoding: beam search, 2 beams" in printed and "CIDEr-D" in printed
     assert set(metrics) >= {"val_loss", "BLEU-1", "BLEU-4", "CIDEr-D"}
-    # generate.py captions image files, folders and globs with the checkpoint: one caption per image
-    folder = fixture / "coco" / "val2017"
+    # generate.py captions image files, folders and globs with the checkpoint: one caption per image (its frozen
+    # tower is a file the checkpoint names but does not hold: given again)
+    folder, tower = fixture / "coco" / "val2017", ["--clip-weights", str(fixture / "tower.pt")]
     generate.main([str(folder), str(folder / "*101.jpg"), "--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--json",
-                   "--batch-size", "3", "--device", "cpu"])
+                   "--batch-size", "3", "--device", "cpu", *tower])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["file"] for line in lines] == sorted(map(str, folder.glob("*.jpg"))) + [str(folder / f"{101:012d}.jpg")]
     assert all(isinstance(line["caption"], str) and "<|endoftext|>" not in line["caption"] for line in lines)
     assert lines[1]["caption"] == lines[-1]["caption"]  # batched or alone, the same greedy caption
-    # one image file: `file<TAB>caption`; a corrupt image (0 bytes) is one clear message on stderr and is skipped
+    # one image file: `file<TAB>caption`; a corrupt image (0 bytes) is one clear message on stderr and is skipped,
+    # the others are captioned, and the exit code says that one failed
     (tmp_path / "bad.jpg").write_bytes(b"")
-    generate.main([str(tmp_path / "bad.jpg"), str(folder / f"{101:012d}.jpg"), "--ckpt",
-                   str(tmp_path / "whole" / "ckpt.pt"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main([str(tmp_path / "bad.jpg"), str(folder / f"{101:012d}.jpg"), "--ckpt",
+                       str(tmp_path / "whole" / "ckpt.pt"), "--device", "cpu", *tower])
     out, err = capsys.readouterr()
-    assert out == f"{folder / f'{101:012d}.jpg'}\t{lines[1]['caption']}\n"
-    assert err.count("cannot read image") == 1 and "bad.jpg" in err
-    with pytest.raises(SystemExit):  # images without --ckpt: an error, never a prompt for Stable Diffusion
+    assert out == f"{folder / f'{101:012d}.jpg'}\t{lines[1]['caption']}\n" and exit_info.value.code == 1
+    assert err.count("cannot read image") == 1 and "bad.jpg" in err and "1 of 2 images could not be read" in err
+    with pytest.raises(SystemExit) as exit_info:  # images without --ckpt: an error, never a prompt for SD
         generate.main([str(folder / f"{101:012d}.jpg")])
+    assert exit_info.value.code == 2 and "captions need --ckpt" in capsys.readouterr().err
 
 
 def test_overfits_one_batch(fixture, tmp_path):
@@ -139,12 +145,12 @@ def test_feature_cache_notices_changed_images_and_weights(fixture, tmp_path, cap
 
 
 def test_cached_pixels_are_clips_crop_as_bytes(fixture):
-    """The pixels cache's fast path (an image already at size) gives the bytes of CLIP's preprocessing round trip;
-    other sizes, modes and an EXIF turn take that round trip."""
-    mean, std = torch.tensor(train.CLIP_MEAN).view(3, 1, 1), torch.tensor(train.CLIP_STD).view(3, 1, 1)
+    """The pixels cache holds vit.resize_crop's bytes: those of CLIP's preprocessing round trip (normalised, then
+    back to bytes), for images already at size (only cropped), other sizes, modes and an EXIF turn."""
+    mean, std = torch.tensor(vit.CLIP_MEAN).view(3, 1, 1), torch.tensor(vit.CLIP_STD).view(3, 1, 1)
 
     def round_trip(image, size):
-        return (train.preprocess(image, size) * std + mean).mul(255).round().byte().numpy()
+        return (vit.preprocess(image, size) * std + mean).mul(255).round().byte().numpy()
     shapes = data.ShapesDataset(64, image_size=32)
     turned = shapes.load_image(1).copy()
     exif = turned.getexif()
@@ -153,10 +159,10 @@ def test_cached_pixels_are_clips_crop_as_bytes(fixture):
     photo = Image.open(fixture / "coco" / "val2017" / f"{100:012d}.jpg")  # 64 x 48: resized, then cropped
     for image, size in [*((shapes.load_image(i), 32) for i in range(64)), (Image.open(fixture / "turned.jpg"), 32),
                         (photo, 32), (photo.convert("RGBA"), 48), (shapes.load_image(0).convert("L"), 32)]:
-        got = train.image_bytes(image, size)
+        got = vit.resize_crop(image, size).numpy()
         assert got.shape == (3, size, size) and got.dtype == np.uint8
         assert np.array_equal(got, round_trip(image, size))
-    assert not np.array_equal(train.image_bytes(Image.open(fixture / "turned.jpg"), 32),
+    assert not np.array_equal(vit.resize_crop(Image.open(fixture / "turned.jpg"), 32).numpy(),
                               np.asarray(Image.open(fixture / "turned.jpg").convert("RGB")).transpose(2, 0, 1))
 
 
@@ -173,9 +179,19 @@ def test_tokens_mapper_caches_every_token_and_captions(fixture, tmp_path, capsys
         torch.testing.assert_close(tower.embed_tokens(pixels)[:, 0], tower(pixels))
     capsys.readouterr()
     image = fixture / "coco" / "val2017" / f"{101:012d}.jpg"
-    generate.main([str(image), "--ckpt", str(tmp_path / "ckpt.pt"), "--device", "cpu"])
+    generate.main([str(image), "--ckpt", str(tmp_path / "ckpt.pt"), "--device", "cpu", "--clip-weights",
+                   str(fixture / "tower.pt")])
     file, text = capsys.readouterr().out.rstrip("\n").split("\t")
     assert file == str(image) and "<|endoftext|>" not in text
+    # a checkpoint from before the -weights flags (--image-tower FILE, --debug) reads the same
+    checkpoint = weights.load_checkpoint(tmp_path / "ckpt.pt")
+    config = {k: v for k, v in checkpoint["config"].items() if k not in (
+        "clip_weights", "gpt2_weights", "smoke_test", "overwrite", "weights_dir", "offline", "traceback")}
+    checkpoint["config"] = {**config, "image_tower": str(fixture / "tower.pt"), "debug": False}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    generate.main([str(image), "--ckpt", str(tmp_path / "old.pt"), "--device", "cpu", "--clip-weights",
+                   str(fixture / "tower.pt")])
+    assert capsys.readouterr().out.rstrip("\n").split("\t") == [file, text]
 
 
 def test_checkpoint_written_before_set_attention_still_captions(fixture, tmp_path, capsys):
@@ -190,7 +206,8 @@ def test_checkpoint_written_before_set_attention_still_captions(fixture, tmp_pat
     capsys.readouterr()
     captions = []
     for ckpt in ("ckpt.pt", "old.pt"):
-        generate.main([str(image), "--ckpt", str(tmp_path / ckpt), "--device", "cpu"])
+        generate.main([str(image), "--ckpt", str(tmp_path / ckpt), "--device", "cpu", "--clip-weights",
+                       str(fixture / "tower.pt")])
         captions.append(capsys.readouterr().out.rstrip("\n").split("\t")[1])
     assert captions[0] == captions[1]
 

@@ -160,3 +160,68 @@ def test_sincos_positions_are_maes_table_and_change_nothing_else():
         if key != "positional_embedding":
             assert torch.equal(sincos.state_dict()[key], value), key
     assert torch.equal(sincos.positional_embedding[0], plain.positional_embedding[0])
+
+
+def test_resize_crop_and_normalize_are_preprocess(tmp_path):
+    """preprocess = normalize(resize_crop(...)); an image whose short side already is the resolution is only cropped
+    (no resize), and its pixels are those of the bicubic path (Pillow's resize to the same size is a copy)."""
+    for image in (photo(517, 301), photo(224, 301, 1), photo(300, 224, 2), photo(224, 224, 3).convert("L")):
+        pixels = vit.resize_crop(image)
+        assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
+        assert torch.equal(vit.normalize(pixels), vit.preprocess(image))
+        if 224 in image.size:
+            top, left = (image.height - 224) // 2, (image.width - 224) // 2
+            rgb = np.asarray(image.convert("RGB"))[top:top + 224, left:left + 224]
+            assert np.array_equal(pixels.permute(1, 2, 0).numpy(), rgb)
+            resized = image.convert("RGB").resize(image.size, Image.BICUBIC).crop((left, top, left + 224, top + 224))
+            assert np.array_equal(np.asarray(resized), rgb)
+
+
+HOSTILE = r"""
+import os, struct, sys, zlib
+import numpy as np
+from PIL import Image
+import vit
+
+def png_header(w, h):  # a valid PNG header claiming w x h pixels, and no pixel data
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+folder = sys.argv[1]
+Image.new("L", (1, 30000)).save(f"{folder}/strip.png")  # 141 bytes; resized before cropping: 224 x 6,720,000
+open(f"{folder}/bomb.png", "wb").write(png_header(20000, 20000))
+open(f"{folder}/large.png", "wb").write(png_header(12000, 12000))
+os.mkfifo(f"{folder}/fifo.png")
+for name in ("strip.png", "bomb.png", "fifo.png", "large.png"):
+    try:
+        vit.preprocess(f"{folder}/{name}") if name != "large.png" else vit.open_image(f"{folder}/{name}", 1 << 20)
+    except vit.ImageReadError as error:
+        print(error)
+def peak_mb():  # this process's peak RSS (ru_maxrss would start at the forking parent's, pytest's, on Linux)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024
+base = peak_mb()
+vit.preprocess(f"{folder}/grey16.png")  # written by the test: its own memory is not counted here
+print("peak MB", peak_mb() - base)
+"""
+
+
+def test_hostile_images_one_error_and_bounded_memory(tmp_path):
+    """In a child process (a hang or a 4 GB allocation cannot take the test run with it): a 1 x 30000 strip, a
+    decompression bomb, a FIFO and a too-large image each give one ImageReadError before any pixel is decoded, and a
+    16-bit 4000 x 4000 PNG (32 MB) is converted in bands, not through float64 copies of the whole (428 MB before)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    Image.fromarray(np.full((4000, 4000), 1000, np.uint16)).save(tmp_path / "grey16.png")
+    run = subprocess.run([sys.executable, "-c", HOSTILE, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"cannot use image {tmp_path}/strip.png: 1x30000 pixels, an aspect ratio beyond 50:1 (crop it first)"
+    assert lines[1].startswith(f"cannot read image {tmp_path}/bomb.png: DecompressionBombError: Image size (400000000")
+    assert lines[2] == f"cannot read image {tmp_path}/fifo.png: not a regular file"
+    assert lines[3] == f"cannot use image {tmp_path}/large.png: 12000x12000 pixels, more than 1,048,576"
+    peak = int(lines[4].split()[2])
+    print(f"16-bit 4000 x 4000 PNG: peak {peak} MB above the imports")
+    assert peak < 200 and "DecompressionBombWarning" not in run.stderr
