@@ -283,7 +283,7 @@ def resize_crop(image, resolution=224):
     depend on the whole size, so MAX_ASPECT_RATIO bounds its memory.
 
     8-bit RGB and greyscale images give exactly openai/CLIP's pixels. Other modes are turned into RGB first
-    (to_rgb), which differs from openai/CLIP given the same PIL image: it converts after the crop, so Pillow resizes
+    (to_rgb), unlike openai/CLIP given the same PIL image: it converts after the crop, so Pillow resizes
     a palette ("P") or bilevel ("1") image with NEAREST whatever filter is asked, and it drops alpha instead of
     compositing it. Converting first resamples the real colours with the bicubic filter, and it is also what ClipCap
     fed CLIP: its predict.py and parse_coco.py read images with skimage.io.imread, which turns a palette image into

@@ -129,9 +129,9 @@ REGISTRY = {
         ["runwayml/stable-diffusion-v1-5"],
         note="torch zip; weights under 'state_dict'; holds PyTorch Lightning callback objects"),
 
-    # ClipCap's released captioners (rmokady/CLIP_prefix_caption README, "Pre-trained Weights for the official
-    # paper"; WEIGHTS.md §6; /work/lead/clipcap-notes.md): CLIP ViT-B/32 embedding -> MLP mapper -> 10 prefix
-    # vectors -> GPT-2 small fine-tuned with it. Google Drive ids from the README and the inference notebook; the
+    # ClipCap's released captioners (rmokady/CLIP_prefix_caption: README "Pre-trained Weights for the official
+    # paper", predict.py, the inference notebooks; WEIGHTS.md §6): CLIP ViT-B/32 embedding -> MLP mapper -> 10
+    # prefix vectors -> GPT-2 small fine-tuned with it. Google Drive ids from the README and the notebook; the
     # `confirm=t` form skips the page Drive serves instead of a large file ("can't scan this file for viruses").
     # No sha256 is published anywhere, so none is registered (the download prints the one it got). No exact size
     # either: the Hugging Face mirrors (akhaliq/CLIP-prefix-captioning-COCO-weights and -conceptual-weights,
