@@ -273,12 +273,21 @@ def to_rgb(image):
 
 
 def resize_crop(image, resolution=224):
-    """A PIL image to CLIP's pixels, (3, resolution, resolution) uint8: EXIF orientation, RGB, short side to
-    `resolution` with bicubic filtering (long side int(resolution * long / short), as torchvision and Hugging Face
-    compute it), centre crop. The crop offset is floor((size - resolution) / 2) like Hugging Face; torchvision's
-    CenterCrop rounds half to even instead, so a few sizes are offset by one pixel from openai/CLIP.
-    An image whose short side already is `resolution` is only cropped (the same pixels, no resize); any other is
-    resized whole, since Pillow's filter positions depend on the whole size, so MAX_ASPECT_RATIO bounds its memory."""
+    """A PIL image to CLIP's pixels, (3, resolution, resolution) uint8, as openai/CLIP's `_transform` makes them
+    (torchvision `Resize(resolution, BICUBIC)`, `CenterCrop(resolution)`): EXIF orientation, RGB, the short side
+    to `resolution` and the long side to int(resolution * long / short) (torchvision `_compute_resized_output_size`),
+    bicubic, then the centre crop at int(round((size - resolution) / 2.0)) (torchvision `center_crop`; Python's
+    round sends halves to the even neighbour, so a 401x300 photo, resized to 299x224, is cropped from column 38,
+    where Hugging Face's floor division starts at 37). An image whose short side already is `resolution` is only
+    cropped (torchvision returns it unresized too); any other is resized whole, since Pillow's filter positions
+    depend on the whole size, so MAX_ASPECT_RATIO bounds its memory.
+
+    8-bit RGB and greyscale images give exactly openai/CLIP's pixels. Other modes are turned into RGB first
+    (to_rgb), unlike openai/CLIP given the same PIL image: it converts after the crop, so Pillow resizes
+    a palette ("P") or bilevel ("1") image with NEAREST whatever filter is asked, and it drops alpha instead of
+    compositing it. Converting first resamples the real colours with the bicubic filter, and it is also what ClipCap
+    fed CLIP: its predict.py and parse_coco.py read images with skimage.io.imread, which turns a palette image into
+    RGB(A) or L before CLIP's transform sees it."""
     if image.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag
         image = ImageOps.exif_transpose(image)
     image = to_rgb(image)
@@ -288,7 +297,7 @@ def resize_crop(image, resolution=224):
     size = (resolution, long) if w <= h else (long, resolution)
     if size != image.size:
         image = image.resize(size, Image.BICUBIC)
-    top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    top, left = (int(round((side - resolution) / 2.0)) for side in (size[1], size[0]))
     image = image.crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, h, w)
 
