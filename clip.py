@@ -25,7 +25,7 @@ import weights
 from vit import VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, preprocess
 
 __all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "hf_to_openai",
-           "load_clip_state_dict", "load_visual", "classify"]
+           "load_clip_state_dict", "load_visual", "frozen_tower", "classify", "similarity"]
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: OpenAI's build_model names
@@ -74,7 +74,7 @@ class CLIPTextTransformer(nn.Module):
 
     def __init__(self, config: TextConfig):
         super().__init__()
-        C, T = config.transformer_width, config.context_length
+        self.config, C, T = config, config.transformer_width, config.context_length
         self.token_embedding = nn.Embedding(config.vocab_size, C)
         self.positional_embedding = nn.Parameter(torch.empty(T, C))
         self.transformer = Transformer(C, config.transformer_layers, config.transformer_heads, causal=True)
@@ -267,8 +267,19 @@ def load_visual(name_or_path="ViT-B/32", root=None, offline=False):
     path, preset = find_weights(name_or_path, root, offline)
     return VisionTransformer.from_state_dict(load_clip_state_dict(path), preset=preset)
 
+
+def frozen_tower(checkpoint, given=None, root=None, offline=False):
+    """The frozen image tower that a captioner checkpoint of train.py names (frozen_tower) but does not hold, or
+    None when its tower trained inside it: the file `given` again, else the registered name it names (a checkpoint
+    never chooses which file to read)."""
+    name = checkpoint["frozen_tower"]
+    if name is not None and not given and name not in REGISTRY_NAMES:
+        raise FileNotFoundError(f"the captioner's frozen image tower is the file {name}, which its checkpoint does "
+                                "not hold: give it as --clip-weights")
+    return None if name is None else load_visual(given or name, root, offline)
+
 # -----------------------------------------------------------------------------------------------------------
-# Zero-shot classification
+# Zero-shot classification and image-text similarity
 
 
 @torch.no_grad()
@@ -277,6 +288,14 @@ def classify(model, tokenizer, images, labels):
     tokens = tokenizer.tokenize(labels).to(images.device)
     logits_per_image, _ = model(images, tokens)
     return logits_per_image.softmax(dim=-1)
+
+
+@torch.no_grad()
+def similarity(model, tokenizer, images, texts):
+    """The cosine similarity of each image (B, 3, 224, 224) with its text (B strings) in CLIP's joint space, (B,):
+    how well a picture matches its prompt (generate.py --rerank keeps the best of several)."""
+    tokens = tokenizer.tokenize(texts).to(images.device)
+    return torch.cosine_similarity(model.encode_image(images), model.encode_text(tokens))
 
 
 def main():

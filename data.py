@@ -1,13 +1,15 @@
-"""Datasets of (image, caption) pairs, and the metrics captions are scored with.
+"""Datasets of (image, caption) pairs, how train.py reads and caches them, and the metrics captions are scored with.
 
 Every dataset speaks one interface: `ds[i] -> (RGB PIL image, caption, image_id)`, `ds.image_ids()` (distinct
-images, for the CLIP feature cache), `ds.load_image(image_id)`, `ds.references()` (image_id -> its captions).
-1. shapes: a synthetic, deterministic, offline set drawn on the fly, the measuring stick of the offline tour.
-2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, the Flickr8k tutorials'
-   descriptions.txt, any folder of images with a captions file, CIFAR-100 (Krizhevsky 2009); `open_split`
-   picks one split of any of them (train, val, and test where the dataset has one).
-3. Scoring captions: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), equal to the
-   COCO caption evaluation code (github.com/tylin/coco-caption, pip pycocoevalcap).
+images), `ds.load_image(image_id)` (None if unreadable), `ds.references()` (image_id -> its captions).
+1. shapes: a synthetic, deterministic, offline set drawn on the fly, the measuring stick of the offline tour, and
+   how captions and drawings of it are scored (exact match, drawn right).
+2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, the Flickr8k tutorials' descriptions.txt,
+   any folder of images with a captions file, CIFAR-100 (Krizhevsky 2009).
+3. Splits and caches: `open_split` (one split of any of them; splits never share an image), `cached_features`
+   (each image once through a frozen tower, or its pixels, kept on disk), image grids.
+4. Scoring captions: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), equal to the COCO
+   caption evaluation code (github.com/tylin/coco-caption, pip pycocoevalcap).
 """
 import copy
 import csv
@@ -25,11 +27,17 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 import weights
-from vit import ImageReadError, open_image, to_rgb
+from vit import ImageReadError, normalize, open_image, resize_crop, to_rgb
+
+try:
+    import fcntl  # a cache being written is locked where the OS can (POSIX)
+except ImportError:
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # 1. shapes
@@ -89,6 +97,25 @@ def canonical_shapes_caption(caption):
     return None if scene is None else shapes_caption(scene)
 
 
+def shapes_exact_match(captions, references):
+    """The share of captions that describe their reference's picture (canonical forms equal, not the words)."""
+    return float(np.mean([canonical_shapes_caption(c) == canonical_shapes_caption(r) for c, r in zip(captions, references)]))
+
+
+def drawn_right(prompts, read):
+    """Drawings of shapes prompts read back as captions (train.py --judge) -> {drawn_right_N, drawn_exact_N}, N
+    objects: one is drawn right when colour and shape are, two when both objects' colours and shapes are;
+    drawn_exact asks for the whole caption (sizes, relation) in canonical form."""
+    scores = {1: [], 2: []}
+    for prompt, text in zip(prompts, read):
+        want, got = parse_shapes_caption(prompt), parse_shapes_caption(text)
+        objects = [sorted((o["colour"], o["shape"]) for o in scene["objects"]) for scene in (want, got or want)]
+        exact = canonical_shapes_caption(prompt) == canonical_shapes_caption(text)
+        scores[len(want["objects"])].append((got is not None and objects[0] == objects[1], exact))
+    return {f"{name}_{n}": round(float(np.mean([s[k] for s in scores[n]])), 4) for n in (1, 2) if scores[n]
+            for k, name in enumerate(("drawn_right", "drawn_exact"))}
+
+
 def place_shapes(scene, rng):
     """Give each object a centre (x, y) that makes the relation visibly true: GAP between the boxes along its
     axis, centres at most a quarter of the smaller radius apart across it (no second relation holds)."""
@@ -142,10 +169,9 @@ def draw_shapes(scene, image_size=32, supersample=4):
 
 
 class ShapesDataset:
-    """n scenes drawn on the fly; item i is the same on every call and machine: its own random stream, seeded
-    by the string "shapes/{split}/{seed}/{i}" (hashed with SHA-512). The three splits (train, val, test) are
-    disjoint as scenes and share captions (all 70 single-object ones); rarely two scenes draw the same pixels
-    (1 in 1,500 at 32 x 32)."""
+    """n scenes drawn on the fly; item i is the same on every call and machine: its own random stream, seeded by
+    the string "shapes/{split}/{seed}/{i}" (hashed with SHA-512). The splits (train, val, test) are disjoint as
+    scenes and share captions (all 70 single-object ones); rarely two scenes draw the same pixels (1 in 1,500 at 32)."""
 
     def __init__(self, n, image_size=32, seed=0, max_objects=2, split="train"):
         if split not in ("train", "val", "test") or max_objects not in (1, 2):
@@ -222,9 +248,9 @@ class CaptionPairs:
         return list(dict.fromkeys(image_id for image_id, _ in self.pairs))
 
     def references(self):
-        references = {image_id: [] for image_id, _ in self.pairs}
+        references = {}
         for image_id, caption in self.pairs:
-            references[image_id].append(caption)
+            references.setdefault(image_id, []).append(caption)
         return references
 
     def open_image(self, image_id):
@@ -287,8 +313,7 @@ def coco_captions(root=None, split="train", download=False):
 
 
 def fetch_karpathy(root):
-    """--download for Karpathy's splits: the COCO 2017 images (the 2014 train and val images, renamed) and
-    dataset_coco.json out of Karpathy's caption_datasets.zip, each once."""
+    """--download for Karpathy's splits: the COCO 2017 images (2014's, renamed) and his dataset_coco.json, once."""
     for name in ("train2017", "val2017"):
         _download_and_unpack(name, root)
     if not (target := root / "dataset_coco.json").exists():
@@ -344,8 +369,8 @@ def read_captions_file(path):
 
 
 def image_folder(root, captions_file=None):
-    """A folder of images and a captions file (by default its captions.jsonl, .csv, .txt or descriptions.txt).
-    Image names without a suffix get the one found on disk."""
+    """A folder of images and a captions file (default: its captions.jsonl, .csv, .txt or descriptions.txt); image
+    names without a suffix get the one found on disk."""
     root, found = Path(root), ("captions.jsonl", "captions.csv", "captions.txt", "descriptions.txt")
     captions_file = captions_file or next((root / name for name in found if (root / name).is_file()), None)
     if captions_file is None:
@@ -383,6 +408,9 @@ class CIFAR100Captions(CaptionPairs):
         return Image.fromarray(self.images[image_id], "RGB")
 
 
+# -----------------------------------------------------------------------------
+# 3. Splits and caches: one split of any dataset; what train.py computes once per image and keeps on disk
+
 def open_split(name, split, root=None, download=False, image_size=32, seed=0, max_images=0):
     """One split (train, val or test) of dataset `name`: shapes, coco, karpathy, folder or cifar100. Splits never
     share an image. Shapes draws max_images images (0: 96,000 for train, 500 else) from the split's own stream; a
@@ -412,8 +440,69 @@ def open_split(name, split, root=None, download=False, image_size=32, seed=0, ma
     return dataset.subset(dataset.image_ids()[:max_images]) if split != "train" and max_images else dataset
 
 
+def fingerprint(dataset, tower=None):
+    """What a cache depends on: the images (shapes by their parameters, files by path, size and modification time)
+    and every byte of the image tower's weights (None: the cache holds the pixels themselves)."""
+    h = hashlib.sha256()
+    if isinstance(dataset, ShapesDataset):
+        h.update(repr((dataset.n, dataset.image_size, dataset.seed, dataset.max_objects, dataset.split)).encode())
+    for path in map(Path, [] if isinstance(dataset, ShapesDataset) else map(dataset.files.get, dataset.image_ids())):
+        stat = path.stat() if path.exists() else None
+        h.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    for name, tensor in sorted(tower.state_dict().items()) if tower is not None else ():
+        h.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="cpu", batch_size=64):
+    """Every image of `dataset` once through a frozen `tower`: its embedding (N, D) fp16, or with `tokens` every
+    token's (N, 1 + h*w, D); with no tower, CLIP's crop of its pixels (N, 3, size, size) uint8 (for a tower that
+    trains, or for a denoiser). Computed on first use into folder/{kind}-{fingerprint}.npy (atomic; locked while
+    written) and memory-mapped. Returns (array, skipped image ids): an unreadable image is reported, skipped, and
+    its row stays 0. data.py builds no network: the tower comes from the caller."""
+    kind = "pixels" if tower is None else "tokens" if tokens else "features"
+    path = Path(folder) / f"{kind}-{fingerprint(dataset, tower)}.npy"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids, part, skipped = dataset.image_ids(), path.with_name(path.name + ".part"), []
+        size, c = (size, None) if tower is None else (tower.config.image_resolution, tower.config)
+        shape = (3, size, size) if c is None else (c.num_tokens, c.embed_dim) if tokens else (c.embed_dim,)
+        with open(part, "wb") as holder:  # locked while written: a run starting meanwhile leaves it be
+            if fcntl:
+                fcntl.flock(holder, fcntl.LOCK_EX)
+            out = np.lib.format.open_memmap(part, "w+", np.uint8 if c is None else np.float16, (len(ids), *shape))
+            for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
+                images = {row: dataset.load_image(ids[row]) for row in range(start, min(start + batch_size, len(ids)))}
+                skipped += [str(ids[row]) for row, image in images.items() if image is None]
+                if rows := [row for row, image in images.items() if image is not None]:
+                    pixels = torch.stack([resize_crop(images[r], size) for r in rows])  # (B, 3, h, w) uint8
+                    embed = None if c is None else tower.embed_tokens if tokens else tower
+                    out[rows] = pixels.numpy() if c is None else embed(normalize(pixels.to(device))).float().cpu().numpy()
+            out.flush()
+            path.with_suffix(".skipped.json").write_text(json.dumps(skipped))
+            os.replace(part, path)  # atomic: a killed run never leaves half a cache under the final name
+    return np.load(path, mmap_mode="r"), set(json.loads(path.with_suffix(".skipped.json").read_text()))
+
+
+def to_pil(images):
+    """(B, 3, H, W) in [0, 1] -> PIL images, rounding as diffusers' numpy_to_pil does."""
+    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in array]
+
+
+def image_grid(images, cols=None):
+    """PIL images of one size pasted into one, row by row, `cols` a row (default: a near-square grid)."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
 # -----------------------------------------------------------------------------
-# 3. Scoring captions: references {image_id: [caption, ...]} and hypotheses {image_id: caption}, tokenised
+# 4. Scoring captions: references {image_id: [caption, ...]} and hypotheses {image_id: caption}, tokenised
 # (words joined by spaces), scored as pycocoevalcap scores them, line for line, quirks included.
 
 

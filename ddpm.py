@@ -1,4 +1,5 @@
-"""The diffusion process: noise schedule, noising, the training loss, classifier-free guidance and samplers.
+"""The diffusion process: noise schedule, noising, the training loss, classifier-free guidance and samplers;
+then the prompt -> image pipeline that drives them.
 
 Papers: DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2020, arXiv:2010.02502), the Euler method on
 the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364, Algorithm 1 without churn), DPM-Solver++(2M)
@@ -15,7 +16,8 @@ solver_order=2). Image-to-image starts where diffusers' `StableDiffusionImg2ImgP
 
 This file knows nothing about networks: every function takes the denoiser as a callable `model(x, t) -> output`,
 where `x` is the network input (B, C, h, w) and `t` a (B,) float tensor of training timesteps in [0, timesteps).
-The output is ε (parameterization "eps", Stable Diffusion) or v (parameterization "v").
+The output is ε (parameterization "eps", Stable Diffusion) or v (parameterization "v"). The pipeline, too, takes
+its networks as arguments: Stable Diffusion's (generate.py) and this project's trained ones (unet.py) alike.
 Notation: ᾱ_t = alphas_cumprod[t]; a noised sample is x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε  (DDPM eq. 4).
 """
 import math
@@ -306,3 +308,43 @@ class GaussianDiffusion:
             x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * (torch.exp(-h) - 1.0)) * d
             x0_prev = x0
         return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt -> image: the pipeline
+
+class TextToImage:
+    """Prompts -> images, as diffusers' StableDiffusionPipeline and StableDiffusionImg2ImgPipeline run Rombach et
+    al. 2022: the text encoder's context of each prompt and negative prompt, classifier-free guidance over
+    `denoiser(x, t, context)`, a sampler of `diffusion`, and the VAE's decoder back to pixels (vae None: the
+    denoiser works on pixels in [-1, 1]). Networks in, images out: `text_encoder(tokens) -> context`,
+    `tokenize(prompts) -> (B, T) ids`; the denoiser's parameters say which device it runs on."""
+
+    def __init__(self, diffusion, denoiser, text_encoder, tokenize, vae=None):
+        self.diffusion, self.denoiser, self.text_encoder, self.tokenize, self.vae = (diffusion, denoiser,
+                                                                                      text_encoder, tokenize, vae)
+
+    @torch.no_grad()
+    def __call__(self, prompts, seeds, negative_prompts=None, sampler="ddim", steps=50, guidance_scale=7.5,
+                 eta=0.0, height=512, width=512, init_image=None, strength=0.8, vae_tile_size=None, progress=False):
+        """One image per (prompt, seed) -> (B, 3, height, width) in [0, 1], float32 on the CPU. `init_image`
+        (3, H, W) in [-1, 1] switches to image-to-image (with a VAE). Each image draws all its randomness (initial
+        noise, the VAE sample of the input image, DDPM's step noise) from its own CPU generator, so a seed gives
+        the same image in any batch and on any device; that is also how diffusers consumes a list of generators."""
+        device = next(self.denoiser.parameters()).device
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        context = self.text_encoder(self.tokenize(prompts).to(device))
+        uncond = self.text_encoder(self.tokenize(negative_prompts or [""] * len(prompts)).to(device)) \
+            if guidance_scale > 1 else None
+        vae_dtype = next(self.vae.parameters()).dtype if self.vae else None
+        init = None
+        if init_image is not None:  # one encoding, one posterior sample per image, scaled for the denoiser
+            posterior = self.vae.encode(init_image[None].to(device, vae_dtype))  # over (1, 4, h, w)
+            init = torch.cat([posterior.sample(g) for g in generators]).float() * self.vae.config.scale_factor
+        f, channels = (self.vae.downscale, self.vae.config.embed_dim) if self.vae else (1, 3)
+        noise = randn((len(prompts), channels, height // f, width // f), generators, device)
+        x = self.diffusion.sample(classifier_free_guidance(self.denoiser, context, uncond, guidance_scale), noise,
+                                  sampler, steps, eta, generators, init, strength if init is not None else 1.0,
+                                  progress)
+        images = self.vae.decode_latents(x.to(vae_dtype), tile_size=vae_tile_size) if self.vae else x.clamp(-1, 1)
+        return ((images.float() + 1) / 2).cpu()  # (B, 3, H, W) in [0, 1]
