@@ -111,16 +111,6 @@ def classifier_free_guidance(model, context, uncond_context, guidance_scale):
     return guided
 
 
-@torch.no_grad()
-def ema_update(ema_model, model, num_updates, decay=0.9999):
-    """Exponential moving average of the weights, what a trained diffusion model samples with (DDPM sec. 4,
-    CompVis `ldm/modules/ema.py` LitEma): ema ← ema + (1 − d)·(θ − ema), with the warm-up d = min(decay,
-    (1 + n)/(10 + n)) after n updates, so a short run's average is not dominated by its random start."""
-    d = min(decay, (1 + num_updates) / (10 + num_updates))
-    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1 - d)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The process: noising, loss, sampling
 

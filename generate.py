@@ -22,7 +22,6 @@ magic characters (* ? [) that matches image files; anything else is a prompt (--
 import argparse
 import glob
 import json
-import math
 import os
 import pickle
 import re
@@ -35,11 +34,13 @@ from PIL import Image, PngImagePlugin
 
 import ddpm
 import weights
-from clip import CLIPTextTransformer
-from tokenizer import CLIPTokenizer
-from unet import UNetModel
+from clip import CLIP, CLIPTextTransformer, frozen_tower, similarity
+from data import image_grid, to_pil
+from gpt2 import Captioner
+from tokenizer import CLIPTokenizer, GPT2Tokenizer
+from unet import PromptTokenizer, TextConditionedUNet, UNetModel
 from vae import AutoencoderKL
-from vit import open_image, to_rgb
+from vit import ImageReadError, open_image, preprocess, to_rgb
 
 DEFAULT_WEIGHTS = "sd15/v1-5-pruned-emaonly.safetensors"
 SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
@@ -48,66 +49,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size (SD draws 512x512; 12000x12000: 4 GB)
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompt -> image: the Stable Diffusion pipeline
+# Stable Diffusion: three networks from one file, driven by ddpm.py's pipeline
 
 
-class StableDiffusion:
-    """Text encoder, UNet and VAE of one SD 1.x checkpoint, and the diffusion process that drives them."""
-
-    def __init__(self, unet, vae, text_encoder, tokenizer=None, diffusion=None):
-        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
-        self.tokenizer = tokenizer or CLIPTokenizer.default()
-        self.diffusion = diffusion or ddpm.GaussianDiffusion(ddpm.PRESETS["sd15"])
-
-    @classmethod
-    def from_single_file(cls, path, device="cpu", dtype=torch.float32):
-        """Read the file once (weights/' restricted readers: no pickle code runs) and build the three networks
-        from their prefixes; each loader checks its key set and shapes and names what it ignores."""
-        state = weights.load_state_dict(path)
-        unet = UNetModel.from_state_dict(state, dtype=dtype)
-        vae = AutoencoderKL.from_state_dict(state, dtype=dtype)
-        text_encoder = CLIPTextTransformer.from_state_dict(state, preset=None)  # shapes say which size it is
-        return cls(unet.to(device), vae.to(device), text_encoder.to(device, dtype))
-
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
-
-    def set_attention(self, use_sdpa=True, slice_size=None):
-        """One switch for the attention of all three networks: SDPA or the plain math (tested equal)."""
-        self.unet.set_attention(use_sdpa, slice_size)
-        self.vae.set_attention(use_sdpa)
-        self.text_encoder.set_attention(use_sdpa)
-
-    @torch.no_grad()
-    def encode_text(self, prompts):
-        tokens = self.tokenizer.tokenize(prompts, pad="eot")  # (B, 77); SD 1.x pads with EOT, as HF's tokenizer
-        return self.text_encoder(tokens.to(self.device))  # (B, 77, C) last hidden state: the UNet's context
-
-    @torch.no_grad()
-    def __call__(self, prompts, seeds, negative_prompts=None, sampler="ddim", steps=50, guidance_scale=7.5,
-                 eta=0.0, height=512, width=512, init_image=None, strength=0.8, vae_tile_size=None,
-                 progress=False):
-        """One image per (prompt, seed) -> (B, 3, H, W) in [0, 1], float32 on the CPU. `init_image` (3, H, W) in
-        [-1, 1] switches to image-to-image. Each image draws all its randomness (initial noise, the VAE sample
-        of the input image, DDPM's step noise) from its own CPU generator, so a seed gives the same image in any
-        batch and on any device; that is also how diffusers consumes a list of generators."""
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        context = self.encode_text(prompts)
-        uncond = self.encode_text(negative_prompts or [""] * len(prompts)) if guidance_scale > 1 else None
-        vae_dtype = next(self.vae.parameters()).dtype
-        init = None
-        if init_image is not None:  # one encoding, one posterior sample per image, scaled for the UNet
-            posterior = self.vae.encode(init_image[None].to(self.device, vae_dtype))  # over (1, 4, h, w)
-            init = torch.cat([posterior.sample(g) for g in generators]).float() * self.vae.config.scale_factor
-        f = self.vae.downscale
-        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
-        noise = ddpm.randn(shape, generators, self.device)
-        denoise = ddpm.classifier_free_guidance(self.unet, context, uncond, guidance_scale)
-        latents = self.diffusion.sample(denoise, noise, sampler, steps, eta=eta, generator=generators, init=init,
-                                        strength=strength if init is not None else 1.0, progress=progress)
-        images = self.vae.decode_latents(latents.to(vae_dtype), tile_size=vae_tile_size)  # (B, 3, H, W) in [-1, 1]
-        return ((images.float() + 1) / 2).cpu()
+def stable_diffusion(path, device="cpu", dtype=torch.float32):
+    """SD 1.x's text encoder, UNet and VAE from ONE single file, read once (weights/' restricted readers: no pickle
+    code runs), each from its prefix by its loader (key set and shapes checked), as a ddpm.TextToImage with SD's
+    noise schedule and its tokenizer (CLIP's BPE, 77 tokens padded with end-of-text, as HF's tokenizer pads)."""
+    state = weights.load_state_dict(path)
+    unet = UNetModel.from_state_dict(state, dtype=dtype).to(device).eval()
+    vae = AutoencoderKL.from_state_dict(state, dtype=dtype).to(device).eval()
+    text_encoder = CLIPTextTransformer.from_state_dict(state, preset=None).to(device, dtype).eval()  # any size
+    return ddpm.TextToImage(ddpm.GaussianDiffusion(ddpm.PRESETS["sd15"]), unet, text_encoder,
+                            PromptTokenizer("clip", 77), vae)
 
 
 def load_image(path, width=None, height=None):
@@ -120,12 +74,6 @@ def load_image(path, width=None, height=None):
         raise ValueError(f"image {path} is {image.width}x{image.height}: too small (at least 8x8)")
     pixels = np.asarray(image.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1  # (3, H, W)
-
-
-def to_pil(images):
-    """(B, 3, H, W) in [0, 1] -> PIL images, rounding as diffusers' numpy_to_pil does."""
-    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
-    return [Image.fromarray(a) for a in array]
 
 
 def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, seed, width, height, model,
@@ -143,17 +91,6 @@ def save_png(image, path, parameters):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     image.save(path, pnginfo=info)
-
-
-def image_grid(images):
-    """Paste images into a near-square grid, row by row."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,16 +111,6 @@ def pick_device(name):
     return device
 
 
-def resolve_weights(args):
-    """--sd-weights as a file path, else as a registry name fetched into --weights-dir (on first use)."""
-    if Path(args.sd_weights).is_file():
-        return Path(args.sd_weights)
-    if args.sd_weights not in weights.REGISTRY:
-        raise FileNotFoundError(f"--sd-weights {args.sd_weights}: no such file, and not a registered name "
-                                f"(e.g. {DEFAULT_WEIGHTS})")
-    return weights.fetch(args.sd_weights, root=args.weights_dir, offline=args.offline)
-
-
 def draw(args, prompts, checkpoint):
     """Prompt -> image files: one image per (prompt, seed), seeds counting up from --seed over all images."""
     device = pick_device(args.device)
@@ -193,26 +120,26 @@ def draw(args, prompts, checkpoint):
         try:
             init_image = load_image(args.init_image, args.width, args.height)
         except ValueError as error:  # too large to draw at its own size: say how to resize it
-            large = "pixels, more than" in str(error)
-            hint = " (--width and --height resize it; SD 1.5: 512x512)" if large else ""
+            hint = " (--width and --height resize it; SD 1.5: 512x512)" if "pixels, more than" in str(error) else ""
             raise ValueError(f"--init-image: {error}{hint}") from None
-    width = init_image.shape[2] if init_image is not None else args.width or 512
-    height = init_image.shape[1] if init_image is not None else args.height or 512
-    if checkpoint:  # a text-to-image model of train.py
-        pipe, path, width = trained_pipeline(args, checkpoint, prompts, device, dtype)
-        height = width
+    if checkpoint:  # a text-to-image model of train.py (unet.py rebuilds it), at its size: its EMA weights draw
+        path, width = Path(args.ckpt), checkpoint["image_size"]
+        net, vae = TextConditionedUNet.from_checkpoint(checkpoint)
+        pipe = ddpm.TextToImage(ddpm.GaussianDiffusion(ddpm.DiffusionConfig(**checkpoint["diffusion_config"])),
+                                net.to(device, dtype).eval(), net.encode_text, net.tokenize, vae and vae.to(device, dtype))
     else:
-        path = resolve_weights(args)
+        path = weights.file_or_fetch(args.sd_weights, args.weights_dir, args.offline, "--sd-weights")
+        width = init_image.shape[2] if init_image is not None else args.width or 512
         print(f"loading {path} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
         try:
-            pipe = StableDiffusion.from_single_file(path, device, dtype)
+            pipe = stable_diffusion(path, device, dtype)
         except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD 1.x, truncated, unsafe
             raise ValueError(f"{path} is not a usable Stable Diffusion 1.x checkpoint: {error}") from None
-        pipe.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
-        for prompt in prompts + [args.negative_prompt]:
-            if len(pipe.tokenizer.encode(prompt)) + 2 > 77:  # what diffusers warns about, too
-                print(f"warning: the text encoder reads 77 tokens, the rest is cut off: {prompt[:60]!r}...",
-                      file=sys.stderr)
+        pipe.denoiser.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
+        pipe.vae.set_attention(args.sdpa)
+        pipe.text_encoder.set_attention(args.sdpa)
+    height = width if checkpoint else init_image.shape[1] if init_image is not None else args.height or 512
+    warn_unread(prompts + [args.negative_prompt], pipe.tokenize, (checkpoint or {}).get("caption_words"))
     score = clip_scorer(args, device) if args.rerank > 1 else None
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -226,8 +153,8 @@ def draw(args, prompts, checkpoint):
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         images = pipe([p for p, _ in batch], [s for _, s in batch], [args.negative_prompt] * len(batch),
-                      args.sampler, args.sampling_steps, args.guidance_scale, args.eta, height, width,
-                      init_image, args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
+                      args.sampler, args.sampling_steps, args.guidance_scale, args.eta, height, width, init_image,
+                      args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
         for (prompt, image_seed), image in zip(batch, to_pil(images)):
             candidates.append((score(image, prompt) if score else 0.0, image_seed, image))
             if len(candidates) < args.rerank:
@@ -248,46 +175,26 @@ def draw(args, prompts, checkpoint):
     return saved
 
 
-def trained_pipeline(args, checkpoint, prompts, device, dtype):
-    """A text-to-image checkpoint of train.py as a pipeline called like StableDiffusion: (pipe, path, size).
-    Prompts the model cannot read whole, or with words its training captions never used, are warned about."""
-    from train import load_text_to_image, words
-    model, cfg, tokenize = load_text_to_image(checkpoint, device)
-    model.to(device, dtype)
-    # what the model was judged with at training (its config's sampler, steps, guidance) unless given here:
-    # the SD defaults (guidance 7.5) overdrive a small model trained from scratch
-    args.sampler, args.sampling_steps = args.sampler or cfg.sampler, args.sampling_steps or cfg.sampling_steps
-    args.guidance_scale = cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    seen = set(checkpoint.get("caption_words") or ())
-    for prompt in dict.fromkeys(prompts + [args.negative_prompt]):
+def warn_unread(prompts, tokenize, seen=None):
+    """Warn of a prompt the text encoder cannot read whole, and of words a trained model's captions never used."""
+    for prompt in dict.fromkeys(prompts):
         cut = tokenize([prompt])[0]
         if not torch.equal(tokenize([prompt], 1024)[0, :len(cut)], cut):
             print(f"warning: the model reads {len(cut)} tokens, the rest is cut off: {prompt[:60]!r}...",
                   file=sys.stderr)
-        if seen and (unseen := sorted(set(words(prompt)) - seen)):
+        if seen and (unseen := sorted(set(re.findall(r"[a-z0-9]+", prompt.lower())) - set(seen))):
             print(f"warning: words its training captions never used, so it has not learned them: "
                   f"{', '.join(unseen)} (in {prompt[:60]!r})", file=sys.stderr)
-
-    def pipe(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, eta, *_, progress=False, **__):
-        return model.generate(tokenize(prompts).to(device), seeds, sampler, steps, guidance_scale, cfg.image_size,
-                              eta, tokenize(negative_prompts).to(device), progress)
-    return pipe, Path(args.ckpt), cfg.image_size
 
 
 def clip_scorer(args, device):
     """--rerank: (PIL image, prompt) -> the cosine similarity of CLIP's image and text embeddings."""
-    from clip import CLIP, preprocess
     try:
         model = CLIP.from_pretrained(args.clip_weights or "ViT-B/32", args.weights_dir, args.offline)
     except (weights.WeightsUnavailable, ValueError, KeyError, OSError) as error:
         raise ValueError(f"--rerank needs CLIP weights (--clip-weights): {error}") from None
-    model, tokenizer = model.to(device).eval(), CLIPTokenizer.default()
-
-    @torch.no_grad()
-    def score(image, prompt):
-        image_embed = model.encode_image(preprocess(image, model.config.vision.image_resolution)[None].to(device))
-        return torch.cosine_similarity(image_embed, model.encode_text(tokenizer.tokenize([prompt]).to(device))).item()
-    return score
+    model, tokenizer, size = model.to(device).eval(), CLIPTokenizer.default(), model.config.vision.image_resolution
+    return lambda image, prompt: similarity(model, tokenizer, preprocess(image, size)[None].to(device), [prompt]).item()
 
 
 def is_image_file(path):
@@ -311,17 +218,12 @@ def image_files(arg):
 
 @torch.no_grad()
 def caption_images(args, files, checkpoint):
-    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at once.
+    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at once, by
+    the captioner of a train.py checkpoint (gpt2.py rebuilds it; a frozen tower it names comes from clip.py).
     Returns how many could not be read (each reported on stderr and skipped)."""
-    from tokenizer import GPT2Tokenizer
-    from train import caption, load_captioner  # the captioner's code; Stable Diffusion never needs it
-    from vit import ImageReadError, preprocess
-
     device = pick_device(args.device)
-    flags = dict(weights_dir=args.weights_dir or "", offline=args.offline)
-    model, cfg = load_captioner(checkpoint, device, **flags, **({"clip_weights": args.clip_weights}
-                                                                 if args.clip_weights else {}))
-    tokenizer, unreadable = GPT2Tokenizer.default(), 0
+    visual = frozen_tower(checkpoint, args.clip_weights, args.weights_dir, args.offline)
+    model, tokenizer, unreadable = Captioner.from_checkpoint(checkpoint, visual).to(device).eval(), GPT2Tokenizer.default(), 0
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(files), args.batch_size):
         batch = []
@@ -332,11 +234,11 @@ def caption_images(args, files, checkpoint):
                 print(error, file=sys.stderr)
                 unreadable += 1
         if batch:
-            embeds = model.embed(torch.stack([pixels for _, pixels in batch]).to(device))
-            texts = caption(model, embeds, tokenizer, cfg.max_caption_tokens, num_beams=args.num_beams,
-                            temperature=args.temperature, top_p=args.top_p, generator=generator)
+            texts = model.caption(torch.stack([pixels for _, pixels in batch]).to(device), tokenizer,
+                                  num_beams=args.num_beams, temperature=args.temperature, top_p=args.top_p,
+                                  generator=generator)
             for (file, _), text in zip(batch, texts):
-                print(json.dumps({"file": file, "caption": text}) if args.json else f"{file}	{text}", flush=True)
+                print(json.dumps({"file": file, "caption": text}) if args.json else f"{file}\t{text}", flush=True)
     return unreadable
 
 
@@ -462,10 +364,9 @@ def run(argv):
         parser.error("give at least one prompt (or --prompt-file), or image files to caption")
     checkpoint = None
     if args.ckpt:
-        from train import read_checkpoint
         if not os.path.isfile(args.ckpt):
             parser.error(f"--ckpt {args.ckpt}: no such file")
-        checkpoint = read_checkpoint(args.ckpt)
+        checkpoint = weights.read_checkpoint(args.ckpt)
         if checkpoint["task"] != ("caption" if images else "diffusion"):
             parser.error(f"--ckpt {args.ckpt} is a train.py --task {checkpoint['task']} checkpoint: it " + (
                 "draws prompts, and captioning images needs a --task caption one" if images else "captions "
@@ -475,19 +376,17 @@ def run(argv):
         if unreadable := caption_images(args, files, checkpoint):
             raise ValueError(f"{unreadable} of {len(files)} images could not be read (each is named above)")
         return None
-    if checkpoint:  # a text-to-image model of train.py draws at its training size, from noise only
-        size = checkpoint["config"].get("image_size")
-        if args.init_image or {args.width, args.height} - {None, size}:
-            parser.error(f"{args.ckpt} draws {size}x{size} images from noise only (no --init-image, and "
-                         "--width/--height only at that size)")
-    else:  # Stable Diffusion's defaults; a trained model's come with it (trained_pipeline)
-        args.sampler, args.sampling_steps = args.sampler or "ddim", args.sampling_steps or 50
-        args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
-        try:
-            ddpm.GaussianDiffusion().sampling_timesteps(args.sampler, args.sampling_steps,
-                                                        args.strength if args.init_image else 1.0)
-        except ValueError as error:
-            parser.error(str(error))
+    if checkpoint and (args.init_image or {args.width, args.height} - {None, checkpoint["image_size"]}):
+        parser.error(f"{args.ckpt} draws {checkpoint['image_size']}x{checkpoint['image_size']} images from noise "
+                     "only (no --init-image, and --width/--height only at that size)")
+    for name, default in (("sampler", "ddim"), ("sampling_steps", 50), ("guidance_scale", 7.5)):
+        if getattr(args, name) is None:  # Stable Diffusion's defaults, or those a --ckpt model was judged with
+            setattr(args, name, checkpoint[name] if checkpoint else default)
+    try:
+        ddpm.GaussianDiffusion(ddpm.DiffusionConfig(**checkpoint["diffusion_config"]) if checkpoint else None) \
+            .sampling_timesteps(args.sampler, args.sampling_steps, args.strength if args.init_image else 1.0)
+    except ValueError as error:
+        parser.error(str(error))
     return draw(args, prompts, checkpoint)
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
+from vit import VisionConfig, VisionTransformer, normalize
 
 # ===============================================================================================================
 # 1. GPT-2
@@ -402,11 +403,11 @@ def pad_left(rows, pad_id):
 # ===============================================================================================================
 # ClipCap (Mokady et al. 2021, "ClipCap: CLIP Prefix for Image Captioning", github.com/rmokady/CLIP_prefix_caption):
 # a mapping network turns one CLIP image embedding (B, prefix_size) into prefix_length vectors of GPT-2's width, and
-# GPT-2 reads them as the embeddings of a prompt, then writes the caption. The image tower (vit.py) stays outside.
-# Module names follow ClipCap's ClipCaptionModel (clip_project, gpt; MLP.model; TransformerMapper.linear, prefix_const,
-# transformer.layers.N.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1, mlp.fc2}).
-# A third mapper, "tokens", reads every token of the image tower's grid instead of the one pooled embedding, one
-# prefix vector per token (LLaVA-1.5's projector, Liu et al. 2023): where things are reaches GPT-2 intact.
+# GPT-2 reads them as the embeddings of a prompt, then writes the caption. Module names follow ClipCap's
+# ClipCaptionModel (clip_project, gpt; MLP.model; TransformerMapper.linear, prefix_const, transformer.layers.N.{norm1,
+# attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1, mlp.fc2}). A third mapper, "tokens", reads
+# every token of the image tower's grid instead of the one pooled embedding, one prefix vector per token (LLaVA-1.5's
+# projector, Liu et al. 2023): where things are reaches GPT-2 intact. The image tower is vit.py's.
 
 
 @dataclass(frozen=True)
@@ -417,6 +418,8 @@ class CaptionerConfig:
     clip_length: int = 10  # transformer mapper: vectors made from the image embedding (ClipCap: 10)
     num_layers: int = 8  # transformer mapper: blocks (ClipCap: 8)
     num_heads: int = 8  # transformer mapper: attention heads (ClipCap: 8)
+    max_caption_tokens: int = 30  # decoding stops after this many tokens (train.py cuts captions there)
+    eos_token_id: int = 50256  # a caption ends with this token: GPT-2's <|endoftext|>
 
 
 class PrefixMLP(nn.Module):
@@ -487,9 +490,14 @@ class TransformerMapper(nn.Module):
 
 
 class Captioner(nn.Module):
-    """ClipCap's ClipCaptionModel: image embedding -> clip_project -> prefix (B, P, C) -> GPT-2 -> caption."""
+    """ClipCap's ClipCaptionModel: image -> tower -> clip_project -> prefix (B, P, C) -> GPT-2 -> caption.
 
-    def __init__(self, config, gpt):
+    `visual`, the image tower (vit.py), is part of the model when it trains with it (under `visual.` in the state
+    dict), or a frozen one attached to caption new images; without it the model reads embeddings that a frozen tower
+    made beforehand (train.py caches them). `vocab`: a closed vocabulary, the ids of every token the captions use;
+    the other rows of wte are set to 0 here and stay 0 (see forward)."""
+
+    def __init__(self, config, gpt, visual=None, vocab=None):
         super().__init__()
         self.config, self.gpt = config, gpt
         C, P = gpt.config.n_embd, config.prefix_length
@@ -502,33 +510,49 @@ class Captioner(nn.Module):
                                                   config.num_heads)
         else:
             raise ValueError(f"mapping_type must be 'mlp', 'transformer' or 'tokens', got {config.mapping_type!r}")
+        self.visual = visual  # after the mapper: the parameters' order (an optimizer's state) is ClipCap's, then its
+        self.register_buffer("vocab", None)  # (|vocab|,) sorted ids, saved with the weights
+        if vocab is not None:
+            self.vocab = torch.tensor(sorted({int(t) for t in vocab} | {config.eos_token_id}))
+            unused = torch.ones(gpt.config.n_vocab, dtype=torch.bool).index_fill_(0, self.vocab, False)
+            with torch.no_grad():
+                gpt.wte.weight.masked_fill_(unused[:, None], 0)
 
-    def forward(self, image_embeds, tokens, token_mask, vocab=None, eos_token_id=50256):
-        """Teacher forcing. image_embeds (B, prefix_size), or the token grid (B, N, prefix_size) for the tokens
-        mapper; tokens (B, T) right-padded captions, token_mask (B, T) 1 = caption token, 0 = padding
-        (whatever id it holds). Returns the cross-entropy summed over every caption token and the end-of-text after
-        it (token_mask.sum() + B targets); the trainer divides, so micro-batches and ranks add up exactly.
+    def embed(self, images):
+        """What clip_project reads. uint8 pixels (B, 3, h, w) are CLIP-normalised (vit.normalize; float ones are
+        taken as normalised) and embedded by the tower: pooled (B, D), or every token (B, 1 + h*w, D) for the
+        tokens mapper. Without a tower, `images` are a frozen tower's embeddings already and pass through."""
+        if self.visual is None:
+            return images.to(self.gpt.wte.weight.dtype)
+        pixels = normalize(images) if images.dtype == torch.uint8 else images
+        return self.visual.embed_tokens(pixels) if self.config.mapping_type == "tokens" else self.visual(pixels)
 
-        vocab: the sorted ids of every token the captions use (end-of-text included), given only when every other
-        row of wte is exactly 0 (a model trained from scratch on a closed vocabulary, such as shapes). Those rows'
-        logits are then exactly 0, so the full softmax's normaliser is the used tokens' exp(logit) plus
-        (V - |vocab|) * exp(0): the loss of the full 50,257-wide output layer at the cost of |vocab| rows, and the
-        same gradient for every parameter but the unused rows, which get none and stay 0. Generation is unchanged."""
-        prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
-        (B, T), P = tokens.shape, prefix.size(1)
+    def forward(self, images, tokens, token_mask):
+        """Teacher forcing. images: see embed; tokens (B, T) right-padded captions, token_mask (B, T) 1 = caption
+        token, 0 = padding (whatever id it holds). Returns the cross-entropy summed over every caption token and the
+        end token after it (token_mask.sum() + B targets); the trainer divides, so micro-batches and ranks add up.
+
+        With a closed vocabulary every other row of wte is exactly 0, so those tokens' logits are exactly 0 and the
+        full softmax's normaliser is the used tokens' exp(logit) plus (V - |vocab|) * exp(0): the loss of the full
+        50,257-wide output layer at the cost of |vocab| rows, and the same gradient for every parameter but the
+        unused rows, which get none and stay 0. A token outside the vocabulary (another dataset's) embeds as its 0
+        row and scores its logit 0, as in the full layer. Generation is unchanged."""
+        prefix = self.clip_project(self.embed(images).to(self.gpt.wte.weight.dtype))  # (B, P, C)
+        (B, T), P, vocab = tokens.shape, prefix.size(1), self.vocab
         token_mask = token_mask.bool()
         attention_mask = torch.cat([token_mask.new_ones(B, P), token_mask], dim=1)  # (B, P+T)
         if vocab is None:
             hidden, _ = self.gpt.hidden_states(tokens, prefix, attention_mask)  # (B, P+T, C)
         else:  # the used rows, gathered once, embed the tokens and make the logits: one gradient scatter into wte
             table = self.gpt.wte.weight[vocab]  # (|vocab|, C)
-            rows = torch.searchsorted(vocab, tokens).clamp(max=len(vocab) - 1)  # (B, T); padding (any id) is masked
-            hidden, _ = self.gpt.hidden_states(None, torch.cat([prefix, table[rows]], dim=1), attention_mask)
+            rows = torch.searchsorted(vocab, tokens).clamp(max=len(vocab) - 1)  # (B, T)
+            embedded = table[rows] * (vocab[rows] == tokens)[..., None]  # (B, T, C): 0 outside the vocabulary
+            hidden, _ = self.gpt.hidden_states(None, torch.cat([prefix, embedded], dim=1), attention_mask)
         # position P-1+t predicts caption token t (the last prefix vector predicts the first word), and the position
-        # of a caption's last token predicts end-of-text; padding positions predict nothing
+        # of a caption's last token predicts the end token; padding positions predict nothing
         lengths = token_mask.sum(dim=1, keepdim=True)  # (B, 1)
         positions = torch.arange(T + 1, device=tokens.device)[None]  # (1, T+1)
-        targets = F.pad(tokens, (0, 1)).masked_fill(positions >= lengths, eos_token_id)  # (B, T+1)
+        targets = F.pad(tokens, (0, 1)).masked_fill(positions >= lengths, self.config.eos_token_id)  # (B, T+1)
         is_target = positions <= lengths  # (B, T+1)
         hidden, targets = hidden[:, P - 1:][is_target], targets[is_target]  # (N, C), (N,): no work on padding
         if vocab is None:  # the 50,257-wide output layer is most of the cost: applied only where there is a target
@@ -536,19 +560,48 @@ class Captioner(nn.Module):
         logits = F.linear(hidden, table).float()  # (N, |vocab|)
         rest = torch.full_like(logits[:, :1], math.log(self.gpt.config.n_vocab - len(vocab)))  # log sum of exp(0)
         log_normaliser = torch.cat([logits, rest], dim=1).logsumexp(dim=1)  # (N,)
-        return (log_normaliser - logits.gather(1, torch.searchsorted(vocab, targets)[:, None])[:, 0]).sum()
+        rows = torch.searchsorted(vocab, targets).clamp(max=len(vocab) - 1)
+        return (log_normaliser - logits.gather(1, rows[:, None])[:, 0] * (vocab[rows] == targets)).sum()
 
     @torch.no_grad()
-    def generate(self, image_embeds, max_new_tokens=30, **sampling):
-        """Captions as token ids (B, N), rows that ended early filled with end-of-text; sampling takes GPT.generate's
-        keywords (temperature, top_k, top_p, num_beams, length_penalty, eos_token_id, generator): greedy by default."""
-        prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
-        return self.gpt.generate(None, max_new_tokens, prefix_embeds=prefix, **sampling)
+    def generate(self, images, max_new_tokens=None, **sampling):
+        """Captions as token ids (B, N), N <= max_new_tokens (default: the config's), rows that ended early filled
+        with the end token; sampling takes GPT.generate's keywords (temperature, top_k, top_p, num_beams,
+        length_penalty, generator): greedy by default."""
+        prefix = self.clip_project(self.embed(images).to(self.gpt.wte.weight.dtype))  # (B, P, C)
+        return self.gpt.generate(None, max_new_tokens or self.config.max_caption_tokens, prefix_embeds=prefix,
+                                 eos_token_id=self.config.eos_token_id, **sampling)
+
+    def caption(self, images, tokenizer, max_new_tokens=None, **sampling):
+        """Captions (str) of images (see embed), decoded by `tokenizer` (GPT-2's) up to the end token."""
+        end = self.config.eos_token_id
+        return [tokenizer.decode(row[:row.index(end)] if end in row else row).strip()
+                for row in self.generate(images, max_new_tokens, **sampling).tolist()]
 
     def set_attention(self, use_sdpa=True):
-        """GPT-2's switch (ClipCap's mapper keeps its plain attention: a few vectors, no mask)."""
+        """GPT-2's switch and the tower's (ClipCap's mapper keeps its plain attention: a few vectors, no mask)."""
         self.gpt.set_attention(use_sdpa)
+        if self.visual is not None:
+            self.visual.set_attention(use_sdpa)
         return self
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, visual=None):
+        """A captioner of train.py --task caption (weights.read_checkpoint), rebuilt from the configs stored beside
+        its weights (captioner_config, gpt_config, vision_config): built on the meta device, checked against the
+        weights, then loaded (weights.rebuild: no config sizes what the file does not hold). A tower trained with it
+        is among the weights; a frozen one (its name in frozen_tower) is not: `visual` attaches it (clip.load_visual),
+        and it must be the tower the captioner was trained on."""
+        vision, trained = VisionConfig(**checkpoint["vision_config"]), checkpoint["frozen_tower"] is None
+        model = weights.rebuild(lambda: cls(CaptionerConfig(**checkpoint["captioner_config"]),
+                                            GPT(GPTConfig.from_dict(checkpoint["gpt_config"])),
+                                            VisionTransformer(vision, sincos=True) if trained else None,
+                                            checkpoint["model"].get("vocab")), checkpoint["model"])
+        if visual is not None and not trained:
+            if visual.config != vision:
+                raise ValueError(f"the image tower given is not the one this captioner was trained on ({vision})")
+            model.visual = visual.requires_grad_(False).eval()
+        return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
