@@ -1,21 +1,19 @@
-"""Datasets of (image, caption) pairs, how train.py reads and caches them, and the metrics captions are scored with.
+"""Datasets of (image, caption) pairs, and how train.py reads and caches them.
 
 Every dataset speaks one interface: `ds[i] -> (RGB PIL image, caption, image_id)`, `ds.image_ids()` (distinct
 images), `ds.load_image(image_id)` (None if unreadable), `ds.references()` (image_id -> its captions).
-1. shapes: a synthetic, deterministic, offline set drawn on the fly, the measuring stick of the offline tour, and
-   how captions and drawings of it are scored (exact match, drawn right).
-2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, the Flickr8k tutorials' descriptions.txt,
-   any folder of images with a captions file, CIFAR-100 (Krizhevsky 2009).
-3. Splits and caches: `open_split` (one split of any of them; splits never share an image), `cached_features`
-   (each image once through a frozen tower, or its pixels, kept on disk), image grids.
-4. Scoring captions: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), equal to the COCO
-   caption evaluation code (github.com/tylin/coco-caption, pip pycocoevalcap).
+1. shapes: a synthetic, deterministic, offline set drawn on the fly (the offline tour's measuring stick), and how
+   captions and drawings of it are scored (exact match, drawn right).
+2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, any folder of images with a captions file
+   (the Flickr8k tutorials' descriptions.txt too), CIFAR-100 (Krizhevsky 2009).
+3. Splits and caches: `open_split` (splits never share an image) and `cached_features` (each image once through
+   a frozen tower, or its pixels, kept on disk).
+Captions are scored (BLEU, CIDEr-D, CLIP similarity) in clip.py's last section.
 """
 import copy
 import csv
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -23,7 +21,6 @@ import shutil
 import sys
 import tarfile
 import zipfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +59,7 @@ BACKGROUND = (16, 16, 20)
 MARGIN, GAP = 0.03, 0.06  # free border around the image and least free space between two objects
 
 
-def shapes_vocabulary():
-    """Every word a shapes caption can use, sorted."""
+def shapes_vocabulary():  # every word a shapes caption can use
     return sorted({"a", *SIZES, *COLOURS, *SHAPES, *" ".join(RELATIONS).split()})
 
 
@@ -74,8 +70,8 @@ def shapes_caption(scene):
 
 
 def parse_shapes_caption(caption):
-    """A caption of the grammar -> {"objects": [{"size", "colour", "shape"}, ...], "relation"}, or None for
-    text outside it (a generated non-caption then simply scores as wrong). Accepts all four relations."""
+    """A caption of the grammar (any of the four relations) -> {"objects": [{"size", "colour", "shape"}, ...],
+    "relation"}, or None for text outside it (a generated non-caption then simply scores as wrong)."""
     words = caption.strip().lower().rstrip(".").split()
     relation = next((r for r in RELATIONS if " ".join(words[4:4 + len(r.split())]) == r), None)  # after 4 words
     parts = [words] if relation is None else [words[:4], words[4 + len(relation.split()):]]
@@ -99,13 +95,13 @@ def canonical_shapes_caption(caption):
 
 def shapes_exact_match(captions, references):
     """The share of captions that describe their reference's picture (canonical forms equal, not the words)."""
-    return float(np.mean([canonical_shapes_caption(c) == canonical_shapes_caption(r) for c, r in zip(captions, references)]))
+    return float(np.mean([canonical_shapes_caption(c) == canonical_shapes_caption(r)
+                          for c, r in zip(captions, references)]))
 
 
 def drawn_right(prompts, read):
-    """Drawings of shapes prompts read back as captions (train.py --judge) -> {drawn_right_N, drawn_exact_N}, N
-    objects: one is drawn right when colour and shape are, two when both objects' colours and shapes are;
-    drawn_exact asks for the whole caption (sizes, relation) in canonical form."""
+    """Drawings of shapes prompts read back as captions (train.py --judge) -> {drawn_right_N, drawn_exact_N} for N
+    objects: drawn right when each object's colour and shape are; drawn_exact asks for the whole caption."""
     scores = {1: [], 2: []}
     for prompt, text in zip(prompts, read):
         want, got = parse_shapes_caption(prompt), parse_shapes_caption(text)
@@ -151,8 +147,8 @@ def sample_shapes_scene(rng, max_objects=2):
 
 
 def draw_shapes(scene, image_size=32, supersample=4):
-    """A placed scene -> RGB PIL image, anti-aliased: a pixel's colour is blended by the fraction of its
-    supersample x supersample sub-pixel samples inside the shape. Only each object's box is computed."""
+    """A placed scene -> RGB PIL image, anti-aliased: a pixel's colour is blended by the fraction of its supersample
+    x supersample sub-pixel samples inside the shape. Only each object's box is computed."""
     canvas = np.full((image_size, image_size, 3), BACKGROUND, dtype=np.float32)
     for obj in scene["objects"]:
         radius, cx, cy = SIZES[obj["size"]] * image_size, obj["x"] * image_size, obj["y"] * image_size
@@ -228,11 +224,11 @@ def data_dir(root=None):
 
 
 class CaptionPairs:
-    """(image_id, caption) pairs with image files. A bad image (0-byte, truncated, not an image, missing) is
-    reported once with its file name, kept in `skipped` and passed over; `report_skipped()` counts them."""
+    """(image_id, caption) pairs with image files (files: image_id -> Path). A bad image (0-byte, truncated, not
+    an image, missing) is reported once with its file name, kept in `skipped` and passed over."""
 
     def __init__(self, pairs, files):
-        self.pairs, self.files, self.skipped = pairs, files, set()  # files: image_id -> Path
+        self.pairs, self.files, self.skipped = pairs, files, set()
 
     def __len__(self):
         return len(self.pairs)
@@ -257,14 +253,11 @@ class CaptionPairs:
         return to_rgb(open_image(self.files[image_id]))  # vit.py's opener: one error, ImageReadError
 
     def load_image(self, image_id):
-        if image_id in self.skipped:
-            return None
         try:
-            return self.open_image(image_id)
+            return None if image_id in self.skipped else self.open_image(image_id)
         except ImageReadError as error:
             self.skipped.add(image_id)
             print(f"skipping bad image: {error}", file=sys.stderr)
-            return None
 
     def report_skipped(self):
         print(f"skipped {len(self.skipped)} bad image(s) of {len(self.image_ids())}", file=sys.stderr)
@@ -325,8 +318,8 @@ def fetch_karpathy(root):
 
 
 def karpathy_coco(karpathy_json, image_root, split="train"):
-    """Karpathy's splits (dataset_coco.json), "train" with "restval" as ClipCap and most papers use it. An
-    image is filepath/filename (2014 names), else train2017/ or val2017/{cocoid:012d}.jpg (its 2017 name)."""
+    """Karpathy's splits (dataset_coco.json), "train" with "restval" as ClipCap and most papers use it. An image is
+    filepath/filename (2014 names), else train2017/ or val2017/{cocoid:012d}.jpg (its 2017 name)."""
     splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",), "restval": ("restval",)}[split]
     if not Path(karpathy_json).is_file():
         raise FileNotFoundError(f"{karpathy_json} not found: Karpathy's split file is dataset_coco.json in "
@@ -343,9 +336,9 @@ def karpathy_coco(karpathy_json, image_root, split="train"):
 
 
 def read_captions_file(path):
-    """[(file name, caption)] from JSON lines {"file", "caption"}, CSV with a header (file or image, caption),
-    or text lines `file<TAB>caption`, or without a tab `image_id caption` (the Flickr8k tutorials'
-    descriptions.txt). Flickr8k.token.txt's caption numbers (`1000268201_693b08cb0e.jpg#0`) are dropped."""
+    """[(file name, caption)] from JSON lines {"file", "caption"}, CSV with a header (file or image, caption), text
+    lines `file<TAB>caption`, or without a tab `image_id caption` (the Flickr8k tutorials' descriptions.txt).
+    Flickr8k.token.txt's caption numbers (`1000268201_693b08cb0e.jpg#0`) are dropped."""
     path, pairs = Path(path), []
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
@@ -398,11 +391,10 @@ class CIFAR100Captions(CaptionPairs):
         with tarfile.open(archive, "r:gz") as tar:  # Python 2 pickles (bytes keys), through weights' unpickler
             batch, meta = (weights.load_pickle(tar.extractfile(f"cifar-100-python/{name}").read(), f"{archive}:{name}",
                                                encoding="bytes") for name in (split, "meta"))
-        classes = [name.decode().replace("_", " ") for name in meta[b"fine_label_names"]]
+        self.classes = [name.decode().replace("_", " ") for name in meta[b"fine_label_names"]]
         self.images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        super().__init__([(i, f"a photo of a {classes[label]}") for i, label in enumerate(batch[b"fine_labels"])],
+        super().__init__([(i, f"a photo of a {self.classes[label]}") for i, label in enumerate(batch[b"fine_labels"])],
                          dict.fromkeys(range(len(self.images)), archive))  # the archive stands for each image
-        self.classes = classes
 
     def open_image(self, image_id):
         return Image.fromarray(self.images[image_id], "RGB")
@@ -411,11 +403,12 @@ class CIFAR100Captions(CaptionPairs):
 # -----------------------------------------------------------------------------
 # 3. Splits and caches: one split of any dataset; what train.py computes once per image and keeps on disk
 
+
 def open_split(name, split, root=None, download=False, image_size=32, seed=0, max_images=0):
-    """One split (train, val or test) of dataset `name`: shapes, coco, karpathy, folder or cifar100. Splits never
+    """One split (train, val or test) of dataset `name`: shapes, coco, karpathy, folder or cifar100; splits never
     share an image. Shapes draws max_images images (0: 96,000 for train, 500 else) from the split's own stream; a
-    val or test split of the others keeps its first max_images images (0: all) with all their captions. CIFAR-100's
-    val is 5,000 images held out of its training set (its test set stays the test); a folder holds out 5% as val."""
+    val or test split of the others keeps its first max_images images (0: all) with all their captions. CIFAR-100
+    holds 5,000 images of its training set out as val; a folder holds out 5%."""
     if split == "test" and name in NO_TEST_SPLIT:
         raise ValueError(NO_TEST_SPLIT[name])
     if (root is None and name == "folder") or (root is not None and not download and not Path(root).is_dir()):
@@ -446,9 +439,11 @@ def fingerprint(dataset, tower=None):
     h = hashlib.sha256()
     if isinstance(dataset, ShapesDataset):
         h.update(repr((dataset.n, dataset.image_size, dataset.seed, dataset.max_objects, dataset.split)).encode())
-    for path in map(Path, [] if isinstance(dataset, ShapesDataset) else map(dataset.files.get, dataset.image_ids())):
-        stat = path.stat() if path.exists() else None
-        h.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    else:
+        for image_id in dataset.image_ids():
+            path = Path(dataset.files[image_id])
+            stat = path.stat() if path.exists() else None
+            h.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
     for name, tensor in sorted(tower.state_dict().items()) if tower is not None else ():
         h.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
@@ -456,11 +451,10 @@ def fingerprint(dataset, tower=None):
 
 @torch.no_grad()
 def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="cpu", batch_size=64):
-    """Every image of `dataset` once through a frozen `tower`: its embedding (N, D) fp16, or with `tokens` every
-    token's (N, 1 + h*w, D); with no tower, CLIP's crop of its pixels (N, 3, size, size) uint8 (for a tower that
-    trains, or for a denoiser). Computed on first use into folder/{kind}-{fingerprint}.npy (atomic; locked while
-    written) and memory-mapped. Returns (array, skipped image ids): an unreadable image is reported, skipped, and
-    its row stays 0. data.py builds no network: the tower comes from the caller."""
+    """Every image of `dataset` once through a frozen `tower` (the caller's: data.py builds no network): embeddings
+    (N, D) fp16, or with `tokens` every token's (N, 1 + h*w, D); with no tower, CLIP's crop of its pixels (N, 3,
+    size, size) uint8. Computed on first use into folder/{kind}-{fingerprint}.npy (atomic; locked while written),
+    memory-mapped. Returns (array, skipped image ids): an unreadable image is reported and its row stays 0."""
     kind = "pixels" if tower is None else "tokens" if tokens else "features"
     path = Path(folder) / f"{kind}-{fingerprint(dataset, tower)}.npy"
     if not path.exists():
@@ -483,99 +477,3 @@ def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="
             path.with_suffix(".skipped.json").write_text(json.dumps(skipped))
             os.replace(part, path)  # atomic: a killed run never leaves half a cache under the final name
     return np.load(path, mmap_mode="r"), set(json.loads(path.with_suffix(".skipped.json").read_text()))
-
-
-def to_pil(images):
-    """(B, 3, H, W) in [0, 1] -> PIL images, rounding as diffusers' numpy_to_pil does."""
-    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
-    return [Image.fromarray(a) for a in array]
-
-
-def image_grid(images, cols=None):
-    """PIL images of one size pasted into one, row by row, `cols` a row (default: a near-square grid)."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-# -----------------------------------------------------------------------------
-# 4. Scoring captions: references {image_id: [caption, ...]} and hypotheses {image_id: caption}, tokenised
-# (words joined by spaces), scored as pycocoevalcap scores them, line for line, quirks included.
-
-
-def tokenize_caption(text):
-    """COCO evaluation's PTBTokenizer (Java) approximated: lowercase, split off clitics as PTB does ("man's" ->
-    "man 's", "don't" -> "do n't"), drop punctuation, keep hyphenated words and decimals whole."""
-    text = re.sub(r"(?<=\w)('s|'re|'ve|'ll|'d|'m|n't)\b", r" \1", text.lower())
-    return " ".join(re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:[-.'][a-z0-9]+)*", text))
-
-
-def _ngram_counts(words, n=4):
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-def bleu(references, hypotheses, n=4):
-    """Corpus BLEU-1..n as pycocoevalcap's Bleu: clipped n-gram matches summed over the corpus, each reference
-    length the one closest to its hypothesis (the shorter on a tie), brevity penalty exp(1 - r/c) on the
-    corpus lengths, and 1e-15 / 1e-9 added so that no count divides by zero."""
-    test_length, reference_length, guess, correct = 0, 0, [0] * n, [0] * n
-    for image_id, hypothesis in hypotheses.items():
-        words, lengths = hypothesis.split(), [len(reference.split()) for reference in references[image_id]]
-        max_counts = Counter()
-        for reference in references[image_id]:
-            max_counts |= _ngram_counts(reference.split(), n)  # | keeps the larger count of each n-gram
-        test_length += len(words)
-        reference_length += min((abs(length - len(words)), length) for length in lengths)[1]
-        for ngram, count in _ngram_counts(words, n).items():
-            correct[len(ngram) - 1] += min(max_counts[ngram], count)
-        for k in range(n):
-            guess[k] += max(0, len(words) - k)
-    scores, product = [], 1.0
-    for k in range(n):  # BLEU-k is the geometric mean of the first k precisions
-        product *= (correct[k] + 1e-15) / (guess[k] + 1e-9)
-        scores.append(product ** (1 / (k + 1)))
-    ratio = (test_length + 1e-15) / (reference_length + 1e-9)
-    return [score * math.exp(1 - 1 / ratio) for score in scores] if ratio < 1 else scores
-
-
-def cider_d(references, hypotheses, n=4, sigma=6.0):
-    """CIDEr-D as pycocoevalcap's Cider -> (corpus score, per-image scores). tf-idf vectors of 1..n-grams (document
-    frequency over the evaluated images' references); hypothesis weights clipped at the reference's; a Gaussian
-    penalty on the length difference; cosines averaged over n and references, times 10. As in the reference
-    code, "length" counts a caption's bigrams."""
-    reference_counts = {i: [_ngram_counts(r.split(), n) for r in references[i]] for i in hypotheses}
-    document_frequency = Counter(g for counts in reference_counts.values() for g in set().union(*counts))
-    log_images = math.log(len(reference_counts))
-
-    def vectors(counts):
-        vec, norm = [{} for _ in range(n)], [0.0] * n
-        for ngram, term_frequency in counts.items():
-            weight = term_frequency * (log_images - math.log(max(1.0, document_frequency[ngram])))
-            vec[len(ngram) - 1][ngram] = weight
-            norm[len(ngram) - 1] += weight * weight
-        return vec, [math.sqrt(x) for x in norm], sum(c for g, c in counts.items() if len(g) == 2)
-
-    scores = []
-    for image_id, hypothesis in hypotheses.items():
-        vec, norm, length = vectors(_ngram_counts(hypothesis.split(), n))
-        total = np.zeros(n)
-        for counts in reference_counts[image_id]:
-            vec_ref, norm_ref, length_ref = vectors(counts)
-            for k in range(n):
-                value = sum(min(w, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0) for g, w in vec[k].items())
-                value = value / (norm[k] * norm_ref[k]) if norm[k] != 0 and norm_ref[k] != 0 else value
-                total[k] += value * math.exp(-((length - length_ref) ** 2) / (2 * sigma ** 2))
-        scores.append(float(np.mean(total)) / len(reference_counts[image_id]) * 10.0)
-    return float(np.mean(scores)), scores
-
-
-def caption_scores(references, hypotheses):
-    """Raw captions in, {"BLEU-1".."BLEU-4", "CIDEr-D"} out: tokenise as COCO does, then score."""
-    references = {i: [tokenize_caption(r) for r in references[i]] for i in hypotheses}
-    hypotheses = {i: tokenize_caption(h) for i, h in hypotheses.items()}
-    scores = {f"BLEU-{k + 1}": value for k, value in enumerate(bleu(references, hypotheses))}
-    scores["CIDEr-D"] = cider_d(references, hypotheses)[0]
-    return scores

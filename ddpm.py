@@ -1,5 +1,6 @@
 """The diffusion process: noise schedule, noising, the training loss, classifier-free guidance and samplers;
-then the prompt -> image pipeline that drives them.
+then the prompt -> image pipeline that drives them, and its images as files (grids; PNGs that carry their
+settings as AUTOMATIC1111 writes them).
 
 Papers: DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2020, arXiv:2010.02502), the Euler method on
 the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364, Algorithm 1 without churn), DPM-Solver++(2M)
@@ -23,7 +24,9 @@ Notation: ᾱ_t = alphas_cumprod[t]; a noised sample is x_t = √ᾱ_t·x_0 + �
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim", "euler", "dpm++2m")
@@ -301,7 +304,7 @@ class GaussianDiffusion:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompt -> image: the pipeline
+# Prompt -> image: the pipeline, and its images as files
 
 class TextToImage:
     """Prompts -> images, as diffusers' StableDiffusionPipeline and StableDiffusionImg2ImgPipeline run Rombach et
@@ -338,3 +341,40 @@ class TextToImage:
                                   progress)
         images = self.vae.decode_latents(x.to(vae_dtype), tile_size=vae_tile_size) if self.vae else x.clamp(-1, 1)
         return ((images.float() + 1) / 2).cpu()  # (B, 3, H, W) in [0, 1]
+
+
+def to_pil(images):
+    """(B, 3, H, W) in [0, 1], what the pipeline returns -> PIL images, rounding as diffusers' numpy_to_pil does."""
+    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in array]
+
+
+def image_grid(images, cols=None):
+    """PIL images of one size pasted into one, row by row, `cols` a row (default: a near-square grid)."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
+
+
+def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, seed, width, height, model,
+                    strength=None, eta=0.0):
+    """AUTOMATIC1111's infotext: the prompt, a "Negative prompt:" line when there is one, then key: value pairs."""
+    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
+    fields = [f"Steps: {steps}", f"Sampler: {SAMPLER_NAMES[sampler]}", f"CFG scale: {guidance_scale:g}",
+              f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
+    fields += [f"Denoising strength: {strength:g}"] if strength is not None else []
+    fields += [f"Eta: {eta:g}"] if eta else []  # DDIM's η
+    return "\n".join(lines + [", ".join(fields)])
+
+
+def save_png(image, path, parameters):
+    """A PNG that carries its settings in a "parameters" text chunk, as AUTOMATIC1111's web UI writes it."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(path, pnginfo=info)

@@ -7,10 +7,11 @@
 The pipeline is the one of Rombach et al. 2022 (arXiv:2112.10752) as diffusers' StableDiffusionPipeline and
 StableDiffusionImg2ImgPipeline run it: CLIP ViT-L/14 text features of prompt and negative prompt (clip.py),
 classifier-free guidance and a sampler from ddpm.py over the UNet (unet.py) in latent space, the VAE decoder
-(vae.py) back to pixels. All three networks come from ONE official single file (`v1-5-pruned-emaonly.safetensors`
-or `.ckpt`, or any SD 1.x fine-tune in that layout), fetched on first use. With the same seed, sampler and steps
-the images equal diffusers' (tests/test_generate_sd.py). Every PNG carries its settings in a "parameters" text
-chunk written as AUTOMATIC1111's web UI writes it, so the usual tools read them back.
+(vae.py) back to pixels. All three networks come from ONE official single file
+(`v1-5-pruned-emaonly.safetensors` or `.ckpt`, or any SD 1.x fine-tune in that layout), fetched on first use.
+With the same seed, sampler and steps the images equal diffusers' (tests/test_generate_sd.py). Every PNG
+carries its settings in a "parameters" text chunk written as AUTOMATIC1111's web UI writes it, so the usual
+tools read them back.
 
 Image files, folders and globs get captions from a captioner of train.py --task caption (ClipCap, gpt2.py):
     python generate.py photo.jpg holiday/ "shots/*.png" --ckpt runs/caption/ckpt.pt [--json]
@@ -28,72 +29,42 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
 
 import ddpm
 import weights
 from clip import CLIP, CLIPTextTransformer, frozen_tower, similarity
-from data import image_grid, to_pil
+from ddpm import image_grid, parameters_text, save_png, to_pil
 from gpt2 import Captioner
 from tokenizer import CLIPTokenizer, GPT2Tokenizer
 from unet import PromptTokenizer, TextConditionedUNet, UNetModel
-from vae import AutoencoderKL
-from vit import ImageReadError, open_image, preprocess, to_rgb
+from vae import AutoencoderKL, load_image
+from vit import ImageReadError, preprocess
 
 DEFAULT_WEIGHTS = "sd15/v1-5-pruned-emaonly.safetensors"
-SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size (SD draws 512x512; 12000x12000: 4 GB)
 
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
 # Stable Diffusion: three networks from one file, driven by ddpm.py's pipeline
 
 
 def stable_diffusion(path, device="cpu", dtype=torch.float32):
-    """SD 1.x's text encoder, UNet and VAE from ONE single file, read once (weights/' restricted readers: no pickle
-    code runs), each from its prefix by its loader (key set and shapes checked), as a ddpm.TextToImage with SD's
-    noise schedule and its tokenizer (CLIP's BPE, 77 tokens padded with end-of-text, as HF's tokenizer pads)."""
+    """SD 1.x's text encoder, UNet and VAE from ONE single file, read once (weights/' restricted readers:
+    no pickle code runs), each from its prefix by its loader (key set and shapes checked), as a
+    ddpm.TextToImage with SD's noise schedule and its tokenizer (CLIP's BPE, 77 tokens padded with
+    end-of-text, as HF's tokenizer pads)."""
     state = weights.load_state_dict(path)
     unet = UNetModel.from_state_dict(state, dtype=dtype).to(device).eval()
     vae = AutoencoderKL.from_state_dict(state, dtype=dtype).to(device).eval()
-    text_encoder = CLIPTextTransformer.from_state_dict(state, preset=None).to(device, dtype).eval()  # any size
+    text_encoder = CLIPTextTransformer.from_state_dict(state, preset=None)  # any size: a fine-tune's too
+    text_encoder = text_encoder.to(device, dtype).eval()
     return ddpm.TextToImage(ddpm.GaussianDiffusion(ddpm.PRESETS["sd15"]), unet, text_encoder,
                             PromptTokenizer("clip", 77), vae)
 
 
-def load_image(path, width=None, height=None):
-    """An image file -> (3, H, W) in [-1, 1], resized with Lanczos to width x height (default: its own size
-    rounded down to multiples of 8, up to MAX_INIT_PIXELS), as diffusers' VaeImageProcessor prepares it.
-    vit.py opens it (one error, ImageReadError) and composites transparency on white."""
-    image = to_rgb(open_image(path, None if width and height else MAX_INIT_PIXELS))
-    width, height = width or image.width // 8 * 8, height or image.height // 8 * 8
-    if width < 8 or height < 8:
-        raise ValueError(f"image {path} is {image.width}x{image.height}: too small (at least 8x8)")
-    pixels = np.asarray(image.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0  # (H, W, 3)
-    return torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1  # (3, H, W)
-
-
-def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, seed, width, height, model,
-                    strength=None, eta=0.0):
-    """AUTOMATIC1111's infotext: the prompt, a "Negative prompt:" line when there is one, then key: value pairs."""
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    fields = [f"Steps: {steps}", f"Sampler: {SAMPLER_NAMES[sampler]}", f"CFG scale: {guidance_scale:g}",
-              f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
-    fields += [f"Denoising strength: {strength:g}"] if strength is not None else []
-    fields += [f"Eta: {eta:g}"] if eta else []  # DDIM's η
-    return "\n".join(lines + [", ".join(fields)])
-
-
-def save_png(image, path, parameters):
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    image.save(path, pnginfo=info)
-
-
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -105,10 +76,8 @@ def pick_device(name):
         device = torch.device(name)
     except RuntimeError:
         return None
-    if (device.type == "cuda" and not torch.cuda.is_available()) or \
-            (device.type == "mps" and not torch.backends.mps.is_available()):
-        return None
-    return device
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    return device if present is None or present() else None
 
 
 def draw(args, prompts, checkpoint):
@@ -118,22 +87,24 @@ def draw(args, prompts, checkpoint):
     init_image = None
     if args.init_image:
         try:
-            init_image = load_image(args.init_image, args.width, args.height)
+            init_image = load_image(args.init_image, args.width, args.height, MAX_INIT_PIXELS)
         except ValueError as error:  # too large to draw at its own size: say how to resize it
-            hint = " (--width and --height resize it; SD 1.5: 512x512)" if "pixels, more than" in str(error) else ""
+            large = "pixels, more than" in str(error)
+            hint = " (--width and --height resize it; SD 1.5: 512x512)" if large else ""
             raise ValueError(f"--init-image: {error}{hint}") from None
-    if checkpoint:  # a text-to-image model of train.py (unet.py rebuilds it), at its size: its EMA weights draw
+    if checkpoint:  # a text-to-image model of train.py (unet.py rebuilds it) at its size; EMA weights draw
         path, width = Path(args.ckpt), checkpoint["image_size"]
         net, vae = TextConditionedUNet.from_checkpoint(checkpoint)
-        pipe = ddpm.TextToImage(ddpm.GaussianDiffusion(ddpm.DiffusionConfig(**checkpoint["diffusion_config"])),
-                                net.to(device, dtype).eval(), net.encode_text, net.tokenize, vae and vae.to(device, dtype))
+        net, vae = net.to(device, dtype).eval(), vae and vae.to(device, dtype)
+        diffusion = ddpm.GaussianDiffusion(ddpm.DiffusionConfig(**checkpoint["diffusion_config"]))
+        pipe = ddpm.TextToImage(diffusion, net, net.encode_text, net.tokenize, vae)
     else:
         path = weights.file_or_fetch(args.sd_weights, args.weights_dir, args.offline, "--sd-weights")
         width = init_image.shape[2] if init_image is not None else args.width or 512
         print(f"loading {path} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
         try:
             pipe = stable_diffusion(path, device, dtype)
-        except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD 1.x, truncated, unsafe
+        except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD, truncated, unsafe
             raise ValueError(f"{path} is not a usable Stable Diffusion 1.x checkpoint: {error}") from None
         pipe.denoiser.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
         pipe.vae.set_attention(args.sdpa)
@@ -153,8 +124,8 @@ def draw(args, prompts, checkpoint):
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         images = pipe([p for p, _ in batch], [s for _, s in batch], [args.negative_prompt] * len(batch),
-                      args.sampler, args.sampling_steps, args.guidance_scale, args.eta, height, width, init_image,
-                      args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
+                      args.sampler, args.sampling_steps, args.guidance_scale, args.eta, height, width,
+                      init_image, args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
         for (prompt, image_seed), image in zip(batch, to_pil(images)):
             candidates.append((score(image, prompt) if score else 0.0, image_seed, image))
             if len(candidates) < args.rerank:
@@ -176,7 +147,8 @@ def draw(args, prompts, checkpoint):
 
 
 def warn_unread(prompts, tokenize, seen=None):
-    """Warn of a prompt the text encoder cannot read whole, and of words a trained model's captions never used."""
+    """Warn of a prompt the text encoder cannot read whole, and of words a trained model's captions never
+    used."""
     for prompt in dict.fromkeys(prompts):
         cut = tokenize([prompt])[0]
         if not torch.equal(tokenize([prompt], 1024)[0, :len(cut)], cut):
@@ -193,8 +165,12 @@ def clip_scorer(args, device):
         model = CLIP.from_pretrained(args.clip_weights or "ViT-B/32", args.weights_dir, args.offline)
     except (weights.WeightsUnavailable, ValueError, KeyError, OSError) as error:
         raise ValueError(f"--rerank needs CLIP weights (--clip-weights): {error}") from None
-    model, tokenizer, size = model.to(device).eval(), CLIPTokenizer.default(), model.config.vision.image_resolution
-    return lambda image, prompt: similarity(model, tokenizer, preprocess(image, size)[None].to(device), [prompt]).item()
+    model, tokenizer = model.to(device).eval(), CLIPTokenizer.default()
+    size = model.config.vision.image_resolution
+
+    def score(image, prompt):
+        return similarity(model, tokenizer, preprocess(image, size)[None].to(device), [prompt]).item()
+    return score
 
 
 def is_image_file(path):
@@ -218,12 +194,13 @@ def image_files(arg):
 
 @torch.no_grad()
 def caption_images(args, files, checkpoint):
-    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at once, by
-    the captioner of a train.py checkpoint (gpt2.py rebuilds it; a frozen tower it names comes from clip.py).
-    Returns how many could not be read (each reported on stderr and skipped)."""
+    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at
+    once, by the captioner of a train.py checkpoint (gpt2.py rebuilds it; a frozen tower it names comes
+    from clip.py). Returns how many could not be read (each reported on stderr and skipped)."""
     device = pick_device(args.device)
     visual = frozen_tower(checkpoint, args.clip_weights, args.weights_dir, args.offline)
-    model, tokenizer, unreadable = Captioner.from_checkpoint(checkpoint, visual).to(device).eval(), GPT2Tokenizer.default(), 0
+    model = Captioner.from_checkpoint(checkpoint, visual).to(device).eval()
+    tokenizer, unreadable = GPT2Tokenizer.default(), 0
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(files), args.batch_size):
         batch = []
@@ -238,7 +215,8 @@ def caption_images(args, files, checkpoint):
                                   num_beams=args.num_beams, temperature=args.temperature, top_p=args.top_p,
                                   generator=generator)
             for (file, _), text in zip(batch, texts):
-                print(json.dumps({"file": file, "caption": text}) if args.json else f"{file}\t{text}", flush=True)
+                line = json.dumps({"file": file, "caption": text}) if args.json else f"{file}\t{text}"
+                print(line, flush=True)
     return unreadable
 
 
@@ -272,14 +250,14 @@ def main(argv=None):
 def run(argv):
     parser = Parser(description="Images for prompts with Stable Diffusion 1.x, or with a model of train.py; "
                     "captions for images with a captioner of train.py.", formatter_class=HelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image files, "
-                        "folders and globs to caption (with --ckpt)")
+    parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image "
+                        "files, folders and globs to caption (with --ckpt)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt, never taken for a file name "
                         "(repeatable)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = no guidance; "
-                        "default 7.5, or a --ckpt model's own from its training config)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = no "
+                        "guidance; default 7.5, or a --ckpt model's own from its training config)")
     parser.add_argument("--sampling-steps", type=int, help="sampler steps (default 50, or a --ckpt model's)")
     parser.add_argument("--sampler", choices=ddpm.SAMPLERS, help="ddim (default: CompVis' txt2img.py, and "
                         "diffusers' DDIMScheduler; or the --ckpt model's own), ddpm, euler or dpm++2m")
@@ -297,27 +275,27 @@ def run(argv):
     parser.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change the "
                         "init image, in (0, 1]; 1 ignores it")
     parser.add_argument("--out-dir", default="outputs", help="where the PNGs go")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda:1, mps")
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help="the networks' "
                         "precision (auto: fp16 on a GPU, fp32 on the CPU); the sampler always works in fp32")
     parser.add_argument("--sd-weights", default=DEFAULT_WEIGHTS, help="SD 1.x weights: a single file "
                         "(.safetensors or .ckpt) or a registered name (fetched on first use)")
     parser.add_argument("--weights-dir", help="where registered weights live (default: $MINIMODAL_WEIGHTS, "
                         "else weights/)")
-    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
+    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch")
     parser.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True,
                         help="fused scaled_dot_product_attention (--no-sdpa: the plain math)")
     parser.add_argument("--low-memory", action="store_true", help="slice attention and decode the VAE in "
                         "tiles, for small GPUs (tiles change the image very slightly)")
     parser.add_argument("--ckpt", help="a checkpoint of train.py: --task caption captions the image inputs, "
                         "--task diffusion draws the prompts (instead of SD)")
-    parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one CLIP "
-                        "finds most like the prompt")
+    parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one "
+                        "CLIP finds most like the prompt")
     parser.add_argument("--clip-weights", help="CLIP weights: --rerank's (default ViT-B/32, fetched on first "
                         "use), or the file of a --ckpt captioner's frozen image tower")
     parser.add_argument("--json", action="store_true", help="captions as JSON lines {file, caption}")
-    parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1 (default greedy)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (default greedy)")
+    parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1")
+    parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="captions: nucleus sampling mass")
     parser.add_argument("--traceback", action="store_true", help="on an error, the traceback, not one line")
     args = parser.parse_args(argv)
@@ -325,7 +303,7 @@ def run(argv):
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
-            parser.error(f"--{name} must be a positive multiple of 8 (the VAE shrinks images 8x), got {value}")
+            parser.error(f"--{name} must be a positive multiple of 8 (the VAE shrinks 8x), got {value}")
     if min(1 if args.sampling_steps is None else args.sampling_steps, args.num_images, args.batch_size,
            args.rerank, args.num_beams) < 1:
         parser.error("--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be >= 1")
@@ -376,15 +354,17 @@ def run(argv):
         if unreadable := caption_images(args, files, checkpoint):
             raise ValueError(f"{unreadable} of {len(files)} images could not be read (each is named above)")
         return None
-    if checkpoint and (args.init_image or {args.width, args.height} - {None, checkpoint["image_size"]}):
-        parser.error(f"{args.ckpt} draws {checkpoint['image_size']}x{checkpoint['image_size']} images from noise "
-                     "only (no --init-image, and --width/--height only at that size)")
+    size = checkpoint and checkpoint["image_size"]
+    if checkpoint and (args.init_image or {args.width, args.height} - {None, size}):
+        parser.error(f"{args.ckpt} draws {size}x{size} images from noise only (no --init-image, and "
+                     "--width/--height only at that size)")
     for name, default in (("sampler", "ddim"), ("sampling_steps", 50), ("guidance_scale", 7.5)):
-        if getattr(args, name) is None:  # Stable Diffusion's defaults, or those a --ckpt model was judged with
+        if getattr(args, name) is None:  # Stable Diffusion's defaults, or what a --ckpt model was judged with
             setattr(args, name, checkpoint[name] if checkpoint else default)
+    schedule = checkpoint and ddpm.DiffusionConfig(**checkpoint["diffusion_config"])
     try:
-        ddpm.GaussianDiffusion(ddpm.DiffusionConfig(**checkpoint["diffusion_config"]) if checkpoint else None) \
-            .sampling_timesteps(args.sampler, args.sampling_steps, args.strength if args.init_image else 1.0)
+        ddpm.GaussianDiffusion(schedule).sampling_timesteps(args.sampler, args.sampling_steps,
+                                                            args.strength if args.init_image else 1.0)
     except ValueError as error:
         parser.error(str(error))
     return draw(args, prompts, checkpoint)

@@ -1,28 +1,28 @@
-"""Training minimodal's models: the image captioner (--task caption) and text-to-image models (--task diffusion).
+"""Training minimodal's models: the image captioner (--task caption) and text-to-image models (--task
+diffusion).
 
-The captioner is ClipCap (Mokady et al. 2021, "ClipCap: CLIP Prefix for Image Captioning", official code
-github.com/rmokady/CLIP_prefix_caption): an image tower (vit.py: frozen CLIP, or a tiny one trained with it)
-embeds each image, a mapper makes a prefix of GPT-2 input vectors of it, and GPT-2 learns to continue the prefix
-with the caption (gpt2.py, GPT-2 Vision).
+The captioner is ClipCap (Mokady et al. 2021, github.com/rmokady/CLIP_prefix_caption): an image tower (vit.py:
+frozen CLIP, or a tiny one that trains) embeds each image, a mapper makes a prefix of GPT-2 input vectors of
+it, and GPT-2 learns to continue the prefix with the caption (gpt2.py, GPT-2 Vision).
 
-    python train.py --task caption --preset shapes      # tiny tower + tiny GPT-2 from scratch: minutes on a CPU
-    python train.py --task caption --preset coco --data-root data/coco  # ClipCap's COCO recipe (Karpathy split)
+    python train.py --task caption --preset shapes        # tiny tower, tiny GPT-2: minutes on a CPU
+    python train.py --task caption --preset coco --data-root data/coco  # ClipCap's COCO recipe (Karpathy)
     python train.py --eval runs/caption/ckpt.pt --split test            # BLEU-1..4, CIDEr-D of a checkpoint
     torchrun --nproc_per_node 2 train.py --task caption ...             # DistributedDataParallel
 
-Text to image (Rombach et al. 2022, at any size): unet.py's UNet cross-attends to a text encoder's hidden states
-(a tiny CLIP-style one trained with it, SD's frozen CLIP tower, or frozen GPT-2) and learns ddpm.py's loss, in
-pixels or in the frozen SD VAE's latents; captions are dropped 10 % of the time for classifier-free guidance
-(Ho & Salimans 2022), and an EMA of the weights draws the samples.
+Text to image (Rombach et al. 2022, at any size): unet.py's UNet cross-attends to a text encoder (a tiny
+CLIP-style one trained with it, SD's frozen CLIP tower, or frozen GPT-2) and learns ddpm.py's loss, in pixels
+or in the frozen SD VAE's latents; captions are dropped 10 % of the time for classifier-free guidance (Ho &
+Salimans 2022), and an EMA of the weights draws the samples.
 
     python train.py --task diffusion --preset shapes --judge runs/caption/ckpt.pt   # minutes on a CPU, judged
     python train.py --task diffusion --preset photos --data-root data/coco          # COCO, SD's latent space
     python train.py --task diffusion --preset sd15 --data-root my_images/           # fine-tune SD 1.5 itself
 
-Top to bottom: the flags (a dataclass for the harness, one for each task) and presets; the harness both tasks
-share, which sees a task only through the Task interface; the caption task; the text-to-image task; the command
-line. Datasets, splits and caches are data.py's; a checkpoint's models are rebuilt by their own files from the
-configs stored beside their weights (weights/checkpoints.py).
+Top to bottom: the flags (a dataclass for the harness, one per task) and presets; the harness, which sees a
+task only through the Task interface; the caption task; the text-to-image task; the command line. Datasets,
+splits and caches are data.py's; a checkpoint's models are rebuilt by their own files from the configs stored
+beside their weights (weights/checkpoints.py), never through these flags.
 """
 import argparse
 import contextlib
@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 import ddpm
 import weights
-from clip import CLIPTextTransformer, TextConfig, frozen_tower, load_visual
+from clip import CLIPTextTransformer, TextConfig, caption_scores, frozen_tower, load_visual
 from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
 from tokenizer import GPT2Tokenizer
 from unet import TEXT_ENCODERS, GPTHidden, TextConditionedUNet, UNetConfig, UNetModel
@@ -58,79 +58,73 @@ from vae import AutoencoderKL
 from vit import VisionConfig, VisionTransformer, resize_crop
 
 # -----------------------------------------------------------------------------------------------------------
-# The flags: each field is one, in an argparse group per dataclass
+# The flags: a field each (its help, choices, and role: "local" = this run's own, never read from a
+# checkpoint; "scoring" = may change with --eval; most = the largest value a checkpoint may ask for)
 
 
 def flag(default, help, choices=None, role="", most=None):
-    """role "local": this run's own, never read from a checkpoint; "scoring": may change with --eval. most: the
-    largest value a checkpoint may ask for."""
     return field(default=default, metadata=dict(help=help, choices=choices, role=role, most=most))
 
 
 @dataclass
-class TrainConfig:  # the harness's flags, and what both tasks read
-    task: str = flag("caption", "caption: image -> caption (ClipCap); diffusion: caption -> image",
+class TrainConfig:  # the harness's, and what both tasks read
+    task: str = flag("caption", "caption: image -> caption; diffusion: caption -> image",
                      ("caption", "diffusion"))
     preset: str = flag("shapes", "starting values of the flags, listed below")
     data: str = flag("shapes", "coco: 2017; karpathy: COCO, Karpathy's splits",
                      ("shapes", "coco", "karpathy", "folder", "cifar100"), "scoring")
-    data_root: str = flag("", "dataset directory (karpathy: with dataset_coco.json; folder: 5%% held out)",
-                          role="local")
-    download: bool = flag(False, "fetch the official archives (COCO, Karpathy's splits, CIFAR-100)", role="local")
-    split: str = flag("val", "the split --eval scores (test: shapes, karpathy, cifar100)", ("val", "test"),
+    data_root: str = flag("", "dataset folder (karpathy: with dataset_coco.json)", None, "local")
+    download: bool = flag(False, "fetch the official archives (COCO, Karpathy's, CIFAR-100)", None, "local")
+    split: str = flag("val", "what --eval scores (test: shapes, karpathy, cifar100)", ("val", "test"),
                       "scoring")
-    max_train_samples: int = flag(0, "use at most this many training pairs (0 = all; shapes: images drawn)",
-                                  most=10**7)
-    max_val_samples: int = flag(500, "evaluate on at most this many validation images", None, "scoring", 10**7)
-    image_size: int = flag(32, "the images' side (shapes are drawn, a tiny tower reads, a text-to-image model "
-                           "draws at it)", most=4096)
-    max_caption_tokens: int = flag(30, "captions are cut to this many tokens; captioning stops there", None,
+    max_train_samples: int = flag(0, "at most this many training pairs (0 = all; shapes: drawn)", most=10**7)
+    max_val_samples: int = flag(500, "evaluate on at most this many images", None, "scoring", 10**7)
+    image_size: int = flag(32, "images' side: shapes drawn, a tiny tower's input, drawings made", most=4096)
+    max_caption_tokens: int = flag(30, "captions cut to this many tokens; captioning stops there", None,
                                    "scoring", 1000)
     gpt2_weights: str = flag("gpt2", "GPT-2 weights: gpt2, gpt2-medium, -large, -xl (fetched) or a file")
-    out_dir: str = flag("runs/caption", "log, checkpoint, cache (--resume, --eval: the checkpoint's folder)",
-                        role="local")
-    overwrite: bool = flag(False, "start afresh in an --out-dir that holds a run (its checkpoint, log go)",
-                           role="local")
-    resume: str = flag("", "continue from this checkpoint: model, optimizer, step and random state", role="local")
-    eval: str = flag("", "score this checkpoint on --split and exit (text-to-image: --judge reads it back)",
-                     role="local")
-    stop_after: int = flag(0, "end this run after this many steps, checkpointed (--resume continues)",
-                           role="local")
-    weights_dir: str = flag("", "where official weights live (none: $MINIMODAL_WEIGHTS, else weights/)",
-                            role="local")
-    offline: bool = flag(False, "never download (weights or data): say which file to put where", role="local")
+    out_dir: str = flag("runs/caption", "log, checkpoint, cache (--resume, --eval: the checkpoint's)", None,
+                        "local")
+    overwrite: bool = flag(False, "start afresh in an --out-dir holding a run (its files go)", None, "local")
+    resume: str = flag("", "continue this checkpoint: model, optimizer, step, random state", None, "local")
+    eval: str = flag("", "score this checkpoint on --split and exit", None, "local")
+    stop_after: int = flag(0, "end after this many steps, checkpointed (--resume continues)", None, "local")
+    weights_dir: str = flag("", "official weights' folder (none: $MINIMODAL_WEIGHTS, else weights/)", None,
+                            "local")
+    offline: bool = flag(False, "never download (weights, data): say which file to put where", None, "local")
     batch_size: int = flag(64, "pairs per optimizer step, over all processes and micro-batches", most=10**5)
     grad_accum: int = flag(1, "micro-batches per step: the same step in less memory")
     epochs: float = flag(1.0, "passes over the training pairs")
-    minutes: float = flag(0.0, "fit the run into this many training minutes (evaluations left out): the cosine "
-                          "schedule ends where they run out, at most --epochs (0: off)")
+    minutes: float = flag(0.0, "fit the run into this many training minutes (evaluations left out): the "
+                          "cosine schedule ends where they run out, at most --epochs (0: off)")
     lr: float = flag(2e-3, "peak learning rate of AdamW")
     warmup_steps: int = flag(100, "steps of linear warm-up from 0 to --lr")
     weight_decay: float = flag(0.01, "AdamW weight decay, matrices only")
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this (0 = off)")
-    precision: str = flag("fp32", "bf16: autocast; fp16: autocast + gradient scaler (CUDA); auto: bf16 where the "
-                          "device computes it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16)",
+    precision: str = flag("fp32", "bf16: autocast; fp16: autocast + gradient scaler (CUDA); auto: bf16 where "
+                          "the device computes it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16)",
                           ("auto", "fp32", "bf16", "fp16"))
     eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end")
     log_every: int = flag(50, "log the training loss every this many steps")
     seed: int = flag(0, "the one seed: initialisation, data order, shapes drawn")
-    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...", role="local")
-    threads: int = flag(0, "CPU threads for torch (0 = torch's default)", role="local")
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...", None,
+                       "local")
+    threads: int = flag(0, "CPU threads for torch (0 = torch's default)", None, "local")
     compile: bool = flag(False, "torch.compile the model")
-    smoke_test: bool = flag(False, "a tiny quick run: tiny models, 256 pairs, 32 validation images", role="local")
-    traceback: bool = flag(False, "on an error, the whole traceback instead of one line", role="local")
+    smoke_test: bool = flag(False, "a quick run: tiny models, 256 pairs, 32 validation images", None, "local")
+    traceback: bool = flag(False, "on an error, the whole traceback instead of one line", None, "local")
 
 
 @dataclass
 class CaptionConfig:
     image_tower: str = flag("tiny", "tiny: trained with the captioner; clip: --clip-weights, frozen",
                             ("tiny", "clip"))
-    clip_weights: str = flag("ViT-B/32", "CLIP weights: ViT-B/32 (fetched) or a CLIP file", role="scoring")
+    clip_weights: str = flag("ViT-B/32", "CLIP weights: ViT-B/32 (fetched) or a CLIP file", None, "scoring")
     language_model: str = flag("tiny", "tiny: from scratch; gpt2: --gpt2-weights", ("tiny", "gpt2"))
     freeze_gpt: bool = flag(False, "train the mapper only (ClipCap's --only_prefix)")
-    closed_vocab: bool = flag(False, "tiny GPT-2: unused tokens keep a 0 embedding; exact softmax, fewer rows")
-    mapping_type: str = flag("mlp", "mlp, transformer: ClipCap's mappers; tokens: one vector per tower token "
-                             "(LLaVA-1.5's projector)", ("mlp", "transformer", "tokens"))
+    closed_vocab: bool = flag(False, "tiny GPT-2: unused tokens keep a 0 embedding (exact, fewer rows)")
+    mapping_type: str = flag("mlp", "mlp, transformer: ClipCap's; tokens: one per tower token (LLaVA-1.5)",
+                             ("mlp", "transformer", "tokens"))
     prefix_length: int = flag(4, "image vectors GPT-2 reads before the caption (tokens: the tower's tokens)")
     mapper_layers: int = flag(8, "transformer mapper: blocks")
     patch_size: int = flag(8, "tiny tower: patch size")
@@ -140,7 +134,7 @@ class CaptionConfig:
     n_embd: int = flag(64, "tiny GPT-2: width")
     n_layer: int = flag(2, "tiny GPT-2: blocks")
     n_head: int = flag(2, "tiny GPT-2: heads")
-    num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search", role="scoring")
+    num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search", None, "scoring")
 
     def error(self, cfg):
         """The first thing wrong with these flags, or None."""
@@ -154,20 +148,18 @@ class CaptionConfig:
 
 @dataclass
 class TextToImageConfig:
-    text_encoder: str = flag("tiny", "tiny: CLIP-style, trained; clip: SD's text tower (--sd-weights); gpt2: "
-                             "--gpt2-weights, frozen, its hidden states projected", TEXT_ENCODERS)
+    text_encoder: str = flag("tiny", "tiny: CLIP-style, trained; clip: SD's (--sd-weights); gpt2: "
+                             "--gpt2-weights; the last two frozen", TEXT_ENCODERS)
     sd_weights: str = flag("", "SD 1.x weights, a file or registered name: the VAE, text tower, UNet")
     latent: bool = flag(False, "diffuse in the frozen SD VAE's latent space (8x smaller) instead of pixels")
     unet: str = flag("tiny", "tiny: the sizes below, from scratch; sd15: --sd-weights', fine-tuned",
                      ("tiny", "sd15"))
     model_channels: int = flag(32, "tiny UNet: channels of the first level")
     channel_mult: str = flag("1,2", "tiny UNet: channel multiplier of each level")
-    attention_resolutions: str = flag("2", "tiny UNet: downsampling factors with (cross-)attention (\"\": "
-                                      "the middle block's only)")
+    attention_resolutions: str = flag("2", "tiny UNet: downsamplings with attention (\"\": the middle only)")
     num_res_blocks: int = flag(1, "tiny UNet: ResBlocks per level")
     context_dim: int = flag(64, "tiny UNet: width of the text context (and of the tiny text encoder)")
-    pooled_text: bool = flag(False, "tiny UNet: the text state at the first end-of-text joins the timestep "
-                             "embedding (SDXL's pooled text)")
+    pooled_text: bool = flag(False, "tiny UNet: the text at the first end-of-text joins the timestep (SDXL)")
     scale_shift_norm: bool = flag(False, "tiny UNet: the embedding scales and shifts each ResBlock (ADM)")
     text_layers: int = flag(2, "tiny text encoder: blocks")
     patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: 32x32 costs 16x16)")
@@ -178,10 +170,9 @@ class TextToImageConfig:
     ema_decay: float = flag(0.999, "EMA of the weights, which draws the samples (0 = none)")
     gradient_checkpointing: bool = flag(False, "recompute the UNet's activations in backward: less memory")
     sampler: str = flag("ddim", "evaluation samples: the sampler", ddpm.SAMPLERS, "scoring")
-    sampling_steps: int = flag(20, "evaluation samples: sampler steps", role="scoring")
-    guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale", role="scoring")
-    judge: str = flag("", "a shapes captioner checkpoint: each evaluation draws held-out prompts, it reads them",
-                      role="local")
+    sampling_steps: int = flag(20, "evaluation samples: sampler steps", None, "scoring")
+    guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale", None, "scoring")
+    judge: str = flag("", "a shapes captioner checkpoint: it reads held-out prompts drawn", None, "local")
     num_judged: int = flag(200, "--judge: held-out prompts drawn", None, "scoring", 10**5)
 
     def error(self, cfg):
@@ -190,34 +181,40 @@ class TextToImageConfig:
 
 
 PRESETS = {"caption": {
-    # tiny tower (32 x 32 images, 16 patches, sine-cosine positions) and tiny GPT-2 with GPT-2's whole vocabulary,
-    # from scratch; every tower token is a prefix vector (the pooled embedding alone lost where objects are: 58%).
-    # 64k drawn images, 9 epochs of batch 64 (9,000 steps): about 9 training minutes on 2 cores, 95-97% exact match
+    # tiny tower (32 x 32 images, 16 patches, sine-cosine positions) and tiny GPT-2 with GPT-2's whole
+    # vocabulary, from scratch; every tower token is a prefix vector (the pooled embedding alone lost where
+    # objects are: 58%). 64k drawn images, 9 epochs of batch 64 (9,000 steps): about 9 training minutes on 2
+    # cores, 95-97% exact match
     "shapes": dict(closed_vocab=True, vision_width=64, vision_layers=2, embed_dim=64, lr=2e-3,
                    max_train_samples=64_000, mapping_type="tokens", epochs=9.0, eval_every=1000),
     # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32 embeddings, GPT-2 124M fine-tuned, MLP
-    # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4 CIDEr
+    # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4
+    # CIDEr
     "coco": dict(data="karpathy", image_tower="clip", language_model="gpt2", prefix_length=10, batch_size=40,
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
 }, "diffusion": {
     # 32x32 pixels denoised as 16x16x12 patches by a 0.8M-parameter UNet, a 3.3M tiny text encoder, for 12
     # minutes (the tour; bf16 where the CPU has AMX) on up to 160k fresh images. FiLM with the pooled prompt,
     # cross-attention in the middle block only, Min-SNR 0.5, DDPM's 50 steps, guidance 1.5: README says why
-    "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, max_train_samples=160_000,
-                   minutes=12.0, precision="auto", pooled_text=True, scale_shift_norm=True, attention_resolutions="",
-                   parameterization="v", min_snr_gamma=0.5, eval_every=500, max_val_samples=200,
-                   max_caption_tokens=14, sampler="ddpm", sampling_steps=50, guidance_scale=1.5),
+    "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50,
+                   max_train_samples=160_000, minutes=12.0, precision="auto", pooled_text=True,
+                   scale_shift_norm=True, attention_resolutions="", parameterization="v", min_snr_gamma=0.5,
+                   eval_every=500, max_val_samples=200, max_caption_tokens=14, sampler="ddpm",
+                   sampling_steps=50, guidance_scale=1.5),
     # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
-    "photos": dict(data="coco", out_dir="runs/diffusion-photos", sd_weights="sd15/v1-5-pruned-emaonly.safetensors",
-                   latent=True, text_encoder="clip", image_size=256, model_channels=128, channel_mult="1,2,4",
-                   attention_resolutions="4,2", num_res_blocks=2, context_dim=768, schedule="sd15", batch_size=64,
+    "photos": dict(data="coco", out_dir="runs/diffusion-photos",
+                   sd_weights="sd15/v1-5-pruned-emaonly.safetensors", latent=True, text_encoder="clip",
+                   image_size=256, model_channels=128, channel_mult="1,2,4", attention_resolutions="4,2",
+                   num_res_blocks=2, context_dim=768, schedule="sd15", batch_size=64,
                    lr=1e-4, warmup_steps=1000, epochs=10.0, eval_every=2000, max_val_samples=500,
                    max_caption_tokens=75, sampler="dpm++2m", sampling_steps=25, guidance_scale=5.0,
                    ema_decay=0.9999),
-    # fine-tune SD 1.5 itself on a folder of your images and captions at 512x512 (bf16, checkpointed activations)
+    # fine-tune SD 1.5 itself on a folder of your images and captions at 512x512 (bf16, checkpointed
+    # activations)
     "sd15": dict(data="folder", out_dir="runs/sd15", sd_weights="sd15/v1-5-pruned-emaonly.safetensors",
-                 latent=True, text_encoder="clip", unet="sd15", image_size=512, schedule="sd15", min_snr_gamma=0.0,
-                 ema_decay=0.0, batch_size=8, lr=1e-5, warmup_steps=100, epochs=10.0, eval_every=500,
+                 latent=True, text_encoder="clip", unet="sd15", image_size=512, schedule="sd15",
+                 min_snr_gamma=0.0, ema_decay=0.0, batch_size=8, lr=1e-5, warmup_steps=100, epochs=10.0,
+                 eval_every=500,
                  max_val_samples=16, max_caption_tokens=75, precision="bf16", gradient_checkpointing=True,
                  sampling_steps=50, guidance_scale=7.5),
 }}
@@ -230,12 +227,12 @@ SMOKE_TEST = dict(image_tower="tiny", language_model="tiny", max_train_samples=2
 
 
 class Task(Protocol):
-    """All the harness knows of a task (CaptionTask, TextToImageTask below).
-    config: its flags; model: the nn.Module that trains, model(*batch) the loss summed over the batch; num_pairs:
-    training pairs (an epoch); extra: what a checkpoint keeps beside the weights (the models' configs);
-    batch(pair_ids, device): those training pairs as the model's inputs; count_targets(pair_ids): what the summed
-    loss of the whole batch is divided by; evaluate(model, split): metrics (the model in eval mode, no gradients);
-    after_step(): whatever follows each optimizer step (an EMA of the weights)."""
+    """All the harness knows of a task (CaptionTask, TextToImageTask): config, its flags; model, the module
+    that trains, model(*batch) the loss summed over the batch; num_pairs, the training pairs (an epoch);
+    extra, what a checkpoint keeps beside the weights (the models' configs); batch(pair_ids, device), those
+    pairs as the model's inputs; count_targets(pair_ids), what the whole batch's summed loss is divided by;
+    evaluate(model, split), metrics (called in eval mode, without gradients); after_step(), what follows
+    each optimizer step."""
     config: object
     model: nn.Module
     num_pairs: int
@@ -251,23 +248,26 @@ def lr_at(step, total_steps, cfg):
     """Linear warm-up to cfg.lr, then half a cosine down to 0 at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)))
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def resolve_precision(precision, device):
-    """--precision auto -> bf16 where the hardware has bf16 arithmetic, else fp32: emulated bf16 is slower than
-    fp32 (a Xeon with AMX runs the shapes UNet's step 1.3x faster in bf16; a CPU without it would lose time)."""
+    """--precision auto -> bf16 where the hardware has bf16 arithmetic, else fp32: emulated bf16 is slower
+    than fp32 (a Xeon with AMX runs the shapes UNet's step 1.3x faster in bf16; a CPU without it would lose
+    time)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    # torch.cpu's private queries are the only ones torch has (torch.backends.cpu says "AVX512", not whether bf16)
-    native = device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    return "bf16" if native else "fp32"
+    # torch.cpu's private queries are the only ones torch has (torch.backends.cpu says "AVX512", not if bf16)
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return "bf16" if native and device.type == "cpu" else "fp32"
 
 
 def setup_distributed(cfg):
-    """(rank, world size, device). Under torchrun (RANK is set): one process per GPU with NCCL, or gloo on CPUs."""
+    """(rank, world size, device). Under torchrun (RANK is set): a process per GPU with NCCL, or gloo on
+    CPUs."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(cfg.device)
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
@@ -296,11 +296,12 @@ UNTIMED_STEPS = 5  # --minutes: a process's first steps (compilation, allocation
 
 def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cpu"), checkpoint=None,
           clock=time.perf_counter):
-    """The loop. The batch of step s is fixed by (seed, epoch, s) alone and every micro-batch divides its summed
-    loss by the batch's target count, so 1 process equals N processes equals N micro-batches, and a resumed run
-    (`checkpoint`: optimizer, scaler, step, random state; the task's model) equals an uninterrupted one. `clock`
-    keeps the training time (evaluations left out) for the log and --minutes. Sanity check, one batch overfitted:
-    --max-train-samples 64 --batch-size 64 --epochs 300 (the loss must fall towards 0)."""
+    """The loop. The batch of step s is fixed by (seed, epoch, s) alone and every micro-batch divides its
+    summed loss by the batch's target count, so 1 process equals N processes equals N micro-batches, and a
+    resumed run (`checkpoint`: optimizer, scaler, step, random state; the task's model) equals an
+    uninterrupted one. `clock` keeps the training time (evaluations left out) for the log and --minutes.
+    Sanity check, one batch overfitted: --max-train-samples 64 --batch-size 64 --epochs 300 (the loss must
+    fall towards 0)."""
     if task.num_pairs < cfg.batch_size:
         raise ValueError(f"{task.num_pairs} training pairs, fewer than --batch-size {cfg.batch_size}")
     model = task.model.to(device)
@@ -316,7 +317,8 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
     total_steps = max_steps = max(1, round(cfg.epochs * steps_per_epoch))
     step, earlier_seconds = 0, 0.0  # training seconds of the runs this one resumes
     if checkpoint:
-        optimizer.load_state_dict(weights.check_optimizer_state(checkpoint["optimizer"], optimizer, cfg.resume))
+        saved = weights.check_optimizer_state(checkpoint["optimizer"], optimizer, cfg.resume)  # before torch
+        optimizer.load_state_dict(saved)  # deep-copies it
         scaler.load_state_dict(checkpoint["scaler"])
         step, earlier_seconds = checkpoint["step"], checkpoint.get("train_seconds", 0.0)
         torch.set_rng_state(checkpoint["rng"])
@@ -359,7 +361,7 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
         if world > 1:  # each rank saw part of the batch: add the parts
             dist.all_reduce(loss_sum := torch.tensor(loss_sum, device=device))
             loss_sum = loss_sum.item()
-        # --minutes: the steps that fit in the time left at the timed steps' mean pace (rank 0's clock decides)
+        # --minutes: the steps that fit in the time left at the timed steps' pace (rank 0's clock decides)
         seconds = clock() - started - eval_seconds  # this process's training time, evaluations left out
         if cfg.minutes:
             timed = (seconds, step) if step - first_step == UNTIMED_STEPS else timed
@@ -384,7 +386,7 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
             if due:
                 metrics = evaluate(task, model)
                 log(cfg, {"step": step, "minutes": round((earlier_seconds + seconds) / 60, 2), **metrics})
-            weights.save_checkpoint({  # a plain state_dict of the unwrapped model; flags and model configs beside
+            weights.save_checkpoint({  # a plain state_dict of the unwrapped model, flags, model configs
                 "task": cfg.task, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(task.config)},
                 "model": model.state_dict(), "step": step, "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "metrics": metrics, "total_steps": total_steps,
@@ -405,17 +407,21 @@ def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_se
     """What happened, in a line: --stop-after, the time budget, or the steps run."""
     ckpt = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.stop_after and step < total_steps:
-        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; --resume {ckpt} continues"
+        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; " \
+               f"--resume {ckpt} continues"
     done = f"{step:,} steps in {used / 60:.2f} training minutes (evaluations {eval_seconds / 60:.2f} more)"
+    if not cfg.minutes:
+        return f"trained {done}; {ckpt}"
     why = "--epochs ended it first" if step == max_steps else "the budget ended it"
-    return f"trained {done}; {ckpt}" if not cfg.minutes else (f"--minutes {cfg.minutes:g}: {done}; {why}; --epochs "
-                                                              f"{step / steps_per_epoch:.6g} --minutes 0 trains as many steps")
+    return f"--minutes {cfg.minutes:g}: {done}; {why}; --epochs {step / steps_per_epoch:.6g} --minutes 0 " \
+           "trains as many steps"
 
 
 def open_split(cfg, split, encode, tower=None, rank=0, world=1, device="cpu", tokens=False):
-    """One split for a task: (dataset, inputs, pairs [(image row, encode(caption))], references {image row:
-    captions}) of its readable images (data.py). The inputs are cached in out_dir/cache (rank 0 computes what is
-    missing, every rank maps it): a frozen tower's embeddings, pixels (tower None), or nothing (tower "photos")."""
+    """(dataset, inputs, pairs [(image row, encode(caption))], references {image row: captions}) of one
+    split's readable images (data.py). Inputs are cached in out_dir/cache (rank 0 computes, every rank maps
+    them): a frozen tower's embeddings, or pixels (tower None); tower "photos": none, they are read per
+    batch."""
     dataset = data.open_split(cfg.data, split, cfg.data_root or None, cfg.download, cfg.image_size, cfg.seed,
                               cfg.max_train_samples if split == "train" else cfg.max_val_samples)
     images, skipped = None, set()
@@ -430,8 +436,8 @@ def open_split(cfg, split, encode, tower=None, rank=0, world=1, device="cpu", to
     references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
     pairs = [(r, encode(caption)) for r, captions in references.items() for caption in captions]
     if not pairs:
-        raise ValueError(f"none of the {len(dataset.image_ids())} images of the {split} split of --data {cfg.data} "
-                         "can be read (each is missing or unreadable)")
+        raise ValueError(f"none of the {len(dataset.image_ids())} images of the {split} split of --data "
+                         f"{cfg.data} can be read (each is missing or unreadable)")
     return dataset, images, pairs[:cfg.max_train_samples or None] if split == "train" else pairs, references
 
 # -----------------------------------------------------------------------------------------------------------
@@ -439,16 +445,16 @@ def open_split(cfg, split, encode, tower=None, rank=0, world=1, device="cpu", to
 
 
 class CaptionTask:
-    """Image -> caption (ClipCap). Its inputs are a frozen tower's cached embeddings or, for a tower that trains,
-    cached pixels; a checkpoint's captioner is rebuilt by gpt2.py (Captioner.from_checkpoint)."""
+    """Image -> caption (ClipCap). Its inputs are a frozen tower's cached embeddings, or cached pixels for
+    a tower that trains; a checkpoint's captioner is rebuilt by gpt2.py (Captioner.from_checkpoint)."""
 
     def __init__(self, cfg, config, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
         self.cfg, self.config, self.device = cfg, config, torch.device(device)
-        self.model = Captioner.from_checkpoint(checkpoint) if checkpoint else None  # first: a bad one fails fast
-        frozen = None if config.image_tower == "tiny" else load_visual(config.clip_weights, cfg.weights_dir or None,
-                                                                       cfg.offline).requires_grad_(False).eval()
+        self.model = checkpoint and Captioner.from_checkpoint(checkpoint)  # first: a bad one fails fast
+        frozen = None if config.image_tower == "tiny" else load_visual(
+            config.clip_weights, cfg.weights_dir or None, cfg.offline).requires_grad_(False).eval()
         if checkpoint and frozen and dataclasses.asdict(frozen.config) != checkpoint["vision_config"]:
-            raise ValueError(f"--clip-weights {config.clip_weights} is not the tower this captioner was trained on")
+            raise ValueError(f"--clip-weights {config.clip_weights}: not the tower the captioner had")
         self.tokenizer, encoded = GPT2Tokenizer.default(), {}  # many captions repeat: encode each once
 
         def encode(caption):
@@ -464,14 +470,14 @@ class CaptionTask:
                       "frozen_tower": frozen and config.clip_weights}
 
     def build(self, frozen, vocab):
-        """A new captioner from the flags: a tiny tower inside it that trains with it (sine-cosine positions);
-        GPT-2 tiny, from scratch, or --gpt2-weights; with --closed-vocab, the captions' tokens as its vocabulary."""
+        """A new captioner: a tiny tower (sine-cosine positions) trains inside it; GPT-2 tiny, from
+        scratch, or --gpt2-weights; with --closed-vocab, the captions' tokens as its vocabulary."""
         cfg, c = self.cfg, self.config
         tower = frozen or VisionTransformer(VisionConfig(cfg.image_size, c.vision_layers, c.vision_width,
                                                          c.patch_size, c.embed_dim), sincos=True)
         prefix_length = tower.config.num_tokens if c.mapping_type == "tokens" else c.prefix_length
-        gpt = GPT(GPTConfig(n_ctx=prefix_length + cfg.max_caption_tokens + 1, n_embd=c.n_embd, n_head=c.n_head,
-                            n_layer=c.n_layer)) if c.language_model == "tiny" else \
+        gpt = GPT(GPTConfig(n_ctx=prefix_length + cfg.max_caption_tokens + 1, n_embd=c.n_embd,
+                            n_head=c.n_head, n_layer=c.n_layer)) if c.language_model == "tiny" else \
             GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline)
         config = CaptionerConfig(tower.config.embed_dim, prefix_length, c.mapping_type, prefix_length,
                                  c.mapper_layers, max_caption_tokens=cfg.max_caption_tokens)
@@ -481,7 +487,7 @@ class CaptionTask:
         return sum(len(self.splits[split][2][i][1]) + 1 for i in pair_ids)  # caption tokens and end-of-text
 
     def batch(self, pair_ids, device, split="train"):
-        """(inputs, tokens (B, T), token_mask (B, T)); the padding holds end-of-text and is masked everywhere."""
+        """(inputs, tokens (B, T), token_mask (B, T)); the padding holds the end token and is masked out."""
         _, images, pairs, _ = self.splits[split]
         rows = [pairs[i] for i in pair_ids]
         tokens = torch.full((len(rows), max(len(ids) for _, ids in rows)), self.model.config.eos_token_id)
@@ -495,18 +501,18 @@ class CaptionTask:
         pass
 
     def evaluate(self, model, split="val", batch_size=100):
-        """Loss per target token, BLEU-1..4 and CIDEr-D of one caption per image (COCO's scorers, data.py), and on
+        """Loss per target token, BLEU-1..4 and CIDEr-D of one caption per image (COCO's scorers), and on
         shapes the exact-match rate (canonical captions equal). Prints captions beside references."""
         dataset, images, pairs, references = self.splits[split]
         chunks = [list(range(s, min(s + batch_size, len(pairs)))) for s in range(0, len(pairs), batch_size)]
         loss = sum(model(*self.batch(ids, self.device, split)).item() for ids in chunks)
         rows, captions = sorted(references), {}
-        for start in range(0, len(rows), batch_size):
-            inputs = torch.from_numpy(np.asarray(images[rows[start:start + batch_size]])).to(self.device)
-            captions.update(zip(rows[start:start + batch_size], model.caption(
+        for s in range(0, len(rows), batch_size):
+            inputs = torch.from_numpy(np.asarray(images[rows[s:s + batch_size]])).to(self.device)
+            captions.update(zip(rows[s:s + batch_size], model.caption(
                 inputs, self.tokenizer, self.cfg.max_caption_tokens, num_beams=self.config.num_beams)))
         metrics = {"val_loss": round(loss / self.count_targets(range(len(pairs)), split), 5),
-                   **{k: round(v, 4) for k, v in data.caption_scores(references, captions).items()}}
+                   **{k: round(v, 4) for k, v in caption_scores(references, captions).items()}}
         if isinstance(dataset, data.ShapesDataset):
             metrics["exact_match"] = round(data.shapes_exact_match([captions[r] for r in rows],
                                                                    [references[r][0] for r in rows]), 4)
@@ -519,12 +525,13 @@ class CaptionTask:
         cfg, c = self.cfg, self.config
         if (cfg.data, cfg.split, c.image_tower, c.clip_weights, c.language_model, cfg.gpt2_weights) != (
                 "karpathy", "test", "clip", "ViT-B/32", "gpt2", "gpt2"):
-            return "none: ClipCap's rows are COCO Karpathy test, ViT-B/32 and GPT-2 124M (--preset coco --split test)"
+            return "none: ClipCap's rows are COCO Karpathy test, ViT-B/32, GPT-2 (--preset coco --split test)"
         if c.mapping_type == "tokens":
-            return "none: ClipCap maps the pooled embedding; the tokens mapper reads every token (LLaVA-1.5's way)"
+            return "none: ClipCap maps the pooled embedding; the tokens mapper reads every token (LLaVA-1.5)"
         if c.mapping_type == "transformer":
-            return "ClipCap transformer mapper + frozen GPT-2, CIDEr 113.1 (ClipCap: prefix length 40, --freeze-gpt)"
-        return "ClipCap MLP + " + ("frozen GPT-2, CIDEr 92.4" if c.freeze_gpt else "fine-tuned GPT-2, CIDEr 108.4")
+            return "ClipCap transformer mapper + frozen GPT-2, CIDEr 113.1 (ClipCap: prefix 40, --freeze-gpt)"
+        gpt = "frozen GPT-2, CIDEr 92.4" if c.freeze_gpt else "fine-tuned GPT-2, CIDEr 108.4"
+        return f"ClipCap MLP + {gpt}"
 
 # -----------------------------------------------------------------------------------------------------------
 # The text-to-image task
@@ -572,21 +579,22 @@ class DiffusionModel(nn.Module):
 
 
 class TextToImageTask:
-    """Caption -> image. Its inputs are cached uint8 pixels at --image-size (centre crops), or in latent space
-    photos read per batch; a checkpoint's model is rebuilt by unet.py (TextConditionedUNet.from_checkpoint)."""
+    """Caption -> image. Its inputs are cached uint8 pixels at --image-size (centre crops), or in latent
+    space photos read per batch; a checkpoint's model is rebuilt by unet.py
+    (TextConditionedUNet.from_checkpoint)."""
 
     def __init__(self, cfg, config, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
         self.cfg, self.config, self.device = cfg, config, torch.device(device)
         if checkpoint:
-            net, vae = TextConditionedUNet.from_checkpoint(checkpoint, ema=False)
-            diffusion = ddpm.DiffusionConfig(**checkpoint["diffusion_config"])
+            (net, vae), diffusion = TextConditionedUNet.from_checkpoint(checkpoint, ema=False), \
+                ddpm.DiffusionConfig(**checkpoint["diffusion_config"])
         else:
-            (net, vae), diffusion = self.build(), dataclasses.replace(ddpm.PRESETS[config.schedule],
-                                                                      parameterization=config.parameterization)
+            (net, vae), diffusion = self.build(), dataclasses.replace(
+                ddpm.PRESETS[config.schedule], parameterization=config.parameterization)
         net.text_encoder.requires_grad_(net.kind == "tiny")  # the other text encoders stay frozen
         net.unet.gradient_checkpointing = config.gradient_checkpointing
-        self.model = DiffusionModel(net, vae and vae.requires_grad_(False), ddpm.GaussianDiffusion(diffusion),
-                                    config)
+        vae = vae and vae.requires_grad_(False)
+        self.model = DiffusionModel(net, vae, ddpm.GaussianDiffusion(diffusion), config)
         if checkpoint:  # the EMA copy and its step count too
             self.model.load_state_dict(checkpoint["model"], strict=True)
         self.splits = {split: open_split(cfg, split, str, "photos" if vae else None, rank, world, self.device)
@@ -601,27 +609,27 @@ class TextToImageTask:
             self.extra["caption_words"] = sorted(words)
 
     def build(self):
-        """(text-conditioned UNet, frozen VAE or None) from the flags: --sd-weights gives SD's VAE, its text
-        tower and the sd15 UNet; GPT-2 comes by name or file; the rest is tiny and starts from scratch."""
+        """(text-conditioned UNet, frozen VAE or None) from the flags: --sd-weights gives SD's VAE, its
+        text tower and the sd15 UNet; GPT-2 comes by name or file; the rest is tiny and starts from
+        scratch."""
         cfg, c, sd = self.cfg, self.config, {}
         if c.sd_weights:
-            sd = weights.load_state_dict(weights.file_or_fetch(c.sd_weights, cfg.weights_dir or None, cfg.offline,
-                                                               "--sd-weights"))
+            sd = weights.load_state_dict(weights.file_or_fetch(c.sd_weights, cfg.weights_dir or None,
+                                                               cfg.offline, "--sd-weights"))
         if c.text_encoder == "clip":  # SD's ViT-L/14 text tower
             text, length = CLIPTextTransformer.from_state_dict(sd), 77
-        elif c.text_encoder == "tiny":  # one head per 64 channels, as in CLIP
-            length = cfg.max_caption_tokens + 2  # start and end tokens
+        elif c.text_encoder == "tiny":  # one head per 64 channels, as in CLIP; start and end tokens
+            length = cfg.max_caption_tokens + 2
             text = CLIPTextTransformer(TextConfig(length, 49408, c.context_dim, max(1, c.context_dim // 64),
                                                   c.text_layers))
-        else:
-            text = GPTHidden(GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None,
-                                                 offline=cfg.offline))
-            length = cfg.max_caption_tokens + 1  # the end token
+        else:  # the end token
+            gpt = GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline)
+            text, length = GPTHidden(gpt), cfg.max_caption_tokens + 1
         if c.unet == "tiny":
             channels = 4 if c.latent else 3 * c.patch ** 2
             unet = UNetModel(UNetConfig(
-                channels, channels, c.model_channels, tuple(map(int, c.channel_mult.split(","))), c.num_res_blocks,
-                tuple(int(ds) for ds in c.attention_resolutions.split(",") if ds), num_heads=4,
+                channels, channels, c.model_channels, tuple(map(int, c.channel_mult.split(","))),
+                c.num_res_blocks, tuple(int(d) for d in c.attention_resolutions.split(",") if d), num_heads=4,
                 context_dim=c.context_dim, adm_in_channels=c.context_dim if c.pooled_text else 0,
                 use_scale_shift_norm=c.scale_shift_norm))
         else:
@@ -642,7 +650,7 @@ class TextToImageTask:
             ids = dataset.image_ids()
             loaded = [(dataset.load_image(ids[row]), text) for row, text in rows]
             if not (rows := [(image, text) for image, text in loaded if image is not None]):
-                raise ValueError(f"none of a batch's images of the {split} split can be read (each is named above)")
+                raise ValueError(f"none of a batch's images of the {split} split can be read (see above)")
             pixels = torch.stack([resize_crop(image, self.cfg.image_size) for image, _ in rows])
         return pixels.to(device), self.model.net.tokenize([text for _, text in rows]).to(device)
 
@@ -652,10 +660,10 @@ class TextToImageTask:
         self.model.updates += 1
 
     def evaluate(self, model, split="val", batch_size=100):
-        """Validation loss (fixed noise and timesteps), a grid of samples saved under out_dir/samples, and with
-        --judge the held-out prompts drawn and read back by a shapes captioner."""
-        cfg, c, pairs = self.cfg, self.config, self.splits[split][2]
-        generator, draw = torch.Generator().manual_seed(cfg.seed), model.pipeline()
+        """Validation loss (fixed noise and timesteps), a grid of samples saved under out_dir/samples, and
+        with --judge the held-out prompts drawn and read back by a shapes captioner."""
+        cfg, c, pairs, draw = self.cfg, self.config, self.splits[split][2], model.pipeline()
+        generator = torch.Generator().manual_seed(cfg.seed)
         loss = sum(model(*self.batch(range(s, min(s + batch_size, len(pairs))), self.device, split),
                          generator).item() for s in range(0, len(pairs), batch_size))
         prompts = [text for _, text in pairs[:c.num_judged if c.judge else 16]]
@@ -664,22 +672,21 @@ class TextToImageTask:
                                  width=cfg.image_size) for s in range(0, len(prompts), batch_size)])
         path = Path(cfg.out_dir) / "samples" / f"step-{int(model.updates):06d}.png"
         path.parent.mkdir(exist_ok=True)
-        data.image_grid(data.to_pil(images[:16]), 4).save(path)
+        ddpm.image_grid(ddpm.to_pil(images[:16]), 4).save(path)
         judged, read = self.judge(images, prompts) if c.judge else ({}, None)
-        metrics = {"val_loss": round(loss / len(pairs), 5), **judged}
         if c.judge:
             print(f"  drawn right, as {c.judge} reads {len(prompts)} held-out prompts back: single objects "
-                  f"{metrics.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
-                  f"{metrics.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
-                  f"{metrics['judge_exact_match']:.1%}", flush=True)
+                  f"{judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
+                  f"{judged.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
+                  f"{judged['judge_exact_match']:.1%}", flush=True)
         for k, prompt in enumerate(prompts[:4]):
             print(f"  {prompt!r:56}" + (f" read back: {read[k]!r}" if c.judge else ""), flush=True)
         print(f"  samples of the first 16 prompts: {path}", flush=True)
-        return metrics
+        return {"val_loss": round(loss / len(pairs), 5), **judged}
 
     def judge(self, images, prompts):
-        """Drawings (B, 3, h, w) in [0, 1] read back by the shapes captioner of --judge (rebuilt by gpt2.py),
-        as bytes at its tower's size, and scored (data.drawn_right)."""
+        """Drawings (B, 3, h, w) in [0, 1] read back by the shapes captioner of --judge (rebuilt by
+        gpt2.py), as bytes at its tower's size, and scored (data.drawn_right)."""
         judge = weights.read_checkpoint(self.config.judge, "caption")
         visual = frozen_tower(judge, None, self.cfg.weights_dir or None, self.cfg.offline)
         captioner = Captioner.from_checkpoint(judge, visual).to(self.device).eval()
@@ -696,7 +703,7 @@ class TextToImageTask:
 
 
 TASKS = {"caption": (CaptionTask, CaptionConfig), "diffusion": (TextToImageTask, TextToImageConfig)}
-FLAGS = {f.name: f for config in (TrainConfig, CaptionConfig, TextToImageConfig) for f in fields(config)}
+FLAGS = [f for config in (TrainConfig, CaptionConfig, TextToImageConfig) for f in fields(config)]
 
 
 class Parser(argparse.ArgumentParser):
@@ -706,26 +713,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"train.py: error: {message}\n")
 
 
-def checkpoint_config(checkpoint, path, given=()):
-    """A checkpoint's flags (weights.read_checkpoint maps old ones), read as data: known names of the right type
-    and choice, none of this run's own ("local"), sizes within bounds; a frozen tower's file it names (but does
-    not hold) must be given again."""
-    config = {k: v for k, v in checkpoint["config"].items() if k in FLAGS and FLAGS[k].metadata["role"] != "local"}
-    kinds = {name: type(f.default) for name, f in FLAGS.items()}
-    wrong = {k for k, v in config.items() if type(v) is not kinds[k] and (kinds[k], type(v)) != (float, int)}
-    wrong |= {k for k, v in config.items() if k not in wrong and (FLAGS[k].metadata["most"] and not 0 <= v <=
-              FLAGS[k].metadata["most"] or FLAGS[k].metadata["choices"] and v not in FLAGS[k].metadata["choices"])}
-    if wrong:
-        raise ValueError(f"{path}: its config holds values of the wrong type or size: {sorted(wrong)}")
-    if config.get("image_tower") == "clip" and config["clip_weights"] != CaptionConfig.clip_weights and \
-            "clip_weights" not in given:
-        raise FileNotFoundError(f"{path}'s frozen image tower is the file {config['clip_weights']}, which it "
-                                "does not hold: give it as --clip-weights")
-    return config
-
-
 def configs(task, values):
-    """(TrainConfig, the task's config) of flag values by name (a preset's, a checkpoint's, the command line's)."""
+    """(TrainConfig, the task's config) of flag values by name (a preset's, a checkpoint's, the command
+    line's)."""
     def pick(config):
         return {f.name: values[f.name] for f in fields(config) if f.name in values}
     return TrainConfig(**{**pick(TrainConfig), "task": task}), TASKS[task][1](**pick(TASKS[task][1]))
@@ -738,8 +728,10 @@ def config_error(cfg, config):
              "--batch-size, --grad-accum, --eval-every, --log-every must be >= 1"),
             (cfg.lr <= 0 or cfg.epochs <= 0 or min(cfg.warmup_steps, cfg.minutes, cfg.stop_after) < 0,
              "--lr, --epochs must be > 0, --warmup-steps, --minutes, --stop-after >= 0"),
-            (cfg.split == "test" and cfg.data in data.NO_TEST_SPLIT, f"--split test: {data.NO_TEST_SPLIT.get(cfg.data)}"),
-            (cfg.data == "folder" and not cfg.data_root, "--data folder needs --data-root DIR (images, captions file)"),
+            (cfg.split == "test" and cfg.data in data.NO_TEST_SPLIT,
+             f"--split test: {data.NO_TEST_SPLIT.get(cfg.data)}"),
+            (cfg.data == "folder" and not cfg.data_root,
+             "--data folder needs --data-root DIR (images, captions file)"),
             (cfg.offline and cfg.download, "--offline never downloads: leave out --download"),
             (True, config.error(cfg))]:
         if bad and message:
@@ -747,23 +739,23 @@ def config_error(cfg, config):
 
 
 def parse_config(argv=None):
-    """The flags -> (TrainConfig, the task's config, the checkpoint of --resume or --eval). Precedence: defaults <
-    preset < --smoke-test < the checkpoint's flags (never its "local" ones) < the flags given; --help shows each
-    default, a group per dataclass, and what every preset sets."""
+    """The flags -> (TrainConfig, the task's config, the checkpoint of --resume or --eval). Precedence:
+    defaults < preset < --smoke-test < the checkpoint's flags (never its "local" ones) < the flags given;
+    --help shows each default, a group per dataclass, and what every preset sets."""
     presets = "\n".join(textwrap.fill(f"--task {t} --preset {p}: " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in values.items()), 110, initial_indent="  ",
         subsequent_indent="    ") for t in PRESETS for p, values in PRESETS[t].items())
     parser = Parser(description="Train minimodal's models: --task caption (ClipCap) or diffusion.",
                     epilog=f"presets (the flags each one sets):\n{presets}",
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for title, config in (("both tasks", TrainConfig), ("--task caption", CaptionConfig),
-                          ("--task diffusion", TextToImageConfig)):
+    for title, config in (("both tasks", TrainConfig), *((f"--task {t}", c) for t, (_, c) in TASKS.items())):
         group = parser.add_argument_group(title)
         for f in fields(config):
             kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
                 dict(type=type(f.default), choices=f.metadata["choices"])
+            default = f.default if f.default != "" else "-"
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
-                               help=f"{f.metadata['help']} (default: {f.default if f.default != '' else '-'})")
+                               help=f"{f.metadata['help']} (default: {default})")
     given = vars(parser.parse_args(argv))
     path, checkpoint, stored = given.get("resume") or given.get("eval"), None, {}
     if given.get("resume") and given.get("eval"):
@@ -772,12 +764,17 @@ def parse_config(argv=None):
         if not Path(path).is_file():
             parser.error(f"no such checkpoint: {path}")
         checkpoint = weights.read_checkpoint(path)
-        stored = checkpoint_config(checkpoint, path, given)
-        not_for_eval = sorted(k for k in given if FLAGS[k].metadata["role"] == "") if given.get("eval") else []
-        if not_for_eval or given.get("task", checkpoint["task"]) != checkpoint["task"]:
-            flags = ", ".join("--" + k.replace("_", "-") for k in not_for_eval or ["task"])
-            parser.error(f"{path} is a --task {checkpoint['task']} checkpoint, scored as it was trained: {flags} "
-                         "do not apply")
+        stored = weights.stored_flags(checkpoint, path, FLAGS)
+        if stored.get("image_tower") == "clip" and stored["clip_weights"] != CaptionConfig.clip_weights and \
+                "clip_weights" not in given:  # a checkpoint never chooses a file to read
+            raise FileNotFoundError(f"{path}'s frozen image tower is the file {stored['clip_weights']}, "
+                                    "which it does not hold: give it as --clip-weights")
+        roles = {f.name: f.metadata["role"] for f in FLAGS}
+        training = sorted(k for k in given if not roles[k]) if given.get("eval") else []
+        if training or given.get("task", checkpoint["task"]) != checkpoint["task"]:
+            flags = ", ".join("--" + k.replace("_", "-") for k in training or ["task"])
+            parser.error(f"{path} is a --task {checkpoint['task']} checkpoint, scored as it was trained: "
+                         f"{flags} do not apply")
         given.setdefault("out_dir", str(Path(path).parent))  # the checkpoint's own folder, never one it names
     task = checkpoint["task"] if checkpoint else given.get("task", TrainConfig.task)
     preset = stored.get("preset", given.get("preset", TrainConfig.preset))
@@ -799,19 +796,20 @@ def parse_config(argv=None):
 
 
 def evaluate_checkpoint(cfg, config, checkpoint):
-    """Score a checkpoint on one split: a captioner's BLEU-1..4 and CIDEr-D, with the split, decoding and
-    training behind them; a text-to-image model's validation loss and samples, and with --judge its prompts
-    read back."""
+    """Score a checkpoint on one split, and say how: a captioner's BLEU-1..4 and CIDEr-D; a text-to-image
+    model's validation loss and samples, with --judge its prompts read back."""
     task = TASKS[cfg.task][0](cfg, config, device=cfg.device, splits=(cfg.split,), checkpoint=checkpoint)
     metrics, diffusion = evaluate(task, task.model.to(cfg.device), cfg.split), cfg.task == "diffusion"
-    how = f"sampler {config.sampler}, {config.sampling_steps} steps, guidance {config.guidance_scale:g}" if \
-        diffusion else "decoding: " + ("greedy" if config.num_beams == 1 else f"beam search, {config.num_beams} "
-                                       f"beams") + f", at most {cfg.max_caption_tokens} tokens"
+    beams = "greedy" if diffusion or config.num_beams == 1 else f"beam search, {config.num_beams} beams"
+    how = f"sampler {config.sampler}, {config.sampling_steps} steps, guidance {config.guidance_scale:g}" \
+        if diffusion else f"decoding: {beams}, at most {cfg.max_caption_tokens} tokens"
+    model = "" if diffusion else f", {config.mapping_type} mapper, GPT-2 " + (
+        "frozen" if config.freeze_gpt else "trained")
+    images = len(task.splits[cfg.split][0].image_ids())
+    scores = "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}" for k, v in
+                       metrics.items())
     print(f"checkpoint {cfg.eval}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
-          f"{cfg.preset}" + ("" if diffusion else f", {config.mapping_type} mapper, GPT-2 "
-                             f"{'frozen' if config.freeze_gpt else 'trained'}") + ")\n"
-          f"split: {cfg.data} {cfg.split}, {len(task.splits[cfg.split][0].image_ids())} images | {how}\n" +
-          "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}" for k, v in metrics.items()))
+          f"{cfg.preset}{model})\nsplit: {cfg.data} {cfg.split}, {images} images | {how}\n{scores}")
     if not diffusion:
         print(f"compare with: {task.clipcap_row()}")
     return metrics

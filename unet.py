@@ -466,17 +466,15 @@ class TextConditionedUNet(nn.Module):
         vae_config; weights.rebuild: built on meta, checked, loaded), with the EMA weights when it has them and
         `ema`. Its noise schedule, diffusion_config, is ddpm.py's."""
         text, sd = dict(checkpoint["text_config"]), checkpoint["model"]
-        kind, length = text.pop("kind"), text.pop("context_length")
-        encoder = (lambda: GPTHidden(GPT(GPTConfig.from_dict(text)))) if kind == "gpt2" else \
-            (lambda: CLIPTextTransformer(TextConfig(**text, context_length=length)))
-        prefix = "ema." if ema and any(k.startswith("ema.") for k in sd) else "net."
-        net = weights.rebuild(lambda: cls(UNetModel(UNetConfig(**checkpoint["unet_config"])), encoder(), kind, length,
-                                          checkpoint["patch"]), picked(sd, prefix))
-        vae = weights.rebuild(lambda: AutoencoderKL(AutoencoderConfig(**checkpoint["vae_config"])),
-                              picked(sd, "vae.")) if checkpoint["vae_config"] else None
+        kind, length, prefix = text.pop("kind"), text.pop("context_length"), "net."
+        if ema and any(k.startswith("ema.") for k in sd):
+            prefix = "ema."
+
+        def build():
+            encoder = GPTHidden(GPT(GPTConfig(**text))) if kind == "gpt2" else \
+                CLIPTextTransformer(TextConfig(**text, context_length=length))
+            return cls(UNetModel(UNetConfig(**checkpoint["unet_config"])), encoder, kind, length, checkpoint["patch"])
+        net = weights.rebuild(build, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        vae = weights.rebuild(lambda: AutoencoderKL(AutoencoderConfig(**checkpoint["vae_config"])), {
+            k[4:]: v for k, v in sd.items() if k.startswith("vae.")}) if checkpoint["vae_config"] else None
         return net, vae
-
-
-def picked(state_dict, prefix):
-    """The entries under `prefix`, with it taken off."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

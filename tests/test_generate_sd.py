@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-import data
+import ddpm
 import generate
 import weights
 from sd_oracle import (SD15_SCHEDULER_CONFIG, build, diffusers_unet, diffusers_vae, random_init_,
@@ -29,7 +29,7 @@ from sd_oracle import (SD15_SCHEDULER_CONFIG, build, diffusers_unet, diffusers_v
 from tokenizer import VOCAB_DIR, bytes_to_unicode
 from unet import UNetConfig, UNetModel
 from vae import PRESETS as VAE_PRESETS
-from vae import AutoencoderKL
+from vae import AutoencoderKL, load_image
 
 # 8 heads as SD 1.x, since the UNet loader reads every size but the head count off the tensors; text width 64
 # gives one 64-wide head, as the text loader assumes
@@ -107,7 +107,7 @@ def test_image_to_image_equals_diffusers_pipeline(tiny, sampler, strength):
                num_inference_steps=steps, guidance_scale=5.0,
                generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt").images
     ours = tiny["pipe"](PROMPTS, seeds, NEGATIVES, sampler, steps, 5.0, height=16, width=16,
-                        init_image=generate.load_image(tiny["init"]), strength=strength)
+                        init_image=load_image(tiny["init"]), strength=strength)
     diff = (ours - ref).abs().max().item()
     print(f"image-to-image {sampler} strength {strength}: max |ours - diffusers| = {diff:.2e}")
     assert diff < 1e-3
@@ -181,7 +181,7 @@ def test_cli_writes_pngs_with_parameters_and_a_grid(tiny, tmp_path):
     # the file is the pipeline's image for that seed alone, whatever batch it was made in
     alone = tiny["pipe"]([PROMPTS[0]], [41], ["low quality, text"], "dpm++2m", 2, 6.0, height=16, width=16)
     pixels = np.asarray(Image.open(saved[1]), dtype=np.int16)
-    assert np.abs(pixels - np.asarray(data.to_pil(alone)[0], dtype=np.int16)).max() <= 1
+    assert np.abs(pixels - np.asarray(ddpm.to_pil(alone)[0], dtype=np.int16)).max() <= 1
     # a second run numbers on instead of overwriting; prompts also come from a file
     (tmp_path / "prompts.txt").write_text("a green triangle\n\n  a yellow star  \n", "utf-8")
     again = run(tiny, "--prompt-file", str(tmp_path / "prompts.txt"), "--seed", "7", "--out-dir", str(tmp_path),

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import ddpm
 import generate
 import train
@@ -173,7 +172,7 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
     generate.main(["a small blue square", "--ckpt", str(ckpt), "--sampling-steps", "2", "--seed", "20", "--rerank", "3",
                    "--clip-weights", str(tmp_path / "clip.safetensors"), "--out-dir", str(tmp_path / "reranked")])
     kept = int(re.search(r"00000-(\d+)\.png", capsys.readouterr().out).group(1))
-    candidates = data.to_pil(draw(["a small blue square"] * 3, [20, 21, 22], None, "ddim", 2, 7.5, height=16, width=16))
+    candidates = ddpm.to_pil(draw(["a small blue square"] * 3, [20, 21, 22], None, "ddim", 2, 7.5, height=16, width=16))
     args = argparse.Namespace(clip_weights=str(tmp_path / "clip.safetensors"), weights_dir=None, offline=True)
     score = generate.clip_scorer(args, torch.device("cpu"))
     scores = [score(image, "a small blue square") for image in candidates]

@@ -64,6 +64,23 @@ def read_checkpoint(path, task=None):
     return checkpoint
 
 
+def stored_flags(checkpoint, path, flags):
+    """A checkpoint's flags ("config") read as data against their declarations (`flags`: dataclass fields whose
+    metadata give "role", "choices", "most"): known names only, none of a run's own (role "local": where to read
+    and write, the device), each of its default's type, one of its choices, within its bound."""
+    flags = {f.name: f for f in flags}
+    config = {k: v for k, v in checkpoint["config"].items() if k in flags and flags[k].metadata["role"] != "local"}
+    kinds = {k: type(flags[k].default) for k in config}
+    wrong = {k for k, v in config.items() if type(v) is not kinds[k] and (kinds[k], type(v)) != (float, int)}
+    for k, v in config.items():
+        most, choices = flags[k].metadata["most"], flags[k].metadata["choices"]
+        if k not in wrong and (most and not 0 <= v <= most or choices and v not in choices):
+            wrong.add(k)
+    if wrong:
+        raise ValueError(f"{path}: its config holds values of the wrong type or size: {sorted(wrong)}")
+    return config
+
+
 def upgrade(checkpoint):
     """A checkpoint in today's layout. Checkpoints written before the models' configs were stored whole (up to
     a8e8afc) kept these settings only among the flags; before the -weights flags (53c34ff) a frozen model's file
@@ -71,6 +88,7 @@ def upgrade(checkpoint):
     maps once, here:
 
         flags      image_tower/language_model/text_encoder FILE -> clip/gpt2 + clip_weights/gpt2_weights FILE
+        configs    GPTConfig's `sdpa` (which attention runs is no part of the model; set_attention) dropped
         caption    captioner_config <- mapping_type, prefix_length (tokens: the tower's token count),
                    mapper_layers, max_caption_tokens; frozen_tower <- image_tower, clip_weights;
                    model: "captioner." stripped, "vocab" <- the rows of wte that are not 0 (closed_vocab)
@@ -78,6 +96,9 @@ def upgrade(checkpoint):
                    patch <- 1 if latent else patch; diffusion_config <- ddpm.PRESETS[schedule], parameterization;
                    sampler, sampling_steps, guidance_scale, image_size <- the flags of the same names"""
     config, new = dict(checkpoint["config"]), dict(checkpoint)
+    for name in ("gpt_config", "text_config"):  # GPTConfig had an `sdpa` field before set_attention(use_sdpa)
+        if isinstance(checkpoint.get(name), dict) and "sdpa" in checkpoint[name]:
+            new[name] = {k: v for k, v in checkpoint[name].items() if k != "sdpa"}
     for choice, name, family in (("image_tower", "clip_weights", "clip"), ("text_encoder", "gpt2_weights", "gpt2"),
                                  ("language_model", "gpt2_weights", "gpt2")):
         if name not in config and config.get(choice, "tiny") not in ("tiny", "clip"):
