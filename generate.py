@@ -4,14 +4,12 @@
     python generate.py "a watercolor fox" --init-image photo.jpg --strength 0.6 --seed 7
     python generate.py --prompt-file prompts.txt --num-images 4 --sampler dpm++2m --sampling-steps 25
 
-The pipeline is the one of Rombach et al. 2022 (arXiv:2112.10752) as diffusers' StableDiffusionPipeline and
-StableDiffusionImg2ImgPipeline run it: CLIP ViT-L/14 text features of prompt and negative prompt (clip.py),
-classifier-free guidance and a sampler from ddpm.py over the UNet (unet.py) in latent space, the VAE decoder
-(vae.py) back to pixels. All three networks come from ONE official single file
-(`v1-5-pruned-emaonly.safetensors` or `.ckpt`, or any SD 1.x fine-tune in that layout), fetched on first use.
-With the same seed, sampler and steps the images equal diffusers' (tests/test_generate_sd.py). Every PNG
-carries its settings in a "parameters" text chunk written as AUTOMATIC1111's web UI writes it, so the usual
-tools read them back.
+Stable Diffusion's three networks (the CLIP ViT-L/14 text tower, clip.py; the UNet, unet.py; the VAE, vae.py)
+come from ONE official single file (`v1-5-pruned-emaonly.safetensors` or `.ckpt`, or an SD 1.x fine-tune in
+that layout), fetched on first use, and ddpm.py's pipeline drives them as diffusers'
+StableDiffusion(Img2Img)Pipeline does (Rombach et al. 2022): with the same seed, sampler and steps the images
+equal diffusers'. Every PNG carries its settings as AUTOMATIC1111's web UI writes them, so the usual tools
+read them back.
 
 Image files, folders and globs get captions from a captioner of train.py --task caption (ClipCap, gpt2.py):
     python generate.py photo.jpg holiday/ "shots/*.png" --ckpt runs/caption/ckpt.pt [--json]
@@ -21,7 +19,6 @@ An input is an image input when it is an existing image file, an existing folder
 magic characters (* ? [) that matches image files; anything else is a prompt (--prompt TEXT: always one).
 """
 import argparse
-import glob
 import json
 import os
 import pickle
@@ -39,11 +36,10 @@ from gpt2 import Captioner
 from tokenizer import CLIPTokenizer, GPT2Tokenizer
 from unet import PromptTokenizer, TextConditionedUNet, UNetModel
 from vae import AutoencoderKL, load_image
-from vit import ImageReadError, preprocess
+from vit import IMAGE_SUFFIXES, ImageReadError, image_files, preprocess
 
 DEFAULT_WEIGHTS = "sd15/v1-5-pruned-emaonly.safetensors"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size (SD draws 512x512; 12000x12000: 4 GB)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -51,10 +47,8 @@ MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size (SD draws
 
 
 def stable_diffusion(path, device="cpu", dtype=torch.float32):
-    """SD 1.x's text encoder, UNet and VAE from ONE single file, read once (weights/' restricted readers:
-    no pickle code runs), each from its prefix by its loader (key set and shapes checked), as a
-    ddpm.TextToImage with SD's noise schedule and its tokenizer (CLIP's BPE, 77 tokens padded with
-    end-of-text, as HF's tokenizer pads)."""
+    """SD 1.x's text encoder, UNet and VAE from ONE file read once (weights/: no pickle code runs), each by
+    its loader (key set and shapes checked), as a ddpm.TextToImage with SD's noise schedule and tokenizer."""
     state = weights.load_state_dict(path)
     unet = UNetModel.from_state_dict(state, dtype=dtype).to(device).eval()
     vae = AutoencoderKL.from_state_dict(state, dtype=dtype).to(device).eval()
@@ -147,8 +141,7 @@ def draw(args, prompts, checkpoint):
 
 
 def warn_unread(prompts, tokenize, seen=None):
-    """Warn of a prompt the text encoder cannot read whole, and of words a trained model's captions never
-    used."""
+    """Warn of a prompt the text encoder cannot read whole, and of words a model's training captions lack."""
     for prompt in dict.fromkeys(prompts):
         cut = tokenize([prompt])[0]
         if not torch.equal(tokenize([prompt], 1024)[0, :len(cut)], cut):
@@ -173,30 +166,11 @@ def clip_scorer(args, device):
     return score
 
 
-def is_image_file(path):
-    return path.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)  # os.path: False, never an error
-
-
-def image_files(arg):
-    """The image files an input names, or None for a prompt: an existing folder (its image files, sorted; ""
-    is not the current folder), an existing image file, or a glob with magic characters that matches image
-    files. Nothing here raises on a long or odd string: os.path answers False where Path raises (too long)."""
-    if arg and os.path.isdir(arg):
-        return sorted(p for p in (os.path.join(arg, name) for name in os.listdir(arg)) if is_image_file(p))
-    if is_image_file(arg):
-        return [arg]
-    try:
-        matches = sorted(f for f in glob.glob(arg) if is_image_file(f)) if re.search(r"[*?[]", arg) else []
-    except (OSError, ValueError):
-        matches = []
-    return matches or None
-
-
 @torch.no_grad()
 def caption_images(args, files, checkpoint):
-    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at
-    once, by the captioner of a train.py checkpoint (gpt2.py rebuilds it; a frozen tower it names comes
-    from clip.py). Returns how many could not be read (each reported on stderr and skipped)."""
+    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size at once, by the
+    captioner of a train.py checkpoint (gpt2.py rebuilds it, clip.py reads a frozen tower it names). Returns
+    how many could not be read (each reported on stderr and skipped)."""
     device = pick_device(args.device)
     visual = frozen_tower(checkpoint, args.clip_weights, args.weights_dir, args.offline)
     model = Captioner.from_checkpoint(checkpoint, visual).to(device).eval()
@@ -252,8 +226,7 @@ def run(argv):
                     "captions for images with a captioner of train.py.", formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image "
                         "files, folders and globs to caption (with --ckpt)")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt, never taken for a file name "
-                        "(repeatable)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt, never a file (repeatable)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = no "
@@ -262,14 +235,12 @@ def run(argv):
     parser.add_argument("--sampler", choices=ddpm.SAMPLERS, help="ddim (default: CompVis' txt2img.py, and "
                         "diffusers' DDIMScheduler; or the --ckpt model's own), ddpm, euler or dpm++2m")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise: 0 deterministic, 1 like DDPM")
-    parser.add_argument("--seed", type=int, help="seed of the first image, the next images count up "
-                        "(default: random)")
+    parser.add_argument("--seed", type=int, help="seed of image 1, the others count up (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="images denoised (or captioned) together")
-    parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512, or the "
-                        "init image's)")
-    parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512, or the "
-                        "init image's)")
+    for name in ("height", "width"):
+        parser.add_argument(f"--{name}", type=int, help=f"image {name}, a multiple of 8 (default 512, or the "
+                            "init image's)")
     parser.add_argument("--init-image", help="image-to-image: start from this picture, not noise (at its "
                         f"own size, up to {MAX_INIT_PIXELS:,} pixels, unless --width and --height say)")
     parser.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change the "
@@ -280,13 +251,11 @@ def run(argv):
                         "precision (auto: fp16 on a GPU, fp32 on the CPU); the sampler always works in fp32")
     parser.add_argument("--sd-weights", default=DEFAULT_WEIGHTS, help="SD 1.x weights: a single file "
                         "(.safetensors or .ckpt) or a registered name (fetched on first use)")
-    parser.add_argument("--weights-dir", help="where registered weights live (default: $MINIMODAL_WEIGHTS, "
-                        "else weights/)")
+    parser.add_argument("--weights-dir", help="weights' folder (default: $MINIMODAL_WEIGHTS, else weights/)")
     parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch")
     parser.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True,
                         help="fused scaled_dot_product_attention (--no-sdpa: the plain math)")
-    parser.add_argument("--low-memory", action="store_true", help="slice attention and decode the VAE in "
-                        "tiles, for small GPUs (tiles change the image very slightly)")
+    parser.add_argument("--low-memory", action="store_true", help="small GPUs: sliced attention, VAE tiles")
     parser.add_argument("--ckpt", help="a checkpoint of train.py: --task caption captions the image inputs, "
                         "--task diffusion draws the prompts (instead of SD)")
     parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one "
@@ -299,7 +268,6 @@ def run(argv):
     parser.add_argument("--top-p", type=float, default=1.0, help="captions: nucleus sampling mass")
     parser.add_argument("--traceback", action="store_true", help="on an error, the traceback, not one line")
     args = parser.parse_args(argv)
-
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
@@ -311,7 +279,6 @@ def run(argv):
         parser.error("--strength must be in (0, 1]; --eta and --guidance-scale must be >= 0")
     if pick_device(args.device) is None:
         parser.error(f"--device {args.device}: this machine has no such device")
-
     # What the inputs are decides the task (image_files has the rule): images get captions, prompts images
     found = {arg: image_files(arg) for arg in args.inputs}
     images = [arg for arg, files in found.items() if files is not None]
@@ -334,9 +301,8 @@ def run(argv):
         if "/" not in arg and os.sep not in arg and not arg.lower().endswith(IMAGE_SUFFIXES):
             print(f"note: {arg!r} names {'a folder' if os.path.isdir(arg) else 'files'} here: captioning "
                   f"{len(found[arg])} image(s) (--prompt {arg!r} draws it instead)", file=sys.stderr)
-    missing = [arg for arg in args.inputs if found[arg] is None and " " not in arg and
-               arg.lower().endswith(IMAGE_SUFFIXES)]
-    if missing:  # a mistyped file name should not start a 4 GB download to draw it as a prompt
+    if missing := [arg for arg in args.inputs if found[arg] is None and " " not in arg and
+                   arg.lower().endswith(IMAGE_SUFFIXES)]:  # a typo must not start a 4 GB download
         parser.error(f"no such image file: {missing[0]} (--prompt {missing[0]!r} draws it as a prompt)")
     if not images and not prompts:
         parser.error("give at least one prompt (or --prompt-file), or image files to caption")

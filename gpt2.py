@@ -278,10 +278,10 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, attention_mask=None, prefix_embeds=None, temperature=0.0, top_k=None,
                  top_p=None, num_beams=1, length_penalty=1.0, eos_token_id=50256, generator=None):
         """Continue every row of idx (B, T) (prompts of different lengths left-padded, with their attention_mask:
-        pad_left). temperature 0 takes the most likely token (greedy); above 0 it samples from the top_k most likely
-        and/or the smallest set whose probability reaches top_p, randomness from `generator`; num_beams > 1 runs
-        beam search. A row stops at eos_token_id (None: never). Returns the new tokens (B, N), N <= max_new_tokens,
-        rows that stopped early filled with eos_token_id."""
+        tokenizer.pad_left). temperature 0 takes the most likely token (greedy); above 0 it samples from the top_k
+        most likely and/or the smallest set whose probability reaches top_p, randomness from `generator`; num_beams
+        > 1 runs beam search. A row stops at eos_token_id (None: never). Returns the new tokens (B, N), N <=
+        max_new_tokens, rows that stopped early filled with eos_token_id."""
         prompt_length = (0 if idx is None else idx.size(1)) + (0 if prefix_embeds is None else prefix_embeds.size(1))
         if prompt_length + max_new_tokens > self.config.n_ctx:
             raise ValueError(f"a prompt of {prompt_length} positions plus {max_new_tokens} new tokens exceeds "
@@ -307,7 +307,7 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Decoding helpers: sampling, beam search, left padding
+# Decoding helpers: sampling, beam search
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -376,14 +376,6 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, atten
         hidden, past = model.hidden_states(tokens.view(B * K, 1), None, attention_mask, past)
     best, pad = [h[0][1] for h in hypotheses], eos_token_id if eos_token_id is not None else 0
     return torch.tensor([row + [pad] * (max(map(len, best)) - len(row)) for row in best], device=hidden.device)
-
-
-def pad_left(rows, pad_id):
-    """Token id lists of different lengths -> ids (B, T) padded on the left with pad_id, and attention_mask (B, T)."""
-    T = max(map(len, rows))
-    idx = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows])
-    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    return idx, attention_mask
 
 
 # ===============================================================================================================
@@ -557,9 +549,8 @@ class Captioner(nn.Module):
 
     def set_attention(self, use_sdpa=True):
         """GPT-2's switch and the tower's (ClipCap's mapper keeps its plain attention: a few vectors, no mask)."""
-        self.gpt.set_attention(use_sdpa)
-        if self.visual is not None:
-            self.visual.set_attention(use_sdpa)
+        for model in (self.gpt, self.visual) if self.visual is not None else (self.gpt,):
+            model.set_attention(use_sdpa)
         return self
 
     @classmethod
@@ -593,21 +584,19 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1 = all)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams when > 1 "
-                        "(deterministic: the sampling flags do not apply)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search when > 1 (no sampling then)")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
-    parser.add_argument("--weights-dir", help="where weights live (none: $MINIMODAL_WEIGHTS, else weights/ in the "
-                        "repository)")
+    parser.add_argument("--weights-dir", help="where weights live (none: $MINIMODAL_WEIGHTS, else weights/)")
     parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
     args = parser.parse_args()
-    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0:
-        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k at least 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0 or args.temperature < 0 or \
+            not 0 < args.top_p <= 1:
+        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k and --temperature at least 0, "
+                     "--top-p in (0, 1]")
 
-    from tokenizer import GPT2Tokenizer  # only the command line needs text; the model works on ids
+    from tokenizer import GPT2Tokenizer, pad_left  # only the command line needs text; the model works on ids
     tokenizer = GPT2Tokenizer.default()
     # an empty prompt starts from <|endoftext|>, the way OpenAI's unconditional samples begin
     idx, attention_mask = pad_left([tokenizer.encode(p) or [tokenizer.eot_token] for p in args.prompt],

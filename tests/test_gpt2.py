@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import weights
-from gpt2 import GPT, PRESETS, GPTConfig, pad_left, sample_next_token
+from gpt2 import GPT, PRESETS, GPTConfig, sample_next_token
+from tokenizer import pad_left
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = 50256
