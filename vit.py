@@ -10,7 +10,9 @@ official code, everything is batch-first: no sequence-first (LND) permutes aroun
 The text tower, the whole CLIP model, the Hugging Face key mapping and `load_visual` (this tower out of any CLIP
 file) live in clip.py.
 """
+import glob
 import os
+import re
 import stat
 import warnings
 from collections import OrderedDict
@@ -209,8 +211,8 @@ class VisionTransformer(nn.Module):
         return model
 
 # -----------------------------------------------------------------------------------------------------------
-# Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`): one opener, resize_crop
-# (uint8 pixels) and normalize (CLIP's input); preprocess = both
+# Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`): one opener (and which files
+# are images), resize_crop (uint8 pixels) and normalize (CLIP's input); preprocess = both
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -251,6 +253,28 @@ def open_image(path, max_pixels=None):
         raise
     except (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def is_image_file(path):
+    return path.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)  # os.path: False, never an error
+
+
+def image_files(arg):
+    """The image files a command-line argument names, or None: an existing folder (its image files, sorted; ""
+    is not the current folder), an existing image file, or a glob with magic characters that matches image
+    files. Nothing here raises on a long or odd string: os.path answers False where Path raises (too long)."""
+    if arg and os.path.isdir(arg):
+        return sorted(p for p in (os.path.join(arg, name) for name in os.listdir(arg)) if is_image_file(p))
+    if is_image_file(arg):
+        return [arg]
+    try:
+        matches = sorted(f for f in glob.glob(arg) if is_image_file(f)) if re.search(r"[*?[]", arg) else []
+    except (OSError, ValueError):
+        matches = []
+    return matches or None
 
 
 def to_rgb(image):

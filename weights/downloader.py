@@ -45,7 +45,6 @@ import requests
 from tqdm import tqdm
 from urllib3.exceptions import HTTPError as TransportError  # requests' transport: what a raw read raises
 
-
 from .registry import REGISTRY
 
 try:
@@ -535,3 +534,12 @@ def fetch_first(names, root=None, offline=False):
         except WeightsUnavailable as e:
             first_error = e if name == names[0] else first_error
     raise first_error
+
+
+def file_or_fetch(name_or_path, root=None, offline=False, flag="weights"):
+    """What a --*-weights flag names: an existing file as it is, else a registered file, fetched (fetch)."""
+    if Path(name_or_path).is_file():
+        return Path(name_or_path)
+    if name_or_path not in REGISTRY:
+        raise FileNotFoundError(f"{flag} {name_or_path}: no such file, nor a registered name")
+    return fetch(name_or_path, root, offline)
