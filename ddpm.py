@@ -328,7 +328,7 @@ class DiffusionModel(nn.Module):
 
     def __init__(self, net, vae, diffusion, ema_decay=0.9999, caption_dropout=0.1, min_snr_gamma=0.0):
         super().__init__()
-        self.net, self.vae, self.diffusion = net, vae, diffusion
+        self.net, self.vae, self.diffusion = net, vae and vae.requires_grad_(False), diffusion
         self.ema = copy.deepcopy(net).requires_grad_(False) if ema_decay else None
         self.ema_decay, self.caption_dropout, self.min_snr_gamma = ema_decay, caption_dropout, min_snr_gamma
         self.register_buffer("empty_tokens", net.tokenize([""]), persistent=False)  # (1, T) the empty prompt

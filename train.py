@@ -66,8 +66,7 @@ def flag(default, help, choices=None, role="", most=None):
 
 @dataclass
 class TrainConfig:  # the harness's, and what both tasks read
-    task: str = flag("caption", "caption: image -> caption; diffusion: caption -> image",
-                     ("caption", "diffusion"))
+    task: str = flag("caption", "caption: image -> caption; diffusion: caption -> image", weights.TASKS)
     preset: str = flag("shapes", "starting values of the flags, listed below")
     data: str = flag("shapes", "coco: 2017; karpathy: COCO, Karpathy's splits",
                      ("shapes", "coco", "karpathy", "folder", "cifar100"), "scoring")
@@ -545,15 +544,11 @@ class TextToImageTask(Task):
 
     def __init__(self, cfg, config, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
         super().__init__(cfg, config, device)
-        if checkpoint:
-            (net, vae), diffusion = TextConditionedUNet.from_checkpoint(checkpoint, ema=False), \
-                ddpm.DiffusionConfig(**checkpoint["diffusion_config"])
-        else:
-            (net, vae), diffusion = self.build(), dataclasses.replace(
-                ddpm.PRESETS[config.schedule], parameterization=config.parameterization)
+        net, vae = TextConditionedUNet.from_checkpoint(checkpoint, ema=False) if checkpoint else self.build()
+        diffusion = ddpm.DiffusionConfig(**checkpoint["diffusion_config"]) if checkpoint else \
+            dataclasses.replace(ddpm.PRESETS[config.schedule], parameterization=config.parameterization)
         net.text_encoder.requires_grad_(net.kind == "tiny")  # the other text encoders stay frozen
         net.unet.gradient_checkpointing = config.gradient_checkpointing
-        vae = vae and vae.requires_grad_(False)
         self.model = ddpm.DiffusionModel(net, vae, ddpm.GaussianDiffusion(diffusion), config.ema_decay,
                                          config.caption_dropout, config.min_snr_gamma)
         if checkpoint:  # the EMA copy and its step count too
