@@ -267,6 +267,9 @@ class Task:
             dist.barrier()
         self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
 
+    def count_targets(self, pair_ids):
+        return len(pair_ids)  # one target a pair (text to image: the loss is a mean over images)
+
     def after_step(self):
         pass
 
@@ -590,9 +593,6 @@ class TextToImageTask(Task):
             unet = UNetModel.from_state_dict(sd)  # the SD file's UNet, fine-tuned
         vae = AutoencoderKL.from_state_dict(sd) if c.latent else None
         return TextConditionedUNet(unet, text, c.text_encoder, length, 1 if c.latent else c.patch), vae
-
-    def count_targets(self, pair_ids):
-        return len(pair_ids)  # the loss is a mean over images
 
     def batch(self, pair_ids, device, split="train"):
         """(uint8 images (B, 3, S, S), tokens (B, T)); an unreadable photo is reported (data.py), left out."""
