@@ -267,6 +267,9 @@ class Task:
             dist.barrier()
         self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
 
+    def batch(self, pair_ids, device): ...
+    def evaluate(self, model, split): ...
+
     def count_targets(self, pair_ids):
         return len(pair_ids)  # one target a pair (text to image: the loss is a mean over images)
 
