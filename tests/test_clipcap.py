@@ -161,3 +161,31 @@ def test_generate_captions_with_a_clipcap_file(clipcap_coco, tmp_path):
     model = Captioner.from_pretrained(str(path), tower).eval()
     expected = model.caption(preprocess(str(tmp_path / "photo.jpg"))[None], GPT2Tokenizer.default(), num_beams=5)[0]
     assert json.loads(result.stdout) == {"file": "photo.jpg", "caption": expected} and expected.endswith(".")
+
+
+def test_train_starts_from_clipcap_and_eval_scores_it(clipcap_coco, tmp_path, monkeypatch, capsys):
+    """train.py --task caption --captioner FILE fine-tunes ClipCap's captioner (its config, stop rule and GPT-2 from
+    the file) and its checkpoint is rebuilt and scored by --eval; --eval coco scores the released file as it is."""
+    import train
+    _, path = clipcap_coco
+    torch.manual_seed(0)
+    weights.write_safetensors({f"visual.{k}": v for k, v in VisionTransformer(VISION_PRESETS["ViT-B/32"])
+                               .state_dict().items()}, tmp_path / "clip.safetensors")
+    common = ["--image-tower", "clip", "--clip-weights", str(tmp_path / "clip.safetensors"), "--max-val-samples", "2",
+              "--threads", "1", "--offline", "--weights-dir", str(tmp_path / "weights")]
+    train.main(["--task", "caption", "--preset", "shapes", "--language-model", "gpt2", "--mapping-type", "mlp",
+                "--no-closed-vocab", "--captioner", str(path), "--max-train-samples", "4", "--batch-size", "2",
+                "--stop-after", "1", "--lr", "1e-5", "--out-dir", str(tmp_path / "run"), *common])
+    checkpoint = weights.read_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert checkpoint["captioner_config"]["eos_token_id"] == oracle.STOP_TOKEN
+    assert checkpoint["captioner_config"]["beam_rule"] == "clipcap" and checkpoint["frozen_tower"]
+    capsys.readouterr()
+    train.main(["--eval", str(tmp_path / "run" / "ckpt.pt"), "--clip-weights", str(tmp_path / "clip.safetensors")])
+    out = capsys.readouterr().out
+    assert "checkpoint " in out and ": step 1 of " in out and "BLEU-4" in out and "CIDEr-D" in out, out
+    (tmp_path / "weights" / "clipcap").mkdir(parents=True)
+    (tmp_path / "weights" / "clipcap" / "coco_weights.pt").symlink_to(path)  # as if fetched
+    train.main(["--eval", "coco", "--task", "caption", "--preset", "shapes", "--language-model", "gpt2",
+                "--mapping-type", "mlp", "--no-closed-vocab", *common])
+    out = capsys.readouterr().out
+    assert "checkpoint coco: as released on shapes" in out and "mlp mapper" in out and "CIDEr-D" in out, out
