@@ -473,7 +473,8 @@ class CaptionTask(Task):
         self.tokenizer, encoded = GPT2Tokenizer.default(), {}  # many captions repeat: encode each once
 
         def encode(caption):  # ClipCap's captioners stop at "." (no end token): a caption without one gets it
-            text = caption.rstrip() + "." if config.captioner and not caption.rstrip().endswith(".") else caption
+            ends = not config.captioner or caption.rstrip().endswith(".")
+            text = caption if ends else caption.rstrip() + "."
             return encoded.setdefault(caption, self.tokenizer.encode(text)[:cfg.max_caption_tokens])
         self.open_splits(splits, encode, frozen and frozen.to(self.device), rank, world,
                          config.mapping_type == "tokens")
