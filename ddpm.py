@@ -1,6 +1,7 @@
 """The diffusion process: noise schedule, noising, the training loss, classifier-free guidance and samplers;
-then the prompt -> image pipeline that drives them, and its images as files (grids; PNGs that carry their
-settings as AUTOMATIC1111 writes them).
+then the prompt -> image pipeline that drives them, and its images as files: PNGs that carry their settings as
+AUTOMATIC1111 writes them, grids that carry their prompts, and the tour's contact sheet (drawings beside what a
+captioner reads back from them, marked right or wrong).
 
 Papers: DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2020, arXiv:2010.02502), the Euler method on
 the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364, Algorithm 1 without churn), DPM-Solver++(2M)
@@ -22,11 +23,13 @@ its networks as arguments: Stable Diffusion's (generate.py) and this project's t
 Notation: ᾱ_t = alphas_cumprod[t]; a noised sample is x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε  (DDPM eq. 4).
 """
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim", "euler", "dpm++2m")
@@ -349,16 +352,6 @@ def to_pil(images):
     return [Image.fromarray(a) for a in array]
 
 
-def image_grid(images, cols=None):
-    """PIL images of one size pasted into one, row by row, `cols` a row (default: a near-square grid)."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
 
 
@@ -378,3 +371,81 @@ def save_png(image, path, parameters):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     image.save(path, pnginfo=info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures, drawn with Pillow alone: grids that carry their prompts, the tour's contact sheet
+
+def text_font(size):
+    """Pillow's bundled TrueType face (Pillow >= 10.1, built with FreeType as its wheels are): no font file to find."""
+    return ImageFont.load_default(size)
+
+
+def wrap(text, font, width):
+    """Words -> lines at most `width` pixels wide (a longer word keeps a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def image_grid(images, cols=None, captions=None, scale=1, font_size=11):
+    """PIL images of one size pasted into one, row by row, `cols` a row (default: a near-square grid). With
+    `captions`, a strip under each image holds its caption, so the grid explains itself, and a white gap parts
+    the images; `scale` enlarges each image (nearest neighbour: a 32-pixel drawing stays sharp) to fit its caption."""
+    cols, font = cols or math.ceil(math.sqrt(len(images))), text_font(font_size)
+    w, h, gap = images[0].size[0] * scale, images[0].size[1] * scale, 4 if captions else 0
+    lines = [wrap(caption, font, w - 4) for caption in captions or []]
+    strip = max(map(len, lines), default=0) * (font_size + 2) + gap
+    grid = Image.new("RGB", (cols * (w + gap) - gap, math.ceil(len(images) / cols) * (h + strip)),
+                     "white" if captions else "black")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % cols) * (w + gap), (i // cols) * (h + strip)
+        grid.paste(image.resize((w, h), Image.Resampling.NEAREST), (x, y))
+        if captions:
+            draw.multiline_text((x + 2, y + h + 2), "\n".join(lines[i]), "black", font, spacing=2)
+    return grid
+
+
+GREEN, RED = (0, 140, 60), (210, 30, 30)
+
+
+def contact_sheet(images, prompts, read, right, title="", cols=3, scale=3, font_size=13):
+    """The tour's last picture: each drawing (PIL images of one size) beside its prompt and what a captioner read
+    back from it, framed green with a tick when `right`, red with a cross when not; `title` (the figures) on top."""
+    font, line, side = text_font(font_size), font_size + 5, images[0].size[0] * scale
+    text_width = 28 * font_size
+    texts = [wrap(f"prompt: {p}", font, text_width) + wrap(f"read back: {r}", font, text_width)
+             for p, r in zip(prompts, read)]
+    cell_w, cell_h = side + 24 + text_width, max(side + 8, max(map(len, texts)) * line + line + 8) + 8
+    head = wrap(title, font, cols * cell_w - 16)
+    top = len(head) * line + (12 if head else 4)
+    sheet = Image.new("RGB", (cols * cell_w, top + math.ceil(len(images) / cols) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.multiline_text((8, 6), "\n".join(head), "black", font, spacing=5)
+    for i, (image, text, ok) in enumerate(zip(images, texts, right)):
+        x, y, colour = (i % cols) * cell_w + 4, top + (i // cols) * cell_h, GREEN if ok else RED
+        draw.rectangle((x, y, x + side + 7, y + side + 7), fill=colour)  # the frame: 4 pixels of the verdict
+        sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x + 4, y + 4))
+        tx, ty = x + side + 16, y + 4
+        draw.multiline_text((tx, ty), "\n".join(text), "black", font, spacing=5)
+        ty += len(text) * line + 2
+        mark = [(tx, ty + 6), (tx + 4, ty + 11), (tx + 12, ty)] if ok else [(tx, ty), (tx + 10, ty + 10)]
+        draw.line(mark, colour, 2)
+        if not ok:
+            draw.line([(tx, ty + 10), (tx + 10, ty)], colour, 2)
+        draw.text((tx + 18, ty - 2), "drawn right" if ok else "drawn wrong", colour, font)
+    return sheet
+
+
+def save_picture(image, path):
+    """Write a PNG whole or not at all (a temporary file beside it, then os.replace), so a viewer reloading it
+    while a run redraws it never reads half a picture."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)

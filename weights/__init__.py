@@ -13,12 +13,13 @@
     checkpoints.py         train.py's checkpoints: read_checkpoint (as data, earlier layouts
                            upgraded), stored_flags (its flags, checked against their declarations),
                            rebuild (a model from a checkpoint's configs, checked),
-                           hold_run_dir (one run at a time writes a run directory)
+                           hold_run_dir (one run at a time writes a run directory),
+                           draw_log (its log.jsonl drawn as loss_curve.png, with Pillow)
 
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .checkpoints import TASKS, hold_run_dir, read_checkpoint, rebuild, stored_flags, upgrade
+from .checkpoints import TASKS, draw_log, hold_run_dir, loss_curve, read_checkpoint, rebuild, stored_flags, upgrade
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first, file_or_fetch,
                          find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -34,5 +35,6 @@ __all__ = [
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
     "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "stored_flags", "rebuild", "hold_run_dir",
+    "draw_log", "loss_curve",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
 ]
