@@ -22,12 +22,14 @@ def near(pixels, x, y, colour, radius=3, tolerance=40):
 def test_loss_curve_from_a_small_log(tmp_path):
     """A log whose axes are known in advance: the training loss falls from 1 to 0.01 over steps 0-100, a straight
     line on the log scale (ticks 0.01, 0.1, 1), and drawn right climbs from 0 to 100 % (ticks 0-100). The picture is
-    a whole PNG of the expected size, the curves lie where the axes put them, and a half-written last line (a
-    killed run) is left out; redrawing replaces it atomically."""
+    a whole PNG of the expected size and the curves lie where the axes put them; what is not a number, a loss of 0
+    (no place on a log scale) and a half-written last line (a killed run) are left out; redrawing replaces the
+    picture atomically."""
     records = [{"step": s, "loss": 10 ** (-2 * s / 100), "lr": 1e-3} for s in range(0, 101, 2)]
     records += [{"step": s, "val_loss": 10 ** (-2 * s / 100), "drawn_right_1": s / 100, "drawn_right_2": 0.2}
                 for s in (20, 50, 100)]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 102, "lo')
+    junk = '{"step": 7, "loss": null}\n["not a record"]\n{"step": 9, "loss": 0}\n{"step": 102, "lo'  # drawn around
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + junk)
     weights.draw_log(tmp_path)
     path = tmp_path / "loss_curve.png"
     with Image.open(path) as image:

@@ -239,10 +239,11 @@ def panel(draw, box, curves, x_max, log, title, font, y_span=()):
 def loss_curve(records, size=(800, 600), font_size=13):
     """A run's log records (log.jsonl) -> one picture: training and validation loss against steps on a log scale
     and, below them where the log has one, the judged figures (SCORES) x100 against the same steps."""
-    def points(key, times=1.0):
-        return sorted((r["step"], r[key] * times) for r in records if math.isfinite(r.get(key, math.nan)))
-    losses = [(points(k), name) for k, name in (("loss", "training loss"), ("val_loss", "validation loss"))]
-    losses = [(p, name) for p, name in losses if p and min(y for _, y in p) > 0]
+    def points(key, times=1.0, low=-math.inf):  # (step, value) where both are numbers and the value > low
+        return sorted((r["step"], r[key] * times) for r in records if all(
+            type(v) in (int, float) and math.isfinite(v) for v in (r["step"], r.get(key))) and r[key] > low)
+    losses = [(points(k, low=0.0), name) for k, name in (("loss", "training loss"), ("val_loss", "validation loss"))]
+    losses = [(p, name) for p, name in losses if p]
     scores = [(points(k, 100.0), name) for k, name in SCORES.items()
               if points(k) and not (k == "CIDEr-D" and points("exact_match"))]
     image, (width, height) = Image.new("RGB", size, "white"), size
