@@ -78,6 +78,9 @@ def test_loss_falls_and_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
     checkpoint = weights.load_checkpoint(tmp_path / "two" / "ckpt.pt")
     assert checkpoint["task"] == "diffusion" and any(k.startswith("ema.") for k in checkpoint["model"])
+    # the resumed run draws its whole log (both processes' steps): the uninterrupted run's loss curve
+    pictures = [np.asarray(Image.open(tmp_path / run_dir / "loss_curve.png")) for run_dir in ("one", "two")]
+    assert (pictures[0] == pictures[1]).all()
 
 
 def test_minutes_budget_on_a_loaded_machine(tmp_path, capsys):
