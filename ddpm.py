@@ -415,8 +415,9 @@ GREEN, RED = (0, 140, 60), (210, 30, 30)
 
 
 def contact_sheet(images, prompts, read, right, title="", cols=3, scale=3, font_size=13):
-    """The tour's last picture: each drawing (PIL images of one size) beside its prompt and what a captioner read
-    back from it, framed green with a tick when `right`, red with a cross when not; `title` (the figures) on top."""
+    """The tour's last picture: each drawing (square PIL images of one size) beside its prompt and what a
+    captioner read back from it, framed green with a tick when `right`, red with a cross when not; `title` (the
+    figures) on top."""
     font, line, side = text_font(font_size), font_size + 5, images[0].size[0] * scale
     text_width = 28 * font_size
     texts = [wrap(f"prompt: {p}", font, text_width) + wrap(f"read back: {r}", font, text_width)
