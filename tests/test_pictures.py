@@ -1,5 +1,5 @@
-"""The pictures a run leaves, drawn with Pillow alone: the loss curve beside log.jsonl (weights.draw_log), sample
-grids that carry their prompts and the tour's contact sheet (ddpm.image_grid, ddpm.contact_sheet)."""
+"""The pictures a run leaves, drawn with Pillow alone: the loss curve beside log.jsonl (weights.draw_log), the
+tour's contact sheet (weights.contact_sheet) and sample grids that carry their prompts (ddpm.image_grid)."""
 import json
 
 import numpy as np
@@ -7,7 +7,7 @@ from PIL import Image
 
 import ddpm
 import weights
-from weights.checkpoints import COLOURS
+from weights.checkpoints import COLOURS, GREEN, RED
 
 WHITE = (255, 255, 255)
 
@@ -63,17 +63,17 @@ def test_contact_sheet():
     images, right = drawings(5), [True, False, True, True, False]
     prompts = ["a large red circle", "a small blue square left of a large green triangle"] * 2 + ["a small red cross"]
     read = ["a large red circle", "a small blue square left of a large green circle"] * 2 + ["a small red cross"]
-    sheet = ddpm.contact_sheet(images, prompts, read, right, "drawn right: single objects 75.0 %", cols=3, scale=3)
+    sheet = weights.contact_sheet(images, prompts, read, right, "drawn right: single objects 75.0 %", cols=3, scale=3)
     pixels = np.asarray(sheet)
     top = 13 + 5 + 12  # one title line
     cell_w = 96 + 24 + 28 * 13
     assert sheet.size[0] == 3 * cell_w and sheet.size[1] > top + 2 * 96
     for k, ok in enumerate(right):
         x, y = (k % 3) * cell_w + 4, top + (k // 3) * (sheet.size[1] - top) // 2
-        assert tuple(pixels[y + 1, x + 1]) == (ddpm.GREEN if ok else ddpm.RED), k  # the frame
+        assert tuple(pixels[y + 1, x + 1]) == (GREEN if ok else RED), k  # the frame
         assert tuple(pixels[y + 50, x + 50]) == images[k].getpixel((0, 0)), k  # the drawing, enlarged
         text = pixels[y:y + 96, x + 110:x + cell_w - 10]
-        assert (text < 100).all(-1).any() and (np.abs(text.astype(int) - (ddpm.GREEN if ok else ddpm.RED)).max(-1)
+        assert (text < 100).all(-1).any() and (np.abs(text.astype(int) - (GREEN if ok else RED)).max(-1)
                                                  < 30).any(), k  # words, and the verdict in its colour
     assert (pixels[:top - 6] < 100).all(-1).any()  # the title
 

@@ -13,12 +13,14 @@ scaler, step and random state, and beside the weights every config its models ar
 
 Each model file rebuilds its own (gpt2.Captioner.from_checkpoint, unet.TextConditionedUNet.from_checkpoint)
 through `rebuild`, never through the training flags. A run directory (ckpt.pt, log.jsonl, cache/) is held by one
-run at a time (hold_run_dir); its log is drawn beside it as loss_curve.png (draw_log).
+run at a time (hold_run_dir); the pictures a run leaves there, its log drawn (loss_curve.png, draw_log) and
+the judged drawings beside what the judge read (contact_sheet.png, contact_sheet), end this file.
 """
 import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -67,11 +69,18 @@ def read_checkpoint(path, task=None):
     return checkpoint
 
 
-def stored_flags(checkpoint, path, flags):
+class FlagsRefused(ValueError):
+    """Flags that do not go with a checkpoint or a run directory: a usage error, said in one line."""
+
+
+def stored_flags(checkpoint, path, flags, given=None):
     """A checkpoint's flags ("config") read as data against their declarations (`flags`: dataclass fields whose
     metadata give "role", "choices", "most"): known names only, none of a run's own (role "local": where to read
-    and write, the device), each of its default's type, one of its choices, within its bound."""
-    flags = {f.name: f for f in flags}
+    and write, the device), each of its default's type, one of its choices, within its bound. Checked against the
+    flags `given` on the command line too: a frozen image tower the checkpoint names by file, which it does not
+    hold, must be given again (a checkpoint never chooses a file to read), and --eval scores a checkpoint as it
+    was trained: no other --task, and of the rest only "local" and "scoring" flags (FlagsRefused)."""
+    flags, given = {f.name: f for f in flags}, given or {}
     config = {k: v for k, v in checkpoint["config"].items() if k in flags and flags[k].metadata["role"] != "local"}
     kinds = {k: type(flags[k].default) for k in config}
     wrong = {k for k, v in config.items() if type(v) is not kinds[k] and (kinds[k], type(v)) != (float, int)}
@@ -81,7 +90,27 @@ def stored_flags(checkpoint, path, flags):
             wrong.add(k)
     if wrong:
         raise ValueError(f"{path}: its config holds values of the wrong type or size: {sorted(wrong)}")
+    if config.get("image_tower") == "clip" and config["clip_weights"] != flags["clip_weights"].default and \
+            "clip_weights" not in given:
+        raise FileNotFoundError(f"{path}'s frozen image tower is the file {config['clip_weights']}, which it does "
+                                "not hold: give it as --clip-weights")
+    training = sorted(k for k in given if not flags[k].metadata["role"]) if given.get("eval") else []
+    if training or given.get("task", checkpoint["task"]) != checkpoint["task"]:
+        names = ", ".join("--" + k.replace("_", "-") for k in training or ["task"])
+        raise FlagsRefused(f"{path} is a --task {checkpoint['task']} checkpoint, scored as it was trained: {names} "
+                           "do not apply")
     return config
+
+
+def refuse_held_run(out_dir, resume=""):
+    """A new run never replaces a run's checkpoint and log unless told to (--overwrite): FlagsRefused when out_dir
+    holds them (ckpt.pt, log.jsonl) and is not the folder of the checkpoint `resume` continues."""
+    out = Path(out_dir)
+    held = [name for name in ("ckpt.pt", "log.jsonl") if (out / name).exists()]
+    if held and out.resolve() != Path(resume or ".").resolve().parent:
+        resume = f"--resume {out / 'ckpt.pt'} continues it, " if "ckpt.pt" in held else ""
+        raise FlagsRefused(f"{out} holds a run ({', '.join(held)}): {resume}another --out-dir starts a new one, "
+                           "--overwrite replaces it")
 
 
 def upgrade(checkpoint):
@@ -149,20 +178,20 @@ def rebuild(build, state_dict):
 @contextlib.contextmanager
 def hold_run_dir(out_dir, checkpoint=None, overwrite=False, resume=""):
     """Hold train.py's run directory while it writes there: a lock (flock, gone however the process ends) tells a
-    live run from a killed one, so what a killed run left half-written (save_checkpoint's .ckpt.pt.*.tmp, draw_log's
-    .loss_curve.png.*.tmp; cache .part files, locked while written) is removed. Resuming `checkpoint` cuts the log
-    back to its step; `overwrite` starts afresh (unless this is the folder `resume` continues)."""
+    live run from a killed one, so what a killed run left half-written (save_checkpoint's .ckpt.pt.*.tmp,
+    save_picture's .NAME.png.*.tmp; cache .part files, locked while written) is removed. Resuming `checkpoint` cuts
+    the log back to its step; `overwrite` starts afresh (unless this is the folder `resume` continues)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a") as lock:
         if fcntl and not locked(lock):
             raise OSError(f"{out} is in use: another train.py writes there (give this run another --out-dir)")
         parts = (path for path in out.glob("cache/*.part") if locked(open(path, "rb")))
-        for path in [*out.glob(".ckpt.pt.*.tmp"), *out.glob(".loss_curve.png.*.tmp"), *parts] if fcntl else []:
+        for path in [*out.glob(".ckpt.pt.*.tmp"), *out.glob(".*.png.*.tmp"), *parts] if fcntl else []:
             path.unlink()
             print(f"removed {path}, left half-written by a killed run", file=sys.stderr)
         if overwrite and not (checkpoint and out.resolve() == Path(resume).resolve().parent):
-            for name in ("ckpt.pt", "log.jsonl", "loss_curve.png"):
+            for name in ("ckpt.pt", "log.jsonl", "loss_curve.png", "contact_sheet.png"):
                 (out / name).unlink(missing_ok=True)
         if checkpoint and (path := out / "log.jsonl").exists():  # whole records up to the checkpoint's step
             path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if (
@@ -180,7 +209,50 @@ def locked(handle):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A run's log drawn: loss_curve.png beside log.jsonl, with Pillow alone (no plotting package at run time)
+# The pictures a run leaves beside its log, drawn with Pillow alone (no plotting package at run time): the loss
+# curve (loss_curve.png, draw_log) and, where a captioner judged the drawings, the contact sheet (contact_sheet.png)
+
+GREEN, RED = (0, 140, 60), (210, 30, 30)
+
+
+def contact_sheet(images, prompts, read, right, title="", cols=3, scale=3, font_size=13):
+    """The tour's last picture: each drawing (square PIL images of one size) beside its prompt and what a
+    captioner read back from it, framed green with a tick when `right`, red with a cross when not; `title` (the
+    figures) on top."""
+    font, line, side = ddpm.text_font(font_size), font_size + 5, images[0].size[0] * scale
+    text_width = 28 * font_size
+    texts = [ddpm.wrap(f"prompt: {p}", font, text_width) + ddpm.wrap(f"read back: {r}", font, text_width)
+             for p, r in zip(prompts, read)]
+    cell_w, cell_h = side + 24 + text_width, max(side + 8, max(map(len, texts)) * line + line + 8) + 8
+    head = ddpm.wrap(title, font, cols * cell_w - 16)
+    top = len(head) * line + (12 if head else 4)
+    sheet = Image.new("RGB", (cols * cell_w, top + math.ceil(len(images) / cols) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.multiline_text((8, 6), "\n".join(head), "black", font, spacing=5)
+    for i, (image, text, ok) in enumerate(zip(images, texts, right)):
+        x, y, colour = (i % cols) * cell_w + 4, top + (i // cols) * cell_h, GREEN if ok else RED
+        draw.rectangle((x, y, x + side + 7, y + side + 7), fill=colour)  # the frame: 4 pixels of the verdict
+        sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x + 4, y + 4))
+        tx, ty = x + side + 16, y + 4
+        draw.multiline_text((tx, ty), "\n".join(text), "black", font, spacing=5)
+        ty += len(text) * line + 2
+        mark = [(tx, ty + 6), (tx + 4, ty + 11), (tx + 12, ty)] if ok else [(tx, ty), (tx + 10, ty + 10)]
+        draw.line(mark, colour, 2)
+        if not ok:
+            draw.line([(tx, ty + 10), (tx + 10, ty)], colour, 2)
+        draw.text((tx + 18, ty - 2), "drawn right" if ok else "drawn wrong", colour, font)
+    return sheet
+
+
+def save_picture(image, path):
+    """Write a PNG whole or not at all (a temporary file beside it, then os.replace), so a viewer reloading it
+    while a run redraws it never reads half a picture."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
 
 # the judged figures a log may hold (fractions, drawn x100): drawn right (text-to-image, --judge), a captioner's
 # exact match on shapes, else its CIDEr-D
@@ -264,4 +336,4 @@ def draw_log(out_dir):
     for line in path.read_text().splitlines() if path.exists() else []:
         with contextlib.suppress(ValueError):
             records += [record] if isinstance(record := json.loads(line), dict) and "step" in record else []
-    ddpm.save_picture(loss_curve(records), Path(out_dir) / "loss_curve.png")
+    save_picture(loss_curve(records), Path(out_dir) / "loss_curve.png")
