@@ -218,11 +218,11 @@ GREEN, RED = (0, 140, 60), (210, 30, 30)
 def contact_sheet(images, prompts, read, right, title="", cols=3, scale=3, font_size=13):
     """The tour's last picture: each drawing (square PIL images of one size) beside its prompt and what a
     captioner read back from it, framed green with a tick when `right`, red with a cross when not; `title` (the
-    figures) on top."""
+    figures) on top. `prompts`, `read` and `right` may go on: the first len(images) are shown."""
     font, line, side = ddpm.text_font(font_size), font_size + 5, images[0].size[0] * scale
     text_width = 28 * font_size
     texts = [ddpm.wrap(f"prompt: {p}", font, text_width) + ddpm.wrap(f"read back: {r}", font, text_width)
-             for p, r in zip(prompts, read)]
+             for p, r in zip(prompts[:len(images)], read)]
     cell_w, cell_h = side + 24 + text_width, max(side + 8, max(map(len, texts)) * line + line + 8) + 8
     head = ddpm.wrap(title, font, cols * cell_w - 16)
     top = len(head) * line + (12 if head else 4)
