@@ -101,15 +101,16 @@ def shapes_exact_match(captions, references):
 
 def drawn_right(prompts, read):
     """Drawings of shapes prompts read back as captions (train.py --judge) -> {drawn_right_N, drawn_exact_N} for N
-    objects: drawn right when each object's colour and shape are; drawn_exact asks for the whole caption."""
-    scores = {1: [], 2: []}
+    objects, and each drawing's verdict: drawn right when each object's colour and shape are; exact, the caption."""
+    scores, right = {1: [], 2: []}, []
     for prompt, text in zip(prompts, read):
         want, got = parse_shapes_caption(prompt), parse_shapes_caption(text)
         objects = [sorted((o["colour"], o["shape"]) for o in scene["objects"]) for scene in (want, got or want)]
         exact = canonical_shapes_caption(prompt) == canonical_shapes_caption(text)
-        scores[len(want["objects"])].append((got is not None and objects[0] == objects[1], exact))
+        right.append(got is not None and objects[0] == objects[1])
+        scores[len(want["objects"])].append((right[-1], exact))
     return {f"{name}_{n}": round(float(np.mean([s[k] for s in scores[n]])), 4) for n in (1, 2) if scores[n]
-            for k, name in enumerate(("drawn_right", "drawn_exact"))}
+            for k, name in enumerate(("drawn_right", "drawn_exact"))}, right
 
 
 def place_shapes(scene, rng):

@@ -1,7 +1,7 @@
 """The diffusion process: noise schedule, noising, the training loss, classifier-free guidance and samplers;
 then a text-to-image model's training module (the loss with caption dropout, the EMA of the weights), the
-prompt -> image pipeline that drives the samplers, and its images as files (grids; PNGs that carry their
-settings as AUTOMATIC1111 writes them).
+prompt -> image pipeline that drives the samplers, and its images as files (PNGs that carry their settings as
+AUTOMATIC1111 writes them; grids that carry their prompts).
 
 Papers: DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2020, arXiv:2010.02502), the Euler method on
 the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364, Algorithm 1 without churn), DPM-Solver++(2M)
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim", "euler", "dpm++2m")
@@ -405,16 +405,6 @@ def to_pil(images):
     return [Image.fromarray(a) for a in array]
 
 
-def image_grid(images, cols=None):
-    """PIL images of one size pasted into one, row by row, `cols` a row (default: a near-square grid)."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
 
 
@@ -434,3 +424,41 @@ def save_png(image, path, parameters):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     image.save(path, pnginfo=info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures, drawn with Pillow alone: text that fits, grids that carry their prompts
+
+def text_font(size):
+    """Pillow's bundled TrueType face (Pillow >= 10.1, built with FreeType as its wheels are): no font file to find."""
+    return ImageFont.load_default(size)
+
+
+def wrap(text, font, width):
+    """Words -> lines at most `width` pixels wide (a longer word keeps a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def image_grid(images, cols=None, captions=None, scale=1, font_size=11):
+    """PIL images of one size pasted into one, row by row, `cols` a row (default: a near-square grid). With
+    `captions`, a strip under each image holds its caption, so the grid explains itself, and a white gap parts
+    the images; `scale` enlarges each image (nearest neighbour: a 32-pixel drawing stays sharp) to fit its caption."""
+    cols, font = cols or math.ceil(math.sqrt(len(images))), text_font(font_size)
+    w, h, gap = images[0].size[0] * scale, images[0].size[1] * scale, 4 if captions else 0
+    lines = [wrap(caption, font, w - 4) for caption in captions or []]
+    strip = max(map(len, lines), default=0) * (font_size + 2) + gap
+    grid = Image.new("RGB", (cols * (w + gap) - gap, math.ceil(len(images) / cols) * (h + strip)),
+                     "white" if captions else "black")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % cols) * (w + gap), (i // cols) * (h + strip)
+        grid.paste(image.resize((w, h), Image.Resampling.NEAREST), (x, y))
+        if captions:
+            draw.multiline_text((x + 2, y + h + 2), "\n".join(lines[i]), "black", font, spacing=2)
+    return grid

@@ -430,6 +430,7 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
                 "scaler": scaler.state_dict(), "metrics": metrics, "total_steps": total_steps,
                 "train_seconds": earlier_seconds + seconds, "rng": torch.get_rng_state(), **task.extra},
                 Path(cfg.out_dir) / "ckpt.pt")
+            weights.draw_log(cfg.out_dir)  # loss_curve.png beside the log, redrawn from all of it
             eval_seconds += clock() - evaluated
         if (due or stopping) and world > 1:
             dist.barrier()
@@ -641,13 +642,16 @@ class TextToImageTask(Task):
                                  width=cfg.image_size) for s in range(0, len(prompts), batch_size)])
         path = Path(cfg.out_dir) / "samples" / f"step-{int(model.updates):06d}.png"
         path.parent.mkdir(exist_ok=True)
-        ddpm.image_grid(ddpm.to_pil(images[:16]), 4).save(path)
-        judged, read = self.judge(images, prompts) if c.judge else ({}, None)
-        if c.judge:
-            print(f"  drawn right, as {c.judge} reads {len(prompts)} held-out prompts back: single objects "
-                  f"{judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
-                  f"{judged.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
-                  f"{judged['judge_exact_match']:.1%}", flush=True)
+        ddpm.image_grid(ddpm.to_pil(images[:16]), 4, prompts[:16], max(1, 128 // cfg.image_size)).save(path)
+        judged, read, right = self.judge(images, prompts) if c.judge else ({}, None, None)
+        if c.judge:  # the figures, and the first 24 drawings beside what the judge read (the contact sheet)
+            figures = (f"drawn right, as {c.judge} reads {len(prompts)} held-out prompts back: single "
+                       f"objects {judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
+                       f"{judged.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
+                       f"{judged['judge_exact_match']:.1%}")
+            sheet = weights.contact_sheet(ddpm.to_pil(images[:24]), prompts, read, right, figures)
+            weights.save_picture(sheet, Path(cfg.out_dir) / "contact_sheet.png")
+            print(f"  {figures}\n  contact sheet: {Path(cfg.out_dir) / 'contact_sheet.png'}", flush=True)
         for k, prompt in enumerate(prompts[:4]):
             print(f"  {prompt!r:56}" + (f" read back: {read[k]!r}" if c.judge else ""), flush=True)
         print(f"  samples of the first 16 prompts: {path}", flush=True)
@@ -665,7 +669,8 @@ class TextToImageTask(Task):
         read = [text for s in range(0, len(prompts), 100) for text in captioner.caption(
             pixels[s:s + 100].to(self.device), GPT2Tokenizer.default())]
         exact = judge.get("metrics", {}).get("exact_match", math.nan)
-        return {**data.drawn_right(prompts, read), "judge_exact_match": exact}, read
+        scores, right = data.drawn_right(prompts, read)
+        return {**scores, "judge_exact_match": exact}, read, right
 
 # -----------------------------------------------------------------------------------------------------------
 # The command line

@@ -41,12 +41,17 @@ def test_shortened_tour(tmp_path, capsys):
     final = json.loads([line for line in printed.splitlines() if "drawn_right_1" in line][-1])
     assert {"val_loss", "drawn_right_1", "drawn_right_2", "drawn_exact_1", "judge_exact_match"} <= set(final)
     assert "read back:" in printed and (diffusion_dir / "samples" / f"step-{final['step']:06d}.png").exists()
+    # each run's curve beside its log; the judged drawings beside what the judge read back
+    assert all((d / "loss_curve.png").exists() for d in (caption_dir, diffusion_dir)) and "contact sheet:" in printed
+    (diffusion_dir / "contact_sheet.png").unlink()
     # the tour's last command: --eval scores the finished text-to-image checkpoint, read back by the captioner
     scored = train.main(["--eval", str(diffusion_dir / "ckpt.pt"), "--judge", str(caption_dir / "ckpt.pt"),
                          "--num-judged", "12", "--sampling-steps", "3"])
     printed = capsys.readouterr().out
     assert {"val_loss", "drawn_right_1", "drawn_exact_1", "judge_exact_match"} <= set(scored)
     assert "drawn right, as" in printed and "12 held-out prompts" in printed and "ddpm, 3 steps" in printed
+    with Image.open(diffusion_dir / "contact_sheet.png") as sheet:  # 12 drawings, 3 a row, under the figures
+        assert sheet.format == "PNG" and sheet.size[0] == 3 * (96 + 24 + 28 * 13) and sheet.size[1] > 4 * 96
     generate.main(["a large red circle", "a small blue square left of a large green triangle", "--ckpt",
                    str(diffusion_dir / "ckpt.pt"), "--sampling-steps", "2", "--seed", "3", "--out-dir", str(out)])
     files = sorted(out.glob("0*.png"))
@@ -73,6 +78,9 @@ def test_loss_falls_and_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
     checkpoint = weights.load_checkpoint(tmp_path / "two" / "ckpt.pt")
     assert checkpoint["task"] == "diffusion" and any(k.startswith("ema.") for k in checkpoint["model"])
+    # the resumed run draws its whole log (both processes' steps): the uninterrupted run's loss curve
+    pictures = [np.asarray(Image.open(tmp_path / run_dir / "loss_curve.png")) for run_dir in ("one", "two")]
+    assert (pictures[0] == pictures[1]).all()
 
 
 def test_minutes_budget_on_a_loaded_machine(tmp_path, capsys):

@@ -14,13 +14,14 @@
                            upgraded), stored_flags (its flags, checked against their declarations
                            and the command line's), rebuild (a model from a checkpoint's configs,
                            checked), hold_run_dir (one run at a time writes a run directory) and
-                           refuse_held_run (a new run never replaces one unasked)
+                           refuse_held_run (a new run never replaces one unasked); the pictures a
+                           run leaves there: draw_log (loss_curve.png), contact_sheet, save_picture
 
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .checkpoints import (TASKS, FlagsRefused, hold_run_dir, read_checkpoint, rebuild, refuse_held_run,
-                          stored_flags, upgrade)
+from .checkpoints import (TASKS, FlagsRefused, contact_sheet, draw_log, hold_run_dir, loss_curve,
+                          read_checkpoint, rebuild, refuse_held_run, save_picture, stored_flags, upgrade)
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first, file_or_fetch,
                          find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -36,6 +37,6 @@ __all__ = [
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
     "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "stored_flags", "FlagsRefused",
-    "refuse_held_run", "rebuild", "hold_run_dir",
+    "refuse_held_run", "rebuild", "hold_run_dir", "draw_log", "loss_curve", "contact_sheet", "save_picture",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
 ]

@@ -13,15 +13,20 @@ scaler, step and random state, and beside the weights every config its models ar
 
 Each model file rebuilds its own (gpt2.Captioner.from_checkpoint, unet.TextConditionedUNet.from_checkpoint)
 through `rebuild`, never through the training flags. A run directory (ckpt.pt, log.jsonl, cache/) is held by one
-run at a time (hold_run_dir).
+run at a time (hold_run_dir); the pictures a run leaves there, its log drawn (loss_curve.png, draw_log) and
+the judged drawings beside what the judge read (contact_sheet.png, contact_sheet), end this file.
 """
 import contextlib
 import dataclasses
+import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 import ddpm
 
@@ -173,20 +178,20 @@ def rebuild(build, state_dict):
 @contextlib.contextmanager
 def hold_run_dir(out_dir, checkpoint=None, overwrite=False, resume=""):
     """Hold train.py's run directory while it writes there: a lock (flock, gone however the process ends) tells a
-    live run from a killed one, so what a killed run left half-written (save_checkpoint's .ckpt.pt.*.tmp; cache .part
-    files, locked while written) is removed. Resuming `checkpoint` cuts the log back to its step; `overwrite`
-    starts afresh (unless this is the folder `resume` continues)."""
+    live run from a killed one, so what a killed run left half-written (save_checkpoint's .ckpt.pt.*.tmp,
+    save_picture's .NAME.png.*.tmp; cache .part files, locked while written) is removed. Resuming `checkpoint` cuts
+    the log back to its step; `overwrite` starts afresh (unless this is the folder `resume` continues)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a") as lock:
         if fcntl and not locked(lock):
             raise OSError(f"{out} is in use: another train.py writes there (give this run another --out-dir)")
         parts = (path for path in out.glob("cache/*.part") if locked(open(path, "rb")))
-        for path in [*out.glob(".ckpt.pt.*.tmp"), *parts] if fcntl else []:
+        for path in [*out.glob(".ckpt.pt.*.tmp"), *out.glob(".*.png.*.tmp"), *parts] if fcntl else []:
             path.unlink()
             print(f"removed {path}, left half-written by a killed run", file=sys.stderr)
         if overwrite and not (checkpoint and out.resolve() == Path(resume).resolve().parent):
-            for name in ("ckpt.pt", "log.jsonl"):
+            for name in ("ckpt.pt", "log.jsonl", "loss_curve.png", "contact_sheet.png"):
                 (out / name).unlink(missing_ok=True)
         if checkpoint and (path := out / "log.jsonl").exists():  # whole records up to the checkpoint's step
             path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if (
@@ -201,3 +206,134 @@ def locked(handle):
         return True
     except BlockingIOError:
         return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pictures a run leaves beside its log, drawn with Pillow alone (no plotting package at run time): the loss
+# curve (loss_curve.png, draw_log) and, where a captioner judged the drawings, the contact sheet (contact_sheet.png)
+
+GREEN, RED = (0, 140, 60), (210, 30, 30)
+
+
+def contact_sheet(images, prompts, read, right, title="", cols=3, scale=3, font_size=13):
+    """The tour's last picture: each drawing (square PIL images of one size) beside its prompt and what a
+    captioner read back from it, framed green with a tick when `right`, red with a cross when not; `title` (the
+    figures) on top. `prompts`, `read` and `right` may go on: the first len(images) are shown."""
+    font, line, side = ddpm.text_font(font_size), font_size + 5, images[0].size[0] * scale
+    text_width = 28 * font_size
+    texts = [ddpm.wrap(f"prompt: {p}", font, text_width) + ddpm.wrap(f"read back: {r}", font, text_width)
+             for p, r in zip(prompts[:len(images)], read)]
+    cell_w, cell_h = side + 24 + text_width, max(side + 8, max(map(len, texts)) * line + line + 8) + 8
+    head = ddpm.wrap(title, font, cols * cell_w - 16)
+    top = len(head) * line + (12 if head else 4)
+    sheet = Image.new("RGB", (cols * cell_w, top + math.ceil(len(images) / cols) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.multiline_text((8, 6), "\n".join(head), "black", font, spacing=5)
+    for i, (image, text, ok) in enumerate(zip(images, texts, right)):
+        x, y, colour = (i % cols) * cell_w + 4, top + (i // cols) * cell_h, GREEN if ok else RED
+        draw.rectangle((x, y, x + side + 7, y + side + 7), fill=colour)  # the frame: 4 pixels of the verdict
+        sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (x + 4, y + 4))
+        tx, ty = x + side + 16, y + 4
+        draw.multiline_text((tx, ty), "\n".join(text), "black", font, spacing=5)
+        ty += len(text) * line + 2
+        mark = [(tx, ty + 6), (tx + 4, ty + 11), (tx + 12, ty)] if ok else [(tx, ty), (tx + 10, ty + 10)]
+        draw.line(mark, colour, 2)
+        if not ok:
+            draw.line([(tx, ty + 10), (tx + 10, ty)], colour, 2)
+        draw.text((tx + 18, ty - 2), "drawn right" if ok else "drawn wrong", colour, font)
+    return sheet
+
+
+def save_picture(image, path):
+    """Write a PNG whole or not at all (a temporary file beside it, then os.replace), so a viewer reloading it
+    while a run redraws it never reads half a picture."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+
+# the judged figures a log may hold (fractions, drawn x100): drawn right (text-to-image, --judge), a captioner's
+# exact match on shapes, else its CIDEr-D
+SCORES = {"drawn_right_1": "drawn right, 1 object", "drawn_right_2": "drawn right, 2 objects",
+          "exact_match": "exact match", "CIDEr-D": "CIDEr-D"}
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]  # matplotlib's first four
+
+
+def ticks(low, high, log):
+    """Round values that span [low, high], the axis's ends among them: on a log scale the powers of ten around
+    it when it covers a decade or more, else 1, 2, 5 x 10^k; on a linear one about five steps of 1, 2, 5 x 10^k."""
+    if log and high / low >= 10:
+        return [10.0 ** k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)]
+    if log:
+        values = [m * 10.0 ** k for k in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+                  for m in (1, 2, 5)]
+        first, last = max(v for v in values if v <= low), min(v for v in values if v > low and v >= high)
+        return [v for v in values if first <= v <= last]
+    span = (high - low) or abs(high) or 1.0
+    base = 10 ** math.floor(math.log10(span / 5))
+    step = next(m * base for m in (1, 2, 5, 10) if span / (m * base) <= 6)
+    return [step * k for k in range(math.floor(low / step), math.ceil(high / step) + 1)]
+
+
+def panel(draw, box, curves, x_max, log, title, font, y_span=()):
+    """Curves [(points [(step, y)], name)] in box (left, top, right, bottom) pixels: axes, ticks with numbers, a
+    legend; y on a log scale when `log`, spanning at least the values `y_span`."""
+    left, top, right, bottom = box
+    ys = [y for points, _ in curves for _, y in points] + list(y_span)
+    y_ticks, f = ticks(min(ys), max(ys), log), math.log10 if log else float
+    low, high = f(y_ticks[0]), f(y_ticks[-1])
+
+    def at(x, y):  # a point in pixels
+        return left + (right - left) * x / x_max, bottom - (bottom - top) * (f(y) - low) / ((high - low) or 1)
+    for y in y_ticks:
+        draw.line([at(0, y), at(x_max, y)], (225, 225, 225))
+        draw.text((left - 6, at(0, y)[1]), f"{y:g}", "black", font, anchor="rm")
+    for x in (x for x in ticks(0, x_max, False) if x <= x_max and x == int(x)):  # whole steps
+        x_pixel = at(x, y_ticks[0])[0]
+        draw.line([(x_pixel, bottom), (x_pixel, bottom + 4)], "black")
+        draw.text((x_pixel, bottom + 6), f"{x:,.0f}", "black", font, anchor="mt")
+    draw.rectangle(box, outline="black")
+    draw.text((left, top - 6), title, "black", font, anchor="lb")
+    for k, (points, name) in enumerate(curves):
+        xy = [at(x, y) for x, y in points]
+        draw.line(xy, COLOURS[k], 2)
+        for x, y in xy if len(xy) <= 40 else []:  # a few points (evaluations): each one shown
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), COLOURS[k])
+    draw.rectangle((right - 200, top + 6, right - 8, top + 12 + 18 * len(curves)), "white", "black")  # legend
+    for k, (_, name) in enumerate(curves):
+        y = top + 10 + 18 * k
+        draw.line([(right - 192, y + 7), (right - 168, y + 7)], COLOURS[k], 3)
+        draw.text((right - 162, y), name, "black", font)
+
+
+def loss_curve(records, size=(800, 600), font_size=13):
+    """A run's log records (log.jsonl) -> one picture: training and validation loss against steps on a log scale
+    and, below them where the log has one, the judged figures (SCORES) x100 against the same steps."""
+    def points(key, times=1.0, low=-math.inf):  # (step, value) where both are numbers and the value > low
+        return sorted((r["step"], r[key] * times) for r in records if all(
+            type(v) in (int, float) and math.isfinite(v) for v in (r["step"], r.get(key))) and r[key] > low)
+    losses = [(points(k, low=0.0), name) for k, name in (("loss", "training loss"), ("val_loss", "validation loss"))]
+    losses = [(p, name) for p, name in losses if p]
+    scores = [(points(k, 100.0), name) for k, name in SCORES.items()
+              if points(k) and not (k == "CIDEr-D" and points("exact_match"))]
+    image, (width, height) = Image.new("RGB", size, "white"), size
+    draw, font = ImageDraw.Draw(image), ddpm.text_font(font_size)
+    x_max = max([x for p, _ in losses + scores for x, _ in p], default=1) or 1
+    split = height * 3 // 5 if scores else height
+    if losses:
+        panel(draw, (70, 30, width - 20, split - 40), losses, x_max, True, "loss (log scale) against steps", font)
+    if scores:
+        panel(draw, (70, split + 10, width - 20, height - 40), scores, x_max, False, "judged (x100)", font, (0, 100))
+    return image
+
+
+def draw_log(out_dir):
+    """Redraw out_dir/loss_curve.png from the whole out_dir/log.jsonl (a resumed run's too), atomically. A line
+    that is not a whole record (a run killed while writing it) is left out: a picture never stops a run."""
+    records, path = [], Path(out_dir) / "log.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            records += [record] if isinstance(record := json.loads(line), dict) and "step" in record else []
+    save_picture(loss_curve(records), Path(out_dir) / "loss_curve.png")
