@@ -304,6 +304,14 @@ def similarity(model, tokenizer, images, texts):
     return torch.cosine_similarity(model.encode_image(images), model.encode_text(tokens))
 
 
+def prompt_scorer(name_or_path="ViT-B/32", root=None, offline=False, device="cpu"):
+    """A function (PIL image, prompt) -> their similarity (a float), by the CLIP model of a preset name or file."""
+    from tokenizer import CLIPTokenizer  # as in main(): the BPE tables are read only where text is scored
+    model, tokenizer = CLIP.from_pretrained(name_or_path, root, offline).to(device).eval(), CLIPTokenizer.default()
+    size = model.config.vision.image_resolution
+    return lambda image, prompt: similarity(model, tokenizer, preprocess(image, size)[None].to(device), [prompt]).item()
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Scoring captions against references: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), as the
 # COCO caption evaluation (github.com/tylin/coco-caption, pip pycocoevalcap) scores them, line for line, quirks

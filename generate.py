@@ -11,8 +11,9 @@ StableDiffusion(Img2Img)Pipeline does (Rombach et al. 2022): with the same seed,
 equal diffusers'. Every PNG carries its settings as AUTOMATIC1111's web UI writes them, so the usual tools
 read them back.
 
-Image files, folders and globs get captions from a captioner of train.py --task caption (ClipCap, gpt2.py):
-    python generate.py photo.jpg holiday/ "shots/*.png" --ckpt runs/caption/ckpt.pt [--json]
+Image files, folders and globs get captions from ClipCap's COCO captioner (gpt2.py; fetched on first use, with
+CLIP ViT-B/32), --captioner conceptual|FILE, or --ckpt: a captioner of train.py --task caption:
+    python generate.py photo.jpg holiday/ "shots/*.png" [--num-beams 5] [--json]
 Prompts get images from a text-to-image model of train.py --task diffusion, with the same flags as SD:
     python generate.py "a large red circle" --ckpt runs/diffusion/ckpt.pt --num-images 4 --rerank 8
 An input is an image input when it is an existing image file, an existing folder (its images), or a glob with
@@ -30,10 +31,10 @@ import torch
 
 import ddpm
 import weights
-from clip import CLIP, CLIPTextTransformer, frozen_tower, similarity
+from clip import CLIPTextTransformer, frozen_tower, load_visual, prompt_scorer
 from ddpm import image_grid, parameters_text, save_png, to_pil
-from gpt2 import Captioner
-from tokenizer import CLIPTokenizer, GPT2Tokenizer
+from gpt2 import CLIPCAP, Captioner
+from tokenizer import GPT2Tokenizer
 from unet import PromptTokenizer, TextConditionedUNet, UNetModel
 from vae import AutoencoderKL, load_image
 from vit import IMAGE_SUFFIXES, ImageReadError, image_files, preprocess
@@ -153,27 +154,27 @@ def warn_unread(prompts, tokenize, seen=None):
 
 
 def clip_scorer(args, device):
-    """--rerank: (PIL image, prompt) -> the cosine similarity of CLIP's image and text embeddings."""
+    """--rerank: (PIL image, prompt) -> CLIP's similarity of the two (clip.prompt_scorer)."""
     try:
-        model = CLIP.from_pretrained(args.clip_weights or "ViT-B/32", args.weights_dir, args.offline)
+        return prompt_scorer(args.clip_weights or "ViT-B/32", args.weights_dir, args.offline, device)
     except (weights.WeightsUnavailable, ValueError, KeyError, OSError) as error:
         raise ValueError(f"--rerank needs CLIP weights (--clip-weights): {error}") from None
-    model, tokenizer = model.to(device).eval(), CLIPTokenizer.default()
-    size = model.config.vision.image_resolution
-
-    def score(image, prompt):
-        return similarity(model, tokenizer, preprocess(image, size)[None].to(device), [prompt]).item()
-    return score
 
 
 @torch.no_grad()
 def caption_images(args, files, checkpoint):
-    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size at once, by the
-    captioner of a train.py checkpoint (gpt2.py rebuilds it, clip.py reads a frozen tower it names). Returns
-    how many could not be read (each reported on stderr and skipped)."""
-    device = pick_device(args.device)
-    visual = frozen_tower(checkpoint, args.clip_weights, args.weights_dir, args.offline)
-    model = Captioner.from_checkpoint(checkpoint, visual).to(device).eval()
+    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size at once, by
+    ClipCap's captioner (--captioner, loaded by gpt2.py) or a train.py one (--ckpt: gpt2.py rebuilds it,
+    clip.py reads a frozen tower it names). Returns how many could not be read (each named on stderr)."""
+    device, root, offline, tower = pick_device(args.device), args.weights_dir, args.offline, args.clip_weights
+    if checkpoint:
+        model = Captioner.from_checkpoint(checkpoint, frozen_tower(checkpoint, tower, root, offline))
+    else:  # ClipCap's file first (offline: its name and URL are said first), then CLIP ViT-B/32's
+        name = CLIPCAP.get(args.captioner, args.captioner)  # a released file's registered name, or a path
+        path = weights.file_or_fetch(name, root, offline, "--captioner")
+        visual = load_visual(tower or "ViT-B/32", root, offline)
+        model = Captioner.from_pretrained(str(path), visual, root, offline)
+    model = model.to(device).eval()
     tokenizer, unreadable = GPT2Tokenizer.default(), 0
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(files), args.batch_size):
@@ -222,10 +223,10 @@ def main(argv=None):
 
 
 def run(argv):
-    parser = Parser(description="Images for prompts with Stable Diffusion 1.x, or with a model of train.py; "
-                    "captions for images with a captioner of train.py.", formatter_class=HelpFormatter)
+    parser = Parser(description="Images for prompts with Stable Diffusion 1.x or a model of train.py; "
+                    "captions for images with ClipCap or a train.py model.", formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image "
-                        "files, folders and globs to caption (with --ckpt)")
+                        "files, folders and globs to caption")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt, never a file (repeatable)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
@@ -258,10 +259,11 @@ def run(argv):
     parser.add_argument("--low-memory", action="store_true", help="small GPUs: sliced attention, VAE tiles")
     parser.add_argument("--ckpt", help="a checkpoint of train.py: --task caption captions the image inputs, "
                         "--task diffusion draws the prompts (instead of SD)")
+    parser.add_argument("--captioner", default="coco", help="ClipCap's coco, conceptual (fetched), or a file")
     parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one "
                         "CLIP finds most like the prompt")
-    parser.add_argument("--clip-weights", help="CLIP weights: --rerank's (default ViT-B/32, fetched on first "
-                        "use), or the file of a --ckpt captioner's frozen image tower")
+    parser.add_argument("--clip-weights", help="CLIP weights (default ViT-B/32, fetched on first use) of "
+                        "--rerank, of ClipCap's captioner, or of a --ckpt captioner's frozen image tower")
     parser.add_argument("--json", action="store_true", help="captions as JSON lines {file, caption}")
     parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1")
     parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (0: greedy)")
@@ -294,9 +296,6 @@ def run(argv):
                      f"{prompts[0]!r} a prompt (--prompt TEXT is always one)")
     if empty := [arg for arg in images if not found[arg]]:
         parser.error(f"no image files in the folder {empty[0]} ({', '.join(IMAGE_SUFFIXES)})")
-    if images and not args.ckpt:
-        parser.error(f"{images[0]} is an image input: captions need --ckpt (a train.py --task caption "
-                     f"checkpoint); to draw it as a prompt, give --prompt {images[0]!r}")
     for arg in images:
         if "/" not in arg and os.sep not in arg and not arg.lower().endswith(IMAGE_SUFFIXES):
             print(f"note: {arg!r} names {'a folder' if os.path.isdir(arg) else 'files'} here: captioning "

@@ -9,8 +9,8 @@ Read top to bottom, two chapters and the command line:
 
 1. GPT-2: building blocks, config and presets, the model, loading the official weights, decoding (greedy,
    temperature, top-k, top-p, beam search);
-2. GPT-2 Vision: ClipCap's mapping networks (and LLaVA-1.5's per-token one) that turn what an image tower
-   (vit.py) makes of an image into GPT-2 input vectors, and the captioner that learns and decodes through them;
+2. GPT-2 Vision: the captioner, GPT-2 after a mapping network (vit.py) that turns what an image tower makes of
+   an image into GPT-2 input vectors: how it learns and decodes, and loading ClipCap's released captioners;
 3. the command line:
 
     python gpt2.py "The meaning of life is" --max-new-tokens 40
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
-from vit import VisionConfig, VisionTransformer, normalize
+from vit import VisionConfig, VisionTransformer, mapper_sizes, mapping_network, normalize
 
 # ===============================================================================================================
 # 1. GPT-2
@@ -381,12 +381,13 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, atten
 # ===============================================================================================================
 # 2. GPT-2 Vision: GPT-2 continues a prefix made from an image
 # ===============================================================================================================
-# ClipCap (Mokady et al. 2021, github.com/rmokady/CLIP_prefix_caption): a mapping network turns one CLIP image embedding
-# (B, prefix_size) into prefix_length vectors of GPT-2's width, which GPT-2 reads as a prompt's embeddings and then
-# writes the caption. Module names follow ClipCap's ClipCaptionModel (clip_project, gpt; MLP.model; TransformerMapper
-# .linear, .prefix_const, .transformer.layers.N.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2,
-# mlp.fc1, mlp.fc2}). A third mapper, "tokens", maps every token of vit.py's tower grid, one prefix vector each
-# (LLaVA-1.5's projector, Liu et al. 2023): where things are reaches GPT-2 intact.
+# ClipCap (Mokady et al. 2021, github.com/rmokady/CLIP_prefix_caption): a mapping network (vit.py's last section:
+# ClipCap's MLP or transformer mapper, or LLaVA-1.5's per-token projector) turns what the image tower makes of an
+# image into prefix_length vectors of GPT-2's width, which GPT-2 reads as a prompt's embeddings before it writes the
+# caption. Module names follow ClipCap's ClipCaptionModel (clip_project, gpt), so its released files (CLIPCAP, in
+# weights/registry.py) load as they are; its third file, a transformer mapper, reads CLIP RN50x4's 640-d embeddings.
+END_OF_TEXT, FULL_STOP = 50256, 13  # GPT-2's token ids of <|endoftext|> and "."
+CLIPCAP = {"coco": "clipcap/coco_weights.pt", "conceptual": "clipcap/conceptual_weights.pt"}
 
 
 @dataclass(frozen=True)
@@ -398,73 +399,9 @@ class CaptionerConfig:
     num_layers: int = 8  # transformer mapper: blocks (ClipCap: 8)
     num_heads: int = 8  # transformer mapper: attention heads (ClipCap: 8)
     max_caption_tokens: int = 30  # decoding stops after this many tokens (train.py cuts captions there)
-    eos_token_id: int = 50256  # a caption ends with this token: GPT-2's <|endoftext|>
-
-
-class PrefixMLP(nn.Module):
-    """ClipCap's MLP: prefix_size -> (C * P) // 2 -> C * P with tanh between, reshaped to P vectors of width C."""
-
-    def __init__(self, prefix_size, n_embd, prefix_length):
-        super().__init__()
-        self.prefix_length, hidden = prefix_length, n_embd * prefix_length // 2
-        self.model = nn.Sequential(nn.Linear(prefix_size, hidden), nn.Tanh(), nn.Linear(hidden, n_embd * prefix_length))
-
-    def forward(self, image_embeds):
-        return self.model(image_embeds).view(image_embeds.size(0), self.prefix_length, -1)  # (B, P, C)
-
-
-class TokenMLP(nn.Module):
-    """LLaVA-1.5's projector: image tokens (B, N, prefix_size) -> Linear, GELU, Linear -> the prefix (B, N, C)."""
-
-    def __init__(self, prefix_size, n_embd):
-        super().__init__()
-        self.model = nn.Sequential(nn.Linear(prefix_size, n_embd), nn.GELU(), nn.Linear(n_embd, n_embd))
-
-    def forward(self, image_tokens):
-        return self.model(image_tokens)  # (B, N, C)
-
-
-class MapperBlock(nn.Module):
-    """ClipCap's TransformerLayer: pre-norm, bidirectional multi-head attention (no mask: every vector sees every
-    other; queries and keys/values from separate bias-free projections), then a ReLU MLP of ratio 2."""
-
-    def __init__(self, n_embd, num_heads):
-        super().__init__()
-        self.num_heads, self.norm1, self.norm2 = num_heads, nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.attn = nn.ModuleDict(dict(to_queries=nn.Linear(n_embd, n_embd, bias=False),
-                                       to_keys_values=nn.Linear(n_embd, 2 * n_embd, bias=False),
-                                       project=nn.Linear(n_embd, n_embd)))
-        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(n_embd, 2 * n_embd), fc2=nn.Linear(2 * n_embd, n_embd)))
-
-    def forward(self, x):
-        (B, T, C), H = x.shape, self.num_heads
-        h = self.norm1(x)
-        q = self.attn.to_queries(h).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
-        k, v = self.attn.to_keys_values(h).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        att = (q @ k.transpose(-2, -1) * (C // H) ** -0.5).softmax(dim=-1)  # (B, H, T, T)
-        x = x + self.attn.project((att @ v).transpose(1, 2).reshape(B, T, C))
-        return x + self.mlp.fc2(F.relu(self.mlp.fc1(self.norm2(x))))
-
-
-class TransformerMapper(nn.Module):
-    """ClipCap's TransformerMapper: the embedding becomes clip_length vectors, prefix_length learned constants
-    are appended, the blocks mix them, and the constants' outputs are the prefix."""
-
-    def __init__(self, prefix_size, n_embd, prefix_length, clip_length, num_layers, num_heads):
-        super().__init__()
-        self.clip_length = clip_length
-        self.linear = nn.Linear(prefix_size, clip_length * n_embd)
-        self.prefix_const = nn.Parameter(torch.randn(prefix_length, n_embd))
-        self.transformer = nn.ModuleDict(dict(layers=nn.ModuleList(MapperBlock(n_embd, num_heads)
-                                                                   for _ in range(num_layers))))
-
-    def forward(self, image_embeds):
-        B = image_embeds.size(0)
-        x = self.linear(image_embeds).view(B, self.clip_length, -1)  # (B, clip_length, C)
-        x = torch.cat([x, self.prefix_const.expand(B, -1, -1)], dim=1)  # (B, clip_length + P, C)
-        for layer in self.transformer.layers:
-            x = layer(x)
-        return x[:, self.clip_length:]  # (B, P, C)
+    eos_token_id: int = 50256  # a caption ends with this token: GPT-2's <|endoftext|>, or ClipCap's "." (text)
+    normalize_prefix: bool = False  # divide the image embedding by its L2 norm first (ClipCap's --normalize_prefix)
+    beam_rule: str = "hf"  # num_beams > 1: "hf" (beam_search) or "clipcap" (ClipCap's generate_beam: clipcap_beams)
 
 
 class Captioner(nn.Module):
@@ -476,16 +413,9 @@ class Captioner(nn.Module):
     def __init__(self, config, gpt, visual=None, vocab=None):
         super().__init__()
         self.config, self.gpt = config, gpt
-        C, P = gpt.config.n_embd, config.prefix_length
-        if config.mapping_type == "mlp":
-            self.clip_project = PrefixMLP(config.prefix_size, C, P)
-        elif config.mapping_type == "tokens":  # P is the tower's token count
-            self.clip_project = TokenMLP(config.prefix_size, C)
-        elif config.mapping_type == "transformer":
-            self.clip_project = TransformerMapper(config.prefix_size, C, P, config.clip_length, config.num_layers,
-                                                  config.num_heads)
-        else:
-            raise ValueError(f"mapping_type must be 'mlp', 'transformer' or 'tokens', got {config.mapping_type!r}")
+        self.clip_project = mapping_network(config.mapping_type, config.prefix_size, gpt.config.n_embd,
+                                            config.prefix_length, config.clip_length, config.num_layers,
+                                            config.num_heads)
         self.visual = visual  # last: the parameters' order (an optimizer's state) is GPT-2, mapper, tower
         self.register_buffer("vocab", None)  # (|vocab|,) sorted ids, saved with the weights
         if vocab is not None:
@@ -500,6 +430,8 @@ class Captioner(nn.Module):
         if self.visual is not None:
             pixels = normalize(images) if images.dtype == torch.uint8 else images
             images = self.visual.embed_tokens(pixels) if self.config.mapping_type == "tokens" else self.visual(pixels)
+        if self.config.normalize_prefix:  # in fp32, as ClipCap's notebook: prefix / prefix.norm(2, -1)
+            images = images.float() / images.float().norm(dim=-1, keepdim=True)
         return self.clip_project(images.to(self.gpt.wte.weight.dtype))  # (B, P, C)
 
     def forward(self, images, tokens, token_mask):
@@ -520,11 +452,12 @@ class Captioner(nn.Module):
             embedded = table[rows] * (vocab[rows] == tokens)[..., None]  # (B, T, C): 0 outside the vocabulary
             hidden, _ = self.gpt.hidden_states(None, torch.cat([prefix, embedded], dim=1), attention_mask)
         # position P-1+t predicts caption token t (the last prefix vector predicts the first word), and the position
-        # of a caption's last token predicts the end token; padding positions predict nothing
+        # of a caption's last token predicts the end token, unless it is text that ends the caption already (ClipCap's
+        # "."; ClipCap learned no end after it); padding positions predict nothing
         lengths = token_mask.sum(dim=1, keepdim=True)  # (B, 1)
         positions = torch.arange(T + 1, device=tokens.device)[None]  # (1, T+1)
         targets = F.pad(tokens, (0, 1)).masked_fill(positions >= lengths, self.config.eos_token_id)  # (B, T+1)
-        is_target = positions <= lengths  # (B, T+1)
+        is_target = positions < lengths + int(self.config.eos_token_id == END_OF_TEXT)  # (B, T+1)
         hidden, targets = hidden[:, P - 1:][is_target], targets[is_target]  # (N, C), (N,): no work on padding
         if vocab is None:  # the 50,257-wide output layer is most of the cost: applied only where there is a target
             return F.cross_entropy(self.gpt.lm_head(hidden).float(), targets, reduction="sum")
@@ -537,14 +470,18 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, images, max_new_tokens=None, **sampling):
         """Captions as ids (B, N), N <= max_new_tokens (default: the config's), rows that ended filled with the end
-        token; sampling: GPT.generate's keywords (temperature, top_k, top_p, num_beams, ...), greedy by default."""
-        return self.gpt.generate(None, max_new_tokens or self.config.max_caption_tokens,
-                                 prefix_embeds=self.prefix(images), eos_token_id=self.config.eos_token_id, **sampling)
+        token; sampling: GPT.generate's keywords (temperature, top_k, top_p, num_beams, ...), greedy by default. With
+        num_beams > 1, the config's beam_rule says whose beam search (the one its captioner was published with)."""
+        prefix, length = self.prefix(images), max_new_tokens or self.config.max_caption_tokens
+        if self.config.beam_rule == "clipcap" and sampling.get("num_beams", 1) > 1:
+            return clipcap_beams(self.gpt, prefix, length, sampling["num_beams"], self.config.eos_token_id)
+        return self.gpt.generate(None, length, prefix_embeds=prefix, eos_token_id=self.config.eos_token_id, **sampling)
 
     def caption(self, images, tokenizer, max_new_tokens=None, **sampling):
-        """Captions (str) of images (see prefix), decoded by `tokenizer` (GPT-2's) up to the end token."""
-        end = self.config.eos_token_id
-        return [tokenizer.decode(row[:row.index(end)] if end in row else row).strip()
+        """Captions (str) of images (see prefix), decoded by `tokenizer` (GPT-2's) up to the end token, which is
+        kept when it is text (ClipCap's ".", as its generate2 returns it)."""
+        end, keep = self.config.eos_token_id, int(self.config.eos_token_id != END_OF_TEXT)
+        return [tokenizer.decode(row[:row.index(end) + keep] if end in row else row).strip()
                 for row in self.generate(images, max_new_tokens, **sampling).tolist()]
 
     def set_attention(self, use_sdpa=True):
@@ -568,6 +505,69 @@ class Captioner(nn.Module):
                 raise ValueError(f"the image tower given is not the one this captioner was trained on ({vision})")
             model.visual = visual.requires_grad_(False).eval()
         return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path="coco", visual=None, root=None, offline=False):
+        """ClipCap's released captioner (CLIPCAP: coco, conceptual; fetched when missing) or a file in its layout,
+        read by the restricted unpickler (no code in it runs), built by from_clipcap, `visual` attached (clip.py)."""
+        path = weights.fetch(CLIPCAP[name_or_path], root, offline) if name_or_path in CLIPCAP else name_or_path
+        return cls.from_clipcap(weights.load_state_dict(path), visual, root=root, offline=offline)
+
+    @classmethod
+    def from_clipcap(cls, state_dict, visual=None, gpt=None, root=None, offline=False):
+        """A captioner from the state dict of ClipCap's ClipCaptionModel. Mapping rule: `gpt.` is GPT-2 in transformers'
+        names (GPT.from_state_dict, prefix "gpt.": mask buffers ignored, lm_head checked tied); `clip_project.`, the
+        mapper, is named as ours. No `gpt.` keys (GPT-2 frozen, not saved): `gpt`, else the official file. Sizes come
+        off the tensors, the rest from ClipCap's code: 8 heads; stop after "." (no end of text was learned) or 67 tokens
+        (generate2); beams as generate_beam; L2-normalised embeddings for the transformer mapper only (its notebook)."""
+        project = {k.removeprefix("clip_project."): v for k, v in state_dict.items() if k.startswith("clip_project.")}
+        if "model.0.weight" not in project and not {"linear.weight", "prefix_const"} <= project.keys():
+            raise ValueError("not a ClipCap captioner: no clip_project.model.0.weight (MLP mapper) nor "
+                             "clip_project.linear.weight and prefix_const (transformer mapper)")
+        in_file, wte = any(k.startswith("gpt.") for k in state_dict), state_dict.get("gpt.transformer.wte.weight")
+        C = wte.shape[1] if wte is not None else (gpt.config if gpt else PRESETS["gpt2"]).n_embd
+        kind, prefix_size, prefix_length, clip_length, num_layers = mapper_sizes(project, C)
+        if prefix_size == 640:
+            raise ValueError("this ClipCap captioner maps CLIP RN50x4's 640-d image embeddings (ClipCap's released "
+                             "transformer-mapper file: RN50x4 in its notebook); this project has CLIP ViT-B/32 (512-d)")
+        gpt = GPT.from_state_dict(state_dict, "gpt.") if in_file else gpt or GPT.from_pretrained("gpt2", root, offline)
+        config = CaptionerConfig(prefix_size, prefix_length, kind, clip_length, num_layers, 8, 67, FULL_STOP,
+                                 normalize_prefix=kind == "transformer", beam_rule="clipcap")
+        if visual is not None and visual.config.embed_dim != prefix_size:
+            raise ValueError(f"the image tower makes {visual.config.embed_dim}-d embeddings, the mapper reads "
+                             f"{prefix_size}-d ones")
+        sd = {k: v.float() for k, v in state_dict.items() if not k.startswith("gpt.")}  # the mapper, and any stray key
+        sd.update((f"gpt.{k}", v) for k, v in gpt.state_dict().items())
+        model = weights.rebuild(lambda: cls(config, GPT(gpt.config)), sd)  # the key set and every shape checked
+        if visual is not None:
+            model.visual = visual.requires_grad_(False).eval()
+        return model
+
+
+@torch.no_grad()
+def clipcap_beams(gpt, prefix_embeds, max_new_tokens, num_beams, eos_token_id):
+    """ClipCap's generate_beam (predict.py), for a batch and with the KV cache; ids (B, N) as GPT.generate returns
+    them. Unlike beam_search, beams are ranked by their mean log-probability at every step, and a beam that emitted
+    the end token stays among the beams, extended by token 0 at no cost (its length stays). The best mean wins."""
+    B, K = prefix_embeds.size(0), num_beams
+    hidden, past = gpt.hidden_states(None, prefix_embeds)  # (B, P, C)
+    scores, tokens = gpt.lm_head(hidden[:, -1]).float().log_softmax(dim=-1).topk(K, dim=-1)  # (B, K): sums
+    past = [(k.repeat_interleave(K, dim=0), v.repeat_interleave(K, dim=0)) for k, v in past]  # (B*K, H, S, D)
+    lengths, stopped, out = torch.ones_like(scores), tokens == eos_token_id, tokens[..., None]  # out (B, K, N)
+    while not stopped.all() and out.size(2) < max_new_tokens:
+        hidden, past = gpt.hidden_states(tokens.view(B * K, 1), None, None, past)
+        logprobs = gpt.lm_head(hidden[:, -1]).float().log_softmax(dim=-1).view(B, K, -1)  # (B, K, V)
+        logprobs[stopped] = torch.where(torch.arange(logprobs.size(-1), device=logprobs.device) == 0, 0.0, -math.inf)
+        lengths = lengths + ~stopped
+        means, index = ((scores[..., None] + logprobs) / lengths[..., None]).flatten(1).topk(K, dim=-1)  # (B, K)
+        source, tokens = index.div(logprobs.size(-1), rounding_mode="floor"), index % logprobs.size(-1)
+        lengths, stopped = lengths.gather(1, source), stopped.gather(1, source) | (tokens == eos_token_id)
+        scores = means * lengths
+        out = torch.cat([out.gather(1, source[..., None].expand_as(out)), tokens[..., None]], dim=2)
+        rows = (source + torch.arange(B, device=source.device)[:, None] * K).flatten()  # (B*K,) flat source beams
+        past = [(k[rows], v[rows]) for k, v in past]
+    best = torch.arange(B), (scores / lengths).argmax(dim=1)  # each row's best beam by its mean
+    return out[best].masked_fill(torch.arange(out.size(2), device=out.device) >= lengths[best][:, None], eos_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------

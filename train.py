@@ -8,6 +8,7 @@ it, and GPT-2 learns to continue the prefix with the caption (gpt2.py, GPT-2 Vis
     python train.py --task caption --preset shapes        # tiny tower, tiny GPT-2: minutes on a CPU
     python train.py --task caption --preset coco --data-root data/coco  # ClipCap's COCO recipe (Karpathy)
     python train.py --eval runs/caption/ckpt.pt --split test            # BLEU-1..4, CIDEr-D of a checkpoint
+    python train.py --preset coco --captioner coco --data folder ...    # fine-tune ClipCap's released one
     torchrun --nproc_per_node 2 train.py --task caption ...             # DistributedDataParallel
 
 Text to image (Rombach et al. 2022, at any size): unet.py's UNet cross-attends to a text encoder (a tiny
@@ -49,7 +50,7 @@ import data
 import ddpm
 import weights
 from clip import CLIPTextTransformer, TextConfig, caption_scores, frozen_tower, load_visual
-from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
+from gpt2 import CLIPCAP, END_OF_TEXT, GPT, Captioner, CaptionerConfig, GPTConfig
 from tokenizer import GPT2Tokenizer
 from unet import TEXT_ENCODERS, GPTHidden, TextConditionedUNet, UNetConfig, UNetModel
 from vae import AutoencoderKL
@@ -84,7 +85,8 @@ class TrainConfig:  # the harness's, and what both tasks read
                         "local")
     overwrite: bool = flag(False, "start afresh in an --out-dir holding a run (its files go)", None, "local")
     resume: str = flag("", "continue this checkpoint: model, optimizer, step, random state", None, "local")
-    eval: str = flag("", "score this checkpoint on --split and exit", None, "local")
+    eval: str = flag("", "score this checkpoint (or ClipCap's coco, conceptual) on --split and exit", None,
+                     "local")
     stop_after: int = flag(0, "end after this many steps, checkpointed (--resume continues)", None, "local")
     weights_dir: str = flag("", "official weights' folder (none: $MINIMODAL_WEIGHTS, else weights/)", None,
                             "local")
@@ -145,6 +147,7 @@ class CaptionConfig:
     n_layer: int = flag(2, "tiny GPT-2: blocks")
     n_head: int = flag(2, "tiny GPT-2: heads")
     num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search", None, "scoring")
+    captioner: str = flag("", "start from ClipCap's captioner: coco, conceptual (fetched) or its file")
 
     def error(self, cfg):
         """The first thing wrong with these flags (and the harness's `cfg`), or None."""
@@ -152,6 +155,8 @@ class CaptionConfig:
             return "--prefix-length and --num-beams must be >= 1"
         if self.closed_vocab and self.language_model != "tiny":
             return "--closed-vocab needs --language-model tiny"
+        if self.captioner and self.image_tower != "clip":
+            return "--captioner: ClipCap's captioners read CLIP ViT-B/32 embeddings: give --image-tower clip"
         if self.image_tower == "tiny" and cfg.image_size % self.patch_size:
             return "--patch-size must divide --image-size"
 
@@ -468,8 +473,10 @@ class CaptionTask(Task):
             raise ValueError(f"--clip-weights {config.clip_weights}: not the tower the captioner had")
         self.tokenizer, encoded = GPT2Tokenizer.default(), {}  # many captions repeat: encode each once
 
-        def encode(caption):
-            return encoded.setdefault(caption, self.tokenizer.encode(caption)[:cfg.max_caption_tokens])
+        def encode(caption):  # ClipCap's captioners stop at "." (no end token): a caption without one gets it
+            ends = not config.captioner or caption.rstrip().endswith(".")
+            text = caption if ends else caption.rstrip() + "."
+            return encoded.setdefault(caption, self.tokenizer.encode(text)[:cfg.max_caption_tokens])
         self.open_splits(splits, encode, frozen and frozen.to(self.device), rank, world,
                          config.mapping_type == "tokens")
         self.model = self.model or self.build(frozen, {t for ids in encoded.values() for t in ids})
@@ -483,6 +490,12 @@ class CaptionTask(Task):
         """A new captioner: a tiny tower (sine-cosine positions) trains inside it; GPT-2 tiny, from
         scratch, or --gpt2-weights; with --closed-vocab, the captions' tokens as its vocabulary."""
         cfg, c = self.cfg, self.config
+        if c.captioner:  # ClipCap's: mapper, GPT-2 and stop rule read off its file (gpt2.py)
+            model = Captioner.from_pretrained(c.captioner, None, cfg.weights_dir or None, cfg.offline)
+            if model.config.prefix_size != frozen.config.embed_dim:
+                raise ValueError(f"--captioner {c.captioner} reads {model.config.prefix_size}-d embeddings, "
+                                 f"--clip-weights {c.clip_weights} makes {frozen.config.embed_dim}-d ones")
+            return model
         tower = frozen or VisionTransformer(VisionConfig(cfg.image_size, c.vision_layers, c.vision_width,
                                                          c.patch_size, c.embed_dim), sincos=True)
         prefix_length = tower.config.num_tokens if c.mapping_type == "tokens" else c.prefix_length
@@ -494,7 +507,8 @@ class CaptionTask(Task):
         return Captioner(config, gpt, None if frozen else tower, vocab if c.closed_vocab else None)
 
     def count_targets(self, pair_ids, split="train"):
-        return sum(len(self.splits[split][2][i][1]) + 1 for i in pair_ids)  # caption tokens and end-of-text
+        end = self.model.config.eos_token_id == END_OF_TEXT  # ClipCap's "." is a caption token: no end after
+        return sum(len(self.splits[split][2][i][1]) + end for i in pair_ids)  # caption tokens and end-of-text
 
     def batch(self, pair_ids, device, split="train"):
         """(inputs, tokens (B, T), token_mask (B, T)); the padding holds the end token and is masked out."""
@@ -701,6 +715,8 @@ def parse_config(argv=None):
                                help=f"{f.metadata['help']} (default: {default})")
     given = vars(parser.parse_args(argv))
     path, checkpoint, stored = given.get("resume") or given.get("eval"), None, {}
+    if given.get("eval") in CLIPCAP:  # ClipCap's released captioner, scored as published: no checkpoint
+        path, given["captioner"] = None, given["eval"]
     if given.get("resume") and given.get("eval"):
         parser.error("--resume continues a run, --eval scores one: give one of them")
     if path:
@@ -732,12 +748,13 @@ def evaluate_checkpoint(cfg, config, checkpoint):
     beams = "greedy" if diffusion or config.num_beams == 1 else f"beam search, {config.num_beams} beams"
     how = f"sampler {config.sampler}, {config.sampling_steps} steps, guidance {config.guidance_scale:g}" \
         if diffusion else f"decoding: {beams}, at most {cfg.max_caption_tokens} tokens"
-    model = "" if diffusion else f", {config.mapping_type} mapper, GPT-2 " + (
+    model = "" if diffusion else f", {task.model.config.mapping_type} mapper, GPT-2 " + (
         "frozen" if config.freeze_gpt else "trained")
     images = len(task.splits[cfg.split][0].image_ids())
     scores = "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}" for k, v in
                        metrics.items())
-    print(f"checkpoint {cfg.eval}: step {checkpoint['step']} of {cfg.epochs:g} epochs on {cfg.data} (preset "
+    trained = f"step {checkpoint['step']} of {cfg.epochs:g} epochs" if checkpoint else "as released"
+    print(f"checkpoint {cfg.eval}: {trained} on {cfg.data} (preset "
           f"{cfg.preset}{model})\nsplit: {cfg.data} {cfg.split}, {images} images | {how}\n{scores}")
     if not diffusion:
         print(f"compare with: {task.clipcap_row()}")

@@ -8,7 +8,8 @@ OpenAI's checkpoint, so `visual.transformer.resblocks.0.attn.in_proj_weight` loa
 official code, everything is batch-first: no sequence-first (LND) permutes around `nn.MultiheadAttention`.
 
 The text tower, the whole CLIP model, the Hugging Face key mapping and `load_visual` (this tower out of any CLIP
-file) live in clip.py.
+file) live in clip.py. The last section maps what the tower makes of an image to a language model's input vectors
+(ClipCap's and LLaVA-1.5's mapping networks), for gpt2.py's captioner.
 """
 import glob
 import os
@@ -338,3 +339,100 @@ def preprocess(image_or_path, resolution=224):
     normalize."""
     image = open_image(image_or_path) if isinstance(image_or_path, (str, Path)) else image_or_path
     return normalize(resize_crop(image, resolution))
+
+# -----------------------------------------------------------------------------------------------------------
+# From the tower to a language model: mapping networks. What the tower makes of an image (the pooled embedding,
+# (B, prefix_size), or every token) becomes prefix vectors of the language model's width C, which it reads as a
+# prompt (gpt2.py's Captioner). ClipCap's two (Mokady et al. 2021, rmokady/CLIP_prefix_caption train.py: MLP,
+# TransformerMapper), named as its checkpoints' keys under `clip_project.` (model.0, model.2; linear, prefix_const,
+# transformer.layers.N.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1, mlp.fc2}); and
+# LLaVA-1.5's projector (Liu et al. 2023), one prefix vector per tower token: where things are reaches it intact.
+
+
+class PrefixMLP(nn.Module):
+    """ClipCap's MLP: prefix_size -> (C * P) // 2 -> C * P with tanh between, reshaped to P vectors of width C."""
+
+    def __init__(self, prefix_size, n_embd, prefix_length):
+        super().__init__()
+        self.prefix_length, hidden = prefix_length, n_embd * prefix_length // 2
+        self.model = nn.Sequential(nn.Linear(prefix_size, hidden), nn.Tanh(), nn.Linear(hidden, n_embd * prefix_length))
+
+    def forward(self, image_embeds):
+        return self.model(image_embeds).view(image_embeds.size(0), self.prefix_length, -1)  # (B, P, C)
+
+
+class TokenMLP(nn.Module):
+    """LLaVA-1.5's projector: image tokens (B, N, prefix_size) -> Linear, GELU, Linear -> the prefix (B, N, C)."""
+
+    def __init__(self, prefix_size, n_embd):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(prefix_size, n_embd), nn.GELU(), nn.Linear(n_embd, n_embd))
+
+    def forward(self, image_tokens):
+        return self.model(image_tokens)  # (B, N, C)
+
+
+class MapperBlock(nn.Module):
+    """ClipCap's TransformerLayer: pre-norm, bidirectional multi-head attention (no mask: every vector sees every
+    other; queries and keys/values from separate bias-free projections), then a ReLU MLP of ratio 2."""
+
+    def __init__(self, n_embd, num_heads):
+        super().__init__()
+        self.num_heads, self.norm1, self.norm2 = num_heads, nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = nn.ModuleDict(dict(to_queries=nn.Linear(n_embd, n_embd, bias=False),
+                                       to_keys_values=nn.Linear(n_embd, 2 * n_embd, bias=False),
+                                       project=nn.Linear(n_embd, n_embd)))
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(n_embd, 2 * n_embd), fc2=nn.Linear(2 * n_embd, n_embd)))
+
+    def forward(self, x):
+        (B, T, C), H = x.shape, self.num_heads
+        h = self.norm1(x)
+        q = self.attn.to_queries(h).view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, D)
+        k, v = self.attn.to_keys_values(h).view(B, T, 2, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        att = (q @ k.transpose(-2, -1) * (C // H) ** -0.5).softmax(dim=-1)  # (B, H, T, T)
+        x = x + self.attn.project((att @ v).transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp.fc2(F.relu(self.mlp.fc1(self.norm2(x))))
+
+
+class TransformerMapper(nn.Module):
+    """ClipCap's TransformerMapper: the embedding becomes clip_length vectors, prefix_length learned constants
+    are appended, the blocks mix them, and the constants' outputs are the prefix."""
+
+    def __init__(self, prefix_size, n_embd, prefix_length, clip_length, num_layers, num_heads):
+        super().__init__()
+        self.clip_length = clip_length
+        self.linear = nn.Linear(prefix_size, clip_length * n_embd)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, n_embd))
+        self.transformer = nn.ModuleDict(dict(layers=nn.ModuleList(MapperBlock(n_embd, num_heads)
+                                                                   for _ in range(num_layers))))
+
+    def forward(self, image_embeds):
+        B = image_embeds.size(0)
+        x = self.linear(image_embeds).view(B, self.clip_length, -1)  # (B, clip_length, C)
+        x = torch.cat([x, self.prefix_const.expand(B, -1, -1)], dim=1)  # (B, clip_length + P, C)
+        for layer in self.transformer.layers:
+            x = layer(x)
+        return x[:, self.clip_length:]  # (B, P, C)
+
+
+def mapping_network(kind, prefix_size, n_embd, prefix_length, clip_length=10, num_layers=8, num_heads=8):
+    """A mapping network: "mlp" (ClipCap's MLP), "transformer" (ClipCap's TransformerMapper) or "tokens" (LLaVA-1.5's
+    projector; prefix_length is then the tower's token count)."""
+    if kind == "mlp":
+        return PrefixMLP(prefix_size, n_embd, prefix_length)
+    if kind == "tokens":
+        return TokenMLP(prefix_size, n_embd)
+    if kind == "transformer":
+        return TransformerMapper(prefix_size, n_embd, prefix_length, clip_length, num_layers, num_heads)
+    raise ValueError(f"mapping_type must be 'mlp', 'transformer' or 'tokens', got {kind!r}")
+
+
+def mapper_sizes(sd, n_embd):
+    """(kind, prefix_size, prefix_length, clip_length, num_layers) read off a ClipCap mapper's tensors (its keys
+    without `clip_project.`), for a language model of width n_embd; the head count is in no shape."""
+    if "model.0.weight" in sd:  # the MLP: prefix_size -> ... -> prefix_length * n_embd
+        prefix_length = sd["model.2.weight"].shape[0] // n_embd
+        return "mlp", sd["model.0.weight"].shape[1], prefix_length, prefix_length, 0
+    layers = [int(m.group(1)) for k in sd if (m := re.match(r"transformer\.layers\.(\d+)\.", k))]
+    width, prefix_size = sd["linear.weight"].shape  # clip_length * n_embd, prefix_size
+    return "transformer", prefix_size, sd["prefix_const"].shape[0], width // n_embd, 1 + max(layers, default=-1)

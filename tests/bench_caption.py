@@ -11,7 +11,14 @@ python tests/bench_caption.py --memory times nothing: it counts the peak tensor 
 coco preset as train.py takes it (bf16 autocast, fused AdamW, gradient clipping), by kind, on fake tensors (shapes and
 dtypes, no data, no arithmetic), for this batch and for a batch of the longest captions train.py keeps, prints it
 against 6 GB, and checks the count against the same step run for real on the CPU; on a machine with CUDA it also runs
-the step on the GPU and prints torch.cuda.max_memory_allocated() beside the estimate."""
+the step on the GPU and prints torch.cuda.max_memory_allocated() beside the estimate.
+
+python tests/bench_caption.py --captioning times captioning instead (issue 17's goal: ours <= 0.7 of the reference's
+time on a CPU): images/s of image -> CLIP ViT-B/32 -> ClipCap's MLP mapper -> greedy decoding with the KV cache, a
+batch of 16, ours (a Captioner configured as ClipCap's released files load) against the same pipeline built from
+transformers (CLIPModel.get_image_features, the same mapper, GPT2LMHeadModel.generate with inputs_embeds), on the
+same random weights; a random GPT-2 never says ".", so both decode all 67 tokens, and they must agree on every one.
+It prints the machine's load average beside the figures (a shared machine slows both)."""
 import argparse
 import contextlib
 import dataclasses
@@ -283,6 +290,58 @@ def memory_report(args):
               f"{torch.cuda.max_memory_reserved() / MiB:.1f} MiB")
 
 
+def captioning(args):
+    """--captioning: images/s of CLIP + mapper + greedy decoding (KV cache), ours against transformers'."""
+    import os
+    import platform
+
+    from transformers import CLIPModel, GPT2Config, GPT2LMHeadModel
+
+    import clip
+    from conftest import clip_vitb32_config
+    from gpt2 import FULL_STOP
+    from vit import normalize
+    torch.manual_seed(0)
+    reference_clip = CLIPModel(clip_vitb32_config()).eval()
+    tower = VisionTransformer.from_state_dict(clip.to_openai_layout(reference_clip.state_dict()))
+    config = CaptionerConfig(512, 10, "mlp", max_caption_tokens=67, eos_token_id=FULL_STOP, beam_rule="clipcap")
+    ours = Captioner(config, GPT(PRESETS["gpt2"]), tower).eval()  # what Captioner.from_pretrained("coco") builds
+    reference_gpt = GPT2LMHeadModel(GPT2Config()).eval()
+    missing, unexpected = reference_gpt.transformer.load_state_dict(ours.gpt.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(("attn.bias", "masked_bias")) for k in missing), missing
+    pixels = torch.randint(0, 256, (args.captioning_batch, 3, 224, 224), dtype=torch.uint8)
+    outputs = {}
+
+    def run_ours():
+        outputs["ours"] = ours.generate(pixels)
+
+    def run_reference():
+        with torch.no_grad():
+            embedding = reference_clip.get_image_features(pixel_values=normalize(pixels))
+            embedding = getattr(embedding, "pooler_output", embedding)  # transformers 5 returns an output object
+            prefix = ours.clip_project(embedding)
+            outputs["reference"] = reference_gpt.generate(
+                inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+                max_new_tokens=67, do_sample=False, num_beams=1, eos_token_id=FULL_STOP, pad_token_id=FULL_STOP,
+                use_cache=True)
+    seconds = timed_steps(run_ours, args.repeats, torch.device("cpu"))
+    reference_seconds = timed_steps(run_reference, args.repeats, torch.device("cpu"))
+    got, expected = outputs["ours"], outputs["reference"][:, -outputs["ours"].size(1):]
+    agree = torch.equal(got, expected)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    B = args.captioning_batch
+    print(f"captioning, batch {B}, {got.size(1)} tokens each, fp32, {args.threads} threads, {cpu}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"  ours:         {B / seconds:.2f} images/s ({seconds:.2f} s a batch)")
+    print(f"  transformers: {B / reference_seconds:.2f} images/s ({reference_seconds:.2f} s a batch)")
+    print(f"  ours / transformers time: {seconds / reference_seconds:.2f} (goal <= 0.7); same tokens: {agree}")
+    assert agree, "ours and transformers decoded different tokens"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=40, help="pairs per step (ClipCap: 40)")
@@ -291,10 +350,15 @@ def main():
     parser.add_argument("--skip-reference", action="store_true", help="time ours only")
     parser.add_argument("--memory", action="store_true", help="time nothing: count the peak tensor memory of one "
                         "coco training step on fake tensors, against 6 GB, checked on a real CPU step")
+    parser.add_argument("--captioning", action="store_true", help="time captioning instead: CLIP + mapper + greedy "
+                        "decoding with the KV cache, ours against transformers' (CPU)")
+    parser.add_argument("--captioning-batch", type=int, default=16, help="images captioned together (--captioning)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory:
         return memory_report(args)
+    if args.captioning:
+        return captioning(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory

@@ -7,6 +7,9 @@
   official key table of Stable Diffusion 1.x's text encoder that it gives.
 - `clip_vitb32_config()`: transformers' CLIPConfig of CLIP ViT-B/32 (the oracle's configuration).
 - `logged_losses(out_dir)`: the training losses train.py wrote to out_dir/log.jsonl.
+- `clipcap_coco`: a module fixture, ClipCap's MLP captioner at the released configuration (tests/clipcap_oracle.py,
+  random weights, "." planted as its 4th token) and the file it was saved to in the released layout
+  (coco_weights.pt, 636 MB): one build and one file per test module that asks for it.
 Stable Diffusion's oracles (diffusers' models and schedulers) are in sd_oracle.py: only the files that need them
 import diffusers.
 """
@@ -75,3 +78,10 @@ def clip_vitb32_config():
 
 def logged_losses(out_dir):
     return [r["loss"] for r in map(json.loads, (out_dir / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def clipcap_coco(tmp_path_factory):
+    import clipcap_oracle as oracle
+    model = oracle.plant_token(oracle.build_clipcap("mlp", seed=0), step=3)
+    return model, oracle.save_released(model, tmp_path_factory.mktemp("clipcap") / "coco_weights.pt")

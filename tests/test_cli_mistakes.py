@@ -155,17 +155,19 @@ def test_generate_prompts_are_never_file_names(home):
 
 
 def test_generate_image_inputs(home):
-    """An image without --ckpt, images and prompts mixed, a folder with no images, a mistyped image name; an
+    """An image without --ckpt (ClipCap's COCO captioner, not here: offline says which file from where), images and
+    prompts mixed, a folder with no images, a mistyped image name; an
     argument that is a bare folder name captions, and says which mode it chose."""
     root = home[0]
     (root / "empty").mkdir(exist_ok=True)
     caption = root / "caption" / "ckpt.pt"
     without, mixed, empty, typo, folder = run_all(home, [
-        ("generate.py", "photos/0.jpg"), ("generate.py", "photos/0.jpg", "a red circle", "--ckpt", caption),
+        ("generate.py", "photos/0.jpg", "--offline"), ("generate.py", "photos/0.jpg", "a red circle", "--ckpt", caption),
         ("generate.py", "empty", "--ckpt", caption), ("generate.py", "holiday.jpg"),
         ("generate.py", "photos", "--ckpt", caption)])
-    one_line(without, 2, "generate.py: error: photos/0.jpg is an image input: captions need --ckpt (a train.py "
-             "--task caption checkpoint); to draw it as a prompt, give --prompt 'photos/0.jpg'")
+    one_line(without, 1, "generate.py: error: offline: clipcap/coco_weights.pt is not in ")
+    assert "url:    https://drive.google.com/uc?id=1IdaBtMSvtyzF0ByVaBHtvM0JYSXRExRX&export=download&confirm=t" in \
+        without.stderr and "put the file here by hand: " in without.stderr and "coco_weights.pt" in without.stderr
     one_line(mixed, 2, "give images to caption or prompts to draw, not both: 'photos/0.jpg' is an image input, "
              "'a red circle' a prompt")
     one_line(empty, 2, "no image files in the folder empty")

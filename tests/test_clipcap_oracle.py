@@ -56,10 +56,9 @@ def layout_of(sd):
 
 
 @pytest.fixture(scope="module")
-def coco_like(tmp_path_factory):
+def coco_like(clipcap_coco):
     """The MLP captioner at the released configuration, "." planted as its 4th token, saved as coco_weights.pt."""
-    model = oracle.plant_token(oracle.build_clipcap("mlp", seed=0), step=3)
-    return model, oracle.save_released(model, tmp_path_factory.mktemp("clipcap") / "coco_weights.pt")
+    return clipcap_coco
 
 
 def test_stop_token_is_gpt2s_full_stop():
