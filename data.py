@@ -437,7 +437,7 @@ def open_split(name, split, root=None, download=False, image_size=32, seed=0, ma
 def fingerprint(dataset, tower=None):
     """What a cache depends on: the images (shapes by their parameters, files by path, size and modification time)
     and every byte of the image tower's weights (None: the cache holds the pixels themselves)."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"preprocessing 2")  # vit.resize_crop's version: bumped, old caches are rebuilt
     if isinstance(dataset, ShapesDataset):
         h.update(repr((dataset.n, dataset.image_size, dataset.seed, dataset.max_objects, dataset.split)).encode())
     else:
