@@ -9,15 +9,20 @@ The image tower is vit.py's VisionTransformer; this file adds the text tower, th
 - Stable Diffusion 1.x's text encoder: the text tower of CLIP ViT-L/14, stored in HF's layout under
   `cond_stage_model.transformer.text_model.` in the SD file, or standalone as a `CLIPTextModel` file;
 - the image tower alone of any of these files (`load_visual`: the captioner's frozen ViT-B/32).
+It closes with scoring text against images (zero-shot classification, `similarity`) and captions against
+reference captions (BLEU-1..4 and CIDEr-D, equal to the COCO caption evaluation code: train.py's metrics).
 
     python clip.py photo.jpg "a dog" "a cat"      # zero-shot label probabilities
 """
 import argparse
 import math
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -26,7 +31,8 @@ from vit import (PRECISION_HELP, PRECISIONS, VISION_PRESETS, ImageReadError, Tra
                  VisionTransformer, preprocess, resolve_precision)
 
 __all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "hf_to_openai",
-           "load_clip_state_dict", "load_visual", "classify"]
+           "load_clip_state_dict", "load_visual", "frozen_tower", "classify", "similarity", "bleu", "cider_d",
+           "caption_scores"]
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: OpenAI's build_model names
@@ -75,7 +81,7 @@ class CLIPTextTransformer(nn.Module):
 
     def __init__(self, config: TextConfig):
         super().__init__()
-        C, T = config.transformer_width, config.context_length
+        self.config, C, T = config, config.transformer_width, config.context_length
         self.token_embedding = nn.Embedding(config.vocab_size, C)
         self.positional_embedding = nn.Parameter(torch.empty(T, C))
         self.transformer = Transformer(C, config.transformer_layers, config.transformer_heads, causal=True)
@@ -268,8 +274,19 @@ def load_visual(name_or_path="ViT-B/32", root=None, offline=False):
     path, preset = find_weights(name_or_path, root, offline)
     return VisionTransformer.from_state_dict(load_clip_state_dict(path), preset=preset)
 
+
+def frozen_tower(checkpoint, given=None, root=None, offline=False):
+    """The frozen image tower that a captioner checkpoint of train.py names (frozen_tower) but does not hold, or
+    None when its tower trained inside it: the file `given` again, else the registered name it names (a checkpoint
+    never chooses which file to read)."""
+    name = checkpoint["frozen_tower"]
+    if name is not None and not given and name not in REGISTRY_NAMES:
+        raise FileNotFoundError(f"the captioner's frozen image tower is the file {name}, which its checkpoint does "
+                                "not hold: give it as --clip-weights")
+    return None if name is None else load_visual(given or name, root, offline)
+
 # -----------------------------------------------------------------------------------------------------------
-# Zero-shot classification
+# Zero-shot classification and image-text similarity (how well a caption fits its image)
 
 
 @torch.no_grad()
@@ -278,6 +295,96 @@ def classify(model, tokenizer, images, labels):
     tokens = tokenizer.tokenize(labels).to(images.device)
     logits_per_image, _ = model(images, tokens)
     return logits_per_image.softmax(dim=-1)
+
+
+@torch.no_grad()
+def similarity(model, tokenizer, images, texts):
+    """The cosine similarity of each image (B, 3, 224, 224) with its text (B strings) in CLIP's joint space, (B,):
+    how well a picture matches its prompt (generate.py --rerank keeps the best of several)."""
+    tokens = tokenizer.tokenize(texts).to(images.device)
+    return torch.cosine_similarity(model.encode_image(images), model.encode_text(tokens))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Scoring captions against references: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), as the
+# COCO caption evaluation (github.com/tylin/coco-caption, pip pycocoevalcap) scores them, line for line, quirks
+# included: references {image_id: [caption, ...]} and hypotheses {image_id: caption}, tokenised (words joined by
+# spaces). Where CLIP similarity asks how well a caption fits its image, these ask how well it matches people's.
+
+
+def tokenize_caption(text):
+    """COCO evaluation's PTBTokenizer (Java) approximated: lowercase, split off clitics as PTB does ("man's" ->
+    "man 's", "don't" -> "do n't"), drop punctuation, keep hyphenated words and decimals whole."""
+    text = re.sub(r"(?<=\w)('s|'re|'ve|'ll|'d|'m|n't)\b", r" \1", text.lower())
+    return " ".join(re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:[-.'][a-z0-9]+)*", text))
+
+
+def _ngram_counts(words, n=4):
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def bleu(references, hypotheses, n=4):
+    """Corpus BLEU-1..n as pycocoevalcap's Bleu: clipped n-gram matches summed over the corpus, each reference
+    length the one closest to its hypothesis (the shorter on a tie), brevity penalty exp(1 - r/c) on the
+    corpus lengths, and 1e-15 / 1e-9 added so that no count divides by zero."""
+    test_length, reference_length, guess, correct = 0, 0, [0] * n, [0] * n
+    for image_id, hypothesis in hypotheses.items():
+        words, lengths = hypothesis.split(), [len(reference.split()) for reference in references[image_id]]
+        max_counts = Counter()
+        for reference in references[image_id]:
+            max_counts |= _ngram_counts(reference.split(), n)  # | keeps the larger count of each n-gram
+        test_length += len(words)
+        reference_length += min((abs(length - len(words)), length) for length in lengths)[1]
+        for ngram, count in _ngram_counts(words, n).items():
+            correct[len(ngram) - 1] += min(max_counts[ngram], count)
+        for k in range(n):
+            guess[k] += max(0, len(words) - k)
+    scores, product = [], 1.0
+    for k in range(n):  # BLEU-k is the geometric mean of the first k precisions
+        product *= (correct[k] + 1e-15) / (guess[k] + 1e-9)
+        scores.append(product ** (1 / (k + 1)))
+    ratio = (test_length + 1e-15) / (reference_length + 1e-9)
+    return [score * math.exp(1 - 1 / ratio) for score in scores] if ratio < 1 else scores
+
+
+def cider_d(references, hypotheses, n=4, sigma=6.0):
+    """CIDEr-D as pycocoevalcap's Cider -> (corpus score, per-image scores). tf-idf vectors of 1..n-grams (document
+    frequency over the evaluated images' references); hypothesis weights clipped at the reference's; a Gaussian
+    penalty on the length difference; cosines averaged over n and references, times 10. As in the reference
+    code, "length" counts a caption's bigrams."""
+    reference_counts = {i: [_ngram_counts(r.split(), n) for r in references[i]] for i in hypotheses}
+    document_frequency = Counter(g for counts in reference_counts.values() for g in set().union(*counts))
+    log_images = math.log(len(reference_counts))
+
+    def vectors(counts):
+        vec, norm = [{} for _ in range(n)], [0.0] * n
+        for ngram, term_frequency in counts.items():
+            weight = term_frequency * (log_images - math.log(max(1.0, document_frequency[ngram])))
+            vec[len(ngram) - 1][ngram] = weight
+            norm[len(ngram) - 1] += weight * weight
+        return vec, [math.sqrt(x) for x in norm], sum(c for g, c in counts.items() if len(g) == 2)
+
+    scores = []
+    for image_id, hypothesis in hypotheses.items():
+        vec, norm, length = vectors(_ngram_counts(hypothesis.split(), n))
+        total = np.zeros(n)
+        for counts in reference_counts[image_id]:
+            vec_ref, norm_ref, length_ref = vectors(counts)
+            for k in range(n):
+                value = sum(min(w, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0) for g, w in vec[k].items())
+                value = value / (norm[k] * norm_ref[k]) if norm[k] != 0 and norm_ref[k] != 0 else value
+                total[k] += value * math.exp(-((length - length_ref) ** 2) / (2 * sigma ** 2))
+        scores.append(float(np.mean(total)) / len(reference_counts[image_id]) * 10.0)
+    return float(np.mean(scores)), scores
+
+
+def caption_scores(references, hypotheses):
+    """Raw captions in, {"BLEU-1".."BLEU-4", "CIDEr-D"} out: tokenise as COCO does, then score."""
+    references = {i: [tokenize_caption(r) for r in references[i]] for i in hypotheses}
+    hypotheses = {i: tokenize_caption(h) for i, h in hypotheses.items()}
+    scores = {f"BLEU-{k + 1}": value for k, value in enumerate(bleu(references, hypotheses))}
+    scores["CIDEr-D"] = cider_d(references, hypotheses)[0]
+    return scores
 
 
 def main():

@@ -1,19 +1,19 @@
-"""Datasets of (image, caption) pairs, and the metrics captions are scored with.
+"""Datasets of (image, caption) pairs, and how train.py reads and caches them.
 
 Every dataset speaks one interface: `ds[i] -> (RGB PIL image, caption, image_id)`, `ds.image_ids()` (distinct
-images, for the CLIP feature cache), `ds.load_image(image_id)`, `ds.references()` (image_id -> its captions).
-1. shapes: a synthetic, deterministic, offline set drawn on the fly, the measuring stick of the offline tour.
-2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, the Flickr8k tutorials'
-   descriptions.txt, any folder of images with a captions file, CIFAR-100 (Krizhevsky 2009); `open_split`
-   picks one split of any of them (train, val, and test where the dataset has one).
-3. Scoring captions: BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), equal to the
-   COCO caption evaluation code (github.com/tylin/coco-caption, pip pycocoevalcap).
+images), `ds.load_image(image_id)` (None if unreadable), `ds.references()` (image_id -> its captions).
+1. shapes: a synthetic, deterministic, offline set drawn on the fly (the offline tour's measuring stick), and how
+   captions and drawings of it are scored (exact match, drawn right).
+2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, any folder of images with a captions file
+   (the Flickr8k tutorials' descriptions.txt too), CIFAR-100 (Krizhevsky 2009).
+3. Splits and caches: `open_split` (splits never share an image) and `cached_features` (each image once through
+   a frozen tower, or its pixels, kept on disk).
+Captions are scored (BLEU, CIDEr-D, CLIP similarity) in clip.py's last section.
 """
 import copy
 import csv
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -21,15 +21,20 @@ import shutil
 import sys
 import tarfile
 import zipfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 import weights
-from vit import ImageReadError, open_image, to_rgb
+from vit import ImageReadError, normalize, open_image, resize_crop, to_rgb
+
+try:
+    import fcntl  # a cache being written is locked where the OS can (POSIX)
+except ImportError:
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # 1. shapes
@@ -54,8 +59,7 @@ BACKGROUND = (16, 16, 20)
 MARGIN, GAP = 0.03, 0.06  # free border around the image and least free space between two objects
 
 
-def shapes_vocabulary():
-    """Every word a shapes caption can use, sorted."""
+def shapes_vocabulary():  # every word a shapes caption can use
     return sorted({"a", *SIZES, *COLOURS, *SHAPES, *" ".join(RELATIONS).split()})
 
 
@@ -66,8 +70,8 @@ def shapes_caption(scene):
 
 
 def parse_shapes_caption(caption):
-    """A caption of the grammar -> {"objects": [{"size", "colour", "shape"}, ...], "relation"}, or None for
-    text outside it (a generated non-caption then simply scores as wrong). Accepts all four relations."""
+    """A caption of the grammar (any of the four relations) -> {"objects": [{"size", "colour", "shape"}, ...],
+    "relation"}, or None for text outside it (a generated non-caption then simply scores as wrong)."""
     words = caption.strip().lower().rstrip(".").split()
     relation = next((r for r in RELATIONS if " ".join(words[4:4 + len(r.split())]) == r), None)  # after 4 words
     parts = [words] if relation is None else [words[:4], words[4 + len(relation.split()):]]
@@ -87,6 +91,25 @@ def canonical_shapes_caption(caption):
                 (first["size"] == second["size"] and relation in ("right of", "below")):
             scene = {"objects": [second, first], "relation": INVERSE[relation]}
     return None if scene is None else shapes_caption(scene)
+
+
+def shapes_exact_match(captions, references):
+    """The share of captions that describe their reference's picture (canonical forms equal, not the words)."""
+    return float(np.mean([canonical_shapes_caption(c) == canonical_shapes_caption(r)
+                          for c, r in zip(captions, references)]))
+
+
+def drawn_right(prompts, read):
+    """Drawings of shapes prompts read back as captions (train.py --judge) -> {drawn_right_N, drawn_exact_N} for N
+    objects: drawn right when each object's colour and shape are; drawn_exact asks for the whole caption."""
+    scores = {1: [], 2: []}
+    for prompt, text in zip(prompts, read):
+        want, got = parse_shapes_caption(prompt), parse_shapes_caption(text)
+        objects = [sorted((o["colour"], o["shape"]) for o in scene["objects"]) for scene in (want, got or want)]
+        exact = canonical_shapes_caption(prompt) == canonical_shapes_caption(text)
+        scores[len(want["objects"])].append((got is not None and objects[0] == objects[1], exact))
+    return {f"{name}_{n}": round(float(np.mean([s[k] for s in scores[n]])), 4) for n in (1, 2) if scores[n]
+            for k, name in enumerate(("drawn_right", "drawn_exact"))}
 
 
 def place_shapes(scene, rng):
@@ -124,8 +147,8 @@ def sample_shapes_scene(rng, max_objects=2):
 
 
 def draw_shapes(scene, image_size=32, supersample=4):
-    """A placed scene -> RGB PIL image, anti-aliased: a pixel's colour is blended by the fraction of its
-    supersample x supersample sub-pixel samples inside the shape. Only each object's box is computed."""
+    """A placed scene -> RGB PIL image, anti-aliased: a pixel's colour is blended by the fraction of its supersample
+    x supersample sub-pixel samples inside the shape. Only each object's box is computed."""
     canvas = np.full((image_size, image_size, 3), BACKGROUND, dtype=np.float32)
     for obj in scene["objects"]:
         radius, cx, cy = SIZES[obj["size"]] * image_size, obj["x"] * image_size, obj["y"] * image_size
@@ -142,10 +165,9 @@ def draw_shapes(scene, image_size=32, supersample=4):
 
 
 class ShapesDataset:
-    """n scenes drawn on the fly; item i is the same on every call and machine: its own random stream, seeded
-    by the string "shapes/{split}/{seed}/{i}" (hashed with SHA-512). The three splits (train, val, test) are
-    disjoint as scenes and share captions (all 70 single-object ones); rarely two scenes draw the same pixels
-    (1 in 1,500 at 32 x 32)."""
+    """n scenes drawn on the fly; item i is the same on every call and machine: its own random stream, seeded by
+    the string "shapes/{split}/{seed}/{i}" (hashed with SHA-512). The splits (train, val, test) are disjoint as
+    scenes and share captions (all 70 single-object ones); rarely two scenes draw the same pixels (1 in 1,500 at 32)."""
 
     def __init__(self, n, image_size=32, seed=0, max_objects=2, split="train"):
         if split not in ("train", "val", "test") or max_objects not in (1, 2):
@@ -202,11 +224,11 @@ def data_dir(root=None):
 
 
 class CaptionPairs:
-    """(image_id, caption) pairs with image files. A bad image (0-byte, truncated, not an image, missing) is
-    reported once with its file name, kept in `skipped` and passed over; `report_skipped()` counts them."""
+    """(image_id, caption) pairs with image files (files: image_id -> Path). A bad image (0-byte, truncated, not
+    an image, missing) is reported once with its file name, kept in `skipped` and passed over."""
 
     def __init__(self, pairs, files):
-        self.pairs, self.files, self.skipped = pairs, files, set()  # files: image_id -> Path
+        self.pairs, self.files, self.skipped = pairs, files, set()
 
     def __len__(self):
         return len(self.pairs)
@@ -222,23 +244,20 @@ class CaptionPairs:
         return list(dict.fromkeys(image_id for image_id, _ in self.pairs))
 
     def references(self):
-        references = {image_id: [] for image_id, _ in self.pairs}
+        references = {}
         for image_id, caption in self.pairs:
-            references[image_id].append(caption)
+            references.setdefault(image_id, []).append(caption)
         return references
 
     def open_image(self, image_id):
         return to_rgb(open_image(self.files[image_id]))  # vit.py's opener: one error, ImageReadError
 
     def load_image(self, image_id):
-        if image_id in self.skipped:
-            return None
         try:
-            return self.open_image(image_id)
+            return None if image_id in self.skipped else self.open_image(image_id)
         except ImageReadError as error:
             self.skipped.add(image_id)
             print(f"skipping bad image: {error}", file=sys.stderr)
-            return None
 
     def report_skipped(self):
         print(f"skipped {len(self.skipped)} bad image(s) of {len(self.image_ids())}", file=sys.stderr)
@@ -287,8 +306,7 @@ def coco_captions(root=None, split="train", download=False):
 
 
 def fetch_karpathy(root):
-    """--download for Karpathy's splits: the COCO 2017 images (the 2014 train and val images, renamed) and
-    dataset_coco.json out of Karpathy's caption_datasets.zip, each once."""
+    """--download for Karpathy's splits: the COCO 2017 images (2014's, renamed) and his dataset_coco.json, once."""
     for name in ("train2017", "val2017"):
         _download_and_unpack(name, root)
     if not (target := root / "dataset_coco.json").exists():
@@ -300,8 +318,8 @@ def fetch_karpathy(root):
 
 
 def karpathy_coco(karpathy_json, image_root, split="train"):
-    """Karpathy's splits (dataset_coco.json), "train" with "restval" as ClipCap and most papers use it. An
-    image is filepath/filename (2014 names), else train2017/ or val2017/{cocoid:012d}.jpg (its 2017 name)."""
+    """Karpathy's splits (dataset_coco.json), "train" with "restval" as ClipCap and most papers use it. An image is
+    filepath/filename (2014 names), else train2017/ or val2017/{cocoid:012d}.jpg (its 2017 name)."""
     splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",), "restval": ("restval",)}[split]
     if not Path(karpathy_json).is_file():
         raise FileNotFoundError(f"{karpathy_json} not found: Karpathy's split file is dataset_coco.json in "
@@ -318,9 +336,9 @@ def karpathy_coco(karpathy_json, image_root, split="train"):
 
 
 def read_captions_file(path):
-    """[(file name, caption)] from JSON lines {"file", "caption"}, CSV with a header (file or image, caption),
-    or text lines `file<TAB>caption`, or without a tab `image_id caption` (the Flickr8k tutorials'
-    descriptions.txt). Flickr8k.token.txt's caption numbers (`1000268201_693b08cb0e.jpg#0`) are dropped."""
+    """[(file name, caption)] from JSON lines {"file", "caption"}, CSV with a header (file or image, caption), text
+    lines `file<TAB>caption`, or without a tab `image_id caption` (the Flickr8k tutorials' descriptions.txt).
+    Flickr8k.token.txt's caption numbers (`1000268201_693b08cb0e.jpg#0`) are dropped."""
     path, pairs = Path(path), []
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
@@ -344,8 +362,8 @@ def read_captions_file(path):
 
 
 def image_folder(root, captions_file=None):
-    """A folder of images and a captions file (by default its captions.jsonl, .csv, .txt or descriptions.txt).
-    Image names without a suffix get the one found on disk."""
+    """A folder of images and a captions file (default: its captions.jsonl, .csv, .txt or descriptions.txt); image
+    names without a suffix get the one found on disk."""
     root, found = Path(root), ("captions.jsonl", "captions.csv", "captions.txt", "descriptions.txt")
     captions_file = captions_file or next((root / name for name in found if (root / name).is_file()), None)
     if captions_file is None:
@@ -373,21 +391,24 @@ class CIFAR100Captions(CaptionPairs):
         with tarfile.open(archive, "r:gz") as tar:  # Python 2 pickles (bytes keys), through weights' unpickler
             batch, meta = (weights.load_pickle(tar.extractfile(f"cifar-100-python/{name}").read(), f"{archive}:{name}",
                                                encoding="bytes") for name in (split, "meta"))
-        classes = [name.decode().replace("_", " ") for name in meta[b"fine_label_names"]]
+        self.classes = [name.decode().replace("_", " ") for name in meta[b"fine_label_names"]]
         self.images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        super().__init__([(i, f"a photo of a {classes[label]}") for i, label in enumerate(batch[b"fine_labels"])],
+        super().__init__([(i, f"a photo of a {self.classes[label]}") for i, label in enumerate(batch[b"fine_labels"])],
                          dict.fromkeys(range(len(self.images)), archive))  # the archive stands for each image
-        self.classes = classes
 
     def open_image(self, image_id):
         return Image.fromarray(self.images[image_id], "RGB")
 
 
+# -----------------------------------------------------------------------------
+# 3. Splits and caches: one split of any dataset; what train.py computes once per image and keeps on disk
+
+
 def open_split(name, split, root=None, download=False, image_size=32, seed=0, max_images=0):
-    """One split (train, val or test) of dataset `name`: shapes, coco, karpathy, folder or cifar100. Splits never
+    """One split (train, val or test) of dataset `name`: shapes, coco, karpathy, folder or cifar100; splits never
     share an image. Shapes draws max_images images (0: 96,000 for train, 500 else) from the split's own stream; a
-    val or test split of the others keeps its first max_images images (0: all) with all their captions. CIFAR-100's
-    val is 5,000 images held out of its training set (its test set stays the test); a folder holds out 5% as val."""
+    val or test split of the others keeps its first max_images images (0: all) with all their captions. CIFAR-100
+    holds 5,000 images of its training set out as val; a folder holds out 5%."""
     if split == "test" and name in NO_TEST_SPLIT:
         raise ValueError(NO_TEST_SPLIT[name])
     if (root is None and name == "folder") or (root is not None and not download and not Path(root).is_dir()):
@@ -412,81 +433,47 @@ def open_split(name, split, root=None, download=False, image_size=32, seed=0, ma
     return dataset.subset(dataset.image_ids()[:max_images]) if split != "train" and max_images else dataset
 
 
-# -----------------------------------------------------------------------------
-# 3. Scoring captions: references {image_id: [caption, ...]} and hypotheses {image_id: caption}, tokenised
-# (words joined by spaces), scored as pycocoevalcap scores them, line for line, quirks included.
+def fingerprint(dataset, tower=None):
+    """What a cache depends on: the images (shapes by their parameters, files by path, size and modification time)
+    and every byte of the image tower's weights (None: the cache holds the pixels themselves)."""
+    h = hashlib.sha256()
+    if isinstance(dataset, ShapesDataset):
+        h.update(repr((dataset.n, dataset.image_size, dataset.seed, dataset.max_objects, dataset.split)).encode())
+    else:
+        for image_id in dataset.image_ids():
+            path = Path(dataset.files[image_id])
+            stat = path.stat() if path.exists() else None
+            h.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode())
+    for name, tensor in sorted(tower.state_dict().items()) if tower is not None else ():
+        h.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
-def tokenize_caption(text):
-    """COCO evaluation's PTBTokenizer (Java) approximated: lowercase, split off clitics as PTB does ("man's" ->
-    "man 's", "don't" -> "do n't"), drop punctuation, keep hyphenated words and decimals whole."""
-    text = re.sub(r"(?<=\w)('s|'re|'ve|'ll|'d|'m|n't)\b", r" \1", text.lower())
-    return " ".join(re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|[a-z0-9]+(?:[-.'][a-z0-9]+)*", text))
-
-
-def _ngram_counts(words, n=4):
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-def bleu(references, hypotheses, n=4):
-    """Corpus BLEU-1..n as pycocoevalcap's Bleu: clipped n-gram matches summed over the corpus, each reference
-    length the one closest to its hypothesis (the shorter on a tie), brevity penalty exp(1 - r/c) on the
-    corpus lengths, and 1e-15 / 1e-9 added so that no count divides by zero."""
-    test_length, reference_length, guess, correct = 0, 0, [0] * n, [0] * n
-    for image_id, hypothesis in hypotheses.items():
-        words, lengths = hypothesis.split(), [len(reference.split()) for reference in references[image_id]]
-        max_counts = Counter()
-        for reference in references[image_id]:
-            max_counts |= _ngram_counts(reference.split(), n)  # | keeps the larger count of each n-gram
-        test_length += len(words)
-        reference_length += min((abs(length - len(words)), length) for length in lengths)[1]
-        for ngram, count in _ngram_counts(words, n).items():
-            correct[len(ngram) - 1] += min(max_counts[ngram], count)
-        for k in range(n):
-            guess[k] += max(0, len(words) - k)
-    scores, product = [], 1.0
-    for k in range(n):  # BLEU-k is the geometric mean of the first k precisions
-        product *= (correct[k] + 1e-15) / (guess[k] + 1e-9)
-        scores.append(product ** (1 / (k + 1)))
-    ratio = (test_length + 1e-15) / (reference_length + 1e-9)
-    return [score * math.exp(1 - 1 / ratio) for score in scores] if ratio < 1 else scores
-
-
-def cider_d(references, hypotheses, n=4, sigma=6.0):
-    """CIDEr-D as pycocoevalcap's Cider -> (corpus score, per-image scores). tf-idf vectors of 1..n-grams (document
-    frequency over the evaluated images' references); hypothesis weights clipped at the reference's; a Gaussian
-    penalty on the length difference; cosines averaged over n and references, times 10. As in the reference
-    code, "length" counts a caption's bigrams."""
-    reference_counts = {i: [_ngram_counts(r.split(), n) for r in references[i]] for i in hypotheses}
-    document_frequency = Counter(g for counts in reference_counts.values() for g in set().union(*counts))
-    log_images = math.log(len(reference_counts))
-
-    def vectors(counts):
-        vec, norm = [{} for _ in range(n)], [0.0] * n
-        for ngram, term_frequency in counts.items():
-            weight = term_frequency * (log_images - math.log(max(1.0, document_frequency[ngram])))
-            vec[len(ngram) - 1][ngram] = weight
-            norm[len(ngram) - 1] += weight * weight
-        return vec, [math.sqrt(x) for x in norm], sum(c for g, c in counts.items() if len(g) == 2)
-
-    scores = []
-    for image_id, hypothesis in hypotheses.items():
-        vec, norm, length = vectors(_ngram_counts(hypothesis.split(), n))
-        total = np.zeros(n)
-        for counts in reference_counts[image_id]:
-            vec_ref, norm_ref, length_ref = vectors(counts)
-            for k in range(n):
-                value = sum(min(w, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0) for g, w in vec[k].items())
-                value = value / (norm[k] * norm_ref[k]) if norm[k] != 0 and norm_ref[k] != 0 else value
-                total[k] += value * math.exp(-((length - length_ref) ** 2) / (2 * sigma ** 2))
-        scores.append(float(np.mean(total)) / len(reference_counts[image_id]) * 10.0)
-    return float(np.mean(scores)), scores
-
-
-def caption_scores(references, hypotheses):
-    """Raw captions in, {"BLEU-1".."BLEU-4", "CIDEr-D"} out: tokenise as COCO does, then score."""
-    references = {i: [tokenize_caption(r) for r in references[i]] for i in hypotheses}
-    hypotheses = {i: tokenize_caption(h) for i, h in hypotheses.items()}
-    scores = {f"BLEU-{k + 1}": value for k, value in enumerate(bleu(references, hypotheses))}
-    scores["CIDEr-D"] = cider_d(references, hypotheses)[0]
-    return scores
+@torch.no_grad()
+def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="cpu", batch_size=64):
+    """Every image of `dataset` once through a frozen `tower` (the caller's: data.py builds no network): embeddings
+    (N, D) fp16, or with `tokens` every token's (N, 1 + h*w, D); with no tower, CLIP's crop of its pixels (N, 3,
+    size, size) uint8. Computed on first use into folder/{kind}-{fingerprint}.npy (atomic; locked while written),
+    memory-mapped. Returns (array, skipped image ids): an unreadable image is reported and its row stays 0."""
+    kind = "pixels" if tower is None else "tokens" if tokens else "features"
+    path = Path(folder) / f"{kind}-{fingerprint(dataset, tower)}.npy"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids, part, skipped = dataset.image_ids(), path.with_name(path.name + ".part"), []
+        size, c = (size, None) if tower is None else (tower.config.image_resolution, tower.config)
+        shape = (3, size, size) if c is None else (c.num_tokens, c.embed_dim) if tokens else (c.embed_dim,)
+        with open(part, "wb") as holder:  # locked while written: a run starting meanwhile leaves it be
+            if fcntl:
+                fcntl.flock(holder, fcntl.LOCK_EX)
+            out = np.lib.format.open_memmap(part, "w+", np.uint8 if c is None else np.float16, (len(ids), *shape))
+            for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
+                images = {row: dataset.load_image(ids[row]) for row in range(start, min(start + batch_size, len(ids)))}
+                skipped += [str(ids[row]) for row, image in images.items() if image is None]
+                if rows := [row for row, image in images.items() if image is not None]:
+                    pixels = torch.stack([resize_crop(images[r], size) for r in rows])  # (B, 3, h, w) uint8
+                    embed = None if c is None else tower.embed_tokens if tokens else tower
+                    out[rows] = pixels.numpy() if c is None else embed(normalize(pixels.to(device))).float().cpu().numpy()
+            out.flush()
+            path.with_suffix(".skipped.json").write_text(json.dumps(skipped))
+            os.replace(part, path)  # atomic: a killed run never leaves half a cache under the final name
+    return np.load(path, mmap_mode="r"), set(json.loads(path.with_suffix(".skipped.json").read_text()))

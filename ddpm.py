@@ -1,4 +1,6 @@
-"""The diffusion process: noise schedule, noising, the training loss, classifier-free guidance and samplers.
+"""The diffusion process: noise schedule, noising, the training loss, classifier-free guidance and samplers;
+then the prompt -> image pipeline that drives them, and its images as files (grids; PNGs that carry their
+settings as AUTOMATIC1111 writes them).
 
 Papers: DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2020, arXiv:2010.02502), the Euler method on
 the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364, Algorithm 1 without churn), DPM-Solver++(2M)
@@ -15,13 +17,16 @@ solver_order=2). Image-to-image starts where diffusers' `StableDiffusionImg2ImgP
 
 This file knows nothing about networks: every function takes the denoiser as a callable `model(x, t) -> output`,
 where `x` is the network input (B, C, h, w) and `t` a (B,) float tensor of training timesteps in [0, timesteps).
-The output is ε (parameterization "eps", Stable Diffusion) or v (parameterization "v").
+The output is ε (parameterization "eps", Stable Diffusion) or v (parameterization "v"). The pipeline, too, takes
+its networks as arguments: Stable Diffusion's (generate.py) and this project's trained ones (unet.py) alike.
 Notation: ᾱ_t = alphas_cumprod[t]; a noised sample is x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε  (DDPM eq. 4).
 """
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim", "euler", "dpm++2m")
@@ -107,16 +112,6 @@ def classifier_free_guidance(model, context, uncond_context, guidance_scale):
                                      torch.cat([uncond_context, context])).chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
     return guided
-
-
-@torch.no_grad()
-def ema_update(ema_model, model, num_updates, decay=0.9999):
-    """Exponential moving average of the weights, what a trained diffusion model samples with (DDPM sec. 4,
-    CompVis `ldm/modules/ema.py` LitEma): ema ← ema + (1 − d)·(θ − ema), with the warm-up d = min(decay,
-    (1 + n)/(10 + n)) after n updates, so a short run's average is not dominated by its random start."""
-    d = min(decay, (1 + num_updates) / (10 + num_updates))
-    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1 - d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,3 +301,80 @@ class GaussianDiffusion:
             x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * (torch.exp(-h) - 1.0)) * d
             x0_prev = x0
         return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt -> image: the pipeline, and its images as files
+
+class TextToImage:
+    """Prompts -> images, as diffusers' StableDiffusionPipeline and StableDiffusionImg2ImgPipeline run Rombach et
+    al. 2022: the text encoder's context of each prompt and negative prompt, classifier-free guidance over
+    `denoiser(x, t, context)`, a sampler of `diffusion`, and the VAE's decoder back to pixels (vae None: the
+    denoiser works on pixels in [-1, 1]). Networks in, images out: `text_encoder(tokens) -> context`,
+    `tokenize(prompts) -> (B, T) ids`; the denoiser's parameters say which device it runs on."""
+
+    def __init__(self, diffusion, denoiser, text_encoder, tokenize, vae=None):
+        self.diffusion, self.denoiser, self.text_encoder, self.tokenize, self.vae = (diffusion, denoiser,
+                                                                                      text_encoder, tokenize, vae)
+
+    @torch.no_grad()
+    def __call__(self, prompts, seeds, negative_prompts=None, sampler="ddim", steps=50, guidance_scale=7.5,
+                 eta=0.0, height=512, width=512, init_image=None, strength=0.8, vae_tile_size=None, progress=False):
+        """One image per (prompt, seed) -> (B, 3, height, width) in [0, 1], float32 on the CPU. `init_image`
+        (3, H, W) in [-1, 1] switches to image-to-image (with a VAE). Each image draws all its randomness (initial
+        noise, the VAE sample of the input image, DDPM's step noise) from its own CPU generator, so a seed gives
+        the same image in any batch and on any device; that is also how diffusers consumes a list of generators."""
+        device = next(self.denoiser.parameters()).device
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        context = self.text_encoder(self.tokenize(prompts).to(device))
+        uncond = self.text_encoder(self.tokenize(negative_prompts or [""] * len(prompts)).to(device)) \
+            if guidance_scale > 1 else None
+        vae_dtype = next(self.vae.parameters()).dtype if self.vae else None
+        init = None
+        if init_image is not None:  # one encoding, one posterior sample per image, scaled for the denoiser
+            posterior = self.vae.encode(init_image[None].to(device, vae_dtype))  # over (1, 4, h, w)
+            init = torch.cat([posterior.sample(g) for g in generators]).float() * self.vae.config.scale_factor
+        f, channels = (self.vae.downscale, self.vae.config.embed_dim) if self.vae else (1, 3)
+        noise = randn((len(prompts), channels, height // f, width // f), generators, device)
+        x = self.diffusion.sample(classifier_free_guidance(self.denoiser, context, uncond, guidance_scale), noise,
+                                  sampler, steps, eta, generators, init, strength if init is not None else 1.0,
+                                  progress)
+        images = self.vae.decode_latents(x.to(vae_dtype), tile_size=vae_tile_size) if self.vae else x.clamp(-1, 1)
+        return ((images.float() + 1) / 2).cpu()  # (B, 3, H, W) in [0, 1]
+
+
+def to_pil(images):
+    """(B, 3, H, W) in [0, 1], what the pipeline returns -> PIL images, rounding as diffusers' numpy_to_pil does."""
+    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in array]
+
+
+def image_grid(images, cols=None):
+    """PIL images of one size pasted into one, row by row, `cols` a row (default: a near-square grid)."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
+
+
+def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, seed, width, height, model,
+                    strength=None, eta=0.0):
+    """AUTOMATIC1111's infotext: the prompt, a "Negative prompt:" line when there is one, then key: value pairs."""
+    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
+    fields = [f"Steps: {steps}", f"Sampler: {SAMPLER_NAMES[sampler]}", f"CFG scale: {guidance_scale:g}",
+              f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
+    fields += [f"Denoising strength: {strength:g}"] if strength is not None else []
+    fields += [f"Eta: {eta:g}"] if eta else []  # DDIM's η
+    return "\n".join(lines + [", ".join(fields)])
+
+
+def save_png(image, path, parameters):
+    """A PNG that carries its settings in a "parameters" text chunk, as AUTOMATIC1111's web UI writes it."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(path, pnginfo=info)

@@ -4,13 +4,12 @@
     python generate.py "a watercolor fox" --init-image photo.jpg --strength 0.6 --seed 7
     python generate.py --prompt-file prompts.txt --num-images 4 --sampler dpm++2m --sampling-steps 25
 
-The pipeline is the one of Rombach et al. 2022 (arXiv:2112.10752) as diffusers' StableDiffusionPipeline and
-StableDiffusionImg2ImgPipeline run it: CLIP ViT-L/14 text features of prompt and negative prompt (clip.py),
-classifier-free guidance and a sampler from ddpm.py over the UNet (unet.py) in latent space, the VAE decoder
-(vae.py) back to pixels. All three networks come from ONE official single file (`v1-5-pruned-emaonly.safetensors`
-or `.ckpt`, or any SD 1.x fine-tune in that layout), fetched on first use. With the same seed, sampler and steps
-the images equal diffusers' (tests/test_generate_sd.py). Every PNG carries its settings in a "parameters" text
-chunk written as AUTOMATIC1111's web UI writes it, so the usual tools read them back.
+Stable Diffusion's three networks (the CLIP ViT-L/14 text tower, clip.py; the UNet, unet.py; the VAE, vae.py)
+come from ONE official single file (`v1-5-pruned-emaonly.safetensors` or `.ckpt`, or an SD 1.x fine-tune in
+that layout), fetched on first use, and ddpm.py's pipeline drives them as diffusers'
+StableDiffusion(Img2Img)Pipeline does (Rombach et al. 2022): with the same seed, sampler and steps the images
+equal diffusers'. Every PNG carries its settings as AUTOMATIC1111's web UI writes them, so the usual tools
+read them back.
 
 Image files, folders and globs get captions from a captioner of train.py --task caption (ClipCap, gpt2.py):
     python generate.py photo.jpg holiday/ "shots/*.png" --ckpt runs/caption/ckpt.pt [--json]
@@ -20,143 +19,46 @@ An input is an image input when it is an existing image file, an existing folder
 magic characters (* ? [) that matches image files; anything else is a prompt (--prompt TEXT: always one).
 """
 import argparse
-import glob
 import json
-import math
 import os
 import pickle
 import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
 
 import ddpm
 import weights
-from clip import CLIPTextTransformer
-from tokenizer import CLIPTokenizer
-from unet import UNetModel
-from vae import AutoencoderKL
-from vit import open_image, to_rgb
+from clip import CLIP, CLIPTextTransformer, frozen_tower, similarity
+from ddpm import image_grid, parameters_text, save_png, to_pil
+from gpt2 import Captioner
+from tokenizer import CLIPTokenizer, GPT2Tokenizer
+from unet import PromptTokenizer, TextConditionedUNet, UNetModel
+from vae import AutoencoderKL, load_image
+from vit import IMAGE_SUFFIXES, ImageReadError, image_files, preprocess
 
 DEFAULT_WEIGHTS = "sd15/v1-5-pruned-emaonly.safetensors"
-SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM++ 2M"}  # as AUTOMATIC1111
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size (SD draws 512x512; 12000x12000: 4 GB)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt -> image: the Stable Diffusion pipeline
+# -----------------------------------------------------------------------------------------------------------
+# Stable Diffusion: three networks from one file, driven by ddpm.py's pipeline
 
 
-class StableDiffusion:
-    """Text encoder, UNet and VAE of one SD 1.x checkpoint, and the diffusion process that drives them."""
-
-    def __init__(self, unet, vae, text_encoder, tokenizer=None, diffusion=None):
-        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
-        self.tokenizer = tokenizer or CLIPTokenizer.default()
-        self.diffusion = diffusion or ddpm.GaussianDiffusion(ddpm.PRESETS["sd15"])
-
-    @classmethod
-    def from_single_file(cls, path, device="cpu", dtype=torch.float32):
-        """Read the file once (weights/' restricted readers: no pickle code runs) and build the three networks
-        from their prefixes; each loader checks its key set and shapes and names what it ignores."""
-        state = weights.load_state_dict(path)
-        unet = UNetModel.from_state_dict(state, dtype=dtype)
-        vae = AutoencoderKL.from_state_dict(state, dtype=dtype)
-        text_encoder = CLIPTextTransformer.from_state_dict(state, preset=None)  # shapes say which size it is
-        return cls(unet.to(device), vae.to(device), text_encoder.to(device, dtype))
-
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
-
-    def set_attention(self, use_sdpa=True, slice_size=None):
-        """One switch for the attention of all three networks: SDPA or the plain math (tested equal)."""
-        self.unet.set_attention(use_sdpa, slice_size)
-        self.vae.set_attention(use_sdpa)
-        self.text_encoder.set_attention(use_sdpa)
-
-    @torch.no_grad()
-    def encode_text(self, prompts):
-        tokens = self.tokenizer.tokenize(prompts, pad="eot")  # (B, 77); SD 1.x pads with EOT, as HF's tokenizer
-        return self.text_encoder(tokens.to(self.device))  # (B, 77, C) last hidden state: the UNet's context
-
-    @torch.no_grad()
-    def __call__(self, prompts, seeds, negative_prompts=None, sampler="ddim", steps=50, guidance_scale=7.5,
-                 eta=0.0, height=512, width=512, init_image=None, strength=0.8, vae_tile_size=None,
-                 progress=False):
-        """One image per (prompt, seed) -> (B, 3, H, W) in [0, 1], float32 on the CPU. `init_image` (3, H, W) in
-        [-1, 1] switches to image-to-image. Each image draws all its randomness (initial noise, the VAE sample
-        of the input image, DDPM's step noise) from its own CPU generator, so a seed gives the same image in any
-        batch and on any device; that is also how diffusers consumes a list of generators."""
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        context = self.encode_text(prompts)
-        uncond = self.encode_text(negative_prompts or [""] * len(prompts)) if guidance_scale > 1 else None
-        vae_dtype = next(self.vae.parameters()).dtype
-        init = None
-        if init_image is not None:  # one encoding, one posterior sample per image, scaled for the UNet
-            posterior = self.vae.encode(init_image[None].to(self.device, vae_dtype))  # over (1, 4, h, w)
-            init = torch.cat([posterior.sample(g) for g in generators]).float() * self.vae.config.scale_factor
-        f = self.vae.downscale
-        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
-        noise = ddpm.randn(shape, generators, self.device)
-        denoise = ddpm.classifier_free_guidance(self.unet, context, uncond, guidance_scale)
-        latents = self.diffusion.sample(denoise, noise, sampler, steps, eta=eta, generator=generators, init=init,
-                                        strength=strength if init is not None else 1.0, progress=progress)
-        images = self.vae.decode_latents(latents.to(vae_dtype), tile_size=vae_tile_size)  # (B, 3, H, W) in [-1, 1]
-        return ((images.float() + 1) / 2).cpu()
+def stable_diffusion(path, device="cpu", dtype=torch.float32):
+    """SD 1.x's text encoder, UNet and VAE from ONE file read once (weights/: no pickle code runs), each by
+    its loader (key set and shapes checked), as a ddpm.TextToImage with SD's noise schedule and tokenizer."""
+    state = weights.load_state_dict(path)
+    unet = UNetModel.from_state_dict(state, dtype=dtype).to(device).eval()
+    vae = AutoencoderKL.from_state_dict(state, dtype=dtype).to(device).eval()
+    text_encoder = CLIPTextTransformer.from_state_dict(state, preset=None)  # any size: a fine-tune's too
+    text_encoder = text_encoder.to(device, dtype).eval()
+    return ddpm.TextToImage(ddpm.GaussianDiffusion(ddpm.PRESETS["sd15"]), unet, text_encoder,
+                            PromptTokenizer("clip", 77), vae)
 
 
-def load_image(path, width=None, height=None):
-    """An image file -> (3, H, W) in [-1, 1], resized with Lanczos to width x height (default: its own size
-    rounded down to multiples of 8, up to MAX_INIT_PIXELS), as diffusers' VaeImageProcessor prepares it.
-    vit.py opens it (one error, ImageReadError) and composites transparency on white."""
-    image = to_rgb(open_image(path, None if width and height else MAX_INIT_PIXELS))
-    width, height = width or image.width // 8 * 8, height or image.height // 8 * 8
-    if width < 8 or height < 8:
-        raise ValueError(f"image {path} is {image.width}x{image.height}: too small (at least 8x8)")
-    pixels = np.asarray(image.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0  # (H, W, 3)
-    return torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1  # (3, H, W)
-
-
-def to_pil(images):
-    """(B, 3, H, W) in [0, 1] -> PIL images, rounding as diffusers' numpy_to_pil does."""
-    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
-    return [Image.fromarray(a) for a in array]
-
-
-def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, seed, width, height, model,
-                    strength=None, eta=0.0):
-    """AUTOMATIC1111's infotext: the prompt, a "Negative prompt:" line when there is one, then key: value pairs."""
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    fields = [f"Steps: {steps}", f"Sampler: {SAMPLER_NAMES[sampler]}", f"CFG scale: {guidance_scale:g}",
-              f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
-    fields += [f"Denoising strength: {strength:g}"] if strength is not None else []
-    fields += [f"Eta: {eta:g}"] if eta else []  # DDIM's η
-    return "\n".join(lines + [", ".join(fields)])
-
-
-def save_png(image, path, parameters):
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    image.save(path, pnginfo=info)
-
-
-def image_grid(images):
-    """Paste images into a near-square grid, row by row."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-# ---------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -168,20 +70,8 @@ def pick_device(name):
         device = torch.device(name)
     except RuntimeError:
         return None
-    if (device.type == "cuda" and not torch.cuda.is_available()) or \
-            (device.type == "mps" and not torch.backends.mps.is_available()):
-        return None
-    return device
-
-
-def resolve_weights(args):
-    """--sd-weights as a file path, else as a registry name fetched into --weights-dir (on first use)."""
-    if Path(args.sd_weights).is_file():
-        return Path(args.sd_weights)
-    if args.sd_weights not in weights.REGISTRY:
-        raise FileNotFoundError(f"--sd-weights {args.sd_weights}: no such file, and not a registered name "
-                                f"(e.g. {DEFAULT_WEIGHTS})")
-    return weights.fetch(args.sd_weights, root=args.weights_dir, offline=args.offline)
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    return device if present is None or present() else None
 
 
 def draw(args, prompts, checkpoint):
@@ -191,28 +81,30 @@ def draw(args, prompts, checkpoint):
     init_image = None
     if args.init_image:
         try:
-            init_image = load_image(args.init_image, args.width, args.height)
+            init_image = load_image(args.init_image, args.width, args.height, MAX_INIT_PIXELS)
         except ValueError as error:  # too large to draw at its own size: say how to resize it
             large = "pixels, more than" in str(error)
             hint = " (--width and --height resize it; SD 1.5: 512x512)" if large else ""
             raise ValueError(f"--init-image: {error}{hint}") from None
-    width = init_image.shape[2] if init_image is not None else args.width or 512
-    height = init_image.shape[1] if init_image is not None else args.height or 512
-    if checkpoint:  # a text-to-image model of train.py
-        pipe, path, width = trained_pipeline(args, checkpoint, prompts, device, dtype)
-        height = width
+    if checkpoint:  # a text-to-image model of train.py (unet.py rebuilds it) at its size; EMA weights draw
+        path, width = Path(args.ckpt), checkpoint["image_size"]
+        net, vae = TextConditionedUNet.from_checkpoint(checkpoint)
+        net, vae = net.to(device, dtype).eval(), vae and vae.to(device, dtype)
+        diffusion = ddpm.GaussianDiffusion(ddpm.DiffusionConfig(**checkpoint["diffusion_config"]))
+        pipe = ddpm.TextToImage(diffusion, net, net.encode_text, net.tokenize, vae)
     else:
-        path = resolve_weights(args)
+        path = weights.file_or_fetch(args.sd_weights, args.weights_dir, args.offline, "--sd-weights")
+        width = init_image.shape[2] if init_image is not None else args.width or 512
         print(f"loading {path} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
         try:
-            pipe = StableDiffusion.from_single_file(path, device, dtype)
-        except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD 1.x, truncated, unsafe
+            pipe = stable_diffusion(path, device, dtype)
+        except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD, truncated, unsafe
             raise ValueError(f"{path} is not a usable Stable Diffusion 1.x checkpoint: {error}") from None
-        pipe.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
-        for prompt in prompts + [args.negative_prompt]:
-            if len(pipe.tokenizer.encode(prompt)) + 2 > 77:  # what diffusers warns about, too
-                print(f"warning: the text encoder reads 77 tokens, the rest is cut off: {prompt[:60]!r}...",
-                      file=sys.stderr)
+        pipe.denoiser.set_attention(args.sdpa, slice_size=1024 if args.low_memory else None)
+        pipe.vae.set_attention(args.sdpa)
+        pipe.text_encoder.set_attention(args.sdpa)
+    height = width if checkpoint else init_image.shape[1] if init_image is not None else args.height or 512
+    warn_unread(prompts + [args.negative_prompt], pipe.tokenize, (checkpoint or {}).get("caption_words"))
     score = clip_scorer(args, device) if args.rerank > 1 else None
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -248,79 +140,40 @@ def draw(args, prompts, checkpoint):
     return saved
 
 
-def trained_pipeline(args, checkpoint, prompts, device, dtype):
-    """A text-to-image checkpoint of train.py as a pipeline called like StableDiffusion: (pipe, path, size).
-    Prompts the model cannot read whole, or with words its training captions never used, are warned about."""
-    from train import load_text_to_image, words
-    model, cfg, tokenize = load_text_to_image(checkpoint, device)
-    model.to(device, dtype)
-    # what the model was judged with at training (its config's sampler, steps, guidance) unless given here:
-    # the SD defaults (guidance 7.5) overdrive a small model trained from scratch
-    args.sampler, args.sampling_steps = args.sampler or cfg.sampler, args.sampling_steps or cfg.sampling_steps
-    args.guidance_scale = cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    seen = set(checkpoint.get("caption_words") or ())
-    for prompt in dict.fromkeys(prompts + [args.negative_prompt]):
+def warn_unread(prompts, tokenize, seen=None):
+    """Warn of a prompt the text encoder cannot read whole, and of words a model's training captions lack."""
+    for prompt in dict.fromkeys(prompts):
         cut = tokenize([prompt])[0]
         if not torch.equal(tokenize([prompt], 1024)[0, :len(cut)], cut):
             print(f"warning: the model reads {len(cut)} tokens, the rest is cut off: {prompt[:60]!r}...",
                   file=sys.stderr)
-        if seen and (unseen := sorted(set(words(prompt)) - seen)):
+        if seen and (unseen := sorted(set(re.findall(r"[a-z0-9]+", prompt.lower())) - set(seen))):
             print(f"warning: words its training captions never used, so it has not learned them: "
                   f"{', '.join(unseen)} (in {prompt[:60]!r})", file=sys.stderr)
-
-    def pipe(prompts, seeds, negative_prompts, sampler, steps, guidance_scale, eta, *_, progress=False, **__):
-        return model.generate(tokenize(prompts).to(device), seeds, sampler, steps, guidance_scale, cfg.image_size,
-                              eta, tokenize(negative_prompts).to(device), progress)
-    return pipe, Path(args.ckpt), cfg.image_size
 
 
 def clip_scorer(args, device):
     """--rerank: (PIL image, prompt) -> the cosine similarity of CLIP's image and text embeddings."""
-    from clip import CLIP, preprocess
     try:
         model = CLIP.from_pretrained(args.clip_weights or "ViT-B/32", args.weights_dir, args.offline)
     except (weights.WeightsUnavailable, ValueError, KeyError, OSError) as error:
         raise ValueError(f"--rerank needs CLIP weights (--clip-weights): {error}") from None
     model, tokenizer = model.to(device).eval(), CLIPTokenizer.default()
+    size = model.config.vision.image_resolution
 
-    @torch.no_grad()
     def score(image, prompt):
-        image_embed = model.encode_image(preprocess(image, model.config.vision.image_resolution)[None].to(device))
-        return torch.cosine_similarity(image_embed, model.encode_text(tokenizer.tokenize([prompt]).to(device))).item()
+        return similarity(model, tokenizer, preprocess(image, size)[None].to(device), [prompt]).item()
     return score
-
-
-def is_image_file(path):
-    return path.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)  # os.path: False, never an error
-
-
-def image_files(arg):
-    """The image files an input names, or None for a prompt: an existing folder (its image files, sorted; ""
-    is not the current folder), an existing image file, or a glob with magic characters that matches image
-    files. Nothing here raises on a long or odd string: os.path answers False where Path raises (too long)."""
-    if arg and os.path.isdir(arg):
-        return sorted(p for p in (os.path.join(arg, name) for name in os.listdir(arg)) if is_image_file(p))
-    if is_image_file(arg):
-        return [arg]
-    try:
-        matches = sorted(f for f in glob.glob(arg) if is_image_file(f)) if re.search(r"[*?[]", arg) else []
-    except (OSError, ValueError):
-        matches = []
-    return matches or None
 
 
 @torch.no_grad()
 def caption_images(args, files, checkpoint):
-    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size images at once.
-    Returns how many could not be read (each reported on stderr and skipped)."""
-    from tokenizer import GPT2Tokenizer
-    from train import caption, load_captioner  # the captioner's code; Stable Diffusion never needs it
-    from vit import ImageReadError, preprocess
-
+    """Image files -> one `file<TAB>caption` line each (JSON lines with --json), --batch-size at once, by the
+    captioner of a train.py checkpoint (gpt2.py rebuilds it, clip.py reads a frozen tower it names). Returns
+    how many could not be read (each reported on stderr and skipped)."""
     device = pick_device(args.device)
-    flags = dict(weights_dir=args.weights_dir or "", offline=args.offline)
-    model, cfg = load_captioner(checkpoint, device, **flags, **({"clip_weights": args.clip_weights}
-                                                                 if args.clip_weights else {}))
+    visual = frozen_tower(checkpoint, args.clip_weights, args.weights_dir, args.offline)
+    model = Captioner.from_checkpoint(checkpoint, visual).to(device).eval()
     tokenizer, unreadable = GPT2Tokenizer.default(), 0
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(files), args.batch_size):
@@ -332,11 +185,12 @@ def caption_images(args, files, checkpoint):
                 print(error, file=sys.stderr)
                 unreadable += 1
         if batch:
-            embeds = model.embed(torch.stack([pixels for _, pixels in batch]).to(device))
-            texts = caption(model, embeds, tokenizer, cfg.max_caption_tokens, num_beams=args.num_beams,
-                            temperature=args.temperature, top_p=args.top_p, generator=generator)
+            texts = model.caption(torch.stack([pixels for _, pixels in batch]).to(device), tokenizer,
+                                  num_beams=args.num_beams, temperature=args.temperature, top_p=args.top_p,
+                                  generator=generator)
             for (file, _), text in zip(batch, texts):
-                print(json.dumps({"file": file, "caption": text}) if args.json else f"{file}	{text}", flush=True)
+                line = json.dumps({"file": file, "caption": text}) if args.json else f"{file}\t{text}"
+                print(line, flush=True)
     return unreadable
 
 
@@ -370,60 +224,54 @@ def main(argv=None):
 def run(argv):
     parser = Parser(description="Images for prompts with Stable Diffusion 1.x, or with a model of train.py; "
                     "captions for images with a captioner of train.py.", formatter_class=HelpFormatter)
-    parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image files, "
-                        "folders and globs to caption (with --ckpt)")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt, never taken for a file name "
-                        "(repeatable)")
+    parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image "
+                        "files, folders and globs to caption (with --ckpt)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt, never a file (repeatable)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line (blank lines skipped)")
     parser.add_argument("--negative-prompt", default="", help="what the image should not show")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = no guidance; "
-                        "default 7.5, or a --ckpt model's own from its training config)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = no "
+                        "guidance; default 7.5, or a --ckpt model's own from its training config)")
     parser.add_argument("--sampling-steps", type=int, help="sampler steps (default 50, or a --ckpt model's)")
     parser.add_argument("--sampler", choices=ddpm.SAMPLERS, help="ddim (default: CompVis' txt2img.py, and "
                         "diffusers' DDIMScheduler; or the --ckpt model's own), ddpm, euler or dpm++2m")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise: 0 deterministic, 1 like DDPM")
-    parser.add_argument("--seed", type=int, help="seed of the first image, the next images count up "
-                        "(default: random)")
+    parser.add_argument("--seed", type=int, help="seed of image 1, the others count up (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="images denoised (or captioned) together")
-    parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512, or the "
-                        "init image's)")
-    parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512, or the "
-                        "init image's)")
+    for name in ("height", "width"):
+        parser.add_argument(f"--{name}", type=int, help=f"image {name}, a multiple of 8 (default 512, or the "
+                            "init image's)")
     parser.add_argument("--init-image", help="image-to-image: start from this picture, not noise (at its "
                         f"own size, up to {MAX_INIT_PIXELS:,} pixels, unless --width and --height say)")
     parser.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change the "
                         "init image, in (0, 1]; 1 ignores it")
     parser.add_argument("--out-dir", default="outputs", help="where the PNGs go")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda:1, mps")
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help="the networks' "
                         "precision (auto: fp16 on a GPU, fp32 on the CPU); the sampler always works in fp32")
     parser.add_argument("--sd-weights", default=DEFAULT_WEIGHTS, help="SD 1.x weights: a single file "
                         "(.safetensors or .ckpt) or a registered name (fetched on first use)")
-    parser.add_argument("--weights-dir", help="where registered weights live (default: $MINIMODAL_WEIGHTS, "
-                        "else weights/)")
-    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
+    parser.add_argument("--weights-dir", help="weights' folder (default: $MINIMODAL_WEIGHTS, else weights/)")
+    parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch")
     parser.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True,
                         help="fused scaled_dot_product_attention (--no-sdpa: the plain math)")
-    parser.add_argument("--low-memory", action="store_true", help="slice attention and decode the VAE in "
-                        "tiles, for small GPUs (tiles change the image very slightly)")
+    parser.add_argument("--low-memory", action="store_true", help="small GPUs: sliced attention, VAE tiles")
     parser.add_argument("--ckpt", help="a checkpoint of train.py: --task caption captions the image inputs, "
                         "--task diffusion draws the prompts (instead of SD)")
-    parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one CLIP "
-                        "finds most like the prompt")
+    parser.add_argument("--rerank", type=int, default=1, help="draw N candidates per image, keep the one "
+                        "CLIP finds most like the prompt")
     parser.add_argument("--clip-weights", help="CLIP weights: --rerank's (default ViT-B/32, fetched on first "
                         "use), or the file of a --ckpt captioner's frozen image tower")
     parser.add_argument("--json", action="store_true", help="captions as JSON lines {file, caption}")
-    parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1 (default greedy)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (default greedy)")
+    parser.add_argument("--num-beams", type=int, default=1, help="captions: beam search when > 1")
+    parser.add_argument("--temperature", type=float, default=0.0, help="captions: sample above 0 (0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="captions: nucleus sampling mass")
     parser.add_argument("--traceback", action="store_true", help="on an error, the traceback, not one line")
     args = parser.parse_args(argv)
-
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value < 8 or value % 8):
-            parser.error(f"--{name} must be a positive multiple of 8 (the VAE shrinks images 8x), got {value}")
+            parser.error(f"--{name} must be a positive multiple of 8 (the VAE shrinks 8x), got {value}")
     if min(1 if args.sampling_steps is None else args.sampling_steps, args.num_images, args.batch_size,
            args.rerank, args.num_beams) < 1:
         parser.error("--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be >= 1")
@@ -431,7 +279,6 @@ def run(argv):
         parser.error("--strength must be in (0, 1]; --eta and --guidance-scale must be >= 0")
     if pick_device(args.device) is None:
         parser.error(f"--device {args.device}: this machine has no such device")
-
     # What the inputs are decides the task (image_files has the rule): images get captions, prompts images
     found = {arg: image_files(arg) for arg in args.inputs}
     images = [arg for arg, files in found.items() if files is not None]
@@ -454,18 +301,16 @@ def run(argv):
         if "/" not in arg and os.sep not in arg and not arg.lower().endswith(IMAGE_SUFFIXES):
             print(f"note: {arg!r} names {'a folder' if os.path.isdir(arg) else 'files'} here: captioning "
                   f"{len(found[arg])} image(s) (--prompt {arg!r} draws it instead)", file=sys.stderr)
-    missing = [arg for arg in args.inputs if found[arg] is None and " " not in arg and
-               arg.lower().endswith(IMAGE_SUFFIXES)]
-    if missing:  # a mistyped file name should not start a 4 GB download to draw it as a prompt
+    if missing := [arg for arg in args.inputs if found[arg] is None and " " not in arg and
+                   arg.lower().endswith(IMAGE_SUFFIXES)]:  # a typo must not start a 4 GB download
         parser.error(f"no such image file: {missing[0]} (--prompt {missing[0]!r} draws it as a prompt)")
     if not images and not prompts:
         parser.error("give at least one prompt (or --prompt-file), or image files to caption")
     checkpoint = None
     if args.ckpt:
-        from train import read_checkpoint
         if not os.path.isfile(args.ckpt):
             parser.error(f"--ckpt {args.ckpt}: no such file")
-        checkpoint = read_checkpoint(args.ckpt)
+        checkpoint = weights.read_checkpoint(args.ckpt)
         if checkpoint["task"] != ("caption" if images else "diffusion"):
             parser.error(f"--ckpt {args.ckpt} is a train.py --task {checkpoint['task']} checkpoint: it " + (
                 "draws prompts, and captioning images needs a --task caption one" if images else "captions "
@@ -475,19 +320,19 @@ def run(argv):
         if unreadable := caption_images(args, files, checkpoint):
             raise ValueError(f"{unreadable} of {len(files)} images could not be read (each is named above)")
         return None
-    if checkpoint:  # a text-to-image model of train.py draws at its training size, from noise only
-        size = checkpoint["config"].get("image_size")
-        if args.init_image or {args.width, args.height} - {None, size}:
-            parser.error(f"{args.ckpt} draws {size}x{size} images from noise only (no --init-image, and "
-                         "--width/--height only at that size)")
-    else:  # Stable Diffusion's defaults; a trained model's come with it (trained_pipeline)
-        args.sampler, args.sampling_steps = args.sampler or "ddim", args.sampling_steps or 50
-        args.guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
-        try:
-            ddpm.GaussianDiffusion().sampling_timesteps(args.sampler, args.sampling_steps,
-                                                        args.strength if args.init_image else 1.0)
-        except ValueError as error:
-            parser.error(str(error))
+    size = checkpoint and checkpoint["image_size"]
+    if checkpoint and (args.init_image or {args.width, args.height} - {None, size}):
+        parser.error(f"{args.ckpt} draws {size}x{size} images from noise only (no --init-image, and "
+                     "--width/--height only at that size)")
+    for name, default in (("sampler", "ddim"), ("sampling_steps", 50), ("guidance_scale", 7.5)):
+        if getattr(args, name) is None:  # Stable Diffusion's defaults, or what a --ckpt model was judged with
+            setattr(args, name, checkpoint[name] if checkpoint else default)
+    schedule = checkpoint and ddpm.DiffusionConfig(**checkpoint["diffusion_config"])
+    try:
+        ddpm.GaussianDiffusion(schedule).sampling_timesteps(args.sampler, args.sampling_steps,
+                                                            args.strength if args.init_image else 1.0)
+    except ValueError as error:
+        parser.error(str(error))
     return draw(args, prompts, checkpoint)
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
-from vit import PRECISION_HELP, PRECISIONS, resolve_precision  # the command line's --precision, as everywhere
+from vit import PRECISION_HELP, PRECISIONS, VisionConfig, VisionTransformer, normalize, resolve_precision
 
 # ===============================================================================================================
 # 1. GPT-2
@@ -58,11 +58,10 @@ class Conv1D(nn.Module):
 
 
 def causal_mask(past_length, T, key_is_real=None, device=None):
-    """Which keys each query may attend to, (B or 1, 1, T, S) bool with S = past_length + T.
-
-    Query t sits at position past_length + t and sees every key up to and including itself, except padding keys
-    (key_is_real False). A padding query sees itself only, so no softmax row is ever empty (an empty row gives NaN,
-    which would reach real tokens through 0 * NaN); what a padding query computes is never used."""
+    """Which keys each query may attend to, (B or 1, 1, T, S) bool with S = past_length + T. Query t sits at
+    position past_length + t and sees every key up to and including itself, except padding keys (key_is_real
+    False). A padding query sees itself only, so no softmax row is ever empty (an empty row gives NaN, which would
+    reach real tokens through 0 * NaN); what a padding query computes is never used."""
     query_pos = torch.arange(past_length, past_length + T, device=device)[:, None]
     key_pos = torch.arange(past_length + T, device=device)[None, :]
     mask = key_pos <= query_pos  # (T, S)
@@ -155,11 +154,6 @@ class GPTConfig:
                 weights.check_config(replace(found, n_head=preset.n_head), preset, f"{name} (else pass config=)")
                 return preset
         raise ValueError(f"no GPT-2 preset has n_layer={found.n_layer}, n_embd={found.n_embd}; pass config=")
-
-    @classmethod
-    def from_dict(cls, saved):
-        """A config a checkpoint stores as a dict (asdict), less old checkpoints' `sdpa` (no part of the model)."""
-        return cls(**{k: v for k, v in saved.items() if k != "sdpa"})
 
 
 # Sizes from openai/gpt-2 `hparams.json` and the openai-community/gpt2* `config.json` files on the Hugging Face
@@ -273,11 +267,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict, prefix="", config=None, **overrides):
-        """A GPT from the tensors under `prefix`, named as in the official files (with or without "transformer.").
-
-        The config is read off the tensors and checked against the presets, unless given. overrides replace config
-        fields that no tensor fixes (dropout). Mapping rule: strip "transformer."; drop the causal-mask buffers
-        (IGNORED); lm_head.weight, which only HF's own save carries, must equal wte.weight (tied) and is dropped."""
+        """A GPT from the tensors under `prefix`, named as in the official files, with or without HF's "transformer."
+        level; the config read off the tensors and checked against the presets, unless given (overrides: fields no
+        tensor fixes, dropout). Mapping rule: strip "transformer."; drop the causal-mask buffers (IGNORED);
+        lm_head.weight, which only HF's own save carries, must equal wte.weight (tied) and is dropped."""
         sd = {k[len(prefix):].removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith(prefix)}
         head = sd.pop("lm_head.weight", None)
         if head is not None and "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
@@ -295,11 +288,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, attention_mask=None, prefix_embeds=None, temperature=0.0, top_k=None,
                  top_p=None, num_beams=1, length_penalty=1.0, eos_token_id=50256, generator=None):
-        """Continue every row of idx (B, T); prompts of different lengths are left-padded and come with their
-        attention_mask (see pad_left). temperature 0 takes the most likely token (greedy); above 0 it samples,
-        from the top_k most likely tokens and/or the smallest set whose probability reaches top_p, with randomness
-        from `generator`. num_beams > 1 runs beam search instead. A row stops at eos_token_id (None: never).
-        Returns the new tokens (B, N), N <= max_new_tokens, rows that stopped early filled with eos_token_id."""
+        """Continue every row of idx (B, T) (prompts of different lengths left-padded, with their attention_mask:
+        tokenizer.pad_left). temperature 0 takes the most likely token (greedy); above 0 it samples from the top_k
+        most likely and/or the smallest set whose probability reaches top_p, randomness from `generator`; num_beams
+        > 1 runs beam search. A row stops at eos_token_id (None: never). Returns the new tokens (B, N), N <=
+        max_new_tokens, rows that stopped early filled with eos_token_id."""
         prompt_length = (0 if idx is None else idx.size(1)) + (0 if prefix_embeds is None else prefix_embeds.size(1))
         if prompt_length + max_new_tokens > self.config.n_ctx:
             raise ValueError(f"a prompt of {prompt_length} positions plus {max_new_tokens} new tokens exceeds "
@@ -325,7 +318,7 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Decoding helpers: sampling, beam search, left padding
+# Decoding helpers: sampling, beam search
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -347,12 +340,11 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
 @torch.no_grad()
 def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, attention_mask=None, prefix_embeds=None,
                 eos_token_id=50256):
-    """GPT.generate with num_beams > 1 (same arguments, same result layout): keep the num_beams continuations
-    with the highest summed log-probability. A beam that emits eos, or reaches max_new_tokens, becomes a finished
-    hypothesis scored sum / length**length_penalty; each row keeps its num_beams best. This follows Hugging Face's
-    beam search step for step: the top 2 * num_beams candidates are scored, only the first num_beams of them may
-    finish, and a row stops collecting once no running beam can beat its worst kept hypothesis (HF's default
-    early_stopping=False heuristic)."""
+    """GPT.generate with num_beams > 1 (same arguments and result layout): keep the num_beams continuations with
+    the highest summed log-probability; a beam that emits eos or reaches max_new_tokens becomes a hypothesis scored
+    sum / length**length_penalty, each row keeping its num_beams best. As Hugging Face's beam search step for step:
+    the top 2 * num_beams candidates are scored, only the first num_beams may finish, and a row stops once no
+    running beam can beat its worst hypothesis (HF's default early_stopping=False heuristic)."""
     B, K = (idx if idx is not None else prefix_embeds).size(0), num_beams
     idx, attention_mask, prefix_embeds = (None if t is None else t.repeat_interleave(K, dim=0)  # (B*K, ...)
                                           for t in (idx, attention_mask, prefix_embeds))
@@ -393,30 +385,19 @@ def beam_search(model, idx, max_new_tokens, num_beams, length_penalty=1.0, atten
         if attention_mask is not None:  # rows of one prompt share their mask, so it needs no reordering
             attention_mask = F.pad(attention_mask, (0, 1), value=1)
         hidden, past = model.hidden_states(tokens.view(B * K, 1), None, attention_mask, past)
-    best = [h[0][1] for h in hypotheses]
-    width = max(map(len, best))
-    pad = eos_token_id if eos_token_id is not None else 0
-    return torch.tensor([row + [pad] * (width - len(row)) for row in best], device=hidden.device)
-
-
-def pad_left(rows, pad_id):
-    """Token id lists of different lengths -> ids (B, T) padded on the left with pad_id, and attention_mask (B, T)."""
-    T = max(map(len, rows))
-    idx = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows])
-    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    return idx, attention_mask
+    best, pad = [h[0][1] for h in hypotheses], eos_token_id if eos_token_id is not None else 0
+    return torch.tensor([row + [pad] * (max(map(len, best)) - len(row)) for row in best], device=hidden.device)
 
 
 # ===============================================================================================================
 # 2. GPT-2 Vision: GPT-2 continues a prefix made from an image
 # ===============================================================================================================
-# ClipCap (Mokady et al. 2021, "ClipCap: CLIP Prefix for Image Captioning", github.com/rmokady/CLIP_prefix_caption):
-# a mapping network turns one CLIP image embedding (B, prefix_size) into prefix_length vectors of GPT-2's width, and
-# GPT-2 reads them as the embeddings of a prompt, then writes the caption. The image tower (vit.py) stays outside.
-# Module names follow ClipCap's ClipCaptionModel (clip_project, gpt; MLP.model; TransformerMapper.linear, prefix_const,
-# transformer.layers.N.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1, mlp.fc2}).
-# A third mapper, "tokens", reads every token of the image tower's grid instead of the one pooled embedding, one
-# prefix vector per token (LLaVA-1.5's projector, Liu et al. 2023): where things are reaches GPT-2 intact.
+# ClipCap (Mokady et al. 2021, github.com/rmokady/CLIP_prefix_caption): a mapping network turns one CLIP image embedding
+# (B, prefix_size) into prefix_length vectors of GPT-2's width, which GPT-2 reads as a prompt's embeddings and then
+# writes the caption. Module names follow ClipCap's ClipCaptionModel (clip_project, gpt; MLP.model; TransformerMapper
+# .linear, .prefix_const, .transformer.layers.N.{norm1, attn.to_queries, attn.to_keys_values, attn.project, norm2,
+# mlp.fc1, mlp.fc2}). A third mapper, "tokens", maps every token of vit.py's tower grid, one prefix vector each
+# (LLaVA-1.5's projector, Liu et al. 2023): where things are reaches GPT-2 intact.
 
 
 @dataclass(frozen=True)
@@ -427,6 +408,8 @@ class CaptionerConfig:
     clip_length: int = 10  # transformer mapper: vectors made from the image embedding (ClipCap: 10)
     num_layers: int = 8  # transformer mapper: blocks (ClipCap: 8)
     num_heads: int = 8  # transformer mapper: attention heads (ClipCap: 8)
+    max_caption_tokens: int = 30  # decoding stops after this many tokens (train.py cuts captions there)
+    eos_token_id: int = 50256  # a caption ends with this token: GPT-2's <|endoftext|>
 
 
 class PrefixMLP(nn.Module):
@@ -442,8 +425,7 @@ class PrefixMLP(nn.Module):
 
 
 class TokenMLP(nn.Module):
-    """LLaVA-1.5's projector: each image token (B, N, prefix_size) -> Linear, GELU, Linear -> (B, N, C). The prefix
-    is the tower's token grid (prefix_length = N), so a caption can say what is left of what."""
+    """LLaVA-1.5's projector: image tokens (B, N, prefix_size) -> Linear, GELU, Linear -> the prefix (B, N, C)."""
 
     def __init__(self, prefix_size, n_embd):
         super().__init__()
@@ -497,9 +479,12 @@ class TransformerMapper(nn.Module):
 
 
 class Captioner(nn.Module):
-    """ClipCap's ClipCaptionModel: image embedding -> clip_project -> prefix (B, P, C) -> GPT-2 -> caption."""
+    """ClipCap's ClipCaptionModel: image -> tower -> clip_project -> prefix (B, P, C) -> GPT-2 -> caption. `visual`
+    (vit.py) is a tower that trains with it (in its state dict) or a frozen one attached to caption new images;
+    without it, it reads a frozen tower's embeddings (train.py caches them). `vocab`: a closed vocabulary, the ids
+    of every token the captions use; the other rows of wte are set to 0 here and stay 0 (see forward)."""
 
-    def __init__(self, config, gpt):
+    def __init__(self, config, gpt, visual=None, vocab=None):
         super().__init__()
         self.config, self.gpt = config, gpt
         C, P = gpt.config.n_embd, config.prefix_length
@@ -512,33 +497,44 @@ class Captioner(nn.Module):
                                                   config.num_heads)
         else:
             raise ValueError(f"mapping_type must be 'mlp', 'transformer' or 'tokens', got {config.mapping_type!r}")
+        self.visual = visual  # last: the parameters' order (an optimizer's state) is GPT-2, mapper, tower
+        self.register_buffer("vocab", None)  # (|vocab|,) sorted ids, saved with the weights
+        if vocab is not None:
+            self.vocab = torch.tensor(sorted({int(t) for t in vocab} | {config.eos_token_id}))
+            unused = torch.ones(gpt.config.n_vocab, dtype=torch.bool).index_fill_(0, self.vocab, False)
+            with torch.no_grad():
+                gpt.wte.weight.masked_fill_(unused[:, None], 0)
 
-    def forward(self, image_embeds, tokens, token_mask, vocab=None, eos_token_id=50256):
-        """Teacher forcing. image_embeds (B, prefix_size), or the token grid (B, N, prefix_size) for the tokens
-        mapper; tokens (B, T) right-padded captions, token_mask (B, T) 1 = caption token, 0 = padding
-        (whatever id it holds). Returns the cross-entropy summed over every caption token and the end-of-text after
-        it (token_mask.sum() + B targets); the trainer divides, so micro-batches and ranks add up exactly.
+    def prefix(self, images):
+        """Images -> the prefix GPT-2 reads (B, P, C). Pixels (B, 3, h, w), uint8 (CLIP-normalised here) or already
+        normalised, go through the tower (pooled, or every token for the tokens mapper); without one, embeddings."""
+        if self.visual is not None:
+            pixels = normalize(images) if images.dtype == torch.uint8 else images
+            images = self.visual.embed_tokens(pixels) if self.config.mapping_type == "tokens" else self.visual(pixels)
+        return self.clip_project(images.to(self.gpt.wte.weight.dtype))  # (B, P, C)
 
-        vocab: the sorted ids of every token the captions use (end-of-text included), given only when every other
-        row of wte is exactly 0 (a model trained from scratch on a closed vocabulary, such as shapes). Those rows'
-        logits are then exactly 0, so the full softmax's normaliser is the used tokens' exp(logit) plus
-        (V - |vocab|) * exp(0): the loss of the full 50,257-wide output layer at the cost of |vocab| rows, and the
-        same gradient for every parameter but the unused rows, which get none and stay 0. Generation is unchanged."""
-        prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
-        (B, T), P = tokens.shape, prefix.size(1)
+    def forward(self, images, tokens, token_mask):
+        """Teacher forcing: images (see prefix), right-padded captions (B, T), token_mask (B, T) 0 for padding (any id)
+        -> the cross-entropy summed over every caption token and the end token after it (the trainer divides). With a
+        closed vocabulary the other rows of wte are exactly 0, so the softmax's normaliser is the used tokens' exp(logit)
+        plus (V - |vocab|) * exp(0): the full layer's loss and gradients (none for the unused rows) at |vocab| rows'
+        cost; another dataset's token embeds and scores as 0."""
+        prefix = self.prefix(images)  # (B, P, C)
+        (B, T), P, vocab = tokens.shape, prefix.size(1), self.vocab
         token_mask = token_mask.bool()
         attention_mask = torch.cat([token_mask.new_ones(B, P), token_mask], dim=1)  # (B, P+T)
         if vocab is None:
             hidden, _ = self.gpt.hidden_states(tokens, prefix, attention_mask)  # (B, P+T, C)
         else:  # the used rows, gathered once, embed the tokens and make the logits: one gradient scatter into wte
             table = self.gpt.wte.weight[vocab]  # (|vocab|, C)
-            rows = torch.searchsorted(vocab, tokens).clamp(max=len(vocab) - 1)  # (B, T); padding (any id) is masked
-            hidden, _ = self.gpt.hidden_states(None, torch.cat([prefix, table[rows]], dim=1), attention_mask)
+            rows = torch.searchsorted(vocab, tokens).clamp(max=len(vocab) - 1)  # (B, T)
+            embedded = table[rows] * (vocab[rows] == tokens)[..., None]  # (B, T, C): 0 outside the vocabulary
+            hidden, _ = self.gpt.hidden_states(None, torch.cat([prefix, embedded], dim=1), attention_mask)
         # position P-1+t predicts caption token t (the last prefix vector predicts the first word), and the position
-        # of a caption's last token predicts end-of-text; padding positions predict nothing
+        # of a caption's last token predicts the end token; padding positions predict nothing
         lengths = token_mask.sum(dim=1, keepdim=True)  # (B, 1)
         positions = torch.arange(T + 1, device=tokens.device)[None]  # (1, T+1)
-        targets = F.pad(tokens, (0, 1)).masked_fill(positions >= lengths, eos_token_id)  # (B, T+1)
+        targets = F.pad(tokens, (0, 1)).masked_fill(positions >= lengths, self.config.eos_token_id)  # (B, T+1)
         is_target = positions <= lengths  # (B, T+1)
         hidden, targets = hidden[:, P - 1:][is_target], targets[is_target]  # (N, C), (N,): no work on padding
         if vocab is None:  # the 50,257-wide output layer is most of the cost: applied only where there is a target
@@ -546,19 +542,43 @@ class Captioner(nn.Module):
         logits = F.linear(hidden, table).float()  # (N, |vocab|)
         rest = torch.full_like(logits[:, :1], math.log(self.gpt.config.n_vocab - len(vocab)))  # log sum of exp(0)
         log_normaliser = torch.cat([logits, rest], dim=1).logsumexp(dim=1)  # (N,)
-        return (log_normaliser - logits.gather(1, torch.searchsorted(vocab, targets)[:, None])[:, 0]).sum()
+        rows = torch.searchsorted(vocab, targets).clamp(max=len(vocab) - 1)
+        return (log_normaliser - logits.gather(1, rows[:, None])[:, 0] * (vocab[rows] == targets)).sum()
 
     @torch.no_grad()
-    def generate(self, image_embeds, max_new_tokens=30, **sampling):
-        """Captions as token ids (B, N), rows that ended early filled with end-of-text; sampling takes GPT.generate's
-        keywords (temperature, top_k, top_p, num_beams, length_penalty, eos_token_id, generator): greedy by default."""
-        prefix = self.clip_project(image_embeds.to(self.gpt.wte.weight.dtype))  # (B, P, C)
-        return self.gpt.generate(None, max_new_tokens, prefix_embeds=prefix, **sampling)
+    def generate(self, images, max_new_tokens=None, **sampling):
+        """Captions as ids (B, N), N <= max_new_tokens (default: the config's), rows that ended filled with the end
+        token; sampling: GPT.generate's keywords (temperature, top_k, top_p, num_beams, ...), greedy by default."""
+        return self.gpt.generate(None, max_new_tokens or self.config.max_caption_tokens,
+                                 prefix_embeds=self.prefix(images), eos_token_id=self.config.eos_token_id, **sampling)
+
+    def caption(self, images, tokenizer, max_new_tokens=None, **sampling):
+        """Captions (str) of images (see prefix), decoded by `tokenizer` (GPT-2's) up to the end token."""
+        end = self.config.eos_token_id
+        return [tokenizer.decode(row[:row.index(end)] if end in row else row).strip()
+                for row in self.generate(images, max_new_tokens, **sampling).tolist()]
 
     def set_attention(self, use_sdpa=True):
-        """GPT-2's switch (ClipCap's mapper keeps its plain attention: a few vectors, no mask)."""
-        self.gpt.set_attention(use_sdpa)
+        """GPT-2's switch and the tower's (ClipCap's mapper keeps its plain attention: a few vectors, no mask)."""
+        for model in (self.gpt, self.visual) if self.visual is not None else (self.gpt,):
+            model.set_attention(use_sdpa)
         return self
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, visual=None):
+        """A captioner of train.py --task caption (weights.read_checkpoint) rebuilt from the configs beside its weights
+        (captioner_config, gpt_config, vision_config) by weights.rebuild (meta device, checked, loaded). A tower that
+        trained with it is among the weights; a frozen one (frozen_tower) is not: `visual` attaches it (clip.py)."""
+        vision, trained = VisionConfig(**checkpoint["vision_config"]), checkpoint["frozen_tower"] is None
+        model = weights.rebuild(lambda: cls(CaptionerConfig(**checkpoint["captioner_config"]),
+                                            GPT(GPTConfig(**checkpoint["gpt_config"])),
+                                            VisionTransformer(vision, sincos=True) if trained else None,
+                                            checkpoint["model"].get("vocab")), checkpoint["model"])
+        if visual is not None and not trained:
+            if visual.config != vision:
+                raise ValueError(f"the image tower given is not the one this captioner was trained on ({vision})")
+            model.visual = visual.requires_grad_(False).eval()
+        return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -575,41 +595,36 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = more random")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1 = all)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams when > 1 "
-                        "(deterministic: the sampling flags do not apply)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search when > 1 (no sampling then)")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
-    parser.add_argument("--weights-dir", help="where weights live (none: $MINIMODAL_WEIGHTS, else weights/ by gpt2.py)")
+    parser.add_argument("--weights-dir", help="where weights live (none: $MINIMODAL_WEIGHTS, else weights/)")
     parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
     args = parser.parse_args()
-    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0:
-        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k at least 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.max_new_tokens < 1 or args.num_beams < 1 or args.top_k < 0 or args.temperature < 0 or \
+            not 0 < args.top_p <= 1:
+        parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k and --temperature at least 0, "
+                     "--top-p in (0, 1]")
 
-    from tokenizer import GPT2Tokenizer  # only the command line needs text; the model works on ids
-
+    from tokenizer import GPT2Tokenizer, pad_left  # only the command line needs text; the model works on ids
     tokenizer = GPT2Tokenizer.default()
-    try:
-        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline)
-    except (weights.WeightsUnavailable, FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    precision = resolve_precision(args.precision, args.device)
-    model.to(args.device, PRECISIONS[precision]).decoding_layout().eval()  # the KV cache follows; sampling: fp32
-    print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters, {precision} "
-          f"(--precision {args.precision})")
     # an empty prompt starts from <|endoftext|>, the way OpenAI's unconditional samples begin
-    rows = [tokenizer.encode(p) or [tokenizer.eot_token] for p in args.prompt]
-    idx, attention_mask = pad_left(rows, tokenizer.eot_token)
+    idx, attention_mask = pad_left([tokenizer.encode(p) or [tokenizer.eot_token] for p in args.prompt],
+                                   tokenizer.eot_token)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     try:
+        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline)
+        precision = resolve_precision(args.precision, args.device)
+        model.to(args.device, PRECISIONS[precision]).decoding_layout().eval()  # the KV cache follows; sampling: fp32
+        print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{precision} (--precision {args.precision})")
         out = model.generate(idx.to(args.device), args.max_new_tokens, attention_mask.to(args.device),
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              num_beams=args.num_beams, length_penalty=args.length_penalty,
                              eos_token_id=tokenizer.eot_token, generator=generator)
-    except ValueError as error:
+    except (weights.WeightsUnavailable, FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     for prompt, new in zip(args.prompt, out.tolist()):
         new = new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new

@@ -354,6 +354,15 @@ class GPT2Tokenizer(BytePairEncoder):
         return ids
 
 
+def pad_left(rows, pad_id):
+    """Token id lists of different lengths -> ids (B, T) padded on the left with pad_id, and attention_mask (B, T)
+    (Hugging Face's padding_side="left"): a batch of prompts that GPT-2 continues together."""
+    T = max(map(len, rows))
+    idx = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows])
+    attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return idx, attention_mask
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CLIP
 

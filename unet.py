@@ -9,7 +9,13 @@ SpatialTransformers). Official code matched here: CompVis/stable-diffusion
 `ldm/modules/diffusionmodules/util.py` (timestep_embedding), with the unet_config of
 `configs/stable-diffusion/v1-inference.yaml`. Module names are the keys under `model.diffusion_model.`.
 This file knows nothing about noise schedules: that is ddpm.py.
+
+Its closing section, "Text conditioning (this project's models)", makes the text-to-image model train.py trains
+of a UNet, a text encoder (clip.py's CLIP text tower, or GPT-2's hidden states) and its prompt tokenizer, and
+rebuilds it from a training checkpoint.
 """
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,6 +25,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import weights
+from clip import CLIPTextTransformer, TextConfig
+from gpt2 import GPT, GPTConfig
+from tokenizer import CLIPTokenizer, GPT2Tokenizer
+from vae import AutoencoderConfig, AutoencoderKL
 
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -367,6 +377,47 @@ class UNetModel(nn.Module):
         return model
 
 
+# ==========================================================================================================
+# Text conditioning (this project's models): the UNet that train.py --task diffusion trains, with its text
+# encoder and prompt tokenizer, rebuilt from a checkpoint
+# ==========================================================================================================
+TEXT_ENCODERS = ("tiny", "clip", "gpt2")  # a CLIP-style tower trained with the UNet; SD's CLIP ViT-L/14; GPT-2
+
+
+class GPTHidden(nn.Module):
+    """GPT-2 read as a text encoder: its last hidden states (after ln_f), not its logits."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, tokens):
+        return self.gpt(tokens, return_hidden=True)
+
+
+class PromptTokenizer:
+    """Prompts -> (B, context_length) ids for the text encoder, padded with end-of-text as SD pads them (its UNet
+    attends to every position) and cut to the context: CLIP's BPE, or GPT-2's for kind "gpt2" (read on first
+    use; copies of a model share it). `length` asks for another context (generate.py: was a prompt cut?)."""
+
+    def __init__(self, kind, context_length):
+        self.kind, self.context_length = kind, context_length
+
+    @functools.cached_property
+    def bpe(self):
+        return GPT2Tokenizer.default() if self.kind == "gpt2" else CLIPTokenizer.default()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, texts, length=None):
+        length = length or self.context_length
+        if self.kind != "gpt2":
+            return self.bpe.tokenize(texts, length, pad="eot")
+        rows = [self.bpe.encode(text)[:length - 1] for text in texts]
+        return torch.tensor([row + [self.bpe.eot_token] * (length - len(row)) for row in rows])
+
+
 class TextConditionedUNet(nn.Module):
     """A UNet that draws what a text encoder read: `text_encoder(tokens (B, T))` gives hidden states (B, T, C_text),
     a linear layer projects them to `context_dim` where the widths differ (a frozen GPT-2 into a small UNet), and
@@ -374,14 +425,21 @@ class TextConditionedUNet(nn.Module):
     state at the first end-of-text, which has read the whole prompt (a causal encoder: CLIP's own pooling), also
     joins the timestep embedding, as SDXL adds its pooled text: every ResBlock hears the prompt. `patch` > 1 folds p x p
     pixels into channels (pixel_unshuffle), so a 32x32 RGB image is denoised as a 16x16 12-channel one: the
-    compute of a 16x16 UNet with every pixel kept (the "patchify" of Hoogeboom et al. 2023, simple diffusion)."""
+    compute of a 16x16 UNet with every pixel kept (the "patchify" of Hoogeboom et al. 2023, simple diffusion).
+    `kind` is one of TEXT_ENCODERS (GPT-2 comes wrapped in GPTHidden); `tokenize` is the encoder's PromptTokenizer."""
 
-    def __init__(self, unet, text_encoder, text_width, patch=1):
+    def __init__(self, unet, text_encoder, kind, context_length, patch=1):
         super().__init__()
-        self.unet, self.text_encoder, self.patch = unet, text_encoder, patch
-        dim = unet.config.context_dim
-        self.text_proj = nn.Identity() if text_width == dim else nn.Linear(text_width, dim)
+        self.unet, self.text_encoder, self.kind, self.patch = unet, text_encoder, kind, patch
+        self.tokenize = PromptTokenizer(kind, context_length)
+        width, dim = self.text_config()["n_embd" if kind == "gpt2" else "transformer_width"], unet.config.context_dim
+        self.text_proj = nn.Identity() if width == dim else nn.Linear(width, dim)
         assert unet.config.adm_in_channels in (0, dim), "the pooled text is a context vector: adm_in_channels"
+
+    def text_config(self):
+        """What a checkpoint keeps of the text side: the encoder's kind, its config, the prompt's context_length."""
+        config = self.text_encoder.gpt.config if self.kind == "gpt2" else self.text_encoder.config
+        return {"kind": self.kind, **dataclasses.asdict(config), "context_length": self.tokenize.context_length}
 
     def encode_text(self, tokens):
         """tokens (B, T) -> context (B, T, context_dim); with the pooled text, its vector rides along as one more
@@ -402,3 +460,23 @@ class TextConditionedUNet(nn.Module):
             return self.unet(x, timesteps, context, pooled)
         x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
         return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, ema=True):
+        """(model, frozen VAE or None) of a train.py --task diffusion checkpoint (weights.read_checkpoint), rebuilt
+        from the configs stored beside its weights (unet_config, text_config with the encoder's kind, patch,
+        vae_config; weights.rebuild: built on meta, checked, loaded), with the EMA weights when it has them and
+        `ema`. Its noise schedule, diffusion_config, is ddpm.py's."""
+        text, sd = dict(checkpoint["text_config"]), checkpoint["model"]
+        kind, length, prefix = text.pop("kind"), text.pop("context_length"), "net."
+        if ema and any(k.startswith("ema.") for k in sd):
+            prefix = "ema."
+
+        def build():
+            encoder = GPTHidden(GPT(GPTConfig(**text))) if kind == "gpt2" else \
+                CLIPTextTransformer(TextConfig(**text, context_length=length))
+            return cls(UNetModel(UNetConfig(**checkpoint["unet_config"])), encoder, kind, length, checkpoint["patch"])
+        net = weights.rebuild(build, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        vae = weights.rebuild(lambda: AutoencoderKL(AutoencoderConfig(**checkpoint["vae_config"])), {
+            k[4:]: v for k, v in sd.items() if k.startswith("vae.")}) if checkpoint["vae_config"] else None
+        return net, vae

@@ -9,14 +9,18 @@ Official code matched here: CompVis/stable-diffusion `ldm/models/autoencoder.py`
 `ldm/modules/diffusionmodules/model.py` (Encoder, Decoder, ResnetBlock, AttnBlock, Downsample, Upsample) and
 `ldm/modules/distributions/distributions.py` (DiagonalGaussianDistribution), with the first_stage_config of
 `configs/stable-diffusion/v1-inference.yaml`. Module names are the checkpoint keys under `first_stage_model.`.
+It ends with `load_image`, an image file as the VAE's input (an image-to-image start).
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import weights
+from vit import open_image, to_rgb
 
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -344,3 +348,15 @@ class AutoencoderKL(nn.Module):
         own = weights.check_state_dict(model, own, f"VAE (prefix {prefix!r})", IGNORED)
         model.load_state_dict(own, strict=True, assign=True)
         return model
+
+
+def load_image(path, width=None, height=None, max_pixels=None):
+    """An image file -> the VAE's input (3, H, W) in [-1, 1], resized with Lanczos to width x height (default: its
+    own size rounded down to multiples of 8, at most max_pixels), as diffusers' VaeImageProcessor prepares an
+    image-to-image start. vit.py opens it (one error, ImageReadError) and composites transparency on white."""
+    image = to_rgb(open_image(path, None if width and height else max_pixels))
+    width, height = width or image.width // 8 * 8, height or image.height // 8 * 8
+    if width < 8 or height < 8:
+        raise ValueError(f"image {path} is {image.width}x{image.height}: too small (at least 8x8)")
+    pixels = np.asarray(image.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1  # (3, H, W)

@@ -10,7 +10,9 @@ official code, everything is batch-first: no sequence-first (LND) permutes aroun
 The text tower, the whole CLIP model, the Hugging Face key mapping and `load_visual` (this tower out of any CLIP
 file) live in clip.py.
 """
+import glob
 import os
+import re
 import stat
 import warnings
 from collections import OrderedDict
@@ -235,8 +237,8 @@ def resolve_precision(precision, device):
     return "bf16" if device.type == "cpu" and native and avx512 else "fp32"
 
 # -----------------------------------------------------------------------------------------------------------
-# Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`): one opener, resize_crop
-# (uint8 pixels) and normalize (CLIP's input); preprocess = both
+# Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`): one opener (and which files
+# are images), resize_crop (uint8 pixels) and normalize (CLIP's input); preprocess = both
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -279,6 +281,28 @@ def open_image(path, max_pixels=None):
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def is_image_file(path):
+    return path.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)  # os.path: False, never an error
+
+
+def image_files(arg):
+    """The image files a command-line argument names, or None: an existing folder (its image files, sorted; ""
+    is not the current folder), an existing image file, or a glob with magic characters that matches image
+    files. Nothing here raises on a long or odd string: os.path answers False where Path raises (too long)."""
+    if arg and os.path.isdir(arg):
+        return sorted(p for p in (os.path.join(arg, name) for name in os.listdir(arg)) if is_image_file(p))
+    if is_image_file(arg):
+        return [arg]
+    try:
+        matches = sorted(f for f in glob.glob(arg) if is_image_file(f)) if re.search(r"[*?[]", arg) else []
+    except (OSError, ValueError):
+        matches = []
+    return matches or None
+
+
 def to_rgb(image):
     """Any Pillow mode to 8-bit RGB. Transparency is composited on white, as Hugging Face's
     CLIPImageProcessor does (openai/CLIP's `convert("RGB")` drops alpha instead, which turns transparent
@@ -299,12 +323,21 @@ def to_rgb(image):
 
 
 def resize_crop(image, resolution=224):
-    """A PIL image to CLIP's pixels, (3, resolution, resolution) uint8: EXIF orientation, RGB, short side to
-    `resolution` with bicubic filtering (long side int(resolution * long / short), as torchvision and Hugging Face
-    compute it), centre crop. The crop offset is floor((size - resolution) / 2) like Hugging Face; torchvision's
-    CenterCrop rounds half to even instead, so a few sizes are offset by one pixel from openai/CLIP.
-    An image whose short side already is `resolution` is only cropped (the same pixels, no resize); any other is
-    resized whole, since Pillow's filter positions depend on the whole size, so MAX_ASPECT_RATIO bounds its memory."""
+    """A PIL image to CLIP's pixels, (3, resolution, resolution) uint8, as openai/CLIP's `_transform` makes them
+    (torchvision `Resize(resolution, BICUBIC)`, `CenterCrop(resolution)`): EXIF orientation, RGB, the short side
+    to `resolution` and the long side to int(resolution * long / short) (torchvision `_compute_resized_output_size`),
+    bicubic, then the centre crop at int(round((size - resolution) / 2.0)) (torchvision `center_crop`; Python's
+    round sends halves to the even neighbour, so a 401x300 photo, resized to 299x224, is cropped from column 38,
+    where Hugging Face's floor division starts at 37). An image whose short side already is `resolution` is only
+    cropped (torchvision returns it unresized too); any other is resized whole, since Pillow's filter positions
+    depend on the whole size, so MAX_ASPECT_RATIO bounds its memory.
+
+    8-bit RGB and greyscale images give exactly openai/CLIP's pixels. Other modes are turned into RGB first
+    (to_rgb), unlike openai/CLIP given the same PIL image: it converts after the crop, so Pillow resizes
+    a palette ("P") or bilevel ("1") image with NEAREST whatever filter is asked, and it drops alpha instead of
+    compositing it. Converting first resamples the real colours with the bicubic filter, and it is also what ClipCap
+    fed CLIP: its predict.py and parse_coco.py read images with skimage.io.imread, which turns a palette image into
+    RGB(A) or L before CLIP's transform sees it."""
     if image.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag
         image = ImageOps.exif_transpose(image)
     image = to_rgb(image)
@@ -314,7 +347,7 @@ def resize_crop(image, resolution=224):
     size = (resolution, long) if w <= h else (long, resolution)
     if size != image.size:
         image = image.resize(size, Image.BICUBIC)
-    top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    top, left = (int(round((side - resolution) / 2.0)) for side in (size[1], size[0]))
     image = image.crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, h, w)
 

@@ -14,9 +14,11 @@ against 6 GB, and checks the count against the same step run for real on the CPU
 the step on the GPU and prints torch.cuda.max_memory_allocated() beside the estimate."""
 import argparse
 import contextlib
+import dataclasses
 import resource
 import sys
 import time
+import types
 import weakref
 from pathlib import Path
 
@@ -166,11 +168,16 @@ def named_storages(model, optimizer):
 
 
 def coco_captioner(cfg):
-    """train.py's build_caption_model for the coco preset, random weights: the tower's features are cached, so the
-    model that trains is CaptionModel(Captioner(MLP mapper 512 -> 10 x 768, GPT-2 124M)) without a tower."""
-    captioner = Captioner(CaptionerConfig(VISION_PRESETS["ViT-B/32"].embed_dim, cfg.prefix_length, cfg.mapping_type,
-                                          cfg.prefix_length, cfg.mapper_layers), GPT(PRESETS[cfg.language_model]))
-    return train.CaptionModel(captioner)
+    """train.py's captioner for the coco preset (CaptionTask.build), random weights: the tower's features are cached,
+    so the model that trains is Captioner(MLP mapper 512 -> 10 x 768, GPT-2 124M) without a tower."""
+    return Captioner(CaptionerConfig(VISION_PRESETS["ViT-B/32"].embed_dim, cfg.prefix_length, cfg.mapping_type,
+                                     cfg.prefix_length, cfg.mapper_layers), GPT(PRESETS[cfg.language_model]))
+
+
+def coco_config():
+    """The coco preset's flags as train.py resolves them (the harness's and the caption task's), one namespace."""
+    harness, caption = train.configs("caption", train.PRESETS["caption"]["coco"])
+    return types.SimpleNamespace(**dataclasses.asdict(harness), **dataclasses.asdict(caption))
 
 
 def adamw(model, cfg):
@@ -235,7 +242,7 @@ def count_step(build_model, cfg, tensors, dtype, fake, device=torch.device("cpu"
 
 def memory_report(args):
     """--memory: the coco preset's step counted on fake tensors, printed against 6 GB, checked on a real CPU step."""
-    cfg = train.TrainConfig(task="caption", **train.PRESETS["caption"]["coco"])
+    cfg = coco_config()
     typical = batch(args.batch_size, torch.device("cpu"), torch.Generator().manual_seed(0))
     longest = longest_batch(args.batch_size, cfg.max_caption_tokens, torch.Generator().manual_seed(0))
     counter, _ = count_step(coco_captioner, cfg, typical, torch.bfloat16, fake=True)

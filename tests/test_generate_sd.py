@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
+import ddpm
 import generate
 import weights
 from sd_oracle import (SD15_SCHEDULER_CONFIG, build, diffusers_unet, diffusers_vae, random_init_,
@@ -28,7 +29,7 @@ from sd_oracle import (SD15_SCHEDULER_CONFIG, build, diffusers_unet, diffusers_v
 from tokenizer import VOCAB_DIR, bytes_to_unicode
 from unet import UNetConfig, UNetModel
 from vae import PRESETS as VAE_PRESETS
-from vae import AutoencoderKL
+from vae import AutoencoderKL, load_image
 
 # 8 heads as SD 1.x, since the UNet loader reads every size but the head count off the tensors; text width 64
 # gives one 64-wide head, as the text loader assumes
@@ -73,7 +74,7 @@ def tiny(tmp_path_factory):
                       requires_safety_checker=False)
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     init.save(root / "init.png")
-    return {"path": path, "pipe": generate.StableDiffusion.from_single_file(path), "components": components,
+    return {"path": path, "pipe": generate.stable_diffusion(path), "components": components,
             "init": root / "init.png", "root": root}
 
 
@@ -106,7 +107,7 @@ def test_image_to_image_equals_diffusers_pipeline(tiny, sampler, strength):
                num_inference_steps=steps, guidance_scale=5.0,
                generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt").images
     ours = tiny["pipe"](PROMPTS, seeds, NEGATIVES, sampler, steps, 5.0, height=16, width=16,
-                        init_image=generate.load_image(tiny["init"]), strength=strength)
+                        init_image=load_image(tiny["init"]), strength=strength)
     diff = (ours - ref).abs().max().item()
     print(f"image-to-image {sampler} strength {strength}: max |ours - diffusers| = {diff:.2e}")
     assert diff < 1e-3
@@ -120,20 +121,26 @@ def test_a_seed_gives_the_same_image_in_any_batch(tiny):
     assert (together[0] - together[1]).abs().max() > 1e-2
 
 
+def set_attention(pipe, use_sdpa):
+    """The switch of each of SD's three networks (generate.py --no-sdpa)."""
+    for network in (pipe.denoiser, pipe.vae, pipe.text_encoder):
+        network.set_attention(use_sdpa)
+
+
 def test_plain_attention_equals_sdpa(tiny):
     pipe = tiny["pipe"]
     fast = pipe(PROMPTS[:1], [5], steps=3, height=16, width=16)
-    pipe.set_attention(use_sdpa=False)
+    set_attention(pipe, use_sdpa=False)
     plain = pipe(PROMPTS[:1], [5], steps=3, height=16, width=16)
-    pipe.set_attention(use_sdpa=True)
+    set_attention(pipe, use_sdpa=True)
     assert (fast - plain).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 0.03), (torch.bfloat16, 0.1)])
 def test_half_precision_stays_close_to_fp32(tiny, dtype, tolerance):
     """--precision fp16 / bf16: the networks run in half precision, the sampler stays in fp32."""
-    half = generate.StableDiffusion.from_single_file(tiny["path"], dtype=dtype)
-    assert next(half.unet.parameters()).dtype == dtype
+    half = generate.stable_diffusion(tiny["path"], dtype=dtype)
+    assert next(half.denoiser.parameters()).dtype == dtype
     args = dict(prompts=PROMPTS, seeds=[5, 6], negative_prompts=NEGATIVES, sampler="dpm++2m", steps=4, height=16,
                 width=16)
     diff = (half(**args) - tiny["pipe"](**args)).abs().max().item()
@@ -174,7 +181,7 @@ def test_cli_writes_pngs_with_parameters_and_a_grid(tiny, tmp_path):
     # the file is the pipeline's image for that seed alone, whatever batch it was made in
     alone = tiny["pipe"]([PROMPTS[0]], [41], ["low quality, text"], "dpm++2m", 2, 6.0, height=16, width=16)
     pixels = np.asarray(Image.open(saved[1]), dtype=np.int16)
-    assert np.abs(pixels - np.asarray(generate.to_pil(alone)[0], dtype=np.int16)).max() <= 1
+    assert np.abs(pixels - np.asarray(ddpm.to_pil(alone)[0], dtype=np.int16)).max() <= 1
     # a second run numbers on instead of overwriting; prompts also come from a file
     (tmp_path / "prompts.txt").write_text("a green triangle\n\n  a yellow star  \n", "utf-8")
     again = run(tiny, "--prompt-file", str(tmp_path / "prompts.txt"), "--seed", "7", "--out-dir", str(tmp_path),

@@ -483,6 +483,54 @@ def test_resume_refuses_a_hostile_optimizer_state_before_torch_copies_it(tmp_pat
     assert str(tmp_path / "hostile.pt") in outcome.message
 
 
+def import_entry_points():
+    """Untimed set-up: the entry points' imports and torch's own first use of the meta device (a lazy import of
+    its reference kernels, 2 s) cost seconds once per process; they are not the refusal's cost."""
+    import generate  # noqa: F401
+    import train  # noqa: F401
+    torch.nn.Embedding(2, 2, device="meta")
+
+
+def eval_checkpoint(_, path):
+    import train
+    return train.main(["--eval", path, "--traceback"])
+
+
+def generate_from_checkpoint(_, path, *inputs):
+    import generate
+    return generate.main([*inputs, "--ckpt", path, "--traceback"])
+
+
+def huge_checkpoint(tmp, task):
+    """A real checkpoint of each task (tests/fixtures, a8e8afc's layout: upgraded on reading) whose config claims
+    a model 2^17 times wider than its tensors (200 GB and more, if it were allocated), and an image to caption."""
+    import gzip
+    import weights
+    from PIL import Image
+    name = "caption-a8e8afc" if task == "caption" else "diffusion-a8e8afc-noopt"
+    (tmp / "ckpt.pt").write_bytes(gzip.decompress((Path(__file__).parent / "fixtures" / f"{name}.pt.gz").read_bytes()))
+    checkpoint = weights.load_checkpoint(tmp / "ckpt.pt")
+    checkpoint["gpt_config" if task == "caption" else "text_config"]["n_embd" if task == "caption" else
+                                                                      "transformer_width"] = 2 ** 20
+    torch.save(checkpoint, tmp / "huge.pt")
+    Image.new("RGB", (32, 32)).save(tmp / "image.png")
+    return str(tmp / "huge.pt"), str(tmp / "image.png")
+
+
+@pytest.mark.parametrize("task,action", [("caption", "eval"), ("caption", "generate"), ("diffusion", "eval"),
+                                         ("diffusion", "generate")])
+def test_a_config_claiming_a_huge_model_fails_before_allocating(task, action, tmp_path):
+    """Model sizes from a checkpoint's config size nothing before its tensors agree: train.py --eval and
+    generate.py --ckpt rebuild the models on the meta device and compare shapes first (weights.rebuild), so
+    a checkpoint claiming a model 2^17 times its tensors fails at once, in little memory."""
+    path, image = huge_checkpoint(tmp_path, task)
+    inputs = () if action == "eval" else (image,) if task == "caption" else ("a red circle",)
+    outcome = run_bounded(f"test_hostile_files:{'eval_checkpoint' if action == 'eval' else 'generate_from_checkpoint'}",
+                          path, *inputs, memory_mb=1024, seconds=60, setup="test_hostile_files:import_entry_points")
+    assert outcome.raised("ValueError") and "does not match its config" in outcome.message, str(outcome)
+    assert outcome.seconds < 1 and outcome.peak_mb < 300, str(outcome)
+
+
 if __name__ == "__main__":  # the table of the closing note: item, outcome, time and peak memory of its child
     import tempfile
     sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]

@@ -2,18 +2,17 @@
 training step as train.py takes it, counted on fake tensors and on real ones. The accounting is checked exactly where
 it is known (parameters, gradients, AdamW's state, autocast's bf16 weight copies, 512-byte rounding), against torch's
 own MemTracker on the same real step, and fake against real (the bench's check on the full coco preset)."""
-import dataclasses
 import math
+import types
 
 import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 import bench_caption
-import train
 from gpt2 import GPT, Captioner, CaptionerConfig, GPTConfig
 
-CFG = dataclasses.replace(train.TrainConfig(task="caption", **train.PRESETS["caption"]["coco"]), prefix_length=2)
+CFG = types.SimpleNamespace(**{**vars(bench_caption.coco_config()), "prefix_length": 2})
 BATCH = 4
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -22,7 +21,7 @@ def tiny_captioner(cfg):
     """The coco preset's model in small: the MLP mapper from 512-wide embeddings, GPT-2's vocabulary, 2 blocks of
     width 32."""
     gpt = GPT(GPTConfig(n_ctx=64, n_embd=32, n_head=2, n_layer=2))
-    return train.CaptionModel(Captioner(CaptionerConfig(512, cfg.prefix_length), gpt))
+    return Captioner(CaptionerConfig(512, cfg.prefix_length), gpt)
 
 
 @pytest.fixture(scope="module")

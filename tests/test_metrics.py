@@ -1,4 +1,4 @@
-"""BLEU-1..4 and CIDEr-D of data.py against pycocoevalcap's scorers (the COCO caption evaluation code) on the
+"""BLEU-1..4 and CIDEr-D of clip.py against pycocoevalcap's scorers (the COCO caption evaluation code) on the
 same pre-tokenised captions, and the Java-free tokenisation against PTBTokenizer outputs."""
 import random
 
@@ -6,7 +6,7 @@ import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from data import bleu, caption_scores, cider_d, tokenize_caption
+from clip import bleu, caption_scores, cider_d, tokenize_caption
 
 WORDS = "a an the man woman dog cat red blue sitting on top of table with two people riding horse".split()
 

@@ -115,28 +115,28 @@ def test_overfits_one_batch(fixture, tmp_path):
 
 
 def test_feature_cache_notices_changed_images_and_weights(fixture, tmp_path, capsys):
-    cfg = train.TrainConfig(out_dir=str(tmp_path))
+    cache = tmp_path / "cache"
     dataset = data.coco_captions(fixture / "coco", "val")
     tower = write_tower(tmp_path / "unused.pt")
-    first, skipped = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+    first, skipped = data.cached_features(dataset, cache, tower)
     assert first.shape == (4, 32) and first.dtype == np.float16 and not skipped
     assert np.abs(first).min() > 0
-    again, _ = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+    again, _ = data.cached_features(dataset, cache, tower)
     assert again.filename == first.filename  # the same images and weights: read back, not recomputed
     with torch.no_grad():
         tower.proj[0, 0] += 1.0
-    other_weights, _ = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+    other_weights, _ = data.cached_features(dataset, cache, tower)
     assert other_weights.filename != first.filename
     assert not np.array_equal(other_weights, first)
     image = fixture / "coco" / "val2017" / f"{101:012d}.jpg"
     saved = image.read_bytes()
     try:
         Image.new("RGB", (64, 48), (0, 0, 0)).save(image)
-        other_images, _ = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+        other_images, _ = data.cached_features(dataset, cache, tower)
         assert other_images.filename != other_weights.filename
         assert not np.array_equal(other_images[1], other_weights[1]) and np.array_equal(other_images[0], other_weights[0])
         image.write_bytes(b"")  # a 0-byte image is reported and skipped; the rest is computed
-        bad, skipped = train.cached_features(dataset, tower, cfg, 0, 1, "cpu")
+        bad, skipped = data.cached_features(dataset, cache, tower)
         assert skipped == {"101"} and not bad[1].any() and np.array_equal(bad[0], other_weights[0])
         assert f"{101:012d}.jpg" in capsys.readouterr().err
     finally:
@@ -171,7 +171,7 @@ def test_tokens_mapper_caches_every_token_and_captions(fixture, tmp_path, capsys
     embedding; the prefix is the tower's token count, whatever --prefix-length says; generate.py captions with it."""
     model, _ = train.main(args(fixture, tmp_path, "--mapping-type", "tokens"))
     assert logged_losses(tmp_path)[-1] < logged_losses(tmp_path)[0]
-    assert model.captioner.config.prefix_length == 17 and model.captioner.clip_project.model[0].in_features == 32
+    assert model.config.prefix_length == 17 and model.clip_project.model[0].in_features == 32
     caches = {np.load(path, mmap_mode="r").shape for path in (tmp_path / "cache").glob("tokens-*.npy")}
     assert caches == {(8, 17, 32), (4, 17, 32)}  # train and val: the class token and a 4 x 4 grid, 32 wide each
     tower, pixels = write_tower(tmp_path / "again.pt"), torch.randn(2, 3, 32, 32)

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+import ddpm
 import generate
 import train
 import weights
 from clip import CLIP, CLIPConfig, TextConfig
 from conftest import logged_losses
+from unet import TextConditionedUNet
 from vit import VisionConfig
 
 TINY = ["--task", "diffusion", "--preset", "shapes", "--image-size", "16", "--model-channels", "32",
@@ -88,8 +90,8 @@ def test_minutes_budget_on_a_loaded_machine(tmp_path, capsys):
             return batch(ids, device, split)
         return timed_batch
     short = [*TINY, "--max-train-samples", "32", "--epochs", "1000", "--warmup-steps", "2", "--eval-every", "10000"]
-    cfg, _, _ = train.parse_config([*short, "--minutes", "1", "--out-dir", str(tmp_path / "out")])
-    task = train.DiffusionTask(cfg)
+    cfg, config, _ = train.parse_config([*short, "--minutes", "1", "--out-dir", str(tmp_path / "out")])
+    task = train.TextToImageTask(cfg, config)
     task.batch = slow(task.batch)
     train.train(task, cfg, clock=lambda: now[0])
     checkpoint = weights.load_checkpoint(tmp_path / "out" / "ckpt.pt")
@@ -99,23 +101,23 @@ def test_minutes_budget_on_a_loaded_machine(tmp_path, capsys):
     assert re.search(rf"--minutes 1: {steps[0]} steps in (0\.9\d|1\.0\d) training minutes .*the budget ended it",
                      capsys.readouterr().out)
     # resumed with a budget of 1.5 minutes: the half minute left, at 3 s a step
-    cfg, _, resumed = train.parse_config([*short, "--minutes", "1.5", "--resume", str(tmp_path / "out" / "ckpt.pt")])
-    task, before = train.DiffusionTask(cfg, checkpoint=resumed), steps[0]
+    cfg, config, resumed = train.parse_config([*short, "--minutes", "1.5", "--resume", str(tmp_path / "out" / "ckpt.pt")])
+    task, before = train.TextToImageTask(cfg, config, checkpoint=resumed), steps[0]
     task.batch = slow(task.batch)
     train.train(task, cfg, checkpoint=resumed, clock=lambda: now[0])
     checkpoint = weights.load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert 87 <= checkpoint["train_seconds"] <= 93 and 8 <= steps[0] - before <= 12
     # time to spare: --epochs ends it (8 steps)
-    cfg, _, _ = train.parse_config([*short, "--epochs", "2", "--minutes", "1000", "--out-dir", str(tmp_path / "a")])
-    train.train(train.DiffusionTask(cfg), cfg, clock=lambda: now[0])
+    cfg, config, _ = train.parse_config([*short, "--epochs", "2", "--minutes", "1000", "--out-dir", str(tmp_path / "a")])
+    train.train(train.TextToImageTask(cfg, config), cfg, clock=lambda: now[0])
     assert "--epochs ended it first" in capsys.readouterr().out
     assert weights.load_checkpoint(tmp_path / "a" / "ckpt.pt")["step"] == 8
 
 
 def test_caption_dropout_and_ema(tmp_path):
-    cfg, _, _ = train.parse_config([*TINY, "--out-dir", str(tmp_path)])
-    model, _ = train.build_diffusion_model(cfg)
-    tokenize, seen = train.text_tokenizer(cfg), []
+    cfg, config, _ = train.parse_config([*TINY, "--out-dir", str(tmp_path)])
+    model = train.TextToImageTask(cfg, config, splits=()).model
+    tokenize, seen = model.net.tokenize, []
     model.net.encode_text = lambda tokens: seen.append(tokens) or torch.zeros(len(tokens), tokens.shape[1], 32)
     images, tokens = torch.zeros(2000, 3, 16, 16, dtype=torch.uint8), tokenize(["a large red circle"] * 2000)
     torch.manual_seed(0)
@@ -125,36 +127,37 @@ def test_caption_dropout_and_ema(tmp_path):
     model.eval()(images[:8], tokens[:8])  # never in evaluation
     assert torch.equal(seen[-1], tokens[:8])
     # EMA: ema <- ema + (1 - d)(net - ema) with the warm-up d = min(decay, (1 + n) / (10 + n))
-    model, _ = train.build_diffusion_model(cfg)
+    task = train.TextToImageTask(cfg, config, splits=())
+    model = task.model
     before = {k: v.clone() for k, v in model.ema.state_dict().items()}
     with torch.no_grad():
         for p in model.net.parameters():
             p.add_(0.01)  # small: the net's weights shifted by 1 would draw inf (scale-shift ResBlocks)
-    model.after_step()
-    model.after_step()
+    task.after_step()
+    task.after_step()
     d = (1 + 1) / (10 + 1)  # the second update; the first left ema = 0.1 ema + 0.9 net
     for (key, ema), net in zip(model.ema.state_dict().items(), model.net.state_dict().values()):
         first = 0.1 * before[key] + 0.9 * net
         torch.testing.assert_close(ema, d * first + (1 - d) * net, msg=key)
     assert int(model.updates) == 2
     # samples come from the EMA weights: changing the trained weights changes nothing
-    prompt = tokenize(["a small green square"])
-    drawn = model.generate(prompt, [5], steps=2, size=16)
+    prompt = ["a small green square"]
+    drawn = model.pipeline()(prompt, [5], steps=2, guidance_scale=3.0, height=16, width=16)
     assert drawn.isfinite().all()
     with torch.no_grad():
         for p in model.net.parameters():
             p.mul_(3.0)
-    torch.testing.assert_close(model.generate(prompt, [5], steps=2, size=16), drawn)
+    torch.testing.assert_close(model.pipeline()(prompt, [5], steps=2, guidance_scale=3.0, height=16, width=16), drawn)
 
 
 def test_generate_ckpt_and_rerank(tmp_path, capsys):
     run(tmp_path / "run", "--max-train-samples", "16", "--epochs", "1")
     ckpt, out = tmp_path / "run" / "ckpt.pt", tmp_path / "out"
-    model, cfg, tokenize = train.load_text_to_image(train.read_checkpoint(ckpt))
+    draw = text_to_image(ckpt)
     # generate.py draws with the EMA weights, the given sampler and guidance, the seed counting up
     generate.main(["a large red circle", "--ckpt", str(ckpt), "--sampling-steps", "3", "--sampler", "dpm++2m", "--seed", "7",
                    "--num-images", "2", "--guidance-scale", "2", "--out-dir", str(out)])
-    expected = model.generate(tokenize(["a large red circle"] * 2), [7, 8], "dpm++2m", 3, 2.0, 16)
+    expected = draw(["a large red circle"] * 2, [7, 8], None, "dpm++2m", 3, 2.0, height=16, width=16)
     for k, seed in enumerate((7, 8)):
         with Image.open(out / f"0000{k}-{seed}.png") as image:
             assert image.info["parameters"].startswith("a large red circle\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 2")
@@ -169,7 +172,7 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
     generate.main(["a small blue square", "--ckpt", str(ckpt), "--sampling-steps", "2", "--seed", "20", "--rerank", "3",
                    "--clip-weights", str(tmp_path / "clip.safetensors"), "--out-dir", str(tmp_path / "reranked")])
     kept = int(re.search(r"00000-(\d+)\.png", capsys.readouterr().out).group(1))
-    candidates = generate.to_pil(model.generate(tokenize(["a small blue square"] * 3), [20, 21, 22], "ddim", 2, 7.5, 16))
+    candidates = ddpm.to_pil(draw(["a small blue square"] * 3, [20, 21, 22], None, "ddim", 2, 7.5, height=16, width=16))
     args = argparse.Namespace(clip_weights=str(tmp_path / "clip.safetensors"), weights_dir=None, offline=True)
     score = generate.clip_scorer(args, torch.device("cpu"))
     scores = [score(image, "a small blue square") for image in candidates]
@@ -203,8 +206,8 @@ def test_latent_space_and_gpt2_text_encoder(tmp_path, monkeypatch):
                    "--batch-size", "4", "--epochs", "2")
     assert model.net.unet.config.in_channels == 4 and isinstance(model.net.text_proj, torch.nn.Linear)
     assert not any(p.requires_grad for p in model.net.text_encoder.parameters()) and model.vae is not None
-    loaded, cfg, tokenize = train.load_text_to_image(train.read_checkpoint(tmp_path / "run" / "ckpt.pt"))
-    images = loaded.generate(tokenize(["a red photo", "a blue photo"]), [0, 1], "euler", 2, 2.0, 16)
+    images = text_to_image(tmp_path / "run" / "ckpt.pt")(["a red photo", "a blue photo"], [0, 1], None, "euler", 2, 2.0,
+                                                         height=16, width=16)
     assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
     assert (tmp_path / "run" / "samples").is_dir()
 
@@ -240,6 +243,14 @@ def test_sd15_finetune_full_size(tmp_path):
     trained = checkpoint["model"]["net.unet.input_blocks.1.0.in_layers.2.weight"]
     assert checkpoint["step"] == 1 and trained.shape == first.shape and not torch.equal(trained, first)
     assert checkpoint["unet_config"]["model_channels"] == 320 and checkpoint["config"]["gradient_checkpointing"]
+
+
+def text_to_image(path):
+    """The prompt -> image pipeline of a train.py --task diffusion checkpoint, as generate.py --ckpt builds it."""
+    checkpoint = weights.read_checkpoint(path)
+    net, vae = TextConditionedUNet.from_checkpoint(checkpoint)
+    diffusion = ddpm.GaussianDiffusion(ddpm.DiffusionConfig(**checkpoint["diffusion_config"]))
+    return ddpm.TextToImage(diffusion, net.eval(), net.encode_text, net.tokenize, vae)
 
 
 def data_colour(name):

@@ -39,6 +39,8 @@ def saved(image, path, **kw):
 
 
 def test_preprocess_matches_clip_image_processor(tmp_path):
+    """Sizes chosen so that the resized long side minus 224 is even: there Hugging Face's floor-division crop and
+    openai/CLIP's rounded one (test_crop_offset_* below) start at the same pixel."""
     base = photo(517, 301)
     alpha = Image.fromarray(np.tile(np.linspace(0, 255, 517), (301, 1)).astype(np.uint8), "L")
     rgba = base.copy()
@@ -170,11 +172,104 @@ def test_resize_crop_and_normalize_are_preprocess(tmp_path):
         assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.uint8
         assert torch.equal(vit.normalize(pixels), vit.preprocess(image))
         if 224 in image.size:
-            top, left = (image.height - 224) // 2, (image.width - 224) // 2
+            top, left = torchvision_crop_offset(image.height), torchvision_crop_offset(image.width)
             rgb = np.asarray(image.convert("RGB"))[top:top + 224, left:left + 224]
             assert np.array_equal(pixels.permute(1, 2, 0).numpy(), rgb)
             resized = image.convert("RGB").resize(image.size, Image.BICUBIC).crop((left, top, left + 224, top + 224))
             assert np.array_equal(np.asarray(resized), rgb)
+
+
+# openai/CLIP's `_transform` for a PIL image, written out from torchvision's source (torchvision is not a dependency
+# here): transforms/functional.py `_compute_resized_output_size` (short side to `size`, long side
+# int(size * long / short)), `resize` (returns the image untouched when it already has that size, else PIL resize
+# with the filter asked), `center_crop` (int(round((side - crop) / 2.0)), Python's round: halves to even); then
+# clip.py `_convert_image_to_rgb` after the crop.
+def torchvision_resized_size(w, h, size=224):
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def torchvision_crop_offset(side, crop=224):
+    return int(round((side - crop) / 2.0))
+
+
+def openai_clip_pixels(image, size=224):
+    resized = torchvision_resized_size(*image.size, size)
+    if resized != image.size:
+        image = image.resize(resized, Image.BICUBIC)  # Pillow: NEAREST for "P" and "1", whatever is asked
+    top, left = torchvision_crop_offset(image.height, size), torchvision_crop_offset(image.width, size)
+    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
+
+
+def pixels(image):
+    return vit.resize_crop(image).permute(1, 2, 0).numpy()
+
+
+def test_crop_offset_is_torchvisions_rounding_on_every_size():
+    """Images whose short side already is 224 are only cropped, so the crop offset shows directly: each column (and
+    row) holds its own index. Every slack from 0 to 400 pixels, both orientations, against torchvision's rule; a
+    slack of 4k + 3 (75: round(37.5) = 38) is where it differs from floor division (37)."""
+    assert [torchvision_crop_offset(224 + d) for d in (73, 74, 75, 76, 77)] == [36, 37, 38, 38, 38]
+    differs = 0
+    for slack in range(401):
+        index = np.arange(224 + slack)
+        coded = np.stack([index % 256, index // 256, np.zeros_like(index)], -1).astype(np.uint8)  # (L, 3)
+        wide = Image.fromarray(np.broadcast_to(coded[None], (224, 224 + slack, 3)).copy(), "RGB")
+        tall = Image.fromarray(np.broadcast_to(coded[:, None], (224 + slack, 224, 3)).copy(), "RGB")
+        expected = torchvision_crop_offset(224 + slack)
+        for image, first in ((wide, pixels(wide)[0, 0]), (tall, pixels(tall)[0, 0])):
+            assert int(first[0]) + 256 * int(first[1]) == expected, (image.size, expected)
+        differs += expected != slack // 2
+    assert differs == 100  # slacks 3, 7, ..., 399
+
+
+def test_resized_size_is_torchvisions_on_many_sizes(monkeypatch):
+    """The long side after resizing is torchvision's int(224 * long / short), float expression and all, on sizes up
+    to the 50:1 aspect-ratio limit; a short side of 224 is not resized at all (torchvision returns the image)."""
+    asked = []
+
+    def spy(image, size, *args, **kwargs):
+        asked.append((image.size, size))
+        return Image.new("RGB", size)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    rng = np.random.default_rng(0)
+    sizes = [(401, 300), (300, 401), (224, 1000), (1000, 224), (225, 224), (223, 224), (7, 3), (3, 7), (1, 50),
+             (50, 1), (641, 427), (4032, 3024), (3024, 4032), (1920, 1080), (333, 257)]
+    sizes += [tuple(int(v) for v in rng.integers(1, 2000, 2)) for _ in range(300)]
+    sizes = [(w, h) for w, h in sizes if max(w, h) <= 50 * min(w, h)]
+    for w, h in sizes:
+        asked.clear()
+        vit.resize_crop(Image.new("RGB", (w, h)))
+        expected = torchvision_resized_size(w, h)
+        assert asked == ([] if expected == (w, h) else [((w, h), expected)]), (w, h)
+
+
+def test_rgb_and_grey_images_are_openai_clips_pixels_exactly():
+    """Photo-like RGB and greyscale images, resized down and up, pixel for pixel what openai/CLIP's transform makes,
+    including a 401x300 photo (crop from column 38; floor division would start at 37 and differ)."""
+    for w, h, seed in ((401, 300, 0), (300, 401, 1), (517, 301, 2), (90, 61, 3), (1023, 769, 4), (224, 301, 5)):
+        for image in (photo(w, h, seed), photo(w, h, seed).convert("L")):
+            ours, reference = pixels(image), openai_clip_pixels(image)
+            assert np.array_equal(ours, reference), (image.mode, w, h)
+    wide = photo(401, 300).resize((299, 224), Image.BICUBIC)
+    floor_crop = np.asarray(wide.crop((37, 0, 261, 224)))
+    assert np.array_equal(pixels(photo(401, 300)), np.asarray(wide.crop((38, 0, 262, 224))))
+    assert not np.array_equal(pixels(photo(401, 300)), floor_crop)
+
+
+def test_palette_and_bilevel_images_are_converted_before_resizing():
+    """The documented difference from openai/CLIP (vit.resize_crop's docstring): a "P" or "1" image is turned into
+    RGB first and resized with the bicubic filter; openai/CLIP's order would resize the palette indices with NEAREST
+    (Pillow ignores the filter for these modes), which is also checked here so the difference stays real."""
+    base = photo(401, 300)
+    for image in (base.quantize(64), base.convert("1")):
+        converted_first = openai_clip_pixels(image.convert("RGB"))
+        assert np.array_equal(pixels(image), converted_first), image.mode
+        nearest = image.resize((299, 224), Image.BICUBIC)
+        assert np.array_equal(np.asarray(nearest), np.asarray(image.resize((299, 224), Image.NEAREST)))
+        assert not np.array_equal(openai_clip_pixels(image), converted_first), image.mode
 
 
 HOSTILE = r"""

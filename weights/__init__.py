@@ -1,7 +1,8 @@
 """Where official and trained checkpoints live, and the code that fetches and opens them.
 
     registry.py            REGISTRY: the official files (URL, size, sha256, format)
-    downloader.py          weights_dir, download (resumable, verified, atomic), fetch, fetch_first
+    downloader.py          weights_dir, download (resumable, verified, atomic), fetch, fetch_first,
+                           file_or_fetch
     safetensors_format.py  read_safetensors / write_safetensors, by hand
     pickle_scan.py         the opcode pre-scan every pickle passes before it is unpickled
     unpickler.py           the allow-list: what a pickle may ask for; load_pickle
@@ -9,11 +10,16 @@
                            TorchScript) without running their code; save_checkpoint (atomic);
                            check_optimizer_state (what AdamW saves, before --resume loads it);
                            check_state_dict / check_config, every model loader's checks
+    checkpoints.py         train.py's checkpoints: read_checkpoint (as data, earlier layouts
+                           upgraded), stored_flags (its flags, checked against their declarations),
+                           rebuild (a model from a checkpoint's configs, checked),
+                           hold_run_dir (one run at a time writes a run directory)
 
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first,
+from .checkpoints import TASKS, hold_run_dir, read_checkpoint, rebuild, stored_flags, upgrade
+from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first, file_or_fetch,
                          find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
                       load_state_dict, save_checkpoint)
@@ -22,9 +28,11 @@ from .safetensors_format import read_safetensors, read_safetensors_metadata, wri
 from .unpickler import PLACEHOLDER_PREFIXES, Placeholder, UnsafeCheckpointError, load_pickle
 
 __all__ = [
-    "REGISTRY", "WeightsFile", "weights_dir", "download", "fetch", "fetch_first", "find_in_hub_cache",
+    "REGISTRY", "WeightsFile", "weights_dir", "download", "fetch", "fetch_first", "file_or_fetch",
+    "find_in_hub_cache",
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
-    "check_optimizer_state", "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
+    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "stored_flags", "rebuild", "hold_run_dir",
+    "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
 ]

@@ -7,7 +7,9 @@ and verified or absent. What a server sends is not trusted:
 - the body is written as sent (`Accept-Encoding: identity`; a `Content-Encoding` is refused, never
   inflated) and never past the expected length (registry size, else Hugging Face's
   `X-Linked-Size`, else the announced length; with none of them there is no download);
-- an HTML page (a login or error page, a captive portal) is refused for a weights file;
+- an HTML page (a login or error page, a captive portal) is refused for a weights file; Google Drive's
+  pages (its "can't scan this file for viruses" confirmation for large files, its download-quota and sign-in
+  pages) are named as such, with what to do: the `confirm=t` form of the URL, or a browser;
 - a partial `.part` is resumed with `Range` and `If-Range` (the ETag or Last-Modified that the
   first response gave, kept beside it in `.part.json`), so a file changed upstream restarts
   instead of being spliced; a `.part` with neither a validator nor a checksum is not resumed;
@@ -17,7 +19,9 @@ and verified or absent. What a server sends is not trusted:
   `deadline` bounds the whole call;
 - the `.part` is opened without following symlinks and locked, so two processes fetching the
   same file wait for each other instead of writing into one file;
-- every failure is `WeightsUnavailable` (or `ChecksumMismatch`) saying what to do.
+- every failure is `WeightsUnavailable` (or `ChecksumMismatch`) saying what to do;
+- a file without a published checksum (ClipCap's captioners on Google Drive) gets its sha256 printed once
+  downloaded, so that a user can compare it with another copy's.
 
 `fetch("gpt2/model.safetensors")` looks the name up in REGISTRY and returns, in this order: the
 file already in the weights directory (size checked), the copy committed in weights/vocab/, a
@@ -35,11 +39,11 @@ import stat
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 from tqdm import tqdm
 from urllib3.exceptions import HTTPError as TransportError  # requests' transport: what a raw read raises
-
 
 from .registry import REGISTRY
 
@@ -50,6 +54,8 @@ except ImportError:  # Windows: no advisory locks; concurrent fetches of one fil
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHUNK_BYTES = 1 << 16  # a cut connection loses at most one chunk of progress
+PAGE_BYTES = 1 << 16  # how much of an HTML answer is read to tell which page it is
+DRIVE_HOSTS = ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -76,11 +82,17 @@ def weights_dir(root=None):
 
 
 def sha256_of(path, algorithm="sha256"):
-    digest = hashlib.new(algorithm)
+    return _digests(path, [algorithm])[algorithm]
+
+
+def _digests(path, algorithms):
+    """{algorithm: hex digest} of a file, read once whatever the number of algorithms."""
+    found = {algorithm: hashlib.new(algorithm) for algorithm in algorithms}
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+            for digest in found.values():
+                digest.update(chunk)
+    return {algorithm: digest.hexdigest() for algorithm, digest in found.items()}
 
 
 class _Retry(Exception):
@@ -108,6 +120,48 @@ def _hub_facts(response):
         size = int(linked_size) if linked_size.isdigit() else size
         sha256 = linked_etag if re.fullmatch(r"[0-9a-f]{64}", linked_etag) else sha256  # small files: git sha1
     return size, sha256
+
+
+def _drive_advice(url):
+    """What to do about a Google Drive page: its file id comes from our own URL, never from the page."""
+    query = parse_qs(urlsplit(url).query)
+    file_id = next((v for v in query.get("id", []) if re.fullmatch(r"[A-Za-z0-9_-]{10,100}", v)), None)
+    if file_id is None:
+        return "download the file in a browser and put it at the path below"
+    browser = f"download it in a browser from https://drive.google.com/file/d/{file_id}/view"
+    if query.get("confirm"):
+        return f"{browser} and put it at the path below (this URL already asks Drive to skip its confirmation)"
+    return (f"use the confirm form of the URL, https://drive.google.com/uc?id={file_id}&export=download&confirm=t, "
+            f"or {browser} and put it at the path below")
+
+
+def _on_drive(url, response):
+    return any(urlsplit(u).hostname in DRIVE_HOSTS for u in (url, *(r.url for r in response.history), response.url))
+
+
+def _html_refusal(url, drive, page):
+    """The reason an HTML answer is refused. Google Drive's pages (told by the host, or by the page itself, e.g. a
+    mirror or a test server playing Drive) get named; the page's text is only matched, never repeated."""
+    text = page.decode("utf-8", "replace").lower()
+    if not (drive or "google drive" in text):
+        return "the server answered with an HTML page, not the file (a login page, an error page or a captive portal?)"
+    if "virus" in text or 'id="download-form"' in text:
+        what = "its \"can't scan this file for viruses\" confirmation, which it shows for large files"
+    elif "quota" in text or "too many users" in text:
+        what = ("its download-quota page (too many people downloaded the file recently; Drive lifts this after a "
+                "while, usually within a day)")
+    elif "accounts.google.com" in text or "sign in" in text:
+        what = "a sign-in page (the file is not shared publicly, or it was removed)"
+    else:
+        what = "a page this program does not recognise"
+    return f"Google Drive answered with an HTML page, not the file: {what}; {_drive_advice(url)}"
+
+
+def _read_page(response):
+    try:
+        return response.raw.read(PAGE_BYTES, decode_content=False) or b""
+    except (TransportError, OSError):
+        return b""
 
 
 class _Transfer:
@@ -179,14 +233,15 @@ class _Transfer:
                     raise _Refused("the server answered 416 (range not satisfiable) to a request without a range")
                 self.restart()
                 raise _Retry("the server rejected the resume range; starting over")
+            status, drive = response.status_code, _on_drive(self.url, response)
+            if response.headers.get("Content-Type", "").lower().startswith("text/html") and (
+                    status < 400 or drive and status < 500 and status != 429):  # Drive's 403 pages say why
+                raise _Refused(_html_refusal(self.url, drive, _read_page(response)))
             response.raise_for_status()
             encoding = response.headers.get("Content-Encoding", "identity").lower()
             if encoding not in ("", "identity"):
                 raise _Refused(f"the server sent the file compressed (Content-Encoding: {encoding}); "
                                f"weights files are never decoded on the fly")
-            if response.headers.get("Content-Type", "").lower().startswith("text/html"):
-                raise _Refused("the server answered with an HTML page, not the file (a login page, an error "
-                               "page or a captive portal?)")
             length = response.headers.get("Content-Length", "")
             if response.status_code == 206:
                 start, _, total = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")
@@ -225,7 +280,7 @@ class _Transfer:
                   desc=self.part.name.removesuffix(".part"), disable=not progress or None) as bar:
             while chunk := _read_chunk(read):
                 if have == 0 and re.match(rb"\s*<(!doctype html|html)", chunk[:64], re.IGNORECASE):
-                    raise _Refused("the server sent an HTML page, not the file")
+                    raise _Refused(_html_refusal(self.url, _on_drive(self.url, response), chunk[:PAGE_BYTES]))
                 if have + len(chunk) > expected:
                     raise _Refused(f"the server sent more than the {expected:,} bytes expected (an endless or "
                                    f"wrong body)")
@@ -326,13 +381,17 @@ def download(url, dest, sha256=None, size=None, *, md5=None, retries=4, backoff=
             try:
                 _attempts(transfer, unavailable, retries, backoff, timeout, progress, min_rate, rate_window,
                           deadline_at)
-                _verify(transfer, unavailable)
+                published = transfer.sha256 or transfer.md5
+                digest = _verify(transfer, unavailable)
             except BaseException:
                 if not transfer.have():  # nothing worth resuming: leave no empty .part behind
                     transfer.discard()
                 raise
             os.replace(part, dest)
             transfer.forget()
+            if not published:  # nothing to check it against here: say what arrived, so a user can compare
+                print(f"downloaded {dest} ({dest.stat().st_size:,} bytes), sha256 {digest}; no checksum is published "
+                      f"for this file: compare it with another copy's", file=sys.stderr)
     except OSError as error:  # the file system's answer: read-only, full, permissions, ...
         if error.errno == errno.ENOSPC:
             for leftover in (part, part.with_name(part.name + ".json")):
@@ -362,8 +421,10 @@ def _attempts(transfer, unavailable, retries, backoff, timeout, progress, min_ra
         except requests.RequestException as error:  # malformed URL and the like: not retryable
             raise unavailable(f"download failed: {type(error).__name__}: {error}") from None
         except _Refused as error:
+            kept = transfer.have()
             transfer.discard()
-            raise unavailable(f"download refused: {error}; the partial file was deleted") from None
+            raise unavailable(f"download refused: {error}; "
+                              f"{'the partial file was deleted' if kept else 'nothing was saved'}") from None
         if attempt == retries or (deadline_at is not None and time.monotonic() > deadline_at):
             kept = transfer.have()
             kept = f" ({kept:,} bytes kept in {transfer.part.name}; a rerun resumes)" if kept else ""
@@ -372,19 +433,24 @@ def _attempts(transfer, unavailable, retries, backoff, timeout, progress, min_ra
 
 
 def _verify(transfer, unavailable):
-    """Size and checksums of the finished `.part`; a wrong file is deleted."""
+    """Size and checksums of the finished `.part`, read once; a wrong file is deleted. Returns its sha256."""
     have = transfer.have()
-    expected = [(name, value) for name, value in (("sha256", transfer.sha256), ("md5", transfer.md5)) if value]
     wrong = f"downloaded {have:,} bytes, expected {transfer.size:,}" if transfer.size not in (None, have) else None
-    for algorithm, value in expected if wrong is None else []:
-        actual = sha256_of(transfer.part, algorithm)
-        if actual != value:
-            wrong = f"{algorithm} mismatch: got {actual}, expected {value}"
+    digests = {}
+    if wrong is None:
+        digests = _digests(transfer.part, ["sha256", "md5"] if transfer.md5 else ["sha256"])
+        for algorithm, value in (("sha256", transfer.sha256), ("md5", transfer.md5)):
+            if value and digests[algorithm] != value:
+                wrong = f"{algorithm} mismatch: got {digests[algorithm]}, expected {value}"
+                break
     if wrong:
         transfer.discard()
         kind = ChecksumMismatch if "mismatch" in wrong else WeightsUnavailable
         raise unavailable(f"{wrong}; the downloaded file was deleted (corrupted transfer, or changed upstream: "
                           f"a rerun downloads it again)", kind)
+    return digests["sha256"]
+
+
 def hub_cache_dirs():
     """Hugging Face hub caches on this machine, in huggingface_hub's order of precedence."""
     candidates = []
@@ -468,3 +534,12 @@ def fetch_first(names, root=None, offline=False):
         except WeightsUnavailable as e:
             first_error = e if name == names[0] else first_error
     raise first_error
+
+
+def file_or_fetch(name_or_path, root=None, offline=False, flag="weights"):
+    """What a --*-weights flag names: an existing file as it is, else a registered file, fetched (fetch)."""
+    if Path(name_or_path).is_file():
+        return Path(name_or_path)
+    if name_or_path not in REGISTRY:
+        raise FileNotFoundError(f"{flag} {name_or_path}: no such file, nor a registered name")
+    return fetch(name_or_path, root, offline)

@@ -32,6 +32,7 @@ GPT2_OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TIMM_CLIP = "timm/vit_base_patch32_clip_224.openai"
 TIMM_CLIP_REVISION = "a6f597a30f7b82c51704746581f9a4e41421e878"
+DRIVE = "https://drive.google.com/uc"
 
 
 def _hf(repo, file, size, sha256, format, legacy_ids=(), revision="main", **extra):
@@ -127,6 +128,25 @@ REGISTRY = {
         "cc6cb27103417325ff94f52b7a5d2dde45a7515b25c255d8e396c90014281516", "torch-pickle",
         ["runwayml/stable-diffusion-v1-5"],
         note="torch zip; weights under 'state_dict'; holds PyTorch Lightning callback objects"),
+
+    # ClipCap's released captioners (rmokady/CLIP_prefix_caption: README "Pre-trained Weights for the official
+    # paper", predict.py, the inference notebooks; WEIGHTS.md §6): CLIP ViT-B/32 embedding -> MLP mapper -> 10
+    # prefix vectors -> GPT-2 small fine-tuned with it. Google Drive ids from the README and the notebook; the
+    # `confirm=t` form skips the page Drive serves instead of a large file ("can't scan this file for viruses").
+    # No sha256 is published anywhere, so none is registered (the download prints the one it got). No exact size
+    # either: the Hugging Face mirrors (akhaliq/CLIP-prefix-captioning-COCO-weights and -conceptual-weights,
+    # OpenShape/clipcap-cc, Manbehindthemadness/conceptual_coco) show "636 MB" each, which is the tensors'
+    # 636,217,392 bytes plus torch's zip records; the download is then bounded by Drive's Content-Length.
+    # ClipCap's third file, the COCO transformer mapper (1GYPToCqFREwi285wPLhuVExlz7DDUDfJ), is not here: it maps
+    # CLIP RN50x4's 640-d features (transformer_inference.ipynb loads "RN50x4", prefix_size=640), a tower this
+    # project does not have.
+    "clipcap/coco_weights.pt": WeightsFile(
+        f"{DRIVE}?id=1IdaBtMSvtyzF0ByVaBHtvM0JYSXRExRX&export=download&confirm=t", None, None, "torch-pickle",
+        note="COCO, MLP mapper + fine-tuned GPT-2; torch zip of ClipCaptionModel.state_dict(): gpt.* (transformers "
+             "2021 layout, attn.bias/attn.masked_bias buffers, lm_head tied) and clip_project.model.{0,2}"),
+    "clipcap/conceptual_weights.pt": WeightsFile(
+        f"{DRIVE}?id=14pXWwB4Zm82rsDdvbGguLfx9F8aM7ovT&export=download&confirm=t", None, None, "torch-pickle",
+        note="Conceptual Captions, MLP mapper + fine-tuned GPT-2; same layout as clipcap/coco_weights.pt"),
 }
 
 # GPT-2 medium / large / xl: the same file layout as gpt2, each at a pinned revision so that its
