@@ -46,10 +46,8 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32, C) with float32 statistics: openaimodel's `normalization()` (eps 1e-5) upcasts x explicitly;
-    the transformers' `Normalize` (eps 1e-6) gets it from torch.autocast in the official fp16 runs. torch's CPU and
-    CUDA kernels accumulate in float32 for bf16/fp16 x themselves, so x is not copied to float32 first (the same
-    output; the copy cost more than the norm)."""
+    """GroupNorm(32, C), statistics in float32 (openaimodel's `normalization()`, eps 1e-5, upcasts x; the transformers'
+    `Normalize`, eps 1e-6, gets it from autocast): torch's kernels accumulate bf16/fp16 x in float32 themselves."""
 
     def __init__(self, channels, eps=1e-5):
         super().__init__(32, channels, eps=eps)
