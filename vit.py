@@ -211,9 +211,11 @@ class VisionTransformer(nn.Module):
         return model
 
 # -----------------------------------------------------------------------------------------------------------
-# Precision: every entry point's --precision, resolved here, on the ground floor that all the models stand on.
-# Every network runs in the dtype it is cast to (model.to(dtype)) and keeps float32 where bf16/fp16 would lose
-# the answer: logits and softmax, norm statistics, the sampler's state.
+# Device and precision: every entry point's --device auto and --precision, resolved here, on the ground floor that
+# all the models stand on. Every network runs in the dtype it is cast to (model.to(dtype)) and keeps float32 where
+# bf16/fp16 would lose the answer: logits and softmax, norm statistics, the sampler's state. Layouts that make low
+# precision fast change no result: GPT.decoding_layout; channels-last convolutions in bf16/fp16 (oneDNN's AMX and
+# cuDNN's tensor-core kernels read NHWC: a bf16 UNet step 1.4x, a bf16 VAE decode 3x faster, tests/bench_sd.py).
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_HELP = ("the networks' precision; auto: the fastest one this device computes well: bf16 on a CPU with "
@@ -235,6 +237,17 @@ def resolve_precision(precision, device):
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return "bf16" if device.type == "cpu" and native and avx512 else "fp32"
+
+def pick_device(name):
+    """A torch device, or None when this machine has no such device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return None
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    return device if present is None or present() else None
 
 # -----------------------------------------------------------------------------------------------------------
 # Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`): one opener (and which files

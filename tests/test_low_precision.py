@@ -8,6 +8,8 @@ entry point's --help; the layouts that make bf16 fast (GPT.decoding_layout, chan
 result.
 """
 import copy
+import importlib
+import re
 
 import pytest
 import torch
@@ -47,14 +49,16 @@ def test_auto_is_bf16_only_on_cpus_that_compute_it(monkeypatch, amx, avx512_bf16
         assert vit.resolve_precision(name, "cpu") == vit.resolve_precision(name, "cuda") == name
 
 
-@pytest.mark.parametrize("module, argv", [(gpt2, ["gpt2.py", "--help"]), (clip, ["clip.py", "--help"])])
-def test_precision_flag_reads_the_same_in_every_entry_point(module, argv, monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", argv)
+@pytest.mark.parametrize("name, default", [("gpt2", "auto"), ("clip", "auto"), ("generate", "auto")])
+def test_precision_flag_reads_the_same_in_every_entry_point(name, default, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", [f"{name}.py", "--help"])
     with pytest.raises(SystemExit) as exit_:
-        module.main()
+        importlib.import_module(name).main()
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--precision {auto,fp32,bf16,fp16}" in text and vit.PRECISION_HELP in text and "(default: auto)" in text
+    flag = r"--precision \{auto,fp32,bf16,fp16\} " + re.escape(vit.PRECISION_HELP)
+    found = re.search(flag + r"[^(]*\(default: (\w+)", text)
+    assert found and found.group(1) == default
 
 
 # -----------------------------------------------------------------------------------------------------------
