@@ -9,6 +9,8 @@ from other processes hits all alike; the best of --repeats calls counts. Printed
 transformers' fp32 and over ours in fp32 (goal for the image encode on a CPU with AMX: <= 0.50x ours in fp32),
 each fp32 time as a fraction of this machine's fp32 GEMM peak (tests/roofline.py: FLOPs counted by torch's
 FlopCounterMode / time / peak), and the cosine between the embeddings in --precision and in fp32 (goal >= 0.999).
+Then ClipCap-style captioning throughput, images/s: this tower, an MLP mapper and GPT-2 124M (gpt2.Captioner, random
+weights) write 20 greedy tokens for each of --batch-size images, in fp32 and in --precision, as generate.py runs it.
 """
 import argparse
 import copy
@@ -22,6 +24,7 @@ from transformers import CLIPModel
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import clip  # noqa: E402
+import gpt2  # noqa: E402
 import roofline  # noqa: E402
 from conftest import clip_vitb32_config  # noqa: E402
 from vit import PRECISIONS  # noqa: E402
@@ -94,6 +97,19 @@ def main():
             cosine = F.cosine_similarity(got, expected, dim=-1).min().item()
             print(f"  quality: embeddings in {args.precision} vs fp32, lowest cosine of {args.batch_size}: {cosine:.5f} "
                   f"({'meets' if cosine >= 0.999 else 'MISSES'} goal >= 0.999)")
+
+        captioner = gpt2.Captioner(gpt2.CaptionerConfig(), gpt2.GPT(gpt2.GPTConfig()), ours.visual).eval()
+        captioners = [captioner.to(device), copy.deepcopy(captioner).to(device, dtype)]
+        for model in captioners:
+            model.gpt.decoding_layout()  # as generate.py decodes captions
+
+        def caption(model):  # Captioner.generate without the end token: every caption 20 tokens long
+            return lambda: model.gpt.generate(None, 20, prefix_embeds=model.prefix(images), eos_token_id=None)
+
+        times = best_seconds([caption(model) for model in captioners], max(1, args.repeats // 3), device)
+        print(f"captioning {args.batch_size} images, 20 greedy tokens each (ViT-B/32, MLP mapper, GPT-2 124M): "
+              f"fp32 {args.batch_size / times[0]:.2f} images/s, {args.precision} {args.batch_size / times[1]:.2f} "
+              f"images/s ({times[1] / times[0]:.2f}x the fp32 time)")
 
 
 if __name__ == "__main__":
