@@ -1,5 +1,6 @@
 """The diffusion process: noise schedule, noising, the training loss, classifier-free guidance and samplers;
-then the prompt -> image pipeline that drives them, and its images as files (grids; PNGs that carry their
+then a text-to-image model's training module (the loss with caption dropout, the EMA of the weights), the
+prompt -> image pipeline that drives the samplers, and its images as files (grids; PNGs that carry their
 settings as AUTOMATIC1111 writes them).
 
 Papers: DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2020, arXiv:2010.02502), the Euler method on
@@ -17,15 +18,18 @@ solver_order=2). Image-to-image starts where diffusers' `StableDiffusionImg2ImgP
 
 This file knows nothing about networks: every function takes the denoiser as a callable `model(x, t) -> output`,
 where `x` is the network input (B, C, h, w) and `t` a (B,) float tensor of training timesteps in [0, timesteps).
-The output is ε (parameterization "eps", Stable Diffusion) or v (parameterization "v"). The pipeline, too, takes
-its networks as arguments: Stable Diffusion's (generate.py) and this project's trained ones (unet.py) alike.
+The output is ε (parameterization "eps", Stable Diffusion) or v (parameterization "v"). The training module and
+the pipeline, too, take their networks as arguments: Stable Diffusion's (generate.py) and this project's trained
+ones (unet.py) alike.
 Notation: ᾱ_t = alphas_cumprod[t]; a noised sample is x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε  (DDPM eq. 4).
 """
+import copy
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
@@ -301,6 +305,58 @@ class GaussianDiffusion:
             x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * (torch.exp(-h) - 1.0)) * d
             x0_prev = x0
         return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training a text-to-image model: the loss over networks passed in, and the EMA copy that draws
+
+@torch.no_grad()
+def ema_update(ema_model, model, num_updates, decay=0.9999):
+    """Exponential moving average of the weights, what a trained diffusion model samples with (DDPM sec. 4,
+    CompVis `ldm/modules/ema.py` LitEma): ema <- ema + (1 - d)(theta - ema), with the warm-up d = min(decay,
+    (1 + n)/(10 + n)) after n updates, so a short run's average is not dominated by its random start."""
+    d = min(decay, (1 + num_updates) / (10 + num_updates))
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1 - d)
+
+
+class DiffusionModel(nn.Module):
+    """What train.py trains for text to image: a text-conditioned denoiser `net` (unet.py's
+    TextConditionedUNet: net.tokenize, net.encode_text, net(x, t, context)) under this file's loss, its EMA copy
+    that draws (ema_decay 0: none), and a frozen VAE for latent space (None: pixels). forward() is the training
+    loss summed over the batch; captions are dropped `caption_dropout` of the time for classifier-free guidance."""
+
+    def __init__(self, net, vae, diffusion, ema_decay=0.9999, caption_dropout=0.1, min_snr_gamma=0.0):
+        super().__init__()
+        self.net, self.vae, self.diffusion = net, vae and vae.requires_grad_(False), diffusion
+        self.ema = copy.deepcopy(net).requires_grad_(False) if ema_decay else None
+        self.ema_decay, self.caption_dropout, self.min_snr_gamma = ema_decay, caption_dropout, min_snr_gamma
+        self.register_buffer("empty_tokens", net.tokenize([""]), persistent=False)  # (1, T) the empty prompt
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # optimizer steps (EMA warm-up)
+
+    def update_ema(self):
+        """After each optimizer step: the EMA follows the trained weights."""
+        if self.ema is not None:
+            ema_update(self.ema, self.net, int(self.updates), self.ema_decay)
+        self.updates += 1
+
+    def forward(self, images, tokens, generator=None):
+        """uint8 images (B, 3, H, W) and their captions' tokens (B, T) -> the loss summed over the batch."""
+        x0 = images.float() / 127.5 - 1  # pixels in [-1, 1]
+        if self.vae is not None:
+            with torch.no_grad():
+                x0 = self.vae.encode_to_latents(x0, generator)  # (B, 4, H/8, W/8)
+        if self.training:  # classifier-free guidance: the same network learns the empty prompt too
+            drop = torch.rand(len(tokens)) < self.caption_dropout
+            tokens = torch.where(drop[:, None].to(tokens.device), self.empty_tokens, tokens)
+        context = self.net.encode_text(tokens)  # (B, T, context_dim)
+        return self.diffusion.loss(lambda x, t: self.net(x, t, context), x0, generator,
+                                   self.min_snr_gamma or None, reduction="sum")
+
+    def pipeline(self):
+        """The prompt -> image pipeline (below) with the weights that draw: the EMA's, else the trained ones."""
+        net = self.ema or self.net
+        return TextToImage(self.diffusion, net, net.encode_text, net.tokenize, self.vae)
 
 
 # ----------------------------------------------------------------------------------------------------------------

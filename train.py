@@ -26,7 +26,6 @@ beside their weights (weights/checkpoints.py), never through these flags.
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -38,7 +37,6 @@ import textwrap
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -68,8 +66,7 @@ def flag(default, help, choices=None, role="", most=None):
 
 @dataclass
 class TrainConfig:  # the harness's, and what both tasks read
-    task: str = flag("caption", "caption: image -> caption; diffusion: caption -> image",
-                     ("caption", "diffusion"))
+    task: str = flag("caption", "caption: image -> caption; diffusion: caption -> image", weights.TASKS)
     preset: str = flag("shapes", "starting values of the flags, listed below")
     data: str = flag("shapes", "coco: 2017; karpathy: COCO, Karpathy's splits",
                      ("shapes", "coco", "karpathy", "folder", "cifar100"), "scoring")
@@ -114,6 +111,19 @@ class TrainConfig:  # the harness's, and what both tasks read
     smoke_test: bool = flag(False, "a quick run: tiny models, 256 pairs, 32 validation images", None, "local")
     traceback: bool = flag(False, "on an error, the whole traceback instead of one line", None, "local")
 
+    def error(self):
+        """The first thing wrong with these flags, or None."""
+        if min(self.batch_size, self.grad_accum, self.eval_every, self.log_every) < 1:
+            return "--batch-size, --grad-accum, --eval-every, --log-every must be >= 1"
+        if self.lr <= 0 or self.epochs <= 0 or min(self.warmup_steps, self.minutes, self.stop_after) < 0:
+            return "--lr, --epochs must be > 0, --warmup-steps, --minutes, --stop-after >= 0"
+        if self.split == "test" and self.data in data.NO_TEST_SPLIT:
+            return f"--split test: {data.NO_TEST_SPLIT[self.data]}"
+        if self.data == "folder" and not self.data_root:
+            return "--data folder needs --data-root DIR (images, captions file)"
+        if self.offline and self.download:
+            return "--offline never downloads: leave out --download"
+
 
 @dataclass
 class CaptionConfig:
@@ -137,7 +147,7 @@ class CaptionConfig:
     num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search", None, "scoring")
 
     def error(self, cfg):
-        """The first thing wrong with these flags, or None."""
+        """The first thing wrong with these flags (and the harness's `cfg`), or None."""
         if min(self.prefix_length, self.num_beams) < 1:
             return "--prefix-length and --num-beams must be >= 1"
         if self.closed_vocab and self.language_model != "tiny":
@@ -180,22 +190,15 @@ class TextToImageConfig:
             return "--latent, --text-encoder clip and --unet sd15 need --sd-weights (an SD 1.x file)"
 
 
-PRESETS = {"caption": {
-    # tiny tower (32 x 32 images, 16 patches, sine-cosine positions) and tiny GPT-2 with GPT-2's whole
-    # vocabulary, from scratch; every tower token is a prefix vector (the pooled embedding alone lost where
-    # objects are: 58%). 64k drawn images, 9 epochs of batch 64 (9,000 steps): about 9 training minutes on 2
-    # cores, 95-97% exact match
+PRESETS = {"caption": {  # what each preset measured, and why it is set so: README.md, "What to expect"
+    # tiny tower (sine-cosine positions) and tiny GPT-2 from scratch; every tower token a prefix vector
     "shapes": dict(closed_vocab=True, vision_width=64, vision_layers=2, embed_dim=64, lr=2e-3,
                    max_train_samples=64_000, mapping_type="tokens", epochs=9.0, eval_every=1000),
-    # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32 embeddings, GPT-2 124M fine-tuned, MLP
-    # mapper, prefix length 10, batch 40, AdamW lr 2e-5 with 5,000 warm-up steps, 10 epochs: Table 1's 108.4
-    # CIDEr
+    # ClipCap's COCO recipe (paper sec. 4, official train.py): ViT-B/32, GPT-2 124M fine-tuned, MLP mapper
     "coco": dict(data="karpathy", image_tower="clip", language_model="gpt2", prefix_length=10, batch_size=40,
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
 }, "diffusion": {
-    # 32x32 pixels denoised as 16x16x12 patches by a 0.8M-parameter UNet, a 3.3M tiny text encoder, for 12
-    # minutes (the tour; bf16 where the CPU has AMX) on up to 160k fresh images. FiLM with the pooled prompt,
-    # cross-attention in the middle block only, Min-SNR 0.5, DDPM's 50 steps, guidance 1.5: README says why
+    # the tour: 32x32 pixels as 16x16x12 patches, a 0.8M-parameter UNet, FiLM with the pooled prompt
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50,
                    max_train_samples=160_000, minutes=12.0, precision="auto", pooled_text=True,
                    scale_shift_norm=True, attention_resolutions="", parameterization="v", min_snr_gamma=0.5,
@@ -205,18 +208,16 @@ PRESETS = {"caption": {
     "photos": dict(data="coco", out_dir="runs/diffusion-photos",
                    sd_weights="sd15/v1-5-pruned-emaonly.safetensors", latent=True, text_encoder="clip",
                    image_size=256, model_channels=128, channel_mult="1,2,4", attention_resolutions="4,2",
-                   num_res_blocks=2, context_dim=768, schedule="sd15", batch_size=64,
-                   lr=1e-4, warmup_steps=1000, epochs=10.0, eval_every=2000, max_val_samples=500,
+                   num_res_blocks=2, context_dim=768, schedule="sd15", batch_size=64, lr=1e-4,
+                   warmup_steps=1000, epochs=10.0, eval_every=2000, max_val_samples=500,
                    max_caption_tokens=75, sampler="dpm++2m", sampling_steps=25, guidance_scale=5.0,
                    ema_decay=0.9999),
-    # fine-tune SD 1.5 itself on a folder of your images and captions at 512x512 (bf16, checkpointed
-    # activations)
+    # fine-tune SD 1.5 itself on a folder of your images and captions at 512x512
     "sd15": dict(data="folder", out_dir="runs/sd15", sd_weights="sd15/v1-5-pruned-emaonly.safetensors",
                  latent=True, text_encoder="clip", unet="sd15", image_size=512, schedule="sd15",
                  min_snr_gamma=0.0, ema_decay=0.0, batch_size=8, lr=1e-5, warmup_steps=100, epochs=10.0,
-                 eval_every=500,
-                 max_val_samples=16, max_caption_tokens=75, precision="bf16", gradient_checkpointing=True,
-                 sampling_steps=50, guidance_scale=7.5),
+                 eval_every=500, max_val_samples=16, max_caption_tokens=75, precision="bf16",
+                 gradient_checkpointing=True, sampling_steps=50, guidance_scale=7.5),
 }}
 SMOKE_TEST = dict(image_tower="tiny", language_model="tiny", max_train_samples=256, max_val_samples=32,
                   batch_size=16, epochs=1.0, minutes=0.0, warmup_steps=2, log_every=4, sampling_steps=2,
@@ -226,22 +227,54 @@ SMOKE_TEST = dict(image_tower="tiny", language_model="tiny", max_train_samples=2
 # The harness: what both tasks share
 
 
-class Task(Protocol):
+class Task:
     """All the harness knows of a task (CaptionTask, TextToImageTask): config, its flags; model, the module
     that trains, model(*batch) the loss summed over the batch; num_pairs, the training pairs (an epoch);
     extra, what a checkpoint keeps beside the weights (the models' configs); batch(pair_ids, device), those
     pairs as the model's inputs; count_targets(pair_ids), what the whole batch's summed loss is divided by;
     evaluate(model, split), metrics (called in eval mode, without gradients); after_step(), what follows
-    each optimizer step."""
-    config: object
+    each optimizer step. What both tasks share is here: their flags, device and splits."""
     model: nn.Module
-    num_pairs: int
     extra: dict
 
+    def __init__(self, cfg, config, device):
+        self.cfg, self.config, self.device = cfg, config, torch.device(device)
+
+    def open_splits(self, splits, encode=str, tower=None, rank=0, world=1, tokens=False):
+        """self.splits[split] = (dataset, inputs, pairs [(image row, encode(caption))], references {image row:
+        captions}) of each split's readable images (data.py). Inputs are cached in out_dir/cache (rank 0
+        writes, then every rank maps them): a frozen tower's embeddings, or pixels (tower None); tower
+        "photos": none, they are read per batch."""
+        cfg, self.splits = self.cfg, {}
+        if rank > 0:
+            dist.barrier()  # rank 0 writes the caches first
+        for split in splits:
+            most = cfg.max_train_samples if split == "train" else cfg.max_val_samples
+            dataset = data.open_split(cfg.data, split, cfg.data_root or None, cfg.download, cfg.image_size,
+                                      cfg.seed, most)
+            images, skipped = (None, set()) if tower == "photos" else data.cached_features(
+                dataset, Path(cfg.out_dir) / "cache", tower, cfg.image_size, tokens, self.device)
+            ids = dataset.image_ids()
+            row = {image_id: k for k, image_id in enumerate(ids) if str(image_id) not in skipped}
+            references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
+            pairs = [(r, encode(caption)) for r, captions in references.items() for caption in captions]
+            if not pairs:
+                raise ValueError(f"none of the {len(ids)} images of the {split} split of --data {cfg.data} "
+                                 "can be read (each is missing or unreadable)")
+            pairs = pairs[:cfg.max_train_samples or None] if split == "train" else pairs
+            self.splits[split] = dataset, images, pairs, references
+        if rank == 0 and world > 1:
+            dist.barrier()
+        self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
+
     def batch(self, pair_ids, device): ...
-    def count_targets(self, pair_ids): ...
     def evaluate(self, model, split): ...
-    def after_step(self): ...
+
+    def count_targets(self, pair_ids):
+        return len(pair_ids)  # one target a pair (text to image: the loss is a mean over images)
+
+    def after_step(self):
+        pass
 
 
 def lr_at(step, total_steps, cfg):
@@ -417,39 +450,16 @@ def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_se
            "trains as many steps"
 
 
-def open_split(cfg, split, encode, tower=None, rank=0, world=1, device="cpu", tokens=False):
-    """(dataset, inputs, pairs [(image row, encode(caption))], references {image row: captions}) of one
-    split's readable images (data.py). Inputs are cached in out_dir/cache (rank 0 computes, every rank maps
-    them): a frozen tower's embeddings, or pixels (tower None); tower "photos": none, they are read per
-    batch."""
-    dataset = data.open_split(cfg.data, split, cfg.data_root or None, cfg.download, cfg.image_size, cfg.seed,
-                              cfg.max_train_samples if split == "train" else cfg.max_val_samples)
-    images, skipped = None, set()
-    if tower != "photos":
-        args = dataset, Path(cfg.out_dir) / "cache", tower, cfg.image_size, tokens, device
-        if world > 1:
-            if rank == 0:
-                data.cached_features(*args)
-            dist.barrier()
-        images, skipped = data.cached_features(*args)
-    row = {image_id: k for k, image_id in enumerate(dataset.image_ids()) if str(image_id) not in skipped}
-    references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
-    pairs = [(r, encode(caption)) for r, captions in references.items() for caption in captions]
-    if not pairs:
-        raise ValueError(f"none of the {len(dataset.image_ids())} images of the {split} split of --data "
-                         f"{cfg.data} can be read (each is missing or unreadable)")
-    return dataset, images, pairs[:cfg.max_train_samples or None] if split == "train" else pairs, references
-
 # -----------------------------------------------------------------------------------------------------------
 # The caption task
 
 
-class CaptionTask:
+class CaptionTask(Task):
     """Image -> caption (ClipCap). Its inputs are a frozen tower's cached embeddings, or cached pixels for
     a tower that trains; a checkpoint's captioner is rebuilt by gpt2.py (Captioner.from_checkpoint)."""
 
     def __init__(self, cfg, config, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
-        self.cfg, self.config, self.device = cfg, config, torch.device(device)
+        super().__init__(cfg, config, device)
         self.model = checkpoint and Captioner.from_checkpoint(checkpoint)  # first: a bad one fails fast
         frozen = None if config.image_tower == "tiny" else load_visual(
             config.clip_weights, cfg.weights_dir or None, cfg.offline).requires_grad_(False).eval()
@@ -459,11 +469,10 @@ class CaptionTask:
 
         def encode(caption):
             return encoded.setdefault(caption, self.tokenizer.encode(caption)[:cfg.max_caption_tokens])
-        self.splits = {split: open_split(cfg, split, encode, frozen and frozen.to(self.device), rank, world,
-                                         self.device, config.mapping_type == "tokens") for split in splits}
+        self.open_splits(splits, encode, frozen and frozen.to(self.device), rank, world,
+                         config.mapping_type == "tokens")
         self.model = self.model or self.build(frozen, {t for ids in encoded.values() for t in ids})
         self.model.gpt.requires_grad_(not config.freeze_gpt)
-        self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
         self.extra = {"captioner_config": dataclasses.asdict(self.model.config),
                       "gpt_config": dataclasses.asdict(self.model.gpt.config),
                       "vision_config": dataclasses.asdict((frozen or self.model.visual).config),
@@ -496,9 +505,6 @@ class CaptionTask:
             tokens[b, :len(ids)], token_mask[b, :len(ids)] = torch.tensor(ids), True
         inputs = torch.from_numpy(np.asarray(images[[r for r, _ in rows]]))
         return inputs.to(device), tokens.to(device), token_mask.to(device)
-
-    def after_step(self):
-        pass
 
     def evaluate(self, model, split="val", batch_size=100):
         """Loss per target token, BLEU-1..4 and CIDEr-D of one caption per image (COCO's scorers), and on
@@ -537,69 +543,23 @@ class CaptionTask:
 # The text-to-image task
 
 
-@torch.no_grad()
-def ema_update(ema_model, model, num_updates, decay=0.9999):
-    """Exponential moving average of the weights, what a trained diffusion model samples with (DDPM sec. 4,
-    CompVis `ldm/modules/ema.py` LitEma): ema <- ema + (1 - d)(theta - ema), with the warm-up d = min(decay,
-    (1 + n)/(10 + n)) after n updates, so a short run's average is not dominated by its random start."""
-    d = min(decay, (1 + num_updates) / (10 + num_updates))
-    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1 - d)
-
-
-class DiffusionModel(nn.Module):
-    """What trains: the text-conditioned UNet (unet.py) with ddpm.py's loss, its EMA copy that draws, and the
-    frozen SD VAE in latent space. forward() is the training loss summed over the batch."""
-
-    def __init__(self, net, vae, diffusion, config):
-        super().__init__()
-        self.net, self.vae, self.diffusion = net, vae, diffusion
-        self.ema = copy.deepcopy(net).requires_grad_(False) if config.ema_decay else None
-        self.caption_dropout, self.min_snr_gamma = config.caption_dropout, config.min_snr_gamma
-        self.register_buffer("empty_tokens", net.tokenize([""]), persistent=False)  # (1, T) the empty prompt
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # optimizer steps (EMA warm-up)
-
-    def forward(self, images, tokens, generator=None):
-        """uint8 images (B, 3, H, W) and their captions' tokens (B, T) -> the loss summed over the batch."""
-        x0 = images.float() / 127.5 - 1  # pixels in [-1, 1]
-        if self.vae is not None:
-            with torch.no_grad():
-                x0 = self.vae.encode_to_latents(x0, generator)  # (B, 4, H/8, W/8)
-        if self.training:  # classifier-free guidance: the same network learns the empty prompt too
-            drop = torch.rand(len(tokens)) < self.caption_dropout
-            tokens = torch.where(drop[:, None].to(tokens.device), self.empty_tokens, tokens)
-        context = self.net.encode_text(tokens)  # (B, T, context_dim)
-        return self.diffusion.loss(lambda x, t: self.net(x, t, context), x0, generator,
-                                   self.min_snr_gamma or None, reduction="sum")
-
-    def pipeline(self):
-        """ddpm.py's prompt -> image pipeline with the weights that draw: the EMA's, else the trained ones."""
-        net = self.ema or self.net
-        return ddpm.TextToImage(self.diffusion, net, net.encode_text, net.tokenize, self.vae)
-
-
-class TextToImageTask:
+class TextToImageTask(Task):
     """Caption -> image. Its inputs are cached uint8 pixels at --image-size (centre crops), or in latent
     space photos read per batch; a checkpoint's model is rebuilt by unet.py
     (TextConditionedUNet.from_checkpoint)."""
 
     def __init__(self, cfg, config, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
-        self.cfg, self.config, self.device = cfg, config, torch.device(device)
-        if checkpoint:
-            (net, vae), diffusion = TextConditionedUNet.from_checkpoint(checkpoint, ema=False), \
-                ddpm.DiffusionConfig(**checkpoint["diffusion_config"])
-        else:
-            (net, vae), diffusion = self.build(), dataclasses.replace(
-                ddpm.PRESETS[config.schedule], parameterization=config.parameterization)
+        super().__init__(cfg, config, device)
+        net, vae = TextConditionedUNet.from_checkpoint(checkpoint, ema=False) if checkpoint else self.build()
+        diffusion = ddpm.DiffusionConfig(**checkpoint["diffusion_config"]) if checkpoint else \
+            dataclasses.replace(ddpm.PRESETS[config.schedule], parameterization=config.parameterization)
         net.text_encoder.requires_grad_(net.kind == "tiny")  # the other text encoders stay frozen
         net.unet.gradient_checkpointing = config.gradient_checkpointing
-        vae = vae and vae.requires_grad_(False)
-        self.model = DiffusionModel(net, vae, ddpm.GaussianDiffusion(diffusion), config)
+        self.model = ddpm.DiffusionModel(net, vae, ddpm.GaussianDiffusion(diffusion), config.ema_decay,
+                                         config.caption_dropout, config.min_snr_gamma)
         if checkpoint:  # the EMA copy and its step count too
             self.model.load_state_dict(checkpoint["model"], strict=True)
-        self.splits = {split: open_split(cfg, split, str, "photos" if vae else None, rank, world, self.device)
-                       for split in splits}
-        self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
+        self.open_splits(splits, str, "photos" if vae else None, rank, world)
         self.extra = {"unet_config": dataclasses.asdict(net.unet.config), "text_config": net.text_config(),
                       "patch": net.patch, "vae_config": vae and dataclasses.asdict(vae.config),
                       "diffusion_config": dataclasses.asdict(diffusion), "image_size": cfg.image_size,
@@ -637,9 +597,6 @@ class TextToImageTask:
         vae = AutoencoderKL.from_state_dict(sd) if c.latent else None
         return TextConditionedUNet(unet, text, c.text_encoder, length, 1 if c.latent else c.patch), vae
 
-    def count_targets(self, pair_ids):
-        return len(pair_ids)  # the loss is a mean over images
-
     def batch(self, pair_ids, device, split="train"):
         """(uint8 images (B, 3, S, S), tokens (B, T)); an unreadable photo is reported (data.py), left out."""
         dataset, images, pairs, _ = self.splits[split]
@@ -655,9 +612,7 @@ class TextToImageTask:
         return pixels.to(device), self.model.net.tokenize([text for _, text in rows]).to(device)
 
     def after_step(self):
-        if self.model.ema is not None:
-            ema_update(self.model.ema, self.model.net, int(self.model.updates), self.config.ema_decay)
-        self.model.updates += 1
+        self.model.update_ema()
 
     def evaluate(self, model, split="val", batch_size=100):
         """Validation loss (fixed noise and timesteps), a grid of samples saved under out_dir/samples, and
@@ -721,23 +676,6 @@ def configs(task, values):
     return TrainConfig(**{**pick(TrainConfig), "task": task}), TASKS[task][1](**pick(TASKS[task][1]))
 
 
-def config_error(cfg, config):
-    """The first thing wrong with a configuration, or None."""
-    for bad, message in [
-            (min(cfg.batch_size, cfg.grad_accum, cfg.eval_every, cfg.log_every) < 1,
-             "--batch-size, --grad-accum, --eval-every, --log-every must be >= 1"),
-            (cfg.lr <= 0 or cfg.epochs <= 0 or min(cfg.warmup_steps, cfg.minutes, cfg.stop_after) < 0,
-             "--lr, --epochs must be > 0, --warmup-steps, --minutes, --stop-after >= 0"),
-            (cfg.split == "test" and cfg.data in data.NO_TEST_SPLIT,
-             f"--split test: {data.NO_TEST_SPLIT.get(cfg.data)}"),
-            (cfg.data == "folder" and not cfg.data_root,
-             "--data folder needs --data-root DIR (images, captions file)"),
-            (cfg.offline and cfg.download, "--offline never downloads: leave out --download"),
-            (True, config.error(cfg))]:
-        if bad and message:
-            return message
-
-
 def parse_config(argv=None):
     """The flags -> (TrainConfig, the task's config, the checkpoint of --resume or --eval). Precedence:
     defaults < preset < --smoke-test < the checkpoint's flags (never its "local" ones) < the flags given;
@@ -764,17 +702,7 @@ def parse_config(argv=None):
         if not Path(path).is_file():
             parser.error(f"no such checkpoint: {path}")
         checkpoint = weights.read_checkpoint(path)
-        stored = weights.stored_flags(checkpoint, path, FLAGS)
-        if stored.get("image_tower") == "clip" and stored["clip_weights"] != CaptionConfig.clip_weights and \
-                "clip_weights" not in given:  # a checkpoint never chooses a file to read
-            raise FileNotFoundError(f"{path}'s frozen image tower is the file {stored['clip_weights']}, "
-                                    "which it does not hold: give it as --clip-weights")
-        roles = {f.name: f.metadata["role"] for f in FLAGS}
-        training = sorted(k for k in given if not roles[k]) if given.get("eval") else []
-        if training or given.get("task", checkpoint["task"]) != checkpoint["task"]:
-            flags = ", ".join("--" + k.replace("_", "-") for k in training or ["task"])
-            parser.error(f"{path} is a --task {checkpoint['task']} checkpoint, scored as it was trained: "
-                         f"{flags} do not apply")
+        stored = weights.stored_flags(checkpoint, path, FLAGS, given)  # checked against the flags given
         given.setdefault("out_dir", str(Path(path).parent))  # the checkpoint's own folder, never one it names
     task = checkpoint["task"] if checkpoint else given.get("task", TrainConfig.task)
     preset = stored.get("preset", given.get("preset", TrainConfig.preset))
@@ -784,14 +712,10 @@ def parse_config(argv=None):
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in other)}: not a flag of --task {task}")
     cfg, config = configs(task, {**PRESETS[task][preset], **(SMOKE_TEST if given.get("smoke_test") else {}),
                                  **stored, **given})
-    if message := config_error(cfg, config):
+    if message := cfg.error() or config.error(cfg):
         parser.error(message)
-    out = Path(cfg.out_dir)  # a new run never replaces a run's checkpoint and log, unless told to
-    held = [name for name in ("ckpt.pt", "log.jsonl") if (out / name).exists()]
-    if held and not (cfg.eval or cfg.overwrite or out.resolve() == Path(path or ".").resolve().parent):
-        resume = f"--resume {out / 'ckpt.pt'} continues it, " if "ckpt.pt" in held else ""
-        parser.error(f"{out} holds a run ({', '.join(held)}): {resume}another --out-dir starts a new one, "
-                     "--overwrite replaces it")
+    if not (cfg.eval or cfg.overwrite):
+        weights.refuse_held_run(cfg.out_dir, cfg.resume)
     return cfg, config, checkpoint
 
 
@@ -825,7 +749,7 @@ def main(argv=None):
         if "--traceback" in argv:
             raise
         print(f"train.py: error: {error or type(error).__name__}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(error, FileNotFoundError) else 1) from None
+        raise SystemExit(2 if isinstance(error, (FileNotFoundError, weights.FlagsRefused)) else 1) from None
 
 
 def run(argv):

@@ -11,14 +11,16 @@
                            check_optimizer_state (what AdamW saves, before --resume loads it);
                            check_state_dict / check_config, every model loader's checks
     checkpoints.py         train.py's checkpoints: read_checkpoint (as data, earlier layouts
-                           upgraded), stored_flags (its flags, checked against their declarations),
-                           rebuild (a model from a checkpoint's configs, checked),
-                           hold_run_dir (one run at a time writes a run directory)
+                           upgraded), stored_flags (its flags, checked against their declarations
+                           and the command line's), rebuild (a model from a checkpoint's configs,
+                           checked), hold_run_dir (one run at a time writes a run directory) and
+                           refuse_held_run (a new run never replaces one unasked)
 
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .checkpoints import TASKS, hold_run_dir, read_checkpoint, rebuild, stored_flags, upgrade
+from .checkpoints import (TASKS, FlagsRefused, hold_run_dir, read_checkpoint, rebuild, refuse_held_run,
+                          stored_flags, upgrade)
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first, file_or_fetch,
                          find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -33,6 +35,7 @@ __all__ = [
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
-    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "stored_flags", "rebuild", "hold_run_dir",
+    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "stored_flags", "FlagsRefused",
+    "refuse_held_run", "rebuild", "hold_run_dir",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
 ]

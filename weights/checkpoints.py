@@ -64,11 +64,18 @@ def read_checkpoint(path, task=None):
     return checkpoint
 
 
-def stored_flags(checkpoint, path, flags):
+class FlagsRefused(ValueError):
+    """Flags that do not go with a checkpoint or a run directory: a usage error, said in one line."""
+
+
+def stored_flags(checkpoint, path, flags, given=None):
     """A checkpoint's flags ("config") read as data against their declarations (`flags`: dataclass fields whose
     metadata give "role", "choices", "most"): known names only, none of a run's own (role "local": where to read
-    and write, the device), each of its default's type, one of its choices, within its bound."""
-    flags = {f.name: f for f in flags}
+    and write, the device), each of its default's type, one of its choices, within its bound. Checked against the
+    flags `given` on the command line too: a frozen image tower the checkpoint names by file, which it does not
+    hold, must be given again (a checkpoint never chooses a file to read), and --eval scores a checkpoint as it
+    was trained: no other --task, and of the rest only "local" and "scoring" flags (FlagsRefused)."""
+    flags, given = {f.name: f for f in flags}, given or {}
     config = {k: v for k, v in checkpoint["config"].items() if k in flags and flags[k].metadata["role"] != "local"}
     kinds = {k: type(flags[k].default) for k in config}
     wrong = {k for k, v in config.items() if type(v) is not kinds[k] and (kinds[k], type(v)) != (float, int)}
@@ -78,7 +85,27 @@ def stored_flags(checkpoint, path, flags):
             wrong.add(k)
     if wrong:
         raise ValueError(f"{path}: its config holds values of the wrong type or size: {sorted(wrong)}")
+    if config.get("image_tower") == "clip" and config["clip_weights"] != flags["clip_weights"].default and \
+            "clip_weights" not in given:
+        raise FileNotFoundError(f"{path}'s frozen image tower is the file {config['clip_weights']}, which it does "
+                                "not hold: give it as --clip-weights")
+    training = sorted(k for k in given if not flags[k].metadata["role"]) if given.get("eval") else []
+    if training or given.get("task", checkpoint["task"]) != checkpoint["task"]:
+        names = ", ".join("--" + k.replace("_", "-") for k in training or ["task"])
+        raise FlagsRefused(f"{path} is a --task {checkpoint['task']} checkpoint, scored as it was trained: {names} "
+                           "do not apply")
     return config
+
+
+def refuse_held_run(out_dir, resume=""):
+    """A new run never replaces a run's checkpoint and log unless told to (--overwrite): FlagsRefused when out_dir
+    holds them (ckpt.pt, log.jsonl) and is not the folder of the checkpoint `resume` continues."""
+    out = Path(out_dir)
+    held = [name for name in ("ckpt.pt", "log.jsonl") if (out / name).exists()]
+    if held and out.resolve() != Path(resume or ".").resolve().parent:
+        resume = f"--resume {out / 'ckpt.pt'} continues it, " if "ckpt.pt" in held else ""
+        raise FlagsRefused(f"{out} holds a run ({', '.join(held)}): {resume}another --out-dir starts a new one, "
+                           "--overwrite replaces it")
 
 
 def upgrade(checkpoint):
