@@ -49,7 +49,8 @@ def test_auto_is_bf16_only_on_cpus_that_compute_it(monkeypatch, amx, avx512_bf16
         assert vit.resolve_precision(name, "cpu") == vit.resolve_precision(name, "cuda") == name
 
 
-@pytest.mark.parametrize("name, default", [("gpt2", "auto"), ("clip", "auto"), ("generate", "auto")])
+@pytest.mark.parametrize("name, default", [("gpt2", "auto"), ("clip", "auto"), ("generate", "auto"),
+                                           ("train", "fp32")])  # train.py: its presets choose auto
 def test_precision_flag_reads_the_same_in_every_entry_point(name, default, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", [f"{name}.py", "--help"])
     with pytest.raises(SystemExit) as exit_:
