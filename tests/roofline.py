@@ -61,7 +61,7 @@ def describe():
 
 def measure(quick=False):
     """(fp32 GEMM GFLOPS, bf16 GEMM GFLOPS, read GB/s), printed as one line."""
-    repeats = 2 if quick else 5
+    repeats = 4 if quick else 20  # the best of many: on a shared machine some runs find the cores free
     peaks = gemm_peak(torch.float32, repeats=repeats), gemm_peak(torch.bfloat16, repeats=repeats)
     rate = read_rate(repeats=repeats)
     print(f"roofline: fp32 GEMM {peaks[0]:.0f} GFLOPS, bf16 GEMM {peaks[1]:.0f} GFLOPS ({peaks[1] / peaks[0]:.1f}x), "
