@@ -226,7 +226,7 @@ def resolve_precision(precision, device):
     """--precision auto|fp32|bf16|fp16 -> the name of the precision to run in on `device`: a name passes
     through; auto is bf16 on a CPU with bf16 arithmetic (AMX or AVX512-BF16, with torch's AVX-512 kernels on:
     elsewhere bf16 is emulated and slower than fp32), fp16 on a CUDA or MPS GPU, fp32 otherwise. A Xeon with
-    AMX multiplies bf16 matrices ~8x faster than fp32 ones on one core (tests/bench_sd.py prints both peaks)."""
+    AMX multiplies bf16 matrices 5-6x faster than fp32 ones on 2 cores (tests/roofline.py: every bench prints both)."""
     if precision != "auto":
         return precision
     device = torch.device(device)
@@ -238,6 +238,7 @@ def resolve_precision(precision, device):
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return "bf16" if device.type == "cpu" and native and avx512 else "fp32"
 
+
 def pick_device(name):
     """A torch device, or None when this machine has no such device."""
     if name == "auto":
@@ -248,6 +249,7 @@ def pick_device(name):
         return None
     present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
     return device if present is None or present() else None
+
 
 # -----------------------------------------------------------------------------------------------------------
 # Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`): one opener (and which files
