@@ -51,6 +51,8 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x):
+        if x.numel() == x.size(-1):  # one row (decoding): W^T x + b, whose bf16 kernel reads W^T stored row-major
+            return torch.addmv(self.bias, self.weight.t(), x.reshape(-1)).view(*x.shape[:-1], -1)  # decoding_layout
         return torch.addmm(self.bias, x.flatten(0, -2), self.weight).view(*x.shape[:-1], -1)  # x @ W + b
 
 
@@ -101,8 +103,7 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        # GELU in its tanh approximation, exactly as openai/gpt-2 `gelu` computes it (HF calls it "gelu_new")
-        x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # openai/gpt-2's `gelu` (HF: "gelu_new")
         return F.dropout(x, self.dropout, self.training)
 
 
@@ -161,8 +162,7 @@ PRESETS = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
 }
-# The official files hold each block's causal-mask buffers (attn.bias; masked_bias in older transformers' saves).
-# forward builds the mask itself, so the loader drops them.
+# The official files hold causal-mask buffers (attn.bias; older saves' masked_bias): forward builds its own; dropped.
 IGNORED = ("h.*.attn.bias", "h.*.attn.masked_bias")
 
 
@@ -235,7 +235,7 @@ class GPT(nn.Module):
         return self
 
     def decoding_layout(self):
-        """For decoding: Conv1D weights column-major (same values), in which torch's bf16 x @ W reads W ~2x faster."""
+        """For decoding: Conv1D weights column-major (same values): one row's W^T x reads W 1.6x faster in bf16."""
         for conv in (m for m in self.modules() if isinstance(m, Conv1D)):
             conv.weight = nn.Parameter(conv.weight.detach().t().contiguous().t(), conv.weight.requires_grad)
         return self
