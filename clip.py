@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 import weights
-from vit import VISION_PRESETS, ImageReadError, Transformer, VisionConfig, VisionTransformer, preprocess
+from vit import (PRECISION_HELP, PRECISIONS, VISION_PRESETS, ImageReadError, Transformer, VisionConfig,
+                 VisionTransformer, preprocess, resolve_precision)
 
 __all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "hf_to_openai",
            "load_clip_state_dict", "load_visual", "frozen_tower", "classify", "similarity", "bleu", "cider_d",
@@ -158,11 +159,11 @@ class CLIP(CLIPTextTransformer):
 
     def forward(self, image, tokens):
         """Returns (logits_per_image (B_img, B_txt), logits_per_text): scaled cosine similarities."""
-        image_features = self.encode_image(image)
-        text_features = self.encode_text(tokens)
+        image_features = self.encode_image(image).float()  # similarities in float32 in any precision
+        text_features = self.encode_text(tokens).float()
         image_features = image_features / image_features.norm(dim=-1, keepdim=True)
         text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        logits_per_image = self.logit_scale.float().exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
 
     @classmethod
@@ -406,20 +407,25 @@ def main():
                         "weights/)")
     parser.add_argument("--offline", action="store_true", help="never download; fail if the file is missing")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
     args = parser.parse_args()
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
         parser.error(f"--device: {e}")
+    precision = resolve_precision(args.precision, device)
     if args.weights not in REGISTRY_NAMES and not Path(args.weights).is_file():
         parser.error(f"--clip-weights: {args.weights} is neither a preset ({', '.join(REGISTRY_NAMES)}) nor a file")
 
     from tokenizer import CLIPTokenizer
     try:
         image = preprocess(args.image).unsqueeze(0).to(device)  # (1, 3, 224, 224)
-        model = CLIP.from_pretrained(args.weights, root=args.weights_dir, offline=args.offline).to(device).eval()
+        model = CLIP.from_pretrained(args.weights, root=args.weights_dir, offline=args.offline)
     except (ImageReadError, weights.WeightsUnavailable) as e:
         sys.exit(f"error: {e}")
+    model.to(device, PRECISIONS[precision]).eval()
+    print(f"CLIP {args.weights} on {device}, {precision}" + (" (--precision auto)" if args.precision == "auto" else ""),
+          file=sys.stderr)
     probs = classify(model, CLIPTokenizer.default(), image, args.labels)[0]
     for p, label in sorted(zip(probs.tolist(), args.labels), reverse=True):
         print(f"{p:7.2%}  {label}")

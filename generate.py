@@ -37,10 +37,10 @@ from gpt2 import CLIPCAP, Captioner
 from tokenizer import GPT2Tokenizer
 from unet import PromptTokenizer, TextConditionedUNet, UNetModel
 from vae import AutoencoderKL, load_image
-from vit import IMAGE_SUFFIXES, ImageReadError, image_files, preprocess
+from vit import (IMAGE_SUFFIXES, PRECISION_HELP, PRECISIONS, ImageReadError, image_files, preprocess,
+                 pick_device, resolve_precision)
 
 DEFAULT_WEIGHTS = "sd15/v1-5-pruned-emaonly.safetensors"
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_INIT_PIXELS = 1024 * 1024  # an --init-image drawn at its own size (SD draws 512x512; 12000x12000: 4 GB)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -51,8 +51,9 @@ def stable_diffusion(path, device="cpu", dtype=torch.float32):
     """SD 1.x's text encoder, UNet and VAE from ONE file read once (weights/: no pickle code runs), each by
     its loader (key set and shapes checked), as a ddpm.TextToImage with SD's noise schedule and tokenizer."""
     state = weights.load_state_dict(path)
-    unet = UNetModel.from_state_dict(state, dtype=dtype).to(device).eval()
-    vae = AutoencoderKL.from_state_dict(state, dtype=dtype).to(device).eval()
+    layout = torch.channels_last if dtype != torch.float32 else torch.preserve_format  # NHWC: vit.py
+    unet = UNetModel.from_state_dict(state, dtype=dtype).to(device, memory_format=layout).eval()
+    vae = AutoencoderKL.from_state_dict(state, dtype=dtype).to(device, memory_format=layout).eval()
     text_encoder = CLIPTextTransformer.from_state_dict(state, preset=None)  # any size: a fine-tune's too
     text_encoder = text_encoder.to(device, dtype).eval()
     return ddpm.TextToImage(ddpm.GaussianDiffusion(ddpm.PRESETS["sd15"]), unet, text_encoder,
@@ -63,22 +64,17 @@ def stable_diffusion(path, device="cpu", dtype=torch.float32):
 # Command line
 
 
-def pick_device(name):
-    """A torch device, or None when this machine has no such device."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return None
-    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
-    return device if present is None or present() else None
+def networks_dtype(args, device, path):
+    """The networks' dtype by --precision's one rule (vit.resolve_precision), said on stderr with what loads;
+    the samplers and the images stay in fp32 (ddpm.py)."""
+    precision = resolve_precision(args.precision, device)
+    print(f"loading {path} on {device} in {precision} (--precision {args.precision})", file=sys.stderr)
+    return PRECISIONS[precision]
 
 
 def draw(args, prompts, checkpoint):
     """Prompt -> image files: one image per (prompt, seed), seeds counting up from --seed over all images."""
     device = pick_device(args.device)
-    dtype = PRECISIONS.get(args.precision, torch.float32 if device.type == "cpu" else torch.float16)  # auto
     init_image = None
     if args.init_image:
         try:
@@ -89,14 +85,14 @@ def draw(args, prompts, checkpoint):
             raise ValueError(f"--init-image: {error}{hint}") from None
     if checkpoint:  # a text-to-image model of train.py (unet.py rebuilds it) at its size; EMA weights draw
         path, width = Path(args.ckpt), checkpoint["image_size"]
-        net, vae = TextConditionedUNet.from_checkpoint(checkpoint)
+        net, vae, dtype = *TextConditionedUNet.from_checkpoint(checkpoint), networks_dtype(args, device, path)
         net, vae = net.to(device, dtype).eval(), vae and vae.to(device, dtype)
         diffusion = ddpm.GaussianDiffusion(ddpm.DiffusionConfig(**checkpoint["diffusion_config"]))
         pipe = ddpm.TextToImage(diffusion, net, net.encode_text, net.tokenize, vae)
     else:
         path = weights.file_or_fetch(args.sd_weights, args.weights_dir, args.offline, "--sd-weights")
         width = init_image.shape[2] if init_image is not None else args.width or 512
-        print(f"loading {path} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
+        dtype = networks_dtype(args, device, path)
         try:
             pipe = stable_diffusion(path, device, dtype)
         except (ValueError, KeyError, OSError, pickle.UnpicklingError) as error:  # not SD, truncated, unsafe
@@ -168,13 +164,15 @@ def caption_images(args, files, checkpoint):
     clip.py reads a frozen tower it names). Returns how many could not be read (each named on stderr)."""
     device, root, offline, tower = pick_device(args.device), args.weights_dir, args.offline, args.clip_weights
     if checkpoint:
+        path = args.ckpt
         model = Captioner.from_checkpoint(checkpoint, frozen_tower(checkpoint, tower, root, offline))
     else:  # ClipCap's file first (offline: its name and URL are said first), then CLIP ViT-B/32's
         name = CLIPCAP.get(args.captioner, args.captioner)  # a released file's registered name, or a path
         path = weights.file_or_fetch(name, root, offline, "--captioner")
         visual = load_visual(tower or "ViT-B/32", root, offline)
         model = Captioner.from_pretrained(str(path), visual, root, offline)
-    model = model.to(device).eval()
+    model = model.to(device, networks_dtype(args, device, path)).eval()
+    model.gpt.decoding_layout()  # captions are decoded one token at a time (gpt2.py)
     tokenizer, unreadable = GPT2Tokenizer.default(), 0
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(files), args.batch_size):
@@ -248,8 +246,7 @@ def run(argv):
                         "init image, in (0, 1]; 1 ignores it")
     parser.add_argument("--out-dir", default="outputs", help="where the PNGs go")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda:1, mps")
-    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help="the networks' "
-                        "precision (auto: fp16 on a GPU, fp32 on the CPU); the sampler always works in fp32")
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
     parser.add_argument("--sd-weights", default=DEFAULT_WEIGHTS, help="SD 1.x weights: a single file "
                         "(.safetensors or .ckpt) or a registered name (fetched on first use)")
     parser.add_argument("--weights-dir", help="weights' folder (default: $MINIMODAL_WEIGHTS, else weights/)")

@@ -17,19 +17,19 @@ Read top to bottom, two chapters and the command line:
 
 One storage choice runs through the file. OpenAI's "conv1d" layers are linear layers whose weight is stored
 (in, out) and applied as x @ W + b. We keep that layout (class Conv1D), so the official tensors load as they are
-and no weight is ever transposed. The output layer has no weight of its own: logits = h @ wte^T (tied).
+and no weight is ever transposed (decoding_layout reorders memory only). Logits = h @ wte^T (tied output layer).
 """
 import argparse
 import math
 import re
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import vit
 import weights
 from vit import VisionConfig, VisionTransformer, mapper_sizes, mapping_network, normalize
 
@@ -52,6 +52,8 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x):
+        if x.numel() == x.size(-1):  # one row (decoding): W^T x + b, whose bf16 kernel reads W^T stored row-major
+            return torch.addmv(self.bias, self.weight.t(), x.reshape(-1)).view(*x.shape[:-1], -1)  # decoding_layout
         return torch.addmm(self.bias, x.flatten(0, -2), self.weight).view(*x.shape[:-1], -1)  # x @ W + b
 
 
@@ -102,8 +104,7 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        # GELU in its tanh approximation, exactly as openai/gpt-2 `gelu` computes it (HF calls it "gelu_new")
-        x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        x = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # openai/gpt-2's `gelu` (HF: "gelu_new")
         return F.dropout(x, self.dropout, self.training)
 
 
@@ -162,8 +163,7 @@ PRESETS = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
 }
-# The official files hold each block's causal-mask buffers (attn.bias; masked_bias in older transformers' saves).
-# forward builds the mask itself, so the loader drops them.
+# The official files hold causal-mask buffers (attn.bias; older saves' masked_bias): forward builds its own; dropped.
 IGNORED = ("h.*.attn.bias", "h.*.attn.masked_bias")
 
 
@@ -187,6 +187,8 @@ class GPT(nn.Module):
 
     def lm_head(self, hidden):
         """Logits from hidden states: the output layer is the token embedding itself (tied weights)."""
+        if hidden.numel() == hidden.size(-1):  # one row: torch.mv, whose bf16 kernel reads 1.5x faster than addmm's
+            return torch.mv(self.wte.weight, hidden.reshape(-1)).view(*hidden.shape[:-1], -1)
         return F.linear(hidden, self.wte.weight)  # (B, T, V)
 
     def hidden_states(self, idx, prefix_embeds=None, attention_mask=None, past_key_values=None):
@@ -229,9 +231,14 @@ class GPT(nn.Module):
 
     def set_attention(self, use_sdpa=True):
         """The one switch for every attention layer: fused SDPA or the plain math (tested equal)."""
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.use_sdpa = use_sdpa
+        for attention in (m for m in self.modules() if isinstance(m, Attention)):
+            attention.use_sdpa = use_sdpa
+        return self
+
+    def decoding_layout(self):
+        """For decoding: Conv1D weights column-major (same values): one row's W^T x reads W 1.6x faster in bf16."""
+        for conv in (m for m in self.modules() if isinstance(m, Conv1D)):
+            conv.weight = nn.Parameter(conv.weight.detach().t().contiguous().t(), conv.weight.requires_grad)
         return self
 
     # -----------------------------------------------------------------------------------------------------------
@@ -239,19 +246,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, root=None, offline=False, **overrides):
-        """A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), fetched into the weights directory when missing;
-        or a path to a model.safetensors / pytorch_model.bin file, or to a directory holding one."""
-        if name_or_path in PRESETS:
-            path = weights.fetch(f"{name_or_path}/model.safetensors", root=root, offline=offline)
-        else:
-            path = Path(name_or_path)
-            if path.is_dir():
-                found = [path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()]
-                if not found:
-                    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
-                path = found[0]
-            elif not path.is_file():
-                raise FileNotFoundError(f"{name_or_path} is neither a GPT-2 preset ({', '.join(PRESETS)}) nor a file")
+        """A preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl), fetched when missing, or a file or a directory holding
+        model.safetensors / pytorch_model.bin (the Hugging Face layout)."""
+        name = f"{name_or_path}/model.safetensors" if name_or_path in PRESETS else name_or_path
+        path = weights.file_or_fetch(name, root, offline, "GPT-2 weights", ("model.safetensors", "pytorch_model.bin"))
         return cls.from_state_dict(weights.load_state_dict(path), **overrides)
 
     @classmethod
@@ -588,6 +586,7 @@ def main():
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = sum log p / length**this")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    parser.add_argument("--precision", choices=["auto", *vit.PRECISIONS], default="auto", help=vit.PRECISION_HELP)
     parser.add_argument("--weights-dir", help="where weights live (none: $MINIMODAL_WEIGHTS, else weights/)")
     parser.add_argument("--offline", action="store_true", help="never download; say which URL to fetch by hand")
     args = parser.parse_args()
@@ -603,8 +602,10 @@ def main():
                                    tokenizer.eot_token)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     try:
-        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline).to(args.device).eval()
-        print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters")
+        model = GPT.from_pretrained(args.model, root=args.weights_dir, offline=args.offline)
+        precision = vit.resolve_precision(args.precision, args.device)
+        model.to(args.device, vit.PRECISIONS[precision]).decoding_layout().eval()  # the KV cache follows; sampling: fp32
+        print(f"{args.model}: {model.config}, {sum(p.numel() for p in model.parameters()):,} parameters, {precision}")
         out = model.generate(idx.to(args.device), args.max_new_tokens, attention_mask.to(args.device),
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              num_beams=args.num_beams, length_penalty=args.length_penalty,

@@ -189,7 +189,7 @@ class BytePairEncoder:
             self.bytes_of_id[i] = data + b" " if word != token else data  # "</w>" decodes as a space (OpenAI)
             if word != token or not self.end_of_word:  # a token that can end a pre-token
                 self.word_ids[data] = i
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache: dict[str, list[int]] = {}
         self.cache_size = cache_size
 
     def merge(self, ids: list[int], trace: list | None = None) -> list[int]:
@@ -240,16 +240,17 @@ class BytePairEncoder:
                 heapq.heappush(heap, (left, before[i]))
         return [token for token in ids if token is not None]
 
-    def encode_piece(self, piece: str) -> tuple[int, ...]:
+    def encode_piece(self, piece: str) -> list[int]:
         """Ids of one pre-token: its UTF-8 bytes as byte tokens, `end_of_word` on the last one, then BPE."""
         if piece in self.special_tokens:  # CLIP's pattern keeps "<|endoftext|>" in one piece
-            return (self.special_tokens[piece],)
+            return [self.special_tokens[piece]]
         data = piece.encode("utf-8")
         token = self.word_ids.get(data)
         if token is not None:  # the whole pre-token is one token: tiktoken's shortcut, exact here (a test proves it)
-            return (token,)
-        ids = list(map(self.byte_ids.__getitem__, data[:-1])) + [self.last_byte_ids[data[-1]]]
-        return tuple(self.merge(ids) if len(ids) <= FAST_MERGE_LENGTH else self.merge_fast(ids))
+            return [token]
+        ids = list(map(self.byte_ids.__getitem__, data))
+        ids[-1] = self.last_byte_ids[data[-1]]  # CLIP's end of word; GPT-2's last byte is a byte like the others
+        return self.merge(ids) if len(ids) <= FAST_MERGE_LENGTH else self.merge_fast(ids)
 
     def encode_pieces(self, pieces: list[str]) -> list[int]:
         ids, cache = [], self._cache

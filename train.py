@@ -54,7 +54,7 @@ from gpt2 import CLIPCAP, END_OF_TEXT, GPT, Captioner, CaptionerConfig, GPTConfi
 from tokenizer import GPT2Tokenizer
 from unet import TEXT_ENCODERS, GPTHidden, TextConditionedUNet, UNetConfig, UNetModel
 from vae import AutoencoderKL
-from vit import VisionConfig, VisionTransformer, resize_crop
+from vit import PRECISION_HELP, PRECISIONS, VisionConfig, VisionTransformer, resize_crop, resolve_precision
 
 # -----------------------------------------------------------------------------------------------------------
 # The flags: a field each (its help, choices, and role: "local" = this run's own, never read from a
@@ -100,9 +100,8 @@ class TrainConfig:  # the harness's, and what both tasks read
     warmup_steps: int = flag(100, "steps of linear warm-up from 0 to --lr")
     weight_decay: float = flag(0.01, "AdamW weight decay, matrices only")
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this (0 = off)")
-    precision: str = flag("fp32", "bf16: autocast; fp16: autocast + gradient scaler (CUDA); auto: bf16 where "
-                          "the device computes it natively (a GPU with bf16, a CPU with AMX or AVX512-BF16)",
-                          ("auto", "fp32", "bf16", "fp16"))
+    precision: str = flag("fp32", PRECISION_HELP + "; bf16 and fp16 by autocast, fp16 with a gradient scaler",
+                          ("auto", *PRECISIONS))
     eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end")
     log_every: int = flag(50, "log the training loss every this many steps")
     seed: int = flag(0, "the one seed: initialisation, data order, shapes drawn")
@@ -288,19 +287,6 @@ def lr_at(step, total_steps, cfg):
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def resolve_precision(precision, device):
-    """--precision auto -> bf16 where the hardware has bf16 arithmetic, else fp32: emulated bf16 is slower
-    than fp32 (a Xeon with AMX runs the shapes UNet's step 1.3x faster in bf16; a CPU without it would lose
-    time)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    # torch.cpu's private queries are the only ones torch has (torch.backends.cpu says "AVX512", not if bf16)
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return "bf16" if native and device.type == "cpu" else "fp32"
 
 
 def setup_distributed(cfg):

@@ -46,14 +46,14 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32, C) computed in float32 and cast back: openaimodel's `normalization()` (eps 1e-5) does this
-    explicitly; the transformers' `Normalize` (eps 1e-6) gets it from torch.autocast in the official fp16 runs."""
+    """GroupNorm(32, C), statistics in float32 (openaimodel's `normalization()`, eps 1e-5, upcasts x; the transformers'
+    `Normalize`, eps 1e-6, gets it from autocast): torch's kernels accumulate bf16/fp16 x in float32 themselves."""
 
     def __init__(self, channels, eps=1e-5):
         super().__init__(32, channels, eps=eps)
 
     def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 def attention(q, k, v, use_sdpa=True, slice_size=None):

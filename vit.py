@@ -212,6 +212,47 @@ class VisionTransformer(nn.Module):
         return model
 
 # -----------------------------------------------------------------------------------------------------------
+# Device and precision: every entry point's --device auto and --precision, resolved here, on the ground floor that
+# all the models stand on. Every network runs in the dtype it is cast to (model.to(dtype)) and keeps float32 where
+# bf16/fp16 would lose the answer: logits and softmax, norm statistics, the sampler's state. Layouts that make low
+# precision fast change no result: GPT.decoding_layout; channels-last convolutions in bf16/fp16 (oneDNN's AMX and
+# cuDNN's tensor-core kernels read NHWC: a bf16 UNet step 1.4x, a bf16 VAE decode 3x faster, tests/bench_sd.py).
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_HELP = ("the networks' precision; auto: the fastest one this device computes well: bf16 on a CPU with "
+                  "AMX or AVX512-BF16, fp16 on a GPU, fp32 otherwise")
+
+
+def resolve_precision(precision, device):
+    """--precision auto|fp32|bf16|fp16 -> the name of the precision to run in on `device`: a name passes
+    through; auto is bf16 on a CPU with bf16 arithmetic (AMX or AVX512-BF16, with torch's AVX-512 kernels on:
+    elsewhere bf16 is emulated and slower than fp32), fp16 on a CUDA or MPS GPU, fp32 otherwise. A Xeon with
+    AMX multiplies bf16 matrices 5-6x faster than fp32 ones on 2 cores (tests/roofline.py: every bench prints both)."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type in ("cuda", "mps"):
+        return "fp16"
+    # torch.cpu's private queries are the only ones torch has (torch.backends.cpu says "AVX512", not whether bf16);
+    # ATEN_CPU_CAPABILITY=avx2 (an fp32-only laptop, simulated) turns the AVX-512 kernels off
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return "bf16" if device.type == "cpu" and native and avx512 else "fp32"
+
+
+def pick_device(name):
+    """A torch device, or None when this machine has no such device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return None
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    return device if present is None or present() else None
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Image preprocessing (openai/CLIP `_transform`, Hugging Face `CLIPImageProcessor`): one opener (and which files
 # are images), resize_crop (uint8 pixels) and normalize (CLIP's input); preprocess = both
 

@@ -164,7 +164,7 @@ def read_parameters(path):
 
 def run(tiny, *args):
     return generate.main([*args, "--sd-weights", str(tiny["path"]), "--height", "16", "--width", "16",
-                          "--sampling-steps", "2", "--device", "cpu"])
+                          "--sampling-steps", "2", "--device", "cpu", "--precision", "fp32"])  # vs the fp32 pipe
 
 
 def test_cli_writes_pngs_with_parameters_and_a_grid(tiny, tmp_path):

@@ -164,7 +164,7 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
     draw = text_to_image(ckpt)
     # generate.py draws with the EMA weights, the given sampler and guidance, the seed counting up
     generate.main(["a large red circle", "--ckpt", str(ckpt), "--sampling-steps", "3", "--sampler", "dpm++2m", "--seed", "7",
-                   "--num-images", "2", "--guidance-scale", "2", "--out-dir", str(out)])
+                   "--num-images", "2", "--guidance-scale", "2", "--precision", "fp32", "--out-dir", str(out)])
     expected = draw(["a large red circle"] * 2, [7, 8], None, "dpm++2m", 3, 2.0, height=16, width=16)
     for k, seed in enumerate((7, 8)):
         with Image.open(out / f"0000{k}-{seed}.png") as image:
@@ -178,7 +178,8 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
     weights.write_safetensors(clip.state_dict(), tmp_path / "clip.safetensors")
     capsys.readouterr()
     generate.main(["a small blue square", "--ckpt", str(ckpt), "--sampling-steps", "2", "--seed", "20", "--rerank", "3",
-                   "--clip-weights", str(tmp_path / "clip.safetensors"), "--out-dir", str(tmp_path / "reranked")])
+                   "--clip-weights", str(tmp_path / "clip.safetensors"), "--out-dir", str(tmp_path / "reranked"),
+                   "--precision", "fp32"])
     kept = int(re.search(r"00000-(\d+)\.png", capsys.readouterr().out).group(1))
     candidates = ddpm.to_pil(draw(["a small blue square"] * 3, [20, 21, 22], None, "ddim", 2, 7.5, height=16, width=16))
     args = argparse.Namespace(clip_weights=str(tmp_path / "clip.safetensors"), weights_dir=None, offline=True)

@@ -536,10 +536,17 @@ def fetch_first(names, root=None, offline=False):
     raise first_error
 
 
-def file_or_fetch(name_or_path, root=None, offline=False, flag="weights"):
-    """What a --*-weights flag names: an existing file as it is, else a registered file, fetched (fetch)."""
-    if Path(name_or_path).is_file():
-        return Path(name_or_path)
+def file_or_fetch(name_or_path, root=None, offline=False, flag="weights", inside=()):
+    """What a --*-weights flag names: an existing file as it is, a directory holding one of the files `inside`
+    (Hugging Face's layout: the first found), else a registered file, fetched (fetch)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if inside and path.is_dir():
+        found = [path / name for name in inside if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{flag} {path}: a directory holding none of {', '.join(inside)}")
+        return found[0]
     if name_or_path not in REGISTRY:
         raise FileNotFoundError(f"{flag} {name_or_path}: no such file, nor a registered name")
     return fetch(name_or_path, root, offline)
