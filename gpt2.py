@@ -594,7 +594,6 @@ def main():
             not 0 < args.top_p <= 1:
         parser.error("--max-new-tokens and --num-beams must be at least 1, --top-k and --temperature at least 0, "
                      "--top-p in (0, 1]")
-
     from tokenizer import GPT2Tokenizer, pad_left  # only the command line needs text; the model works on ids
     tokenizer = GPT2Tokenizer.default()
     # an empty prompt starts from <|endoftext|>, the way OpenAI's unconditional samples begin
