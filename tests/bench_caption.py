@@ -292,6 +292,7 @@ def memory_report(args):
 
 def captioning(args):
     """--captioning: images/s of CLIP + mapper + greedy decoding (KV cache), ours against transformers'."""
+    import copy
     import os
     import platform
 
@@ -324,10 +325,20 @@ def captioning(args):
                 inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
                 max_new_tokens=67, do_sample=False, num_beams=1, eos_token_id=FULL_STOP, pad_token_id=FULL_STOP,
                 use_cache=True)
+    low = copy.deepcopy(ours).to(torch.bfloat16)  # --precision auto on a CPU with AMX or AVX512-BF16 (vit.py)
+    low.gpt.decoding_layout()
+
+    def run_low():
+        outputs["bf16"] = low.generate(pixels)
     seconds = timed_steps(run_ours, args.repeats, torch.device("cpu"))
     reference_seconds = timed_steps(run_reference, args.repeats, torch.device("cpu"))
+    low_seconds = timed_steps(run_low, args.repeats, torch.device("cpu"))
     got, expected = outputs["ours"], outputs["reference"][:, -outputs["ours"].size(1):]
     agree = torch.equal(got, expected)
+
+    def captions(ids):  # each row up to its first ".", as a caption ends
+        return [row[:row.index(FULL_STOP) + 1] if FULL_STOP in row else row for row in ids.tolist()]
+    same = sum(a == b for a, b in zip(captions(got), captions(outputs["bf16"])))
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -338,7 +349,10 @@ def captioning(args):
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"  ours:         {B / seconds:.2f} images/s ({seconds:.2f} s a batch)")
     print(f"  transformers: {B / reference_seconds:.2f} images/s ({reference_seconds:.2f} s a batch)")
+    print(f"  ours in bf16: {B / low_seconds:.2f} images/s ({low_seconds:.2f} s a batch)")
     print(f"  ours / transformers time: {seconds / reference_seconds:.2f} (goal <= 0.7); same tokens: {agree}")
+    print(f"  ours in bf16 / transformers in fp32: {low_seconds / reference_seconds:.2f}; ours in bf16 / ours in "
+          f"fp32: {low_seconds / seconds:.2f}; captions equal to fp32's: {same} of {B}")
     assert agree, "ours and transformers decoded different tokens"
 
 
