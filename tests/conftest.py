@@ -7,19 +7,41 @@
   official key table of Stable Diffusion 1.x's text encoder that it gives.
 - `clip_vitb32_config()`: transformers' CLIPConfig of CLIP ViT-B/32 (the oracle's configuration).
 - `logged_losses(out_dir)`: the training losses train.py wrote to out_dir/log.jsonl.
+- `local_server(handler, **state)`: an HTTP server on 127.0.0.1 in a thread (the download tests' fake hosts),
+  `state` set on it for the handler to read, `.url` its address; shut down on leaving.
 - `clipcap_coco`: a module fixture, ClipCap's MLP captioner at the released configuration (tests/clipcap_oracle.py,
   random weights, "." planted as its 4th token) and the file it was saved to in the released layout
   (coco_weights.pt, 636 MB): one build and one file per test module that asks for it.
 Stable Diffusion's oracles (diffusers' models and schedulers) are in sd_oracle.py: only the files that need them
 import diffusers.
 """
+import contextlib
+import http.server
 import json
 import math
+import threading
 
 import pytest
 import torch
 
 import clip
+
+
+@contextlib.contextmanager
+def local_server(handler, **state):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads, httpd.log = True, []
+    for name, value in state.items():
+        setattr(httpd, name, value)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ no validator to resume safely), and the sha256 of what arrived is printed, none 
 import hashlib
 import http.server
 import socket
-import threading
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 import weights
+from conftest import local_server
 from weights import REGISTRY, WeightsFile
 
 PAYLOAD = bytes(range(256)) * 3000 + b"end of the checkpoint"  # 768 KB: several chunks
@@ -92,17 +92,9 @@ class DriveHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def drive():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DriveHandler)
-    httpd.log, httpd.quota, httpd.ranges, httpd.validator, httpd.cuts, httpd.served = [], False, True, True, 0, 0
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.confirm_url = f"{httpd.url}/uc?id={FILE_ID}&export=download&confirm=t"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with local_server(DriveHandler, quota=False, ranges=True, validator=True, cuts=0, served=0) as httpd:
+        httpd.confirm_url = f"{httpd.url}/uc?id={FILE_ID}&export=download&confirm=t"
+        yield httpd
 
 
 def listing(directory):

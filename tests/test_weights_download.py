@@ -17,6 +17,7 @@ import requests
 
 import weights
 from bounded import run_bounded
+from conftest import local_server
 from weights import REGISTRY, WeightsFile
 from weights.downloader import PACKAGE_DIR
 
@@ -74,16 +75,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.log, httpd.cuts = [], 1
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with local_server(Handler, cuts=1) as httpd:
+        yield httpd
 
 
 @pytest.fixture
@@ -418,16 +411,8 @@ class HostileHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hostile():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileHandler)
-    httpd.log, httpd.body, httpd.etag = [], PAYLOAD, '"v1"'
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with local_server(HostileHandler, body=PAYLOAD, etag='"v1"') as httpd:
+        yield httpd
 
 
 def fetch_in_child(url, dest, sha256, size, options):
