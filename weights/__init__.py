@@ -2,7 +2,8 @@
 
     registry.py            REGISTRY: the official files (URL, size, sha256, format)
     downloader.py          weights_dir, download (resumable, verified, atomic), fetch, fetch_first,
-                           file_or_fetch
+                           file_or_fetch; the datasets' archives for data.py's --download:
+                           fetch_coco, fetch_karpathy, fetch_cifar100
     safetensors_format.py  read_safetensors / write_safetensors, by hand
     pickle_scan.py         the opcode pre-scan every pickle passes before it is unpickled
     unpickler.py           the allow-list: what a pickle may ask for; load_pickle
@@ -22,8 +23,8 @@ never committed; only weights/vocab/ (tokenizer files) is.
 """
 from .checkpoints import (TASKS, FlagsRefused, contact_sheet, draw_log, hold_run_dir, loss_curve,
                           read_checkpoint, rebuild, refuse_held_run, save_picture, stored_flags, upgrade)
-from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_first, file_or_fetch,
-                         find_in_hub_cache, weights_dir)
+from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_cifar100, fetch_coco,
+                         fetch_first, fetch_karpathy, file_or_fetch, find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
                       load_state_dict, save_checkpoint)
 from .registry import REGISTRY, WeightsFile
@@ -32,7 +33,7 @@ from .unpickler import PLACEHOLDER_PREFIXES, Placeholder, UnsafeCheckpointError,
 
 __all__ = [
     "REGISTRY", "WeightsFile", "weights_dir", "download", "fetch", "fetch_first", "file_or_fetch",
-    "find_in_hub_cache",
+    "find_in_hub_cache", "fetch_coco", "fetch_karpathy", "fetch_cifar100",
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
