@@ -7,8 +7,8 @@ images), `ds.load_image(image_id)` (None if unreadable), `ds.references()` (imag
 2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, any folder of images with a captions file
    (the Flickr8k tutorials' descriptions.txt too), CIFAR-100 (Krizhevsky 2009); --download fetches their official
    archives through weights/downloader.py (fetch_coco, fetch_karpathy, fetch_cifar100).
-3. Splits and caches: `open_split` (splits never share an image) and `cached_features` (each image once through
-   a frozen tower, or its pixels, kept on disk).
+3. Splits and caches: `open_split` (splits never share an image), `cached_features` (each image once through
+   a frozen tower, or its pixels, kept on disk), and `open_pairs` (a split as training reads it: both together).
 Captions are scored (BLEU, CIDEr-D, CLIP similarity) in clip.py's last section.
 """
 import copy
@@ -394,6 +394,35 @@ def open_split(name, split, root=None, download=False, image_size=32, seed=0, ma
     else:
         raise ValueError(f"unknown dataset {name!r}: shapes, coco, karpathy, folder or cifar100")
     return dataset.subset(dataset.image_ids()[:max_images]) if split != "train" and max_images else dataset
+
+
+def open_pairs(name, split, root=None, download=False, image_size=32, seed=0, most=0, cache="cache", tower=None,
+               tokens=False, device="cpu", encode=str):
+    """One split as train.py reads it: (dataset, inputs, pairs [(image row, encode(caption))], references {image row:
+    captions}) of its readable images (open_split's; a train split keeps its first `most` pairs). Inputs are cached in
+    folder `cache` (cached_features): a frozen tower's embeddings, or pixels (tower None); tower "photos": none, they
+    are read per batch (read_pairs)."""
+    dataset = open_split(name, split, root, download, image_size, seed, most)
+    images, skipped = (None, set()) if tower == "photos" else cached_features(
+        dataset, cache, tower, image_size, tokens, device)
+    ids = dataset.image_ids()
+    row = {image_id: k for k, image_id in enumerate(ids) if str(image_id) not in skipped}
+    references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
+    pairs = [(r, encode(caption)) for r, captions in references.items() for caption in captions]
+    if not pairs:
+        raise ValueError(f"none of the {len(ids)} images of the {split} split of --data {name} can be read (each is "
+                         "missing or unreadable)")
+    return dataset, images, pairs[:most or None] if split == "train" else pairs, references
+
+
+def read_pairs(dataset, pairs, size, split="train"):
+    """Pairs [(image row, text)] read from disk: (uint8 centre crops (B, 3, size, size), their texts); an unreadable
+    image is reported (load_image) and left out."""
+    ids = dataset.image_ids()
+    loaded = [(dataset.load_image(ids[row]), text) for row, text in pairs]
+    if not (kept := [(image, text) for image, text in loaded if image is not None]):
+        raise ValueError(f"none of a batch's images of the {split} split can be read (see above)")
+    return torch.stack([resize_crop(image, size) for image, _ in kept]), [text for _, text in kept]
 
 
 def fingerprint(dataset, tower=None):

@@ -31,11 +31,11 @@ import torch
 
 import ddpm
 import weights
-from clip import CLIPTextTransformer, frozen_tower, load_visual, prompt_scorer
+from clip import CLIPTextTransformer, PromptTokenizer, frozen_tower, load_visual, prompt_scorer
 from ddpm import image_grid, parameters_text, save_png, to_pil
 from gpt2 import CLIPCAP, Captioner
 from tokenizer import GPT2Tokenizer
-from unet import PromptTokenizer, TextConditionedUNet, UNetModel
+from unet import TextConditionedUNet, UNetModel
 from vae import AutoencoderKL, load_image
 from vit import (IMAGE_SUFFIXES, PRECISION_HELP, PRECISIONS, ImageReadError, image_files, preprocess,
                  pick_device, resolve_precision)

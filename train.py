@@ -36,33 +36,30 @@ import re
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data
 import ddpm
 import weights
-from clip import CLIPTextTransformer, TextConfig, caption_scores, frozen_tower, load_visual
+from clip import caption_scores, load_visual, read_back
 from gpt2 import CLIPCAP, END_OF_TEXT, GPT, Captioner, CaptionerConfig, GPTConfig
 from tokenizer import GPT2Tokenizer
-from unet import TEXT_ENCODERS, GPTHidden, TextConditionedUNet, UNetConfig, UNetModel
+from unet import TEXT_ENCODERS, TextConditionedUNet, UNetConfig
 from vae import AutoencoderKL
-from vit import PRECISION_HELP, PRECISIONS, VisionConfig, VisionTransformer, resize_crop, resolve_precision
+from vit import PRECISION_HELP, PRECISIONS, VisionConfig, VisionTransformer, resolve_precision
+from weights import flag
 
 # -----------------------------------------------------------------------------------------------------------
-# The flags: a field each (its help, choices, and role: "local" = this run's own, never read from a
-# checkpoint; "scoring" = may change with --eval; most = the largest value a checkpoint may ask for)
-
-
-def flag(default, help, choices=None, role="", most=None):
-    return field(default=default, metadata=dict(help=help, choices=choices, role=role, most=most))
+# The flags: a field each, declared by weights.flag (its help, choices, and role: "local" = this run's own,
+# never read from a checkpoint; "scoring" = may change with --eval; most = the largest value a checkpoint may
+# ask for), which weights.stored_flags checks a checkpoint's flags against
 
 
 @dataclass
@@ -245,28 +242,16 @@ class Task:
         self.cfg, self.config, self.device = cfg, config, torch.device(device)
 
     def open_splits(self, splits, encode=str, tower=None, rank=0, world=1, tokens=False):
-        """self.splits[split] = (dataset, inputs, pairs [(image row, encode(caption))], references {image row:
-        captions}) of each split's readable images (data.py). Inputs are cached in out_dir/cache (rank 0
-        writes, then every rank maps them): a frozen tower's embeddings, or pixels (tower None); tower
-        "photos": none, they are read per batch."""
+        """self.splits[split] = (dataset, inputs, pairs, references) of each split (data.open_pairs): inputs
+        are cached in out_dir/cache (rank 0 writes, then every rank maps them)."""
         cfg, self.splits = self.cfg, {}
         if rank > 0:
             dist.barrier()  # rank 0 writes the caches first
         for split in splits:
             most = cfg.max_train_samples if split == "train" else cfg.max_val_samples
-            dataset = data.open_split(cfg.data, split, cfg.data_root or None, cfg.download, cfg.image_size,
-                                      cfg.seed, most)
-            images, skipped = (None, set()) if tower == "photos" else data.cached_features(
-                dataset, Path(cfg.out_dir) / "cache", tower, cfg.image_size, tokens, self.device)
-            ids = dataset.image_ids()
-            row = {image_id: k for k, image_id in enumerate(ids) if str(image_id) not in skipped}
-            references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
-            pairs = [(r, encode(caption)) for r, captions in references.items() for caption in captions]
-            if not pairs:
-                raise ValueError(f"none of the {len(ids)} images of the {split} split of --data {cfg.data} "
-                                 "can be read (each is missing or unreadable)")
-            pairs = pairs[:cfg.max_train_samples or None] if split == "train" else pairs
-            self.splits[split] = dataset, images, pairs, references
+            self.splits[split] = data.open_pairs(cfg.data, split, cfg.data_root or None, cfg.download,
+                                                 cfg.image_size, cfg.seed, most, Path(cfg.out_dir) / "cache",
+                                                 tower, tokens, self.device, encode)
         if rank == 0 and world > 1:
             dist.barrier()
         self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
@@ -299,12 +284,6 @@ def setup_distributed(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def log(cfg, record):
-    print(json.dumps(record), flush=True)
-    with open(Path(cfg.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
@@ -397,11 +376,12 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
             total_steps = max(step, int(fits))
         # log the training loss
         if rank == 0 and (step % cfg.log_every == 0 or step in (1, total_steps)):
-            log(cfg, {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
-                      "lr": round(optimizer.param_groups[0]["lr"], 8), "grad_norm": round(grad_norm, 4),
-                      "pairs_per_s": round((step - first_step) * cfg.batch_size / max(seconds, 1e-9), 1),
-                      "minutes": round((earlier_seconds + seconds) / 60, 2),
-                      "cpu_minutes": round(time.process_time() / 60, 2)})
+            weights.log_record(cfg.out_dir, {
+                "step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
+                "lr": round(optimizer.param_groups[0]["lr"], 8), "grad_norm": round(grad_norm, 4),
+                "pairs_per_s": round((step - first_step) * cfg.batch_size / max(seconds, 1e-9), 1),
+                "minutes": round((earlier_seconds + seconds) / 60, 2),
+                "cpu_minutes": round(time.process_time() / 60, 2)})
         # evaluate when due; checkpoint then and at --stop-after (atomic; the clock stops meanwhile)
         stopping = cfg.stop_after and step - first_step >= cfg.stop_after
         due = step % cfg.eval_every == 0 or step == total_steps
@@ -409,7 +389,8 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
             evaluated = clock()
             if due:
                 metrics = evaluate(task, model)
-                log(cfg, {"step": step, "minutes": round((earlier_seconds + seconds) / 60, 2), **metrics})
+                minutes = round((earlier_seconds + seconds) / 60, 2)
+                weights.log_record(cfg.out_dir, {"step": step, "minutes": minutes, **metrics})
             weights.save_checkpoint({  # a plain state_dict of the unwrapped model, flags, model configs
                 "task": cfg.task, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(task.config)},
                 "model": model.state_dict(), "step": step, "optimizer": optimizer.state_dict(),
@@ -527,19 +508,6 @@ class CaptionTask(Task):
             print(f"  {captions[r]!r:56} reference: {references[r][0]!r}", flush=True)
         return metrics
 
-    def clipcap_row(self):
-        """The row of ClipCap's Table 1 (COCO Karpathy test, CIDEr) that this configuration corresponds to."""
-        cfg, c = self.cfg, self.config
-        if (cfg.data, cfg.split, c.image_tower, c.clip_weights, c.language_model, cfg.gpt2_weights) != (
-                "karpathy", "test", "clip", "ViT-B/32", "gpt2", "gpt2"):
-            return "none: ClipCap's rows are COCO Karpathy test, ViT-B/32, GPT-2 (--preset coco --split test)"
-        if c.mapping_type == "tokens":
-            return "none: ClipCap maps the pooled embedding; the tokens mapper reads every token (LLaVA-1.5)"
-        if c.mapping_type == "transformer":
-            return "ClipCap transformer mapper + frozen GPT-2, CIDEr 113.1 (ClipCap: prefix 40, --freeze-gpt)"
-        gpt = "frozen GPT-2, CIDEr 92.4" if c.freeze_gpt else "fine-tuned GPT-2, CIDEr 108.4"
-        return f"ClipCap MLP + {gpt}"
-
 # -----------------------------------------------------------------------------------------------------------
 # The text-to-image task
 
@@ -570,47 +538,35 @@ class TextToImageTask(Task):
             self.extra["caption_words"] = sorted(words)
 
     def build(self):
-        """(text-conditioned UNet, frozen VAE or None) from the flags: --sd-weights gives SD's VAE, its
-        text tower and the sd15 UNet; GPT-2 comes by name or file; the rest is tiny and starts from
-        scratch."""
-        cfg, c, sd = self.cfg, self.config, {}
+        """(text-conditioned UNet, frozen VAE or None) from the flags (unet.py builds it): --sd-weights gives
+        SD's VAE, its text tower and the sd15 UNet; GPT-2 comes by name or file; the rest is tiny, new."""
+        cfg, c, sd, unet = self.cfg, self.config, {}, None
         if c.sd_weights:
             sd = weights.load_state_dict(weights.file_or_fetch(c.sd_weights, cfg.weights_dir or None,
                                                                cfg.offline, "--sd-weights"))
-        if c.text_encoder == "clip":  # SD's ViT-L/14 text tower
-            text, length = CLIPTextTransformer.from_state_dict(sd), 77
-        elif c.text_encoder == "tiny":  # one head per 64 channels, as in CLIP; start and end tokens
-            length = cfg.max_caption_tokens + 2
-            text = CLIPTextTransformer(TextConfig(length, 49408, c.context_dim, max(1, c.context_dim // 64),
-                                                  c.text_layers))
-        else:  # the end token
-            gpt = GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline)
-            text, length = GPTHidden(gpt), cfg.max_caption_tokens + 1
+        gpt = GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline) \
+            if c.text_encoder == "gpt2" else None
         if c.unet == "tiny":
             channels = 4 if c.latent else 3 * c.patch ** 2
-            unet = UNetModel(UNetConfig(
-                channels, channels, c.model_channels, tuple(map(int, c.channel_mult.split(","))),
-                c.num_res_blocks, tuple(int(d) for d in c.attention_resolutions.split(",") if d), num_heads=4,
-                context_dim=c.context_dim, adm_in_channels=c.context_dim if c.pooled_text else 0,
-                use_scale_shift_norm=c.scale_shift_norm))
-        else:
-            unet = UNetModel.from_state_dict(sd)  # the SD file's UNet, fine-tuned
-        vae = AutoencoderKL.from_state_dict(sd) if c.latent else None
-        return TextConditionedUNet(unet, text, c.text_encoder, length, 1 if c.latent else c.patch), vae
+            levels, attention = c.channel_mult.split(","), c.attention_resolutions.split(",")
+            unet = UNetConfig(channels, channels, c.model_channels, tuple(map(int, levels)), c.num_res_blocks,
+                              tuple(int(d) for d in attention if d),
+                              num_heads=4, context_dim=c.context_dim, use_scale_shift_norm=c.scale_shift_norm,
+                              adm_in_channels=c.context_dim if c.pooled_text else 0)
+        net = TextConditionedUNet.new(c.text_encoder, sd, gpt, unet, c.context_dim, c.text_layers,
+                                      cfg.max_caption_tokens, 1 if c.latent else c.patch)
+        return net, AutoencoderKL.from_state_dict(sd) if c.latent else None
 
     def batch(self, pair_ids, device, split="train"):
         """(uint8 images (B, 3, S, S), tokens (B, T)); an unreadable photo is reported (data.py), left out."""
         dataset, images, pairs, _ = self.splits[split]
         rows = [pairs[i] for i in pair_ids]
-        if images is not None:
-            pixels = torch.from_numpy(np.asarray(images[[row for row, _ in rows]]))
+        if images is None:  # photos, read now
+            pixels, texts = data.read_pairs(dataset, rows, self.cfg.image_size, split)
         else:
-            ids = dataset.image_ids()
-            loaded = [(dataset.load_image(ids[row]), text) for row, text in rows]
-            if not (rows := [(image, text) for image, text in loaded if image is not None]):
-                raise ValueError(f"none of a batch's images of the {split} split can be read (see above)")
-            pixels = torch.stack([resize_crop(image, self.cfg.image_size) for image, _ in rows])
-        return pixels.to(device), self.model.net.tokenize([text for _, text in rows]).to(device)
+            pixels = torch.from_numpy(np.asarray(images[[row for row, _ in rows]]))
+            texts = [text for _, text in rows]
+        return pixels.to(device), self.model.net.tokenize(texts).to(device)
 
     def after_step(self):
         self.model.update_ema()
@@ -629,34 +585,18 @@ class TextToImageTask(Task):
         path = Path(cfg.out_dir) / "samples" / f"step-{int(model.updates):06d}.png"
         path.parent.mkdir(exist_ok=True)
         ddpm.image_grid(ddpm.to_pil(images[:16]), 4, prompts[:16], max(1, 128 // cfg.image_size)).save(path)
-        judged, read, right = self.judge(images, prompts) if c.judge else ({}, None, None)
-        if c.judge:  # the figures, and the first 24 drawings beside what the judge read (the contact sheet)
-            figures = (f"drawn right, as {c.judge} reads {len(prompts)} held-out prompts back: single "
-                       f"objects {judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
-                       f"{judged.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
-                       f"{judged['judge_exact_match']:.1%}")
-            sheet = weights.contact_sheet(ddpm.to_pil(images[:24]), prompts, read, right, figures)
-            weights.save_picture(sheet, Path(cfg.out_dir) / "contact_sheet.png")
-            print(f"  {figures}\n  contact sheet: {Path(cfg.out_dir) / 'contact_sheet.png'}", flush=True)
+        judged, read = {}, None
+        if c.judge:  # read back, scored (data.drawn_right); the first 24 drawings beside what was read
+            read, exact = read_back(c.judge, images, cfg.weights_dir or None, cfg.offline, self.device)
+            scores, right = data.drawn_right(prompts, read)
+            judged = {**scores, "judge_exact_match": exact}
+            figures, sheet = weights.judged_sheet(cfg.out_dir, ddpm.to_pil(images[:24]), prompts, read, right,
+                                                  judged, c.judge)
+            print(f"  {figures}\n  contact sheet: {sheet}", flush=True)
         for k, prompt in enumerate(prompts[:4]):
             print(f"  {prompt!r:56}" + (f" read back: {read[k]!r}" if c.judge else ""), flush=True)
         print(f"  samples of the first 16 prompts: {path}", flush=True)
         return {"val_loss": round(loss / len(pairs), 5), **judged}
-
-    def judge(self, images, prompts):
-        """Drawings (B, 3, h, w) in [0, 1] read back by the shapes captioner of --judge (rebuilt by
-        gpt2.py), as bytes at its tower's size, and scored (data.drawn_right)."""
-        judge = weights.read_checkpoint(self.config.judge, "caption")
-        visual = frozen_tower(judge, None, self.cfg.weights_dir or None, self.cfg.offline)
-        captioner = Captioner.from_checkpoint(judge, visual).to(self.device).eval()
-        size = captioner.visual.config.image_resolution
-        pixels = (F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-                  if images.shape[-1] != size else images).mul(255).round().clamp(0, 255).byte()
-        read = [text for s in range(0, len(prompts), 100) for text in captioner.caption(
-            pixels[s:s + 100].to(self.device), GPT2Tokenizer.default())]
-        exact = judge.get("metrics", {}).get("exact_match", math.nan)
-        scores, right = data.drawn_right(prompts, read)
-        return {**scores, "judge_exact_match": exact}, read, right
 
 # -----------------------------------------------------------------------------------------------------------
 # The command line
@@ -742,8 +682,8 @@ def evaluate_checkpoint(cfg, config, checkpoint):
     trained = f"step {checkpoint['step']} of {cfg.epochs:g} epochs" if checkpoint else "as released"
     print(f"checkpoint {cfg.eval}: {trained} on {cfg.data} (preset "
           f"{cfg.preset}{model})\nsplit: {cfg.data} {cfg.split}, {images} images | {how}\n{scores}")
-    if not diffusion:
-        print(f"compare with: {task.clipcap_row()}")
+    if not diffusion:  # the row of ClipCap's paper
+        print("compare with:", weights.clipcap_row({**dataclasses.asdict(cfg), **dataclasses.asdict(config)}))
     return metrics
 
 

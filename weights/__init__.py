@@ -12,17 +12,21 @@
                            check_optimizer_state (what AdamW saves, before --resume loads it);
                            check_state_dict / check_config, every model loader's checks
     checkpoints.py         train.py's checkpoints: read_checkpoint (as data, earlier layouts
-                           upgraded), stored_flags (its flags, checked against their declarations
-                           and the command line's), rebuild (a model from a checkpoint's configs,
-                           checked), hold_run_dir (one run at a time writes a run directory) and
+                           upgraded), flag and stored_flags (a flag's declaration; a checkpoint's
+                           flags checked against them and the command line's; clipcap_row: what
+                           they compare with in ClipCap's paper), rebuild (a model from a
+                           checkpoint's configs, checked),
+                           hold_run_dir (one run at a time writes a run directory) and
                            refuse_held_run (a new run never replaces one unasked); the pictures a
-                           run leaves there: draw_log (loss_curve.png), contact_sheet, save_picture
+                           run leaves there: log_record (log.jsonl), draw_log (loss_curve.png),
+                           contact_sheet and judged_sheet (contact_sheet.png), save_picture
 
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .checkpoints import (TASKS, FlagsRefused, contact_sheet, draw_log, hold_run_dir, loss_curve,
-                          read_checkpoint, rebuild, refuse_held_run, save_picture, stored_flags, upgrade)
+from .checkpoints import (TASKS, FlagsRefused, clipcap_row, contact_sheet, draw_log, flag, hold_run_dir,
+                          judged_sheet, log_record, loss_curve, read_checkpoint, rebuild, refuse_held_run,
+                          save_picture, stored_flags, upgrade)
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_cifar100, fetch_coco,
                          fetch_first, fetch_karpathy, file_or_fetch, find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -37,7 +41,8 @@ __all__ = [
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
-    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "stored_flags", "FlagsRefused",
-    "refuse_held_run", "rebuild", "hold_run_dir", "draw_log", "loss_curve", "contact_sheet", "save_picture",
+    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "flag", "stored_flags", "FlagsRefused", "clipcap_row",
+    "refuse_held_run", "rebuild", "hold_run_dir", "log_record", "draw_log", "loss_curve", "contact_sheet",
+    "judged_sheet", "save_picture",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
 ]

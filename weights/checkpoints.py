@@ -12,9 +12,11 @@ scaler, step and random state, and beside the weights every config its models ar
                generate.py starts from: sampler, sampling_steps, guidance_scale, image_size, caption_words
 
 Each model file rebuilds its own (gpt2.Captioner.from_checkpoint, unet.TextConditionedUNet.from_checkpoint)
-through `rebuild`, never through the training flags. A run directory (ckpt.pt, log.jsonl, cache/) is held by one
+through `rebuild`, never through the training flags (clipcap_row: what a captioner's flags compare with in
+ClipCap's paper). A run directory (ckpt.pt, log.jsonl, cache/) is held by one
 run at a time (hold_run_dir); the pictures a run leaves there, its log drawn (loss_curve.png, draw_log) and
-the judged drawings beside what the judge read (contact_sheet.png, contact_sheet), end this file.
+the judged drawings beside what the judge read (contact_sheet.png, contact_sheet, judged_sheet), end this file,
+after the log they are drawn from (log_record: log.jsonl).
 """
 import contextlib
 import dataclasses
@@ -67,6 +69,11 @@ def read_checkpoint(path, task=None):
     if wrong := sorted(k for k, test in PLAIN.items() if k in checkpoint and not test(checkpoint[k])):
         raise ValueError(f"{path}: it holds values of the wrong type or size: {wrong}")
     return checkpoint
+
+
+def flag(default, help, choices=None, role="", most=None):
+    """A flag of train.py: a dataclass field whose metadata stored_flags reads (help, choices, role, most)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, role=role, most=most))
 
 
 class FlagsRefused(ValueError):
@@ -208,6 +215,20 @@ def locked(handle):
         return False
 
 
+def clipcap_row(flags):
+    """The row of ClipCap's Table 1 (COCO Karpathy test, CIDEr) that a captioner of train.py with these `flags` (by
+    name) corresponds to: what --eval prints beside its own figures."""
+    if tuple(flags[k] for k in ("data", "split", "image_tower", "clip_weights", "language_model", "gpt2_weights")) \
+            != ("karpathy", "test", "clip", "ViT-B/32", "gpt2", "gpt2"):
+        return "none: ClipCap's rows are COCO Karpathy test, ViT-B/32, GPT-2 (--preset coco --split test)"
+    if flags["mapping_type"] == "tokens":
+        return "none: ClipCap maps the pooled embedding; the tokens mapper reads every token (LLaVA-1.5)"
+    if flags["mapping_type"] == "transformer":
+        return "ClipCap transformer mapper + frozen GPT-2, CIDEr 113.1 (ClipCap: prefix 40, --freeze-gpt)"
+    gpt = "frozen GPT-2, CIDEr 92.4" if flags["freeze_gpt"] else "fine-tuned GPT-2, CIDEr 108.4"
+    return f"ClipCap MLP + {gpt}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pictures a run leaves beside its log, drawn with Pillow alone (no plotting package at run time): the loss
 # curve (loss_curve.png, draw_log) and, where a captioner judged the drawings, the contact sheet (contact_sheet.png)
@@ -242,6 +263,17 @@ def contact_sheet(images, prompts, read, right, title="", cols=3, scale=3, font_
             draw.line([(tx, ty + 10), (tx + 10, ty)], colour, 2)
         draw.text((tx + 18, ty - 2), "drawn right" if ok else "drawn wrong", colour, font)
     return sheet
+
+
+def judged_sheet(out_dir, drawings, prompts, read, right, judged, judge):
+    """(the judged figures in a line, the path of contact_sheet.png written into out_dir): the drawings (PIL) beside
+    what the captioner of `judge` read back (right: drawn right), the figures on top."""
+    figures = (f"drawn right, as {judge} reads {len(prompts)} held-out prompts back: single objects "
+               f"{judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
+               f"{judged.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
+               f"{judged['judge_exact_match']:.1%}")
+    save_picture(contact_sheet(drawings, prompts, read, right, figures), path := Path(out_dir) / "contact_sheet.png")
+    return figures, path
 
 
 def save_picture(image, path):
@@ -327,6 +359,13 @@ def loss_curve(records, size=(800, 600), font_size=13):
     if scores:
         panel(draw, (70, split + 10, width - 20, height - 40), scores, x_max, False, "judged (x100)", font, (0, 100))
     return image
+
+
+def log_record(out_dir, record):
+    """One record of a run: printed, and appended to out_dir/log.jsonl (what draw_log draws)."""
+    print(json.dumps(record), flush=True)
+    with open(Path(out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def draw_log(out_dir):
