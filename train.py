@@ -550,9 +550,9 @@ class TextToImageTask(Task):
             channels = 4 if c.latent else 3 * c.patch ** 2
             levels, attention = c.channel_mult.split(","), c.attention_resolutions.split(",")
             unet = UNetConfig(channels, channels, c.model_channels, tuple(map(int, levels)), c.num_res_blocks,
-                              tuple(int(d) for d in attention if d),
-                              num_heads=4, context_dim=c.context_dim, use_scale_shift_norm=c.scale_shift_norm,
-                              adm_in_channels=c.context_dim if c.pooled_text else 0)
+                              tuple(int(d) for d in attention if d), num_heads=4, context_dim=c.context_dim,
+                              adm_in_channels=c.context_dim if c.pooled_text else 0,
+                              use_scale_shift_norm=c.scale_shift_norm)
         net = TextConditionedUNet.new(c.text_encoder, sd, gpt, unet, c.context_dim, c.text_layers,
                                       cfg.max_caption_tokens, 1 if c.latent else c.patch)
         return net, AutoencoderKL.from_state_dict(sd) if c.latent else None
