@@ -25,7 +25,6 @@ task only through the Task interface; the caption task; the text-to-image task; 
 splits and caches are data.py's; a checkpoint's models are rebuilt by their own files from the configs stored
 beside their weights (weights/checkpoints.py), never through these flags.
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -34,7 +33,6 @@ import os
 import pickle
 import re
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -606,13 +604,6 @@ TASKS = {"caption": (CaptionTask, CaptionConfig), "diffusion": (TextToImageTask,
 FLAGS = [f for config in (TrainConfig, CaptionConfig, TextToImageConfig) for f in fields(config)]
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line: the usage of 80 flags would bury them."""
-
-    def error(self, message):
-        self.exit(2, f"train.py: error: {message}\n")
-
-
 def configs(task, values):
     """(TrainConfig, the task's config) of flag values by name (a preset's, a checkpoint's, the command
     line's)."""
@@ -625,20 +616,9 @@ def parse_config(argv=None):
     """The flags -> (TrainConfig, the task's config, the checkpoint of --resume or --eval). Precedence:
     defaults < preset < --smoke-test < the checkpoint's flags (never its "local" ones) < the flags given;
     --help shows each default, a group per dataclass, and what every preset sets."""
-    presets = "\n".join(textwrap.fill(f"--task {t} --preset {p}: " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in values.items()), 110, initial_indent="  ",
-        subsequent_indent="    ") for t in PRESETS for p, values in PRESETS[t].items())
-    parser = Parser(description="Train minimodal's models: --task caption (ClipCap) or diffusion.",
-                    epilog=f"presets (the flags each one sets):\n{presets}",
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    for title, config in (("both tasks", TrainConfig), *((f"--task {t}", c) for t, (_, c) in TASKS.items())):
-        group = parser.add_argument_group(title)
-        for f in fields(config):
-            kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
-                dict(type=type(f.default), choices=f.metadata["choices"])
-            default = f.default if f.default != "" else "-"
-            group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
-                               help=f"{f.metadata['help']} (default: {default})")
+    groups = (("both tasks", TrainConfig), *((f"--task {t}", c) for t, (_, c) in TASKS.items()))
+    parser = weights.flag_parser("train.py", "Train minimodal's models: --task caption (ClipCap) or "
+                                 "diffusion.", groups, PRESETS)
     given = vars(parser.parse_args(argv))
     path, checkpoint, stored = given.get("resume") or given.get("eval"), None, {}
     if given.get("eval") in CLIPCAP:  # ClipCap's released captioner, scored as published: no checkpoint

@@ -12,8 +12,9 @@
                            check_optimizer_state (what AdamW saves, before --resume loads it);
                            check_state_dict / check_config, every model loader's checks
     checkpoints.py         train.py's checkpoints: read_checkpoint (as data, earlier layouts
-                           upgraded), flag and stored_flags (a flag's declaration; a checkpoint's
-                           flags checked against them and the command line's; clipcap_row: what
+                           upgraded), flag, flag_parser and stored_flags (a flag's declaration;
+                           the command line read off them; a checkpoint's flags checked against
+                           them and the command line's; clipcap_row: what
                            they compare with in ClipCap's paper), rebuild (a model from a
                            checkpoint's configs, checked),
                            hold_run_dir (one run at a time writes a run directory) and
@@ -24,8 +25,8 @@
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
 """
-from .checkpoints import (TASKS, FlagsRefused, clipcap_row, contact_sheet, draw_log, flag, hold_run_dir,
-                          judged_sheet, log_record, loss_curve, read_checkpoint, rebuild, refuse_held_run,
+from .checkpoints import (TASKS, FlagsRefused, Parser, clipcap_row, contact_sheet, draw_log, flag, flag_parser,
+                          hold_run_dir, judged_sheet, log_record, loss_curve, read_checkpoint, rebuild, refuse_held_run,
                           save_picture, stored_flags, upgrade)
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_cifar100, fetch_coco,
                          fetch_first, fetch_karpathy, file_or_fetch, find_in_hub_cache, weights_dir)
@@ -41,7 +42,7 @@ __all__ = [
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
-    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "flag", "stored_flags", "FlagsRefused", "clipcap_row",
+    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "flag", "flag_parser", "Parser", "stored_flags", "FlagsRefused", "clipcap_row",
     "refuse_held_run", "rebuild", "hold_run_dir", "log_record", "draw_log", "loss_curve", "contact_sheet",
     "judged_sheet", "save_picture",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",

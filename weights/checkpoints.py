@@ -18,6 +18,7 @@ run at a time (hold_run_dir); the pictures a run leaves there, its log drawn (lo
 the judged drawings beside what the judge read (contact_sheet.png, contact_sheet, judged_sheet), end this file,
 after the log they are drawn from (log_record: log.jsonl).
 """
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -25,6 +26,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -74,6 +76,34 @@ def read_checkpoint(path, task=None):
 def flag(default, help, choices=None, role="", most=None):
     """A flag of train.py: a dataclass field whose metadata stored_flags reads (help, choices, role, most)."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, role=role, most=most))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line: the usage of 80 flags would bury them."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag_parser(prog, description, groups, presets):
+    """train.py's command line, read off its flag dataclasses (`groups`: (title, dataclass) pairs, a group each):
+    every flag with its help and "(default: X)", a bool as --x/--no-x, and no default set, so that parse_args
+    returns only the flags given (the caller lays them over its defaults); `presets` ({task: {preset: {flag:
+    value}}}) are listed in the epilog, the flags each one sets. Errors print in one line (Parser)."""
+    listed = "\n".join(textwrap.fill(f"--task {task} --preset {name}: " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in values.items()), 110, initial_indent="  ",
+        subsequent_indent="    ") for task in presets for name, values in presets[task].items())
+    parser = Parser(prog, description=description, epilog=f"presets (the flags each one sets):\n{listed}",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    for title, config in groups:
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(config):
+            kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
+                dict(type=type(f.default), choices=f.metadata["choices"])
+            default = f.default if f.default != "" else "-"
+            group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
+                               help=f"{f.metadata['help']} (default: {default})")
+    return parser
 
 
 class FlagsRefused(ValueError):
