@@ -647,23 +647,13 @@ def parse_config(argv=None):
 
 
 def evaluate_checkpoint(cfg, config, checkpoint):
-    """Score a checkpoint on one split, and say how: a captioner's BLEU-1..4 and CIDEr-D; a text-to-image
-    model's validation loss and samples, with --judge its prompts read back."""
+    """Score a checkpoint on one split, and say how (weights.eval_report): a captioner's BLEU-1..4 and
+    CIDEr-D; a text-to-image model's validation loss and samples, with --judge its prompts read back."""
     task = TASKS[cfg.task][0](cfg, config, device=cfg.device, splits=(cfg.split,), checkpoint=checkpoint)
-    metrics, diffusion = evaluate(task, task.model.to(cfg.device), cfg.split), cfg.task == "diffusion"
-    beams = "greedy" if diffusion or config.num_beams == 1 else f"beam search, {config.num_beams} beams"
-    how = f"sampler {config.sampler}, {config.sampling_steps} steps, guidance {config.guidance_scale:g}" \
-        if diffusion else f"decoding: {beams}, at most {cfg.max_caption_tokens} tokens"
-    model = "" if diffusion else f", {task.model.config.mapping_type} mapper, GPT-2 " + (
-        "frozen" if config.freeze_gpt else "trained")
-    images = len(task.splits[cfg.split][0].image_ids())
-    scores = "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}" for k, v in
-                       metrics.items())
-    trained = f"step {checkpoint['step']} of {cfg.epochs:g} epochs" if checkpoint else "as released"
-    print(f"checkpoint {cfg.eval}: {trained} on {cfg.data} (preset "
-          f"{cfg.preset}{model})\nsplit: {cfg.data} {cfg.split}, {images} images | {how}\n{scores}")
-    if not diffusion:  # the row of ClipCap's paper
-        print("compare with:", weights.clipcap_row({**dataclasses.asdict(cfg), **dataclasses.asdict(config)}))
+    metrics = evaluate(task, task.model.to(cfg.device), cfg.split)
+    print(weights.eval_report({**dataclasses.asdict(cfg), **dataclasses.asdict(config)}, metrics,
+                              len(task.splits[cfg.split][0].image_ids()), checkpoint and checkpoint["step"],
+                              cfg.task == "caption" and task.model.config.mapping_type))
     return metrics
 
 

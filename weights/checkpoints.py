@@ -259,6 +259,22 @@ def clipcap_row(flags):
     return f"ClipCap MLP + {gpt}"
 
 
+def eval_report(flags, metrics, images, step=None, mapper=""):
+    """What train.py --eval prints of a checkpoint scored: what it is (`flags` by name, trained `step` steps, None:
+    ClipCap's as released; a captioner's `mapper`), how it was scored (split, `images`, decoding or sampling), its
+    `metrics` (a captioner's scores x100), and beside a captioner's the row of ClipCap's paper (clipcap_row)."""
+    diffusion = flags["task"] == "diffusion"
+    beams = "greedy" if diffusion or flags["num_beams"] == 1 else f"beam search, {flags['num_beams']} beams"
+    how = f"sampler {flags['sampler']}, {flags['sampling_steps']} steps, guidance {flags['guidance_scale']:g}" \
+        if diffusion else f"decoding: {beams}, at most {flags['max_caption_tokens']} tokens"
+    model = "" if diffusion else f", {mapper} mapper, GPT-2 " + ("frozen" if flags["freeze_gpt"] else "trained")
+    scores = "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}" for k, v in metrics.items())
+    trained = f"step {step} of {flags['epochs']:g} epochs" if step is not None else "as released"
+    return (f"checkpoint {flags['eval']}: {trained} on {flags['data']} (preset {flags['preset']}{model})\nsplit: "
+            f"{flags['data']} {flags['split']}, {images} images | {how}\n{scores}" +
+            ("" if diffusion else f"\ncompare with: {clipcap_row(flags)}"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pictures a run leaves beside its log, drawn with Pillow alone (no plotting package at run time): the loss
 # curve (loss_curve.png, draw_log) and, where a captioner judged the drawings, the contact sheet (contact_sheet.png)

@@ -554,7 +554,7 @@ def file_or_fetch(name_or_path, root=None, offline=False, flag="weights", inside
     return fetch(name_or_path, root, offline)
 
 
-# -----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The datasets' official archives, fetched for data.py's --download (it reads what they unpack): COCO 2017, Karpathy's
 # splits of it, CIFAR-100. None has a sha256 published: a pinned size and md5 vouch for the bytes where known.
 
