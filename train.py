@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
@@ -659,15 +658,10 @@ def evaluate_checkpoint(cfg, config, checkpoint):
 
 def main(argv=None):
     """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit
-    with 2 for a usage problem (a flag, a missing file or folder) or 1 for a failure."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return run(argv)
-    except (OSError, ValueError, pickle.UnpicklingError, weights.WeightsUnavailable, MemoryError) as error:
-        if "--traceback" in argv:
-            raise
-        print(f"train.py: error: {error or type(error).__name__}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(error, (FileNotFoundError, weights.FlagsRefused)) else 1) from None
+    with 2 for a usage problem (a flag, a missing file or folder) or 1 for a failure
+    (weights.one_line_errors)."""
+    return weights.one_line_errors("train.py", run, sys.argv[1:] if argv is None else list(argv),
+                                   (FileNotFoundError, weights.FlagsRefused))
 
 
 def run(argv):

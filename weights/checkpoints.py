@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import textwrap
@@ -34,6 +35,7 @@ from PIL import Image, ImageDraw
 
 import ddpm
 
+from .downloader import WeightsUnavailable
 from .readers import check_state_dict, load_checkpoint
 
 try:
@@ -79,10 +81,23 @@ def flag(default, help, choices=None, role="", most=None):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line: the usage of 80 flags would bury them."""
+    """argparse with its errors in one line (train.py's and generate.py's): the usage of 80 flags would bury them."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def one_line_errors(prog, run, argv, usage=(FileNotFoundError,)):
+    """run(argv), as the entry points' main() runs it: the project's own errors (a file missing or unreadable, a
+    value refused, an unsafe pickle, weights not to be had, memory) print one line, "prog: error: ...", and exit
+    with 2 for a usage problem (`usage`: a flag, a missing file) or 1 for a failure; --traceback: raised whole."""
+    try:
+        return run(argv)
+    except (OSError, ValueError, pickle.UnpicklingError, WeightsUnavailable, MemoryError) as error:
+        if "--traceback" in argv:
+            raise
+        print(f"{prog}: error: {error or type(error).__name__}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, usage) else 1) from None
 
 
 def flag_parser(prog, description, groups, presets):
