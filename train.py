@@ -23,7 +23,8 @@ Salimans 2022), and an EMA of the weights draws the samples.
 Top to bottom: the flags (a dataclass for the harness, one per task) and presets; the harness, which sees a
 task only through the Task interface; the caption task; the text-to-image task; the command line. Datasets,
 splits and caches are data.py's; a checkpoint's models are rebuilt by their own files from the configs stored
-beside their weights (weights/checkpoints.py), never through these flags.
+beside their weights, never through these flags; what reads flags and checkpoints and reports a run (flag,
+flag_parser, stored_flags, eval_report, end_of_run) is weights/checkpoints.py's.
 """
 import contextlib
 import dataclasses
@@ -401,23 +402,9 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
         if stopping:
             break
     if rank == 0 and step > first_step:
-        print(end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, earlier_seconds + seconds,
-                         eval_seconds))
+        print(weights.end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch,
+                                 earlier_seconds + seconds, eval_seconds))
     return model, loss_sum
-
-
-def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_seconds):
-    """What happened, in a line: --stop-after, the time budget, or the steps run."""
-    ckpt = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.stop_after and step < total_steps:
-        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; " \
-               f"--resume {ckpt} continues"
-    done = f"{step:,} steps in {used / 60:.2f} training minutes (evaluations {eval_seconds / 60:.2f} more)"
-    if not cfg.minutes:
-        return f"trained {done}; {ckpt}"
-    why = "--epochs ended it first" if step == max_steps else "the budget ended it"
-    return f"--minutes {cfg.minutes:g}: {done}; {why}; --epochs {step / steps_per_epoch:.6g} --minutes 0 " \
-           "trains as many steps"
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -290,6 +290,21 @@ def eval_report(flags, metrics, images, step=None, mapper=""):
             ("" if diffusion else f"\ncompare with: {clipcap_row(flags)}"))
 
 
+def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_seconds):
+    """What happened to a training run, in a line (train.py prints it last): --stop-after stopped it at `step` of
+    `total_steps`, or the time budget (--minutes) or --epochs (`max_steps`) ended it, after `used` training seconds
+    and `eval_seconds` of evaluations. `cfg`: the run's flags (out_dir, stop_after, minutes)."""
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.stop_after and step < total_steps:
+        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; --resume {ckpt} continues"
+    done = f"{step:,} steps in {used / 60:.2f} training minutes (evaluations {eval_seconds / 60:.2f} more)"
+    if not cfg.minutes:
+        return f"trained {done}; {ckpt}"
+    why = "--epochs ended it first" if step == max_steps else "the budget ended it"
+    return f"--minutes {cfg.minutes:g}: {done}; {why}; --epochs {step / steps_per_epoch:.6g} --minutes 0 " \
+           "trains as many steps"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pictures a run leaves beside its log, drawn with Pillow alone (no plotting package at run time): the loss
 # curve (loss_curve.png, draw_log) and, where a captioner judged the drawings, the contact sheet (contact_sheet.png)
