@@ -9,12 +9,14 @@ The image tower is vit.py's VisionTransformer; this file adds the text tower, th
 - Stable Diffusion 1.x's text encoder: the text tower of CLIP ViT-L/14, stored in HF's layout under
   `cond_stage_model.transformer.text_model.` in the SD file, or standalone as a `CLIPTextModel` file;
 - the image tower alone of any of these files (`load_visual`: the captioner's frozen ViT-B/32).
-It closes with scoring text against images (zero-shot classification, `similarity`) and captions against
-reference captions (BLEU-1..4 and CIDEr-D, equal to the COCO caption evaluation code: train.py's metrics).
+It closes with scoring text against images (zero-shot classification, `similarity`; drawings read back by a
+captioner, `read_back`: train.py --judge) and captions against reference captions (BLEU-1..4 and CIDEr-D, equal
+to the COCO caption evaluation code: train.py's metrics).
 
     python clip.py photo.jpg "a dog" "a cat"      # zero-shot label probabilities
 """
 import argparse
+import functools
 import math
 import re
 import sys
@@ -25,14 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import weights
+from gpt2 import Captioner
 from vit import (PRECISION_HELP, PRECISIONS, VISION_PRESETS, ImageReadError, Transformer, VisionConfig,
                  VisionTransformer, preprocess, resolve_precision)
 
-__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "hf_to_openai",
-           "load_clip_state_dict", "load_visual", "frozen_tower", "classify", "similarity", "bleu", "cider_d",
-           "caption_scores"]
+__all__ = ["TextConfig", "CLIPConfig", "PRESETS", "CLIPTextTransformer", "CLIP", "PromptTokenizer", "hf_to_openai",
+           "load_clip_state_dict", "load_visual", "frozen_tower", "classify", "similarity", "read_back", "bleu",
+           "cider_d", "caption_scores"]
 
 # -----------------------------------------------------------------------------------------------------------
 # Config: OpenAI's build_model names
@@ -189,6 +193,31 @@ class CLIP(CLIPTextTransformer):
         path, preset = find_weights(name_or_path, root, offline)
         return cls.from_state_dict(load_clip_state_dict(path), preset=preset)
 
+
+class PromptTokenizer:
+    """Prompts -> (B, context_length) ids for a text encoder (SD's, unet.py's), padded with end-of-text as SD pads
+    them (its UNet attends to every position) and cut to the context: CLIP's BPE, or GPT-2's for kind "gpt2" (read
+    on first use; copies of a model share it). `length` asks for another context (generate.py: was a prompt cut?)."""
+
+    def __init__(self, kind, context_length):
+        self.kind, self.context_length = kind, context_length
+
+    @functools.cached_property
+    def bpe(self):
+        from tokenizer import CLIPTokenizer, GPT2Tokenizer  # as in main(): BPE tables read where text is made
+        return GPT2Tokenizer.default() if self.kind == "gpt2" else CLIPTokenizer.default()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, texts, length=None):
+        length = length or self.context_length
+        if self.kind != "gpt2":
+            return self.bpe.tokenize(texts, length, pad="eot")
+        rows = [self.bpe.encode(text)[:length - 1] for text in texts]
+        return torch.tensor([row + [self.bpe.eot_token] * (length - len(row)) for row in rows])
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Loading official weights: OpenAI's names are ours; Hugging Face's go through one table
 
@@ -286,7 +315,7 @@ def frozen_tower(checkpoint, given=None, root=None, offline=False):
     return None if name is None else load_visual(given or name, root, offline)
 
 # -----------------------------------------------------------------------------------------------------------
-# Zero-shot classification and image-text similarity (how well a caption fits its image)
+# Zero-shot classification and image-text similarity (how well a caption fits its image, a drawing its prompt)
 
 
 @torch.no_grad()
@@ -311,6 +340,22 @@ def prompt_scorer(name_or_path="ViT-B/32", root=None, offline=False, device="cpu
     model, tokenizer = CLIP.from_pretrained(name_or_path, root, offline).to(device).eval(), CLIPTokenizer.default()
     size = model.config.vision.image_resolution
     return lambda image, prompt: similarity(model, tokenizer, preprocess(image, size)[None].to(device), [prompt]).item()
+
+
+@torch.no_grad()
+def read_back(judge, drawings, root=None, offline=False, device="cpu", batch_size=100):
+    """Drawings (B, 3, h, w) in [0, 1] read back by the captioner of checkpoint file `judge` (train.py --judge: a
+    shapes captioner, rebuilt by gpt2.py with its frozen tower if it has one), as bytes at its tower's size:
+    (the captions, the judge's own exact match as its checkpoint recorded it)."""
+    from tokenizer import GPT2Tokenizer  # as in main(): the BPE tables are read only where text is made
+    checkpoint = weights.read_checkpoint(judge, "caption")
+    captioner = Captioner.from_checkpoint(checkpoint, frozen_tower(checkpoint, None, root, offline)).to(device).eval()
+    size = captioner.visual.config.image_resolution
+    pixels = (F.interpolate(drawings, size=(size, size), mode="bilinear", antialias=True)
+              if drawings.shape[-1] != size else drawings).mul(255).round().clamp(0, 255).byte()
+    read = [text for s in range(0, len(pixels), batch_size) for text in captioner.caption(
+        pixels[s:s + batch_size].to(device), GPT2Tokenizer.default())]
+    return read, checkpoint.get("metrics", {}).get("exact_match", math.nan)
 
 
 # -----------------------------------------------------------------------------------------------------------

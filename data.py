@@ -5,9 +5,10 @@ images), `ds.load_image(image_id)` (None if unreadable), `ds.references()` (imag
 1. shapes: a synthetic, deterministic, offline set drawn on the fly (the offline tour's measuring stick), and how
    captions and drawings of it are scored (exact match, drawn right).
 2. On disk: COCO captions 2017 (Chen et al. 2015), Karpathy's splits, any folder of images with a captions file
-   (the Flickr8k tutorials' descriptions.txt too), CIFAR-100 (Krizhevsky 2009).
-3. Splits and caches: `open_split` (splits never share an image) and `cached_features` (each image once through
-   a frozen tower, or its pixels, kept on disk).
+   (the Flickr8k tutorials' descriptions.txt too), CIFAR-100 (Krizhevsky 2009); --download fetches their official
+   archives through weights/downloader.py (fetch_coco, fetch_karpathy, fetch_cifar100).
+3. Splits and caches: `open_split` (splits never share an image), `cached_features` (each image once through
+   a frozen tower, or its pixels, kept on disk), and `open_pairs` (a split as training reads it: both together).
 Captions are scored (BLEU, CIDEr-D, CLIP similarity) in clip.py's last section.
 """
 import copy
@@ -17,10 +18,8 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -204,16 +203,6 @@ class ShapesDataset:
 # -----------------------------------------------------------------------------
 # 2. Images and captions on disk
 
-COCO_URL = "http://images.cocodataset.org/"  # plain http only: the size and the md5 below vouch for the bytes
-COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served, md5 as pinned by many independent
-    # download scripts, e.g. PaddleDetection's ppdet/utils/download.py; the COCO site publishes no checksum)
-    "annotations": ("annotations/annotations_trainval2017.zip", 252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
-    "train2017": ("zips/train2017.zip", 19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
-    "val2017": ("zips/val2017.zip", 815585330, "442b8da7639aecaf257c1dceb8ba8c80")}
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-CIFAR100_MD5, CIFAR100_SIZE = "eb9058c3a382ffc7106e4002c42a8d85", 169001437  # md5 from the authors' page
-# Karpathy & Fei-Fei 2015's splits of COCO, Flickr8k and Flickr30k (dataset_coco.json, ...), from Karpathy's page
-KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 NO_TEST_SPLIT = {  # the datasets that have no test captions, and what to do instead
     "coco": "COCO 2017 publishes no test captions: score --split val, or use --data karpathy (its 5,000 test images)",
     "folder": "an image folder is split into train and val only (5% of its images held out): score --split val"}
@@ -277,45 +266,20 @@ class CaptionPairs:
         return self.subset(image_ids[n_val:]), self.subset(image_ids[:n_val])
 
 
-def _download_and_unpack(name, root):
-    """Fetch one official COCO archive (progress, resume) and unpack it into root, once."""
-    if (done := root / f".{name}.unpacked").exists():
-        return
-    url_path, size, md5 = COCO_ARCHIVES[name]
-    archive = weights.download(COCO_URL + url_path, root / Path(url_path).name, size=size, md5=md5)
-    with zipfile.ZipFile(archive) as zf:
-        for member in tqdm(zf.namelist(), desc=f"unpacking {archive.name}", unit="file", disable=None):
-            if not (root / member).resolve().is_relative_to(root.resolve()):  # "../" or an absolute path
-                raise ValueError(f"{archive}: member {member!r} points outside {root}")
-            zf.extract(member, root)
-    done.touch()
-
-
 def coco_captions(root=None, split="train", download=False):
     """COCO captions 2017: root/annotations/captions_{split}2017.json and the images in root/{split}2017/."""
     if split not in ("train", "val"):
         raise ValueError(f"COCO split must be 'train' or 'val', got {split!r}")
     root = data_dir(root) / "coco" if root is None else Path(root)
     for name in ("annotations", f"{split}2017") if download else ():
-        _download_and_unpack(name, root)
+        weights.fetch_coco(name, root)
     if not (annotations := root / "annotations" / f"captions_{split}2017.json").exists():
         raise FileNotFoundError(f"{annotations} not found: pass download=True (--download) to fetch "
-                                f"{COCO_URL}{COCO_ARCHIVES['annotations'][0]}, or unpack it into {root}")
+                                f"{weights.downloader.COCO_URL}{weights.downloader.COCO_ARCHIVES['annotations'][0]}, or unpack it "
+                                f"into {root}")
     index = json.loads(annotations.read_text())
     files = {image["id"]: root / f"{split}2017" / image["file_name"] for image in index["images"]}
     return CaptionPairs([(a["image_id"], a["caption"].strip()) for a in index["annotations"]], files)
-
-
-def fetch_karpathy(root):
-    """--download for Karpathy's splits: the COCO 2017 images (2014's, renamed) and his dataset_coco.json, once."""
-    for name in ("train2017", "val2017"):
-        _download_and_unpack(name, root)
-    if not (target := root / "dataset_coco.json").exists():
-        archive = weights.download(KARPATHY_URL, root / Path(KARPATHY_URL).name)
-        with zipfile.ZipFile(archive) as zf, zf.open("dataset_coco.json") as src, \
-                open(part := target.with_name(target.name + ".part"), "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(part, target)
 
 
 def karpathy_coco(karpathy_json, image_root, split="train"):
@@ -324,7 +288,7 @@ def karpathy_coco(karpathy_json, image_root, split="train"):
     splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",), "restval": ("restval",)}[split]
     if not Path(karpathy_json).is_file():
         raise FileNotFoundError(f"{karpathy_json} not found: Karpathy's split file is dataset_coco.json in "
-                                f"{KARPATHY_URL} (unzip it there), or pass --download")
+                                f"{weights.downloader.KARPATHY_URL} (unzip it there), or pass --download")
     image_root, pairs, files = Path(image_root), [], {}
     for image in [i for i in json.loads(Path(karpathy_json).read_text())["images"] if i["split"] in splits]:
         image_id = image.get("cocoid", image["filename"])
@@ -381,14 +345,12 @@ class CIFAR100Captions(CaptionPairs):
     captions "a photo of a {class}" (CLIP's prompt template; "maple_tree" -> "maple tree")."""
 
     def __init__(self, root=None, split="train", download=False):
-        archive = data_dir(root) / Path(CIFAR100_URL).name
+        archive = data_dir(root) / "cifar-100-python.tar.gz"
         if download and not archive.exists():
-            weights.download(CIFAR100_URL, archive, size=CIFAR100_SIZE)
-            if (md5 := hashlib.md5(archive.read_bytes()).hexdigest()) != CIFAR100_MD5:  # the authors publish md5
-                archive.rename(bad := archive.with_suffix(".gz.bad"))
-                raise ValueError(f"{CIFAR100_URL}: md5 {md5} is not the published {CIFAR100_MD5}; kept as {bad}")
+            weights.fetch_cifar100(archive)
         if not archive.exists():
-            raise FileNotFoundError(f"{archive} not found: pass download=True or fetch {CIFAR100_URL} there")
+            raise FileNotFoundError(f"{archive} not found: pass download=True or fetch "
+                                    f"{weights.downloader.CIFAR100_URL} there")
         with tarfile.open(archive, "r:gz") as tar:  # Python 2 pickles (bytes keys), through weights' unpickler
             batch, meta = (weights.load_pickle(tar.extractfile(f"cifar-100-python/{name}").read(), f"{archive}:{name}",
                                                encoding="bytes") for name in (split, "meta"))
@@ -422,7 +384,7 @@ def open_split(name, split, root=None, download=False, image_size=32, seed=0, ma
     elif name == "karpathy":
         root = Path(root or data_dir() / "coco")
         if download:
-            fetch_karpathy(root)
+            weights.fetch_karpathy(root)
         dataset = karpathy_coco(root / "dataset_coco.json", root, split)
     elif name == "cifar100":
         dataset = CIFAR100Captions(root, "test" if split == "test" else "train", download)
@@ -432,6 +394,35 @@ def open_split(name, split, root=None, download=False, image_size=32, seed=0, ma
     else:
         raise ValueError(f"unknown dataset {name!r}: shapes, coco, karpathy, folder or cifar100")
     return dataset.subset(dataset.image_ids()[:max_images]) if split != "train" and max_images else dataset
+
+
+def open_pairs(name, split, root=None, download=False, image_size=32, seed=0, most=0, cache="cache", tower=None,
+               tokens=False, device="cpu", encode=str):
+    """One split as train.py reads it: (dataset, inputs, pairs [(image row, encode(caption))], references {image row:
+    captions}) of its readable images (open_split's; a train split keeps its first `most` pairs). Inputs are cached in
+    folder `cache` (cached_features): a frozen tower's embeddings, or pixels (tower None); tower "photos": none, they
+    are read per batch (read_pairs)."""
+    dataset = open_split(name, split, root, download, image_size, seed, most)
+    images, skipped = (None, set()) if tower == "photos" else cached_features(
+        dataset, cache, tower, image_size, tokens, device)
+    ids = dataset.image_ids()
+    row = {image_id: k for k, image_id in enumerate(ids) if str(image_id) not in skipped}
+    references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
+    pairs = [(r, encode(caption)) for r, captions in references.items() for caption in captions]
+    if not pairs:
+        raise ValueError(f"none of the {len(ids)} images of the {split} split of --data {name} can be read (each is "
+                         "missing or unreadable)")
+    return dataset, images, pairs[:most or None] if split == "train" else pairs, references
+
+
+def read_pairs(dataset, pairs, size, split="train"):
+    """Pairs [(image row, text)] read from disk: (uint8 centre crops (B, 3, size, size), their texts); an unreadable
+    image is reported (load_image) and left out."""
+    ids = dataset.image_ids()
+    loaded = [(dataset.load_image(ids[row]), text) for row, text in pairs]
+    if not (kept := [(image, text) for image, text in loaded if image is not None]):
+        raise ValueError(f"none of a batch's images of the {split} split can be read (see above)")
+    return torch.stack([resize_crop(image, size) for image, _ in kept]), [text for _, text in kept]
 
 
 def fingerprint(dataset, tower=None):

@@ -31,11 +31,11 @@ import torch
 
 import ddpm
 import weights
-from clip import CLIPTextTransformer, frozen_tower, load_visual, prompt_scorer
+from clip import CLIPTextTransformer, PromptTokenizer, frozen_tower, load_visual, prompt_scorer
 from ddpm import image_grid, parameters_text, save_png, to_pil
 from gpt2 import CLIPCAP, Captioner
 from tokenizer import GPT2Tokenizer
-from unet import PromptTokenizer, TextConditionedUNet, UNetModel
+from unet import TextConditionedUNet, UNetModel
 from vae import AutoencoderKL, load_image
 from vit import (IMAGE_SUFFIXES, PRECISION_HELP, PRECISIONS, ImageReadError, image_files, preprocess,
                  pick_device, resolve_precision)
@@ -193,15 +193,9 @@ def caption_images(args, files, checkpoint):
     return unreadable
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line, and --help with the defaults (a default that depends on others is
-    said in the flag's help instead)."""
-
-    def error(self, message):
-        self.exit(2, f"generate.py: error: {message}\n")
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the defaults (a default that depends on others is said in the flag's help instead)."""
+
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
@@ -209,20 +203,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def main(argv=None):
     """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit
     with 2 for a usage problem (a flag, a missing file) or 1 for a failure (an image that could not be
-    captioned included)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return run(argv)
-    except (OSError, ValueError, pickle.UnpicklingError, weights.WeightsUnavailable, MemoryError) as error:
-        if "--traceback" in argv:
-            raise
-        print(f"generate.py: error: {error or type(error).__name__}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(error, FileNotFoundError) else 1) from None
+    captioned included): weights.one_line_errors."""
+    return weights.one_line_errors("generate.py", run, sys.argv[1:] if argv is None else list(argv))
 
 
 def run(argv):
-    parser = Parser(description="Images for prompts with Stable Diffusion 1.x or a model of train.py; "
-                    "captions for images with ClipCap or a train.py model.", formatter_class=HelpFormatter)
+    parser = weights.Parser("generate.py", description="Images for prompts with Stable Diffusion 1.x or a "
+                            "model of train.py; captions for images with ClipCap or a train.py model.",
+                            formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="*", help="prompts to draw, one image set per prompt; or image "
                         "files, folders and globs to caption")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt, never a file (repeatable)")

@@ -23,46 +23,41 @@ Salimans 2022), and an EMA of the weights draws the samples.
 Top to bottom: the flags (a dataclass for the harness, one per task) and presets; the harness, which sees a
 task only through the Task interface; the caption task; the text-to-image task; the command line. Datasets,
 splits and caches are data.py's; a checkpoint's models are rebuilt by their own files from the configs stored
-beside their weights (weights/checkpoints.py), never through these flags.
+beside their weights, never through these flags; what reads flags and checkpoints and reports a run (flag,
+flag_parser, stored_flags, eval_report, end_of_run) is weights/checkpoints.py's.
 """
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import sys
-import textwrap
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data
 import ddpm
 import weights
-from clip import CLIPTextTransformer, TextConfig, caption_scores, frozen_tower, load_visual
+from clip import caption_scores, load_visual, read_back
 from gpt2 import CLIPCAP, END_OF_TEXT, GPT, Captioner, CaptionerConfig, GPTConfig
 from tokenizer import GPT2Tokenizer
-from unet import TEXT_ENCODERS, GPTHidden, TextConditionedUNet, UNetConfig, UNetModel
+from unet import TEXT_ENCODERS, TextConditionedUNet, UNetConfig
 from vae import AutoencoderKL
-from vit import PRECISION_HELP, PRECISIONS, VisionConfig, VisionTransformer, resize_crop, resolve_precision
+from vit import PRECISION_HELP, PRECISIONS, VisionConfig, VisionTransformer, resolve_precision
+from weights import flag
 
 # -----------------------------------------------------------------------------------------------------------
-# The flags: a field each (its help, choices, and role: "local" = this run's own, never read from a
-# checkpoint; "scoring" = may change with --eval; most = the largest value a checkpoint may ask for)
-
-
-def flag(default, help, choices=None, role="", most=None):
-    return field(default=default, metadata=dict(help=help, choices=choices, role=role, most=most))
+# The flags: a field each, declared by weights.flag (its help, choices, and role: "local" = this run's own,
+# never read from a checkpoint; "scoring" = may change with --eval; most = the largest value a checkpoint may
+# ask for), which weights.stored_flags checks a checkpoint's flags against
 
 
 @dataclass
@@ -245,28 +240,16 @@ class Task:
         self.cfg, self.config, self.device = cfg, config, torch.device(device)
 
     def open_splits(self, splits, encode=str, tower=None, rank=0, world=1, tokens=False):
-        """self.splits[split] = (dataset, inputs, pairs [(image row, encode(caption))], references {image row:
-        captions}) of each split's readable images (data.py). Inputs are cached in out_dir/cache (rank 0
-        writes, then every rank maps them): a frozen tower's embeddings, or pixels (tower None); tower
-        "photos": none, they are read per batch."""
+        """self.splits[split] = (dataset, inputs, pairs, references) of each split (data.open_pairs): inputs
+        are cached in out_dir/cache (rank 0 writes, then every rank maps them)."""
         cfg, self.splits = self.cfg, {}
         if rank > 0:
             dist.barrier()  # rank 0 writes the caches first
         for split in splits:
             most = cfg.max_train_samples if split == "train" else cfg.max_val_samples
-            dataset = data.open_split(cfg.data, split, cfg.data_root or None, cfg.download, cfg.image_size,
-                                      cfg.seed, most)
-            images, skipped = (None, set()) if tower == "photos" else data.cached_features(
-                dataset, Path(cfg.out_dir) / "cache", tower, cfg.image_size, tokens, self.device)
-            ids = dataset.image_ids()
-            row = {image_id: k for k, image_id in enumerate(ids) if str(image_id) not in skipped}
-            references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
-            pairs = [(r, encode(caption)) for r, captions in references.items() for caption in captions]
-            if not pairs:
-                raise ValueError(f"none of the {len(ids)} images of the {split} split of --data {cfg.data} "
-                                 "can be read (each is missing or unreadable)")
-            pairs = pairs[:cfg.max_train_samples or None] if split == "train" else pairs
-            self.splits[split] = dataset, images, pairs, references
+            self.splits[split] = data.open_pairs(cfg.data, split, cfg.data_root or None, cfg.download,
+                                                 cfg.image_size, cfg.seed, most, Path(cfg.out_dir) / "cache",
+                                                 tower, tokens, self.device, encode)
         if rank == 0 and world > 1:
             dist.barrier()
         self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
@@ -299,12 +282,6 @@ def setup_distributed(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def log(cfg, record):
-    print(json.dumps(record), flush=True)
-    with open(Path(cfg.out_dir) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
@@ -397,11 +374,12 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
             total_steps = max(step, int(fits))
         # log the training loss
         if rank == 0 and (step % cfg.log_every == 0 or step in (1, total_steps)):
-            log(cfg, {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
-                      "lr": round(optimizer.param_groups[0]["lr"], 8), "grad_norm": round(grad_norm, 4),
-                      "pairs_per_s": round((step - first_step) * cfg.batch_size / max(seconds, 1e-9), 1),
-                      "minutes": round((earlier_seconds + seconds) / 60, 2),
-                      "cpu_minutes": round(time.process_time() / 60, 2)})
+            weights.log_record(cfg.out_dir, {
+                "step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_sum, 5),
+                "lr": round(optimizer.param_groups[0]["lr"], 8), "grad_norm": round(grad_norm, 4),
+                "pairs_per_s": round((step - first_step) * cfg.batch_size / max(seconds, 1e-9), 1),
+                "minutes": round((earlier_seconds + seconds) / 60, 2),
+                "cpu_minutes": round(time.process_time() / 60, 2)})
         # evaluate when due; checkpoint then and at --stop-after (atomic; the clock stops meanwhile)
         stopping = cfg.stop_after and step - first_step >= cfg.stop_after
         due = step % cfg.eval_every == 0 or step == total_steps
@@ -409,7 +387,8 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
             evaluated = clock()
             if due:
                 metrics = evaluate(task, model)
-                log(cfg, {"step": step, "minutes": round((earlier_seconds + seconds) / 60, 2), **metrics})
+                minutes = round((earlier_seconds + seconds) / 60, 2)
+                weights.log_record(cfg.out_dir, {"step": step, "minutes": minutes, **metrics})
             weights.save_checkpoint({  # a plain state_dict of the unwrapped model, flags, model configs
                 "task": cfg.task, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(task.config)},
                 "model": model.state_dict(), "step": step, "optimizer": optimizer.state_dict(),
@@ -423,23 +402,9 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
         if stopping:
             break
     if rank == 0 and step > first_step:
-        print(end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, earlier_seconds + seconds,
-                         eval_seconds))
+        print(weights.end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch,
+                                 earlier_seconds + seconds, eval_seconds))
     return model, loss_sum
-
-
-def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_seconds):
-    """What happened, in a line: --stop-after, the time budget, or the steps run."""
-    ckpt = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.stop_after and step < total_steps:
-        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; " \
-               f"--resume {ckpt} continues"
-    done = f"{step:,} steps in {used / 60:.2f} training minutes (evaluations {eval_seconds / 60:.2f} more)"
-    if not cfg.minutes:
-        return f"trained {done}; {ckpt}"
-    why = "--epochs ended it first" if step == max_steps else "the budget ended it"
-    return f"--minutes {cfg.minutes:g}: {done}; {why}; --epochs {step / steps_per_epoch:.6g} --minutes 0 " \
-           "trains as many steps"
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -527,19 +492,6 @@ class CaptionTask(Task):
             print(f"  {captions[r]!r:56} reference: {references[r][0]!r}", flush=True)
         return metrics
 
-    def clipcap_row(self):
-        """The row of ClipCap's Table 1 (COCO Karpathy test, CIDEr) that this configuration corresponds to."""
-        cfg, c = self.cfg, self.config
-        if (cfg.data, cfg.split, c.image_tower, c.clip_weights, c.language_model, cfg.gpt2_weights) != (
-                "karpathy", "test", "clip", "ViT-B/32", "gpt2", "gpt2"):
-            return "none: ClipCap's rows are COCO Karpathy test, ViT-B/32, GPT-2 (--preset coco --split test)"
-        if c.mapping_type == "tokens":
-            return "none: ClipCap maps the pooled embedding; the tokens mapper reads every token (LLaVA-1.5)"
-        if c.mapping_type == "transformer":
-            return "ClipCap transformer mapper + frozen GPT-2, CIDEr 113.1 (ClipCap: prefix 40, --freeze-gpt)"
-        gpt = "frozen GPT-2, CIDEr 92.4" if c.freeze_gpt else "fine-tuned GPT-2, CIDEr 108.4"
-        return f"ClipCap MLP + {gpt}"
-
 # -----------------------------------------------------------------------------------------------------------
 # The text-to-image task
 
@@ -570,47 +522,35 @@ class TextToImageTask(Task):
             self.extra["caption_words"] = sorted(words)
 
     def build(self):
-        """(text-conditioned UNet, frozen VAE or None) from the flags: --sd-weights gives SD's VAE, its
-        text tower and the sd15 UNet; GPT-2 comes by name or file; the rest is tiny and starts from
-        scratch."""
-        cfg, c, sd = self.cfg, self.config, {}
+        """(text-conditioned UNet, frozen VAE or None) from the flags (unet.py builds it): --sd-weights gives
+        SD's VAE, its text tower and the sd15 UNet; GPT-2 comes by name or file; the rest is tiny, new."""
+        cfg, c, sd, unet = self.cfg, self.config, {}, None
         if c.sd_weights:
             sd = weights.load_state_dict(weights.file_or_fetch(c.sd_weights, cfg.weights_dir or None,
                                                                cfg.offline, "--sd-weights"))
-        if c.text_encoder == "clip":  # SD's ViT-L/14 text tower
-            text, length = CLIPTextTransformer.from_state_dict(sd), 77
-        elif c.text_encoder == "tiny":  # one head per 64 channels, as in CLIP; start and end tokens
-            length = cfg.max_caption_tokens + 2
-            text = CLIPTextTransformer(TextConfig(length, 49408, c.context_dim, max(1, c.context_dim // 64),
-                                                  c.text_layers))
-        else:  # the end token
-            gpt = GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline)
-            text, length = GPTHidden(gpt), cfg.max_caption_tokens + 1
+        gpt = GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline) \
+            if c.text_encoder == "gpt2" else None
         if c.unet == "tiny":
             channels = 4 if c.latent else 3 * c.patch ** 2
-            unet = UNetModel(UNetConfig(
-                channels, channels, c.model_channels, tuple(map(int, c.channel_mult.split(","))),
-                c.num_res_blocks, tuple(int(d) for d in c.attention_resolutions.split(",") if d), num_heads=4,
-                context_dim=c.context_dim, adm_in_channels=c.context_dim if c.pooled_text else 0,
-                use_scale_shift_norm=c.scale_shift_norm))
-        else:
-            unet = UNetModel.from_state_dict(sd)  # the SD file's UNet, fine-tuned
-        vae = AutoencoderKL.from_state_dict(sd) if c.latent else None
-        return TextConditionedUNet(unet, text, c.text_encoder, length, 1 if c.latent else c.patch), vae
+            levels, attention = c.channel_mult.split(","), c.attention_resolutions.split(",")
+            unet = UNetConfig(channels, channels, c.model_channels, tuple(map(int, levels)), c.num_res_blocks,
+                              tuple(int(d) for d in attention if d), num_heads=4, context_dim=c.context_dim,
+                              adm_in_channels=c.context_dim if c.pooled_text else 0,
+                              use_scale_shift_norm=c.scale_shift_norm)
+        net = TextConditionedUNet.new(c.text_encoder, sd, gpt, unet, c.context_dim, c.text_layers,
+                                      cfg.max_caption_tokens, 1 if c.latent else c.patch)
+        return net, AutoencoderKL.from_state_dict(sd) if c.latent else None
 
     def batch(self, pair_ids, device, split="train"):
         """(uint8 images (B, 3, S, S), tokens (B, T)); an unreadable photo is reported (data.py), left out."""
         dataset, images, pairs, _ = self.splits[split]
         rows = [pairs[i] for i in pair_ids]
-        if images is not None:
-            pixels = torch.from_numpy(np.asarray(images[[row for row, _ in rows]]))
+        if images is None:  # photos, read now
+            pixels, texts = data.read_pairs(dataset, rows, self.cfg.image_size, split)
         else:
-            ids = dataset.image_ids()
-            loaded = [(dataset.load_image(ids[row]), text) for row, text in rows]
-            if not (rows := [(image, text) for image, text in loaded if image is not None]):
-                raise ValueError(f"none of a batch's images of the {split} split can be read (see above)")
-            pixels = torch.stack([resize_crop(image, self.cfg.image_size) for image, _ in rows])
-        return pixels.to(device), self.model.net.tokenize([text for _, text in rows]).to(device)
+            pixels = torch.from_numpy(np.asarray(images[[row for row, _ in rows]]))
+            texts = [text for _, text in rows]
+        return pixels.to(device), self.model.net.tokenize(texts).to(device)
 
     def after_step(self):
         self.model.update_ema()
@@ -629,34 +569,18 @@ class TextToImageTask(Task):
         path = Path(cfg.out_dir) / "samples" / f"step-{int(model.updates):06d}.png"
         path.parent.mkdir(exist_ok=True)
         ddpm.image_grid(ddpm.to_pil(images[:16]), 4, prompts[:16], max(1, 128 // cfg.image_size)).save(path)
-        judged, read, right = self.judge(images, prompts) if c.judge else ({}, None, None)
-        if c.judge:  # the figures, and the first 24 drawings beside what the judge read (the contact sheet)
-            figures = (f"drawn right, as {c.judge} reads {len(prompts)} held-out prompts back: single "
-                       f"objects {judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
-                       f"{judged.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
-                       f"{judged['judge_exact_match']:.1%}")
-            sheet = weights.contact_sheet(ddpm.to_pil(images[:24]), prompts, read, right, figures)
-            weights.save_picture(sheet, Path(cfg.out_dir) / "contact_sheet.png")
-            print(f"  {figures}\n  contact sheet: {Path(cfg.out_dir) / 'contact_sheet.png'}", flush=True)
+        judged, read = {}, None
+        if c.judge:  # read back, scored (data.drawn_right); the first 24 drawings beside what was read
+            read, exact = read_back(c.judge, images, cfg.weights_dir or None, cfg.offline, self.device)
+            scores, right = data.drawn_right(prompts, read)
+            judged = {**scores, "judge_exact_match": exact}
+            figures, sheet = weights.judged_sheet(cfg.out_dir, ddpm.to_pil(images[:24]), prompts, read, right,
+                                                  judged, c.judge)
+            print(f"  {figures}\n  contact sheet: {sheet}", flush=True)
         for k, prompt in enumerate(prompts[:4]):
             print(f"  {prompt!r:56}" + (f" read back: {read[k]!r}" if c.judge else ""), flush=True)
         print(f"  samples of the first 16 prompts: {path}", flush=True)
         return {"val_loss": round(loss / len(pairs), 5), **judged}
-
-    def judge(self, images, prompts):
-        """Drawings (B, 3, h, w) in [0, 1] read back by the shapes captioner of --judge (rebuilt by
-        gpt2.py), as bytes at its tower's size, and scored (data.drawn_right)."""
-        judge = weights.read_checkpoint(self.config.judge, "caption")
-        visual = frozen_tower(judge, None, self.cfg.weights_dir or None, self.cfg.offline)
-        captioner = Captioner.from_checkpoint(judge, visual).to(self.device).eval()
-        size = captioner.visual.config.image_resolution
-        pixels = (F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-                  if images.shape[-1] != size else images).mul(255).round().clamp(0, 255).byte()
-        read = [text for s in range(0, len(prompts), 100) for text in captioner.caption(
-            pixels[s:s + 100].to(self.device), GPT2Tokenizer.default())]
-        exact = judge.get("metrics", {}).get("exact_match", math.nan)
-        scores, right = data.drawn_right(prompts, read)
-        return {**scores, "judge_exact_match": exact}, read, right
 
 # -----------------------------------------------------------------------------------------------------------
 # The command line
@@ -664,13 +588,6 @@ class TextToImageTask(Task):
 
 TASKS = {"caption": (CaptionTask, CaptionConfig), "diffusion": (TextToImageTask, TextToImageConfig)}
 FLAGS = [f for config in (TrainConfig, CaptionConfig, TextToImageConfig) for f in fields(config)]
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line: the usage of 80 flags would bury them."""
-
-    def error(self, message):
-        self.exit(2, f"train.py: error: {message}\n")
 
 
 def configs(task, values):
@@ -685,20 +602,9 @@ def parse_config(argv=None):
     """The flags -> (TrainConfig, the task's config, the checkpoint of --resume or --eval). Precedence:
     defaults < preset < --smoke-test < the checkpoint's flags (never its "local" ones) < the flags given;
     --help shows each default, a group per dataclass, and what every preset sets."""
-    presets = "\n".join(textwrap.fill(f"--task {t} --preset {p}: " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in values.items()), 110, initial_indent="  ",
-        subsequent_indent="    ") for t in PRESETS for p, values in PRESETS[t].items())
-    parser = Parser(description="Train minimodal's models: --task caption (ClipCap) or diffusion.",
-                    epilog=f"presets (the flags each one sets):\n{presets}",
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    for title, config in (("both tasks", TrainConfig), *((f"--task {t}", c) for t, (_, c) in TASKS.items())):
-        group = parser.add_argument_group(title)
-        for f in fields(config):
-            kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
-                dict(type=type(f.default), choices=f.metadata["choices"])
-            default = f.default if f.default != "" else "-"
-            group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
-                               help=f"{f.metadata['help']} (default: {default})")
+    groups = (("both tasks", TrainConfig), *((f"--task {t}", c) for t, (_, c) in TASKS.items()))
+    parser = weights.flag_parser("train.py", "Train minimodal's models: --task caption (ClipCap) or "
+                                 "diffusion.", groups, PRESETS)
     given = vars(parser.parse_args(argv))
     path, checkpoint, stored = given.get("resume") or given.get("eval"), None, {}
     if given.get("eval") in CLIPCAP:  # ClipCap's released captioner, scored as published: no checkpoint
@@ -727,37 +633,22 @@ def parse_config(argv=None):
 
 
 def evaluate_checkpoint(cfg, config, checkpoint):
-    """Score a checkpoint on one split, and say how: a captioner's BLEU-1..4 and CIDEr-D; a text-to-image
-    model's validation loss and samples, with --judge its prompts read back."""
+    """Score a checkpoint on one split, and say how (weights.eval_report): a captioner's BLEU-1..4 and
+    CIDEr-D; a text-to-image model's validation loss and samples, with --judge its prompts read back."""
     task = TASKS[cfg.task][0](cfg, config, device=cfg.device, splits=(cfg.split,), checkpoint=checkpoint)
-    metrics, diffusion = evaluate(task, task.model.to(cfg.device), cfg.split), cfg.task == "diffusion"
-    beams = "greedy" if diffusion or config.num_beams == 1 else f"beam search, {config.num_beams} beams"
-    how = f"sampler {config.sampler}, {config.sampling_steps} steps, guidance {config.guidance_scale:g}" \
-        if diffusion else f"decoding: {beams}, at most {cfg.max_caption_tokens} tokens"
-    model = "" if diffusion else f", {task.model.config.mapping_type} mapper, GPT-2 " + (
-        "frozen" if config.freeze_gpt else "trained")
-    images = len(task.splits[cfg.split][0].image_ids())
-    scores = "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}" for k, v in
-                       metrics.items())
-    trained = f"step {checkpoint['step']} of {cfg.epochs:g} epochs" if checkpoint else "as released"
-    print(f"checkpoint {cfg.eval}: {trained} on {cfg.data} (preset "
-          f"{cfg.preset}{model})\nsplit: {cfg.data} {cfg.split}, {images} images | {how}\n{scores}")
-    if not diffusion:
-        print(f"compare with: {task.clipcap_row()}")
+    metrics = evaluate(task, task.model.to(cfg.device), cfg.split)
+    print(weights.eval_report({**dataclasses.asdict(cfg), **dataclasses.asdict(config)}, metrics,
+                              len(task.splits[cfg.split][0].image_ids()), checkpoint and checkpoint["step"],
+                              cfg.task == "caption" and task.model.config.mapping_type))
     return metrics
 
 
 def main(argv=None):
     """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit
-    with 2 for a usage problem (a flag, a missing file or folder) or 1 for a failure."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return run(argv)
-    except (OSError, ValueError, pickle.UnpicklingError, weights.WeightsUnavailable, MemoryError) as error:
-        if "--traceback" in argv:
-            raise
-        print(f"train.py: error: {error or type(error).__name__}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(error, (FileNotFoundError, weights.FlagsRefused)) else 1) from None
+    with 2 for a usage problem (a flag, a missing file or folder) or 1 for a failure
+    (weights.one_line_errors)."""
+    return weights.one_line_errors("train.py", run, sys.argv[1:] if argv is None else list(argv),
+                                   (FileNotFoundError, weights.FlagsRefused))
 
 
 def run(argv):

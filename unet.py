@@ -11,11 +11,10 @@ SpatialTransformers). Official code matched here: CompVis/stable-diffusion
 This file knows nothing about noise schedules: that is ddpm.py.
 
 Its closing section, "Text conditioning (this project's models)", makes the text-to-image model train.py trains
-of a UNet, a text encoder (clip.py's CLIP text tower, or GPT-2's hidden states) and its prompt tokenizer, and
-rebuilds it from a training checkpoint.
+of a UNet, a text encoder (clip.py's CLIP text tower, or GPT-2's hidden states) and its prompt tokenizer (clip.py's
+PromptTokenizer), new (for train.py's flags) or rebuilt from a training checkpoint.
 """
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -25,9 +24,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import weights
-from clip import CLIPTextTransformer, TextConfig
+from clip import CLIPTextTransformer, PromptTokenizer, TextConfig
 from gpt2 import GPT, GPTConfig
-from tokenizer import CLIPTokenizer, GPT2Tokenizer
 from vae import AutoencoderConfig, AutoencoderKL
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,29 +391,6 @@ class GPTHidden(nn.Module):
         return self.gpt(tokens, return_hidden=True)
 
 
-class PromptTokenizer:
-    """Prompts -> (B, context_length) ids for the text encoder, padded with end-of-text as SD pads them (its UNet
-    attends to every position) and cut to the context: CLIP's BPE, or GPT-2's for kind "gpt2" (read on first
-    use; copies of a model share it). `length` asks for another context (generate.py: was a prompt cut?)."""
-
-    def __init__(self, kind, context_length):
-        self.kind, self.context_length = kind, context_length
-
-    @functools.cached_property
-    def bpe(self):
-        return GPT2Tokenizer.default() if self.kind == "gpt2" else CLIPTokenizer.default()
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, texts, length=None):
-        length = length or self.context_length
-        if self.kind != "gpt2":
-            return self.bpe.tokenize(texts, length, pad="eot")
-        rows = [self.bpe.encode(text)[:length - 1] for text in texts]
-        return torch.tensor([row + [self.bpe.eot_token] * (length - len(row)) for row in rows])
-
-
 class TextConditionedUNet(nn.Module):
     """A UNet that draws what a text encoder read: `text_encoder(tokens (B, T))` gives hidden states (B, T, C_text),
     a linear layer projects them to `context_dim` where the widths differ (a frozen GPT-2 into a small UNet), and
@@ -458,6 +433,22 @@ class TextConditionedUNet(nn.Module):
             return self.unet(x, timesteps, context, pooled)
         x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
         return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
+
+    @classmethod
+    def new(cls, kind, sd=None, gpt=None, unet_config=None, width=64, layers=2, max_caption_tokens=30, patch=1):
+        """A model to train (from_checkpoint rebuilds a trained one). Its text encoder, by `kind`: SD's CLIP ViT-L/14
+        text tower out of the SD file's state dict `sd`; a tiny CLIP-style one to train (`width`, one head per 64
+        channels as in CLIP, `layers` blocks; start and end tokens around the caption); or the GPT-2 `gpt` (its end
+        token after the caption). Its UNet: new of `unet_config`, else SD's out of `sd` (fine-tuned)."""
+        if kind == "clip":
+            text, length = CLIPTextTransformer.from_state_dict(sd), 77
+        elif kind == "tiny":
+            length = max_caption_tokens + 2
+            text = CLIPTextTransformer(TextConfig(length, 49408, width, max(1, width // 64), layers))
+        else:
+            text, length = GPTHidden(gpt), max_caption_tokens + 1
+        unet = UNetModel(unet_config) if unet_config else UNetModel.from_state_dict(sd)
+        return cls(unet, text, kind, length, patch)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, ema=True):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import data
+import weights
 from data import ShapesDataset, canonical_shapes_caption, draw_shapes, parse_shapes_caption, shapes_caption
 
 
@@ -391,9 +392,9 @@ def test_coco_download_and_unpack_from_local_server(tmp_path, local_server, monk
         for path in sorted((source / "val2017").iterdir()):
             zf.write(path, f"val2017/{path.name}")
     sizes = {name: (path, (served / path).stat().st_size, hashlib.md5((served / path).read_bytes()).hexdigest())
-             for name, (path, _, _) in data.COCO_ARCHIVES.items() if name != "train2017"}
-    monkeypatch.setattr(data, "COCO_URL", url)
-    monkeypatch.setattr(data, "COCO_ARCHIVES", sizes)
+             for name, (path, _, _) in weights.downloader.COCO_ARCHIVES.items() if name != "train2017"}
+    monkeypatch.setattr(weights.downloader, "COCO_URL", url)
+    monkeypatch.setattr(weights.downloader, "COCO_ARCHIVES", sizes)
     ds = data.coco_captions(tmp_path / "coco", split="val", download=True)
     assert len(ds) == 10 and ds[0][0].size == (20, 16)
     assert (tmp_path / "coco" / ".val2017.unpacked").exists()
@@ -407,11 +408,11 @@ def test_coco_unpack_refuses_paths_outside_the_root(tmp_path, local_server, monk
     (served / "zips").mkdir()
     with zipfile.ZipFile(served / "zips" / "val2017.zip", "w") as zf:
         zf.writestr("../escaped.txt", "x")
-    monkeypatch.setattr(data, "COCO_URL", url)
-    monkeypatch.setattr(data, "COCO_ARCHIVES", {"val2017": ("zips/val2017.zip", None, None)})
+    monkeypatch.setattr(weights.downloader, "COCO_URL", url)
+    monkeypatch.setattr(weights.downloader, "COCO_ARCHIVES", {"val2017": ("zips/val2017.zip", None, None)})
     (tmp_path / "coco").mkdir()
     with pytest.raises(ValueError, match="outside"):
-        data._download_and_unpack("val2017", tmp_path / "coco")
+        weights.fetch_coco("val2017", tmp_path / "coco")
     assert not (tmp_path / "escaped.txt").exists()
 
 
@@ -431,9 +432,9 @@ def test_karpathy_download_fetches_the_split_file(tmp_path, local_server, monkey
     with zipfile.ZipFile(served / "caption_datasets.zip", "w") as zf:
         zf.writestr("dataset_coco.json", json.dumps(karpathy))
         zf.writestr("dataset_flickr8k.json", "{}")
-    monkeypatch.setattr(data, "COCO_URL", url)
-    monkeypatch.setattr(data, "KARPATHY_URL", url + "caption_datasets.zip")
-    monkeypatch.setattr(data, "COCO_ARCHIVES", {name: (f"zips/{name}.zip", (served / f"zips/{name}.zip").stat().st_size,
+    monkeypatch.setattr(weights.downloader, "COCO_URL", url)
+    monkeypatch.setattr(weights.downloader, "KARPATHY_URL", url + "caption_datasets.zip")
+    monkeypatch.setattr(weights.downloader, "COCO_ARCHIVES", {name: (f"zips/{name}.zip", (served / f"zips/{name}.zip").stat().st_size,
                                                        None) for name in ("train2017", "val2017")})
     test = data.open_split("karpathy", "test", str(tmp_path / "coco"), download=True)
     assert test.pairs == [(139, "Raw 139."), (285, "Raw 285.")] and test[0][0].size == (20, 16)
@@ -445,11 +446,11 @@ def test_cifar100_download_checks_the_md5(tmp_path, local_server, monkeypatch):
     served, url = local_server
     _cifar_fixture(served)
     archive = served / "cifar-100-python.tar.gz"
-    monkeypatch.setattr(data, "CIFAR100_URL", url + archive.name)
-    monkeypatch.setattr(data, "CIFAR100_SIZE", archive.stat().st_size)
-    monkeypatch.setattr(data, "CIFAR100_MD5", "0" * 32)
+    monkeypatch.setattr(weights.downloader, "CIFAR100_URL", url + archive.name)
+    monkeypatch.setattr(weights.downloader, "CIFAR100_SIZE", archive.stat().st_size)
+    monkeypatch.setattr(weights.downloader, "CIFAR100_MD5", "0" * 32)
     with pytest.raises(ValueError, match="md5"):
         data.CIFAR100Captions(tmp_path / "a", download=True)
     assert (tmp_path / "a" / "cifar-100-python.tar.gz.bad").exists()  # kept aside, not silently used
-    monkeypatch.setattr(data, "CIFAR100_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(weights.downloader, "CIFAR100_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     assert len(data.CIFAR100Captions(tmp_path / "b", download=True)) == 6

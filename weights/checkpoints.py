@@ -12,17 +12,22 @@ scaler, step and random state, and beside the weights every config its models ar
                generate.py starts from: sampler, sampling_steps, guidance_scale, image_size, caption_words
 
 Each model file rebuilds its own (gpt2.Captioner.from_checkpoint, unet.TextConditionedUNet.from_checkpoint)
-through `rebuild`, never through the training flags. A run directory (ckpt.pt, log.jsonl, cache/) is held by one
+through `rebuild`, never through the training flags (clipcap_row: what a captioner's flags compare with in
+ClipCap's paper). A run directory (ckpt.pt, log.jsonl, cache/) is held by one
 run at a time (hold_run_dir); the pictures a run leaves there, its log drawn (loss_curve.png, draw_log) and
-the judged drawings beside what the judge read (contact_sheet.png, contact_sheet), end this file.
+the judged drawings beside what the judge read (contact_sheet.png, contact_sheet, judged_sheet), end this file,
+after the log they are drawn from (log_record: log.jsonl).
 """
+import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -30,6 +35,7 @@ from PIL import Image, ImageDraw
 
 import ddpm
 
+from .downloader import WeightsUnavailable
 from .readers import check_state_dict, load_checkpoint
 
 try:
@@ -67,6 +73,52 @@ def read_checkpoint(path, task=None):
     if wrong := sorted(k for k, test in PLAIN.items() if k in checkpoint and not test(checkpoint[k])):
         raise ValueError(f"{path}: it holds values of the wrong type or size: {wrong}")
     return checkpoint
+
+
+def flag(default, help, choices=None, role="", most=None):
+    """A flag of train.py: a dataclass field whose metadata stored_flags reads (help, choices, role, most)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, role=role, most=most))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (train.py's and generate.py's): the usage of 80 flags would bury them."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def one_line_errors(prog, run, argv, usage=(FileNotFoundError,)):
+    """run(argv), as the entry points' main() runs it: the project's own errors (a file missing or unreadable, a
+    value refused, an unsafe pickle, weights not to be had, memory) print one line, "prog: error: ...", and exit
+    with 2 for a usage problem (`usage`: a flag, a missing file) or 1 for a failure; --traceback: raised whole."""
+    try:
+        return run(argv)
+    except (OSError, ValueError, pickle.UnpicklingError, WeightsUnavailable, MemoryError) as error:
+        if "--traceback" in argv:
+            raise
+        print(f"{prog}: error: {error or type(error).__name__}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, usage) else 1) from None
+
+
+def flag_parser(prog, description, groups, presets):
+    """train.py's command line, read off its flag dataclasses (`groups`: (title, dataclass) pairs, a group each):
+    every flag with its help and "(default: X)", a bool as --x/--no-x, and no default set, so that parse_args
+    returns only the flags given (the caller lays them over its defaults); `presets` ({task: {preset: {flag:
+    value}}}) are listed in the epilog, the flags each one sets. Errors print in one line (Parser)."""
+    listed = "\n".join(textwrap.fill(f"--task {task} --preset {name}: " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in values.items()), 110, initial_indent="  ",
+        subsequent_indent="    ") for task in presets for name, values in presets[task].items())
+    parser = Parser(prog, description=description, epilog=f"presets (the flags each one sets):\n{listed}",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    for title, config in groups:
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(config):
+            kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
+                dict(type=type(f.default), choices=f.metadata["choices"])
+            default = f.default if f.default != "" else "-"
+            group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
+                               help=f"{f.metadata['help']} (default: {default})")
+    return parser
 
 
 class FlagsRefused(ValueError):
@@ -208,6 +260,51 @@ def locked(handle):
         return False
 
 
+def clipcap_row(flags):
+    """The row of ClipCap's Table 1 (COCO Karpathy test, CIDEr) that a captioner of train.py with these `flags` (by
+    name) corresponds to: what --eval prints beside its own figures."""
+    if tuple(flags[k] for k in ("data", "split", "image_tower", "clip_weights", "language_model", "gpt2_weights")) \
+            != ("karpathy", "test", "clip", "ViT-B/32", "gpt2", "gpt2"):
+        return "none: ClipCap's rows are COCO Karpathy test, ViT-B/32, GPT-2 (--preset coco --split test)"
+    if flags["mapping_type"] == "tokens":
+        return "none: ClipCap maps the pooled embedding; the tokens mapper reads every token (LLaVA-1.5)"
+    if flags["mapping_type"] == "transformer":
+        return "ClipCap transformer mapper + frozen GPT-2, CIDEr 113.1 (ClipCap: prefix 40, --freeze-gpt)"
+    gpt = "frozen GPT-2, CIDEr 92.4" if flags["freeze_gpt"] else "fine-tuned GPT-2, CIDEr 108.4"
+    return f"ClipCap MLP + {gpt}"
+
+
+def eval_report(flags, metrics, images, step=None, mapper=""):
+    """What train.py --eval prints of a checkpoint scored: what it is (`flags` by name, trained `step` steps, None:
+    ClipCap's as released; a captioner's `mapper`), how it was scored (split, `images`, decoding or sampling), its
+    `metrics` (a captioner's scores x100), and beside a captioner's the row of ClipCap's paper (clipcap_row)."""
+    diffusion = flags["task"] == "diffusion"
+    beams = "greedy" if diffusion or flags["num_beams"] == 1 else f"beam search, {flags['num_beams']} beams"
+    how = f"sampler {flags['sampler']}, {flags['sampling_steps']} steps, guidance {flags['guidance_scale']:g}" \
+        if diffusion else f"decoding: {beams}, at most {flags['max_caption_tokens']} tokens"
+    model = "" if diffusion else f", {mapper} mapper, GPT-2 " + ("frozen" if flags["freeze_gpt"] else "trained")
+    scores = "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}" for k, v in metrics.items())
+    trained = f"step {step} of {flags['epochs']:g} epochs" if step is not None else "as released"
+    return (f"checkpoint {flags['eval']}: {trained} on {flags['data']} (preset {flags['preset']}{model})\nsplit: "
+            f"{flags['data']} {flags['split']}, {images} images | {how}\n{scores}" +
+            ("" if diffusion else f"\ncompare with: {clipcap_row(flags)}"))
+
+
+def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_seconds):
+    """What happened to a training run, in a line (train.py prints it last): --stop-after stopped it at `step` of
+    `total_steps`, or the time budget (--minutes) or --epochs (`max_steps`) ended it, after `used` training seconds
+    and `eval_seconds` of evaluations. `cfg`: the run's flags (out_dir, stop_after, minutes)."""
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.stop_after and step < total_steps:
+        return f"--stop-after {cfg.stop_after}: stopped at step {step:,} of {total_steps:,}; --resume {ckpt} continues"
+    done = f"{step:,} steps in {used / 60:.2f} training minutes (evaluations {eval_seconds / 60:.2f} more)"
+    if not cfg.minutes:
+        return f"trained {done}; {ckpt}"
+    why = "--epochs ended it first" if step == max_steps else "the budget ended it"
+    return f"--minutes {cfg.minutes:g}: {done}; {why}; --epochs {step / steps_per_epoch:.6g} --minutes 0 " \
+           "trains as many steps"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pictures a run leaves beside its log, drawn with Pillow alone (no plotting package at run time): the loss
 # curve (loss_curve.png, draw_log) and, where a captioner judged the drawings, the contact sheet (contact_sheet.png)
@@ -242,6 +339,17 @@ def contact_sheet(images, prompts, read, right, title="", cols=3, scale=3, font_
             draw.line([(tx, ty + 10), (tx + 10, ty)], colour, 2)
         draw.text((tx + 18, ty - 2), "drawn right" if ok else "drawn wrong", colour, font)
     return sheet
+
+
+def judged_sheet(out_dir, drawings, prompts, read, right, judged, judge):
+    """(the judged figures in a line, the path of contact_sheet.png written into out_dir): the drawings (PIL) beside
+    what the captioner of `judge` read back (right: drawn right), the figures on top."""
+    figures = (f"drawn right, as {judge} reads {len(prompts)} held-out prompts back: single objects "
+               f"{judged.get('drawn_right_1', math.nan):.1%} (colour and shape), two objects "
+               f"{judged.get('drawn_right_2', math.nan):.1%} (both); the judge's exact match "
+               f"{judged['judge_exact_match']:.1%}")
+    save_picture(contact_sheet(drawings, prompts, read, right, figures), path := Path(out_dir) / "contact_sheet.png")
+    return figures, path
 
 
 def save_picture(image, path):
@@ -327,6 +435,13 @@ def loss_curve(records, size=(800, 600), font_size=13):
     if scores:
         panel(draw, (70, split + 10, width - 20, height - 40), scores, x_max, False, "judged (x100)", font, (0, 100))
     return image
+
+
+def log_record(out_dir, record):
+    """One record of a run: printed, and appended to out_dir/log.jsonl (what draw_log draws)."""
+    print(json.dumps(record), flush=True)
+    with open(Path(out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def draw_log(out_dir):

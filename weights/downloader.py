@@ -35,9 +35,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 import time
+import zipfile
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -550,3 +552,54 @@ def file_or_fetch(name_or_path, root=None, offline=False, flag="weights", inside
     if name_or_path not in REGISTRY:
         raise FileNotFoundError(f"{flag} {name_or_path}: no such file, nor a registered name")
     return fetch(name_or_path, root, offline)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The datasets' official archives, fetched for data.py's --download (it reads what they unpack): COCO 2017, Karpathy's
+# splits of it, CIFAR-100. None has a sha256 published: a pinned size and md5 vouch for the bytes where known.
+
+COCO_URL = "http://images.cocodataset.org/"  # plain http only: the size and the md5 below vouch for the bytes
+COCO_ARCHIVES = {  # name -> (path under COCO_URL, size in bytes as served, md5 as pinned by many independent
+    # download scripts, e.g. PaddleDetection's ppdet/utils/download.py; the COCO site publishes no checksum)
+    "annotations": ("annotations/annotations_trainval2017.zip", 252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
+    "train2017": ("zips/train2017.zip", 19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
+    "val2017": ("zips/val2017.zip", 815585330, "442b8da7639aecaf257c1dceb8ba8c80")}
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5, CIFAR100_SIZE = "eb9058c3a382ffc7106e4002c42a8d85", 169001437  # md5 from the authors' page
+# Karpathy & Fei-Fei 2015's splits of COCO, Flickr8k and Flickr30k (dataset_coco.json, ...), from Karpathy's page
+KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+
+
+def fetch_coco(name, root):
+    """Fetch one official COCO archive (progress, resume) and unpack it into root, once."""
+    if (done := root / f".{name}.unpacked").exists():
+        return
+    url_path, size, md5 = COCO_ARCHIVES[name]
+    archive = download(COCO_URL + url_path, root / Path(url_path).name, size=size, md5=md5)
+    with zipfile.ZipFile(archive) as zf:
+        for member in tqdm(zf.namelist(), desc=f"unpacking {archive.name}", unit="file", disable=None):
+            if not (root / member).resolve().is_relative_to(root.resolve()):  # "../" or an absolute path
+                raise ValueError(f"{archive}: member {member!r} points outside {root}")
+            zf.extract(member, root)
+    done.touch()
+
+
+def fetch_karpathy(root):
+    """--download for Karpathy's splits: the COCO 2017 images (2014's, renamed) and his dataset_coco.json, once."""
+    for name in ("train2017", "val2017"):
+        fetch_coco(name, root)
+    if not (target := root / "dataset_coco.json").exists():
+        archive = download(KARPATHY_URL, root / Path(KARPATHY_URL).name)
+        with zipfile.ZipFile(archive) as zf, zf.open("dataset_coco.json") as src, \
+                open(part := target.with_name(target.name + ".part"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(part, target)
+
+
+def fetch_cifar100(archive):
+    """The CIFAR-100 python tarball to `archive`, checked against the md5 its authors publish (a bad one is kept
+    aside as .gz.bad, never used)."""
+    download(CIFAR100_URL, archive, size=CIFAR100_SIZE)
+    if (md5 := hashlib.md5(archive.read_bytes()).hexdigest()) != CIFAR100_MD5:
+        archive.rename(bad := archive.with_suffix(".gz.bad"))
+        raise ValueError(f"{CIFAR100_URL}: md5 {md5} is not the published {CIFAR100_MD5}; kept as {bad}")
