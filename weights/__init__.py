@@ -16,6 +16,9 @@
                            checked), hold_run_dir (one run at a time writes a run directory) and
                            refuse_held_run (a new run never replaces one unasked); the pictures a
                            run leaves there: draw_log (loss_curve.png), contact_sheet, save_picture
+    tokenizer_tables.py    what tokenizer.py builds from: read_merges, read_json_vocab, read_gzip_merges,
+                           check_merges (the official vocabulary files, checked), unicode_classes and
+                           char_class (the Unicode classes its pre-token patterns need, for `re`)
 
 Downloaded and trained checkpoints are stored in this directory (or $MINIMODAL_WEIGHTS) and
 never committed; only weights/vocab/ (tokenizer files) is.
