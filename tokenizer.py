@@ -193,7 +193,7 @@ class BytePairEncoder:
         at = np.searchsorted(self.merge_keys, keys).clip(max=len(self.merge_keys) - 1)
         return np.where(self.merge_keys[at] == keys, self.merge_ids[at], self.n_vocab)
 
-    def merge_many(self, pieces: list[bytes]) -> list[list[int]]:
+    def merge_many(self, pieces: list[bytes]) -> list[tuple[int, ...]]:
         """`merge` of many pieces (UTF-8) at once, for text where most words are new. They lie end to end in
         flat arrays; each round takes one step of `merge` in every piece, in numpy: its lowest pair id, of equals
         the leftmost (`reduceat`), the merge, the new pairs beside it. A piece with no pair left leaves the
@@ -213,13 +213,13 @@ class BytePairEncoder:
             starts = np.cumsum(lengths) - lengths
             if len(piece) < MANY_PIECES // 10:  # a few long ones left: the plain loop goes on from where they are
                 for i, start, n in zip(piece.tolist(), starts.tolist(), lengths.tolist()):
-                    out[i] = self.merge(ids[start : start + n].tolist())
+                    out[i] = tuple(self.merge(ids[start : start + n].tolist()))
                 break
             # (P,) each piece's next merge, as in `merge`: its lowest pair id, and of equals the leftmost
             best, at = np.divmod(np.minimum.reduceat(pair_ids * len(ids) + np.arange(len(ids)), starts), len(ids))
             if (done := best == never).any():  # these pieces are merged: out of the arrays
                 leaving = np.repeat(done, lengths)
-                flat, k = ids[leaving].tolist(), 0
+                flat, k = tuple(ids[leaving].tolist()), 0  # tuples: the garbage collector soon stops tracking them
                 for i, n in zip(piece[done].tolist(), lengths[done].tolist()):
                     out[i], k = flat[k : k + n], k + n
                 ids, pair_ids, piece, lengths = ids[~leaving], pair_ids[~leaving], piece[~done], lengths[~done]
@@ -233,16 +233,16 @@ class BytePairEncoder:
             pair_ids[left] = self.merged_ids(ids[left], ids[left + 1])
         return out
 
-    def encode_many(self, pieces: set[str]) -> dict[str, list[int]]:
+    def encode_many(self, pieces: set[str]) -> dict[str, tuple[int, ...]]:
         """`encode_piece` of many distinct pieces: the short ones merged together (`merge_many`)."""
-        found = {special: [self.special_tokens[special]] for special in pieces & self.special_tokens.keys()}
+        found = {special: (self.special_tokens[special],) for special in pieces & self.special_tokens.keys()}
         piece_of = {piece.encode("utf-8"): piece for piece in pieces - found.keys()}
         words = piece_of.keys() & self.word_ids.keys()  # whole-token pre-tokens, as in `encode_piece`
-        found.update((piece_of[word], [self.word_ids[word]]) for word in words)
+        found.update((piece_of[word], (self.word_ids[word],)) for word in words)
         data = sorted(piece_of.keys() - words, key=len)
         cut = bisect.bisect_right(data, FAST_MERGE_LENGTH, key=len)
         found.update(zip(map(piece_of.get, data[:cut]), self.merge_many(data[:cut])))
-        found.update((piece_of[d], self.encode_piece(piece_of[d])) for d in data[cut:])  # the long ones: the heap
+        found.update((piece_of[d], tuple(self.encode_piece(piece_of[d]))) for d in data[cut:])  # the long ones: the heap
         return found
 
     def encode_pieces(self, pieces: list[str]) -> list[int]:
