@@ -222,8 +222,10 @@ class BytePairEncoder:
                 flat, k = tuple(ids[leaving].tolist()), 0  # tuples: the garbage collector soon stops tracking them
                 for i, n in zip(piece[done].tolist(), lengths[done].tolist()):
                     out[i], k = flat[k : k + n], k + n
-                ids, pair_ids, piece, lengths = ids[~leaving], pair_ids[~leaving], piece[~done], lengths[~done]
-                continue
+                ids, pair_ids, piece, lengths, best = (ids[~leaving], pair_ids[~leaving], piece[~done], lengths[~done],
+                                                       best[~done])
+                at, starts = at[~done] - starts[~done], np.cumsum(lengths) - lengths
+                at += starts  # where the best pairs are now
             ids[at] = best
             ids, pair_ids, lengths = np.delete(ids, at + 1), np.delete(pair_ids, at + 1), lengths - 1
             at, starts = at - np.arange(len(at)), starts - np.arange(len(at))  # where they are after the cut
