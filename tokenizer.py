@@ -92,8 +92,8 @@ def bytes_to_unicode() -> dict[int, str]:
 class BytePairEncoder:
     """Vocabulary, merges and the BPE loop shared by both tokenizers. `encoder`: token (in `bytes_to_unicode`
     characters) -> id; `merges`: pairs in the order they were learned; `special_tokens`: text -> id, never made
-    by BPE. Finished pre-tokens go to a cache (a dict emptied when it holds `cache_size` entries): words
-    repeat, so most pre-tokens cost one dict lookup.
+    by BPE. Finished pre-tokens go to a cache (a dict emptied before it would pass `cache_size` entries):
+    words repeat, so most pre-tokens cost one dict lookup.
     """
 
     end_of_word = ""  # CLIP: "</w>" on the last symbol of each pre-token
@@ -118,7 +118,7 @@ class BytePairEncoder:
             self.bytes_of_id[i] = data + b" " if word != token else data  # "</w>" decodes as a space (OpenAI)
             if word != token or not self.end_of_word:  # a token that can end a pre-token
                 self.word_ids[data] = i
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, list[int] | tuple[int, ...]] = {}
         self.cache_size = cache_size
         # `self.merges` for numpy (`merged_ids`): the keys left * n_vocab + right, sorted, and their merged ids
         pairs = sorted(self.merges.items())
@@ -206,8 +206,8 @@ class BytePairEncoder:
         pair_ids[ends] = never  # no pair across two pieces
         if self.end_of_word:  # CLIP: the last byte of a piece is another token
             ids[ends] = np.array(self.last_byte_ids)[data[ends]]
-            ends = ends[lengths > 1] - 1
-            pair_ids[ends] = self.merged_ids(ids[ends], ids[ends + 1])
+            last = ends[lengths > 1] - 1  # the last pair of each piece of two bytes or more
+            pair_ids[last] = self.merged_ids(ids[last], ids[last + 1])
         out, piece = [None] * len(pieces), np.arange(len(pieces))  # piece: the index of each piece in the arrays
         while len(piece):
             starts = np.cumsum(lengths) - lengths

@@ -340,8 +340,8 @@ def test_many_pieces_merge_together_as_one_by_one(gpt2, clip):
     import random
     from tokenizer import MANY_PIECES
     rng = random.Random(19)
-    alphabets = ["ab", "aaaaab", "abcdefghijklmnopqrstuvwxyz", "éàü€", "0123456789", "кошкаДОМ", "αβγδε", "日本語の猫",
-                 "🤗🐍✓", "ﬁſ\u0345", " \t\n", "!?.,<|>"]
+    alphabets = ["ab", "aaaaab", "abcdefghijklmnopqrstuvwxyz", "éàü€", "0123456789", "кошкаДОМ", "αβγδε",
+                 "日本語の猫", "🤗🐍✓", "ﬁſ\u0345", " \t\n", "!?.,<|>"]
     pieces = {"<|endoftext|>", "<|startoftext|>", " the", "hello", "a", "é"}
     while len(pieces) < 3 * MANY_PIECES:
         alphabet = rng.choice(alphabets)
