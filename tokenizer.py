@@ -258,12 +258,11 @@ class BytePairEncoder:
                     ids += piece_ids
                 break
             except KeyError:
-                new = [piece for piece in dict.fromkeys(pieces) if piece not in cache]  # in text order: faster later
+                new = set(pieces).difference(cache)
                 if len(cache) + len(new) > self.cache_size:
                     cache.clear()  # bounded memory; refilling is cheap
-                    new = list(dict.fromkeys(pieces))
-                encode = self.encode_many(set(new)).__getitem__ if len(new) >= MANY_PIECES else self.encode_piece
-                cache.update(zip(new, map(encode, new)))
+                    new = set(pieces)
+                cache.update(self.encode_many(new) if len(new) >= MANY_PIECES else zip(new, map(self.encode_piece, new)))
         if len(cache) > self.cache_size:  # a call with more distinct pieces than that
             cache.clear()
         return ids
