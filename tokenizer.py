@@ -54,20 +54,22 @@ tokenizer.py [text] [--tokenizer clip]` prints them:
         tokens ['ĠðŁ', '¤', 'Ĺ'] ids [12520, 97, 245]
     ids: [15496, 3228, 314, 1101, 10948, 73, 509, 5117, 10036, 12520, 97, 245]
 """
-import functools
-import gzip
+import bisect
 import heapq
 import html
 import itertools
-import json
 import re
-import unicodedata
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from weights.tokenizer_tables import (WHITESPACE, char_class, check_merges, read_gzip_merges, read_json_vocab,
+                                     read_merges, unicode_classes)
 
 VOCAB_DIR = Path(__file__).resolve().parent / "weights" / "vocab"  # committed copies of the official files
 FAST_MERGE_LENGTH = 64  # pieces with more bytes merge through the heap (words are shorter; hostile input is not)
+MANY_PIECES = 1000  # from this many new pre-tokens in one call, the short ones merge together (`merge_many`)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,73 +85,6 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
 
 
-# White_Space property: what `\s` means in the `regex` package, in Rust's regex (tiktoken) and in Unicode.
-# Python's `re` also counts U+001C..U+001F as space (str.isspace), so we spell the class out.
-WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-@functools.lru_cache(maxsize=None)
-def unicode_classes() -> dict[str, list[tuple[int, int]]]:
-    """Every code point sorted into "L" (letters), "N" (numbers), "space" or "other", as ranges (first, last).
-
-    `re` has no `\\p{L}`/`\\p{N}`, so we read the general category of all 1,114,112 code points from this
-    Python's `unicodedata` (Unicode `unicodedata.unidata_version`); characters assigned by a later Unicode
-    version count as "other" here. "case" holds non-letters with a letter as case variant (U+0345 in Unicode
-    14): under IGNORECASE, CLIP's `regex` pattern matches them with no alternative, so they vanish from its
-    text. About 0.5 s, once per process (`lru_cache`; the result is never modified)."""
-    spaces = set(re.findall(f"[{WHITESPACE}]", "".join(map(chr, range(0x3001)))))  # all below U+3001
-    classes = {"L": [], "N": [], "space": [], "case": [], "other": []}
-    previous = None
-    for code in range(0x110000):
-        char = chr(code)
-        category = unicodedata.category(char)
-        kind = "space" if char in spaces else category[0]
-        if kind not in ("L", "N", "space"):  # upper() only for assigned, non-private characters (speed)
-            upper = char.upper() if category not in ("Cn", "Co") else char
-            kind = "case" if upper != char and unicodedata.category(upper[0])[0] in "LN" else "other"
-        if kind == previous:
-            classes[kind][-1] = (classes[kind][-1][0], code)
-        else:
-            classes[kind].append((code, code))
-        previous = kind
-    return classes
-
-
-def char_class(ranges: list[tuple[int, int]], repeat: str = "") -> str:
-    """A pattern for one character (or with `repeat="+"` a run of characters) in `ranges`.
-
-    sre looks up a class's characters below U+10000 in a bitmap but compares those above it one range at a
-    time, so a plain `[...]` with the 268 astral letter ranges made the split 3 times slower (every character
-    that is *not* a letter walked them all). The astral ranges therefore sit behind a one-range lookahead.
-    """
-    bmp = "".join(f"\\U{a:08x}-\\U{min(b, 0xFFFF):08x}" for a, b in ranges if a <= 0xFFFF)
-    astral = "".join(f"\\U{max(a, 0x10000):08x}-\\U{b:08x}" for a, b in ranges if b > 0xFFFF)
-    if not astral:
-        return f"[{bmp}]{repeat}"
-    return f"(?:[{bmp}]{repeat}|(?=[\\U00010000-\\U0010ffff])[{astral}]){repeat}"
-
-
-def read_merges(path, lines: list[str] | None = None) -> list[tuple[str, str]]:
-    """vocab.bpe / merges.txt (or `lines` read elsewhere): an optional `#version` line, then `left right`."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n") if lines is None else lines
-    merges = []
-    for number, line in enumerate(lines, start=1):
-        if not line or (number == 1 and line.startswith("#version")):
-            continue
-        pair = line.split()
-        if len(pair) != 2:
-            raise ValueError(f"{path}: line {number} is not a merge of two symbols: {line[:80]!r}")
-        merges.append((pair[0], pair[1]))
-    return merges
-
-
-def read_json_vocab(path) -> dict[str, int]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a JSON vocabulary ({error})") from None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The shared BPE machinery
 
@@ -157,23 +92,17 @@ def read_json_vocab(path) -> dict[str, int]:
 class BytePairEncoder:
     """Vocabulary, merges and the BPE loop shared by both tokenizers. `encoder`: token (in `bytes_to_unicode`
     characters) -> id; `merges`: pairs in the order they were learned; `special_tokens`: text -> id, never made
-    by BPE. Finished pre-tokens go to a cache (a dict emptied when it holds `cache_size` entries): words
-    repeat, so most pre-tokens cost one dict lookup.
+    by BPE. Finished pre-tokens go to a cache (a dict emptied before it would pass `cache_size` entries):
+    words repeat, so most pre-tokens cost one dict lookup.
     """
 
     end_of_word = ""  # CLIP: "</w>" on the last symbol of each pre-token
 
     def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]], special_tokens: dict[str, int],
                  cache_size: int = 100_000):
-        unknown = [a + b for a, b in merges if not (a in encoder and b in encoder and a + b in encoder)]
-        if unknown:  # e.g. GPT-2's vocabulary with CLIP's merges
-            raise ValueError(f"{len(unknown)} merges make tokens missing from the vocabulary, e.g. {unknown[:3]}: "
-                             "are the vocabulary and the merges from the same tokenizer?")
-        merged = [encoder[a + b] for a, b in merges]
-        if any(later <= earlier for earlier, later in zip(merged, merged[1:])):
-            raise ValueError("the ids of merged tokens must grow with the merge order, as in GPT-2's and CLIP's files")
+        check_merges(encoder, merges)
         # (left id, right id) -> id of the joined token. Ids grow with the merge rank, so the lowest id wins.
-        self.merges = {(encoder[a], encoder[b]): i for (a, b), i in zip(merges, merged)}
+        self.merges = {(encoder[a], encoder[b]): encoder[a + b] for a, b in merges}
         self.encoder = {token: i for token, i in encoder.items() if token not in special_tokens}
         self.special_tokens = dict(special_tokens)
         self.n_vocab = len(encoder)
@@ -189,8 +118,14 @@ class BytePairEncoder:
             self.bytes_of_id[i] = data + b" " if word != token else data  # "</w>" decodes as a space (OpenAI)
             if word != token or not self.end_of_word:  # a token that can end a pre-token
                 self.word_ids[data] = i
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, list[int] | tuple[int, ...]] = {}
         self.cache_size = cache_size
+        # `self.merges` for numpy (`merged_ids`): the keys left * n_vocab + right, sorted, and their merged ids
+        pairs = sorted(self.merges.items())
+        self.merge_keys = np.array([a * self.n_vocab + b for (a, b), _ in pairs], dtype=np.int64)
+        self.merge_ids = np.array([merged for _, merged in pairs], dtype=np.int64)
+        byte_ids = np.array(self.byte_ids)
+        self.byte_pair_ids = self.merged_ids(byte_ids[:, None], byte_ids[None, :])  # (256, 256) for the first pairs
 
     def merge(self, ids: list[int], trace: list | None = None) -> list[int]:
         """The BPE loop: join the adjacent pair that was learned first, until no pair is a merge.
@@ -252,15 +187,84 @@ class BytePairEncoder:
         ids[-1] = self.last_byte_ids[data[-1]]  # CLIP's end of word; GPT-2's last byte is a byte like the others
         return self.merge(ids) if len(ids) <= FAST_MERGE_LENGTH else self.merge_fast(ids)
 
+    def merged_ids(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """`self.merges.get((l, r), n_vocab)` for every pair of two id arrays at once (a binary search)."""
+        keys = left * self.n_vocab + right
+        at = np.searchsorted(self.merge_keys, keys).clip(max=len(self.merge_keys) - 1)
+        return np.where(self.merge_keys[at] == keys, self.merge_ids[at], self.n_vocab)
+
+    def merge_many(self, pieces: list[bytes]) -> list[tuple[int, ...]]:
+        """`merge` of many pieces (UTF-8) at once, for text where most words are new. They lie end to end in
+        flat arrays; each round takes one step of `merge` in every piece, in numpy: its lowest pair id, of equals
+        the leftmost (`reduceat`), the merge, the new pairs beside it. A piece with no pair left leaves the
+        arrays, so each merges exactly as in the plain loop, about twice as fast (the work per merge runs in C)."""
+        never, lengths = self.n_vocab, np.array(list(map(len, pieces)), dtype=np.int64)
+        data = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+        ends = np.cumsum(lengths) - 1
+        ids = np.array(self.byte_ids)[data]  # (N,) all pieces' tokens, end to end
+        pair_ids = np.append(self.byte_pair_ids[data[:-1], data[1:]], never)  # (N,) what ids[k], ids[k + 1] make
+        pair_ids[ends] = never  # no pair across two pieces
+        if self.end_of_word:  # CLIP: the last byte of a piece is another token
+            ids[ends] = np.array(self.last_byte_ids)[data[ends]]
+            last = ends[lengths > 1] - 1  # the last pair of each piece of two bytes or more
+            pair_ids[last] = self.merged_ids(ids[last], ids[last + 1])
+        out, piece = [None] * len(pieces), np.arange(len(pieces))  # piece: the index of each piece in the arrays
+        while len(piece):
+            starts = np.cumsum(lengths) - lengths
+            if len(piece) < MANY_PIECES // 10:  # a few long ones left: the plain loop goes on from where they are
+                for i, start, n in zip(piece.tolist(), starts.tolist(), lengths.tolist()):
+                    out[i] = tuple(self.merge(ids[start : start + n].tolist()))
+                break
+            # (P,) each piece's next merge, as in `merge`: its lowest pair id, and of equals the leftmost
+            best, at = np.divmod(np.minimum.reduceat(pair_ids * len(ids) + np.arange(len(ids)), starts), len(ids))
+            if (done := best == never).any():  # these pieces are merged: out of the arrays
+                leaving = np.repeat(done, lengths)
+                flat, k = tuple(ids[leaving].tolist()), 0  # tuples: the garbage collector soon stops tracking them
+                for i, n in zip(piece[done].tolist(), lengths[done].tolist()):
+                    out[i], k = flat[k : k + n], k + n
+                ids, pair_ids, piece, lengths, best = (ids[~leaving], pair_ids[~leaving], piece[~done], lengths[~done],
+                                                       best[~done])
+                at, starts = at[~done] - starts[~done], np.cumsum(lengths) - lengths
+                at += starts  # where the best pairs are now
+            ids[at] = best
+            ids, pair_ids, lengths = np.delete(ids, at + 1), np.delete(pair_ids, at + 1), lengths - 1
+            at, starts = at - np.arange(len(at)), starts - np.arange(len(at))  # where they are after the cut
+            pair_ids[at] = never
+            right, left = at[at < starts + lengths - 1], at[at > starts] - 1
+            pair_ids[right] = self.merged_ids(ids[right], ids[right + 1])
+            pair_ids[left] = self.merged_ids(ids[left], ids[left + 1])
+        return out
+
+    def encode_many(self, pieces: set[str]) -> dict[str, tuple[int, ...]]:
+        """`encode_piece` of many distinct pieces: the short ones merged together (`merge_many`)."""
+        found = {special: (self.special_tokens[special],) for special in pieces & self.special_tokens.keys()}
+        piece_of = {piece.encode("utf-8"): piece for piece in pieces - found.keys()}
+        words = piece_of.keys() & self.word_ids.keys()  # whole-token pre-tokens, as in `encode_piece`
+        found.update((piece_of[word], (self.word_ids[word],)) for word in words)
+        data = sorted(piece_of.keys() - words, key=len)
+        cut = bisect.bisect_right(data, FAST_MERGE_LENGTH, key=len)
+        found.update(zip(map(piece_of.get, data[:cut]), self.merge_many(data[:cut])))
+        found.update((piece_of[d], tuple(self.encode_piece(piece_of[d]))) for d in data[cut:])  # the long ones: the heap
+        return found
+
     def encode_pieces(self, pieces: list[str]) -> list[int]:
-        ids, cache = [], self._cache
-        for piece in pieces:
-            piece_ids = cache.get(piece)
-            if piece_ids is None:
-                if len(cache) >= self.cache_size:
+        """Ids of the pre-tokens, from the cache; new ones go there first, each distinct one encoded once
+        (together if there are many)."""
+        cache = self._cache
+        while True:  # at most twice
+            ids = []
+            try:
+                for piece_ids in map(cache.__getitem__, pieces):
+                    ids += piece_ids
+                break
+            except KeyError:
+                new = set(pieces).difference(cache)
+                if len(cache) + len(new) > self.cache_size:
                     cache.clear()  # bounded memory; refilling is cheap
-                piece_ids = cache[piece] = self.encode_piece(piece)
-            ids += piece_ids
+                    new = set(pieces)
+                cache.update(self.encode_many(new) if len(new) >= MANY_PIECES else zip(new, map(self.encode_piece, new)))
+        if len(cache) > self.cache_size:  # a call with more distinct pieces than that
+            cache.clear()
         return ids
 
     def encode_and_show_work(self, text: str) -> dict:
@@ -406,11 +410,7 @@ class CLIPTokenizer(BytePairEncoder):
     def from_file(cls, bpe_gz) -> "CLIPTokenizer":
         """openai/CLIP's `bpe_simple_vocab_16e6.txt.gz`: a header line, then merges, of which CLIP uses the
         first 49152 - 256 - 2 = 48,894. The vocabulary is built from them as `SimpleTokenizer.__init__` does."""
-        try:
-            lines = gzip.decompress(Path(bpe_gz).read_bytes()).decode("utf-8").split("\n")
-        except (OSError, EOFError, UnicodeDecodeError) as error:
-            raise ValueError(f"{bpe_gz}: not a gzip-compressed merges file ({error})") from None
-        merges = read_merges(bpe_gz, ["#version"] + lines[1 : 49152 - 256 - 2 + 1])
+        merges = read_gzip_merges(bpe_gz, 49152 - 256 - 2)
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
         return cls({token: i for i, token in enumerate(vocab)}, merges)

@@ -25,7 +25,8 @@ import torch
 import transformers
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from tokenizer import VOCAB_DIR, CLIPTokenizer, GPT2Tokenizer, char_class, clean_clip_text, read_merges, unicode_classes
+from tokenizer import VOCAB_DIR, CLIPTokenizer, GPT2Tokenizer, clean_clip_text
+from weights.tokenizer_tables import char_class, read_merges, unicode_classes
 from tokenizer_corpus import build_corpus
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # openai/gpt-2
@@ -330,6 +331,32 @@ def test_fast_merge_equals_the_plain_loop(gpt2, clip, alphabet):
             piece = "".join(rng.choice(alphabet) for _ in range(length))
             ids = byte_ids(tokenizer, piece)
             assert tokenizer.merge_fast(list(ids)) == tokenizer.merge(list(ids)), (length, piece[:40])
+
+
+def test_many_pieces_merge_together_as_one_by_one(gpt2, clip):
+    """The batch path (encode_many / merge_many, taken from MANY_PIECES new pre-tokens in one call) gives each
+    piece the ids of `encode_piece` (plain loop, heap for long ones): random words of many scripts and lengths,
+    one byte up to past FAST_MERGE_LENGTH, whole-token words, the special texts, ties (repeated pairs)."""
+    import random
+    from tokenizer import MANY_PIECES
+    rng = random.Random(19)
+    alphabets = ["ab", "aaaaab", "abcdefghijklmnopqrstuvwxyz", "éàü€", "0123456789", "кошкаДОМ", "αβγδε",
+                 "日本語の猫", "🤗🐍✓", "ﬁſ\u0345", " \t\n", "!?.,<|>"]
+    pieces = {"<|endoftext|>", "<|startoftext|>", " the", "hello", "a", "é"}
+    while len(pieces) < 3 * MANY_PIECES:
+        alphabet = rng.choice(alphabets)
+        pieces.add("".join(rng.choice(alphabet) for _ in range(rng.choice([1, 2, 3, 5, 8, 13, 30, 63, 64, 70]))))
+    for tokenizer in (gpt2, clip):
+        found = tokenizer.encode_many(set(pieces))
+        assert found.keys() == pieces
+        assert all(list(found[piece]) == tokenizer.encode_piece(piece) for piece in pieces)
+
+
+def test_the_cache_stays_bounded_over_many_calls(corpus):
+    tokenizer, plain = GPT2Tokenizer.default(), GPT2Tokenizer.default()
+    tokenizer.cache_size = 1500  # the corpus's chunks bring more new pieces than that, in one call and in two
+    for chunk in ("".join(corpus[:40]), "".join(corpus[40:45]), "".join(corpus[-30:])):
+        assert tokenizer.encode(chunk) == plain.encode(chunk) and len(tokenizer._cache) <= 1500
 
 
 def test_long_words_equal_tiktoken(gpt2, tiktoken_gpt2):
