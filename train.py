@@ -24,11 +24,10 @@ Top to bottom: the flags (a dataclass for the harness, one per task) and presets
 task only through the Task interface; the caption task; the text-to-image task; the command line. Datasets,
 splits and caches are data.py's; a checkpoint's models are rebuilt by their own files from the configs stored
 beside their weights, never through these flags; what reads flags and checkpoints and reports a run (flag,
-flag_parser, stored_flags, eval_report, end_of_run) is weights/checkpoints.py's.
+flag_parser, stored_flags, eval_report, start_of_run, end_of_run) is weights/checkpoints.py's.
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
@@ -242,14 +241,10 @@ class Task:
     def open_splits(self, splits, encode=str, tower=None, rank=0, world=1, tokens=False):
         """self.splits[split] = (dataset, inputs, pairs, references) of each split (data.open_pairs): inputs
         are cached in out_dir/cache (rank 0 writes, then every rank maps them)."""
-        cfg, self.splits = self.cfg, {}
         if rank > 0:
             dist.barrier()  # rank 0 writes the caches first
-        for split in splits:
-            most = cfg.max_train_samples if split == "train" else cfg.max_val_samples
-            self.splits[split] = data.open_pairs(cfg.data, split, cfg.data_root or None, cfg.download,
-                                                 cfg.image_size, cfg.seed, most, Path(cfg.out_dir) / "cache",
-                                                 tower, tokens, self.device, encode)
+        self.splits = {split: data.open_pairs(self.cfg, split, tower, tokens, self.device, encode)
+                       for split in splits}
         if rank == 0 and world > 1:
             dist.barrier()
         self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
@@ -484,10 +479,8 @@ class CaptionTask(Task):
             captions.update(zip(rows[s:s + batch_size], model.caption(
                 inputs, self.tokenizer, self.cfg.max_caption_tokens, num_beams=self.config.num_beams)))
         metrics = {"val_loss": round(loss / self.count_targets(range(len(pairs)), split), 5),
-                   **{k: round(v, 4) for k, v in caption_scores(references, captions).items()}}
-        if isinstance(dataset, data.ShapesDataset):
-            metrics["exact_match"] = round(data.shapes_exact_match([captions[r] for r in rows],
-                                                                   [references[r][0] for r in rows]), 4)
+                   **{k: round(v, 4) for k, v in caption_scores(references, captions).items()},
+                   **data.shapes_exact_match(dataset, captions, references)}
         for r in rows[:4]:
             print(f"  {captions[r]!r:56} reference: {references[r][0]!r}", flush=True)
         return metrics
@@ -524,19 +517,15 @@ class TextToImageTask(Task):
     def build(self):
         """(text-conditioned UNet, frozen VAE or None) from the flags (unet.py builds it): --sd-weights gives
         SD's VAE, its text tower and the sd15 UNet; GPT-2 comes by name or file; the rest is tiny, new."""
-        cfg, c, sd, unet = self.cfg, self.config, {}, None
+        cfg, c, sd = self.cfg, self.config, {}
         if c.sd_weights:
             sd = weights.load_state_dict(weights.file_or_fetch(c.sd_weights, cfg.weights_dir or None,
                                                                cfg.offline, "--sd-weights"))
         gpt = GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline) \
             if c.text_encoder == "gpt2" else None
-        if c.unet == "tiny":
-            channels = 4 if c.latent else 3 * c.patch ** 2
-            levels, attention = c.channel_mult.split(","), c.attention_resolutions.split(",")
-            unet = UNetConfig(channels, channels, c.model_channels, tuple(map(int, levels)), c.num_res_blocks,
-                              tuple(int(d) for d in attention if d), num_heads=4, context_dim=c.context_dim,
-                              adm_in_channels=c.context_dim if c.pooled_text else 0,
-                              use_scale_shift_norm=c.scale_shift_norm)
+        unet = UNetConfig.tiny(4 if c.latent else 3 * c.patch ** 2, c.model_channels, c.channel_mult,
+                               c.attention_resolutions, c.num_res_blocks, c.context_dim, c.pooled_text,
+                               c.scale_shift_norm) if c.unet == "tiny" else None
         net = TextConditionedUNet.new(c.text_encoder, sd, gpt, unet, c.context_dim, c.text_layers,
                                       cfg.max_caption_tokens, 1 if c.latent else c.patch)
         return net, AutoencoderKL.from_state_dict(sd) if c.latent else None
@@ -664,11 +653,8 @@ def run(argv):
     with weights.hold_run_dir(cfg.out_dir, checkpoint, cfg.overwrite, cfg.resume) if rank == 0 else \
             contextlib.nullcontext():
         task = TASKS[cfg.task][0](cfg, config, rank, world, device, checkpoint=checkpoint)
-        if rank == 0:
-            trained, frozen = (sum(p.numel() for p in task.model.parameters() if p.requires_grad == t)
-                               for t in (True, False))
-            print(json.dumps({**dataclasses.asdict(cfg), **dataclasses.asdict(config)}))
-            print(f"{task.num_pairs:,} training pairs; parameters: {trained:,} trained, {frozen:,} frozen")
+        if rank == 0:  # the flags, the training pairs and the parameters counted
+            print(weights.start_of_run(cfg, config, task.model, task.num_pairs))
         result = train(task, cfg, rank, world, device, checkpoint)
     if world > 1:
         dist.destroy_process_group()

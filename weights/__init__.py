@@ -16,8 +16,8 @@
                            the command line read off them; a checkpoint's flags checked against
                            them and the command line's), Parser and one_line_errors (both entry
                            points' errors in one line), clipcap_row and eval_report (what --eval
-                           prints: the figures and ClipCap's row they compare with), end_of_run
-                           (a training run's last line), rebuild (a
+                           prints: the figures and ClipCap's row they compare with), start_of_run
+                           and end_of_run (a training run's first lines and last), rebuild (a
                            model from a checkpoint's configs, checked), hold_run_dir (one run at
                            a time writes a run directory) and refuse_held_run (a new run never
                            replaces one unasked); the pictures a run leaves there: log_record
@@ -29,7 +29,8 @@ never committed; only weights/vocab/ (tokenizer files) is.
 """
 from .checkpoints import (TASKS, FlagsRefused, Parser, clipcap_row, contact_sheet, draw_log, end_of_run, eval_report,
                           flag, flag_parser, hold_run_dir, judged_sheet, log_record, loss_curve, one_line_errors,
-                          read_checkpoint, rebuild, refuse_held_run, save_picture, stored_flags, upgrade)
+                          read_checkpoint, rebuild, refuse_held_run, save_picture, start_of_run, stored_flags,
+                          upgrade)
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_cifar100, fetch_coco,
                          fetch_first, fetch_karpathy, file_or_fetch, find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -45,7 +46,7 @@ __all__ = [
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
     "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "flag", "flag_parser", "Parser",
-    "one_line_errors", "stored_flags", "FlagsRefused", "clipcap_row", "eval_report", "end_of_run",
+    "one_line_errors", "stored_flags", "FlagsRefused", "clipcap_row", "eval_report", "start_of_run", "end_of_run",
     "refuse_held_run", "rebuild", "hold_run_dir", "log_record", "draw_log", "loss_curve", "contact_sheet",
     "judged_sheet", "save_picture",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",

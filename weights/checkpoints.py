@@ -290,6 +290,14 @@ def eval_report(flags, metrics, images, step=None, mapper=""):
             ("" if diffusion else f"\ncompare with: {clipcap_row(flags)}"))
 
 
+def start_of_run(cfg, config, model, num_pairs):
+    """What a training run says first (train.py prints it), in two lines: its flags (`cfg`, the task's `config`) as
+    JSON, then its `num_pairs` training pairs and the parameters of `model` that train and that stay frozen."""
+    trained, frozen = (sum(p.numel() for p in model.parameters() if p.requires_grad == t) for t in (True, False))
+    return f"{json.dumps({**dataclasses.asdict(cfg), **dataclasses.asdict(config)})}\n{num_pairs:,} training pairs; " \
+           f"parameters: {trained:,} trained, {frozen:,} frozen"
+
+
 def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_seconds):
     """What happened to a training run, in a line (train.py prints it last): --stop-after stopped it at `step` of
     `total_steps`, or the time budget (--minutes) or --epochs (`max_steps`) ended it, after `used` training seconds
