@@ -419,9 +419,11 @@ def open_pairs(cfg, split, tower=None, tokens=False, device="cpu", encode=str):
     return dataset, images, pairs[:most or None] if split == "train" else pairs, references
 
 
-def read_pairs(dataset, pairs, size, split="train"):
-    """Pairs [(image row, text)] read from disk: (uint8 centre crops (B, 3, size, size), their texts); an unreadable
-    image is reported (load_image) and left out."""
+def read_pairs(dataset, pairs, size, split="train", cached=None):
+    """Pairs [(image row, text)] -> (their images, their texts): the rows of `cached` (open_pairs' inputs) if given,
+    else read from disk: uint8 centre crops (B, 3, size, size), an unreadable image reported (load_image), left out."""
+    if cached is not None:
+        return torch.from_numpy(np.asarray(cached[[row for row, _ in pairs]])), [text for _, text in pairs]
     ids = dataset.image_ids()
     loaded = [(dataset.load_image(ids[row]), text) for row, text in pairs]
     if not (kept := [(image, text) for image, text in loaded if image is not None]):

@@ -312,20 +312,14 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
     steps_per_epoch = max(1, task.num_pairs // cfg.batch_size)  # the last partial batch is dropped
     total_steps = max_steps = max(1, round(cfg.epochs * steps_per_epoch))
     step, earlier_seconds = 0, 0.0  # training seconds of the runs this one resumes
-    if checkpoint:
-        saved = weights.check_optimizer_state(checkpoint["optimizer"], optimizer, cfg.resume)  # before torch
-        optimizer.load_state_dict(saved)  # deep-copies it
-        scaler.load_state_dict(checkpoint["scaler"])
-        step, earlier_seconds = checkpoint["step"], checkpoint.get("train_seconds", 0.0)
-        torch.set_rng_state(checkpoint["rng"])
-        print(f"resumed from {cfg.resume} at step {step}")
+    if checkpoint:  # the optimizer, the scaler and the random state where they were
+        step, earlier_seconds = weights.resume_run(checkpoint, optimizer, scaler, cfg.resume)
     budget = cfg.minutes * 60 - earlier_seconds
     if cfg.minutes and budget <= 0:
         total_steps = step  # its time budget is spent
     runner = DistributedDataParallel(model) if world > 1 else model
     runner = torch.compile(runner) if cfg.compile else runner
-    autocast = dict(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                    enabled=precision != "fp32")
+    autocast = dict(device_type=device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     first_step, started, eval_seconds, timed, metrics, loss_sum = step, clock(), 0.0, None, {}, math.nan
     while step < total_steps:
@@ -384,12 +378,10 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
                 metrics = evaluate(task, model)
                 minutes = round((earlier_seconds + seconds) / 60, 2)
                 weights.log_record(cfg.out_dir, {"step": step, "minutes": minutes, **metrics})
-            weights.save_checkpoint({  # a plain state_dict of the unwrapped model, flags, model configs
-                "task": cfg.task, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(task.config)},
-                "model": model.state_dict(), "step": step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "metrics": metrics, "total_steps": total_steps,
-                "train_seconds": earlier_seconds + seconds, "rng": torch.get_rng_state(), **task.extra},
-                Path(cfg.out_dir) / "ckpt.pt")
+            weights.save_run(Path(cfg.out_dir) / "ckpt.pt", model, optimizer, scaler, step, task=cfg.task,
+                             config={**dataclasses.asdict(cfg), **dataclasses.asdict(task.config)},
+                             metrics=metrics, total_steps=total_steps,
+                             train_seconds=earlier_seconds + seconds, **task.extra)  # and the models' configs
             weights.draw_log(cfg.out_dir)  # loss_curve.png beside the log, redrawn from all of it
             eval_seconds += clock() - evaluated
         if (due or stopping) and world > 1:
@@ -506,9 +498,8 @@ class TextToImageTask(Task):
         if checkpoint:  # the EMA copy and its step count too
             self.model.load_state_dict(checkpoint["model"], strict=True)
         self.open_splits(splits, str, "photos" if vae else None, rank, world)
-        self.extra = {"unet_config": dataclasses.asdict(net.unet.config), "text_config": net.text_config(),
-                      "patch": net.patch, "vae_config": vae and dataclasses.asdict(vae.config),
-                      "diffusion_config": dataclasses.asdict(diffusion), "image_size": cfg.image_size,
+        self.extra = {**net.configs(vae), "diffusion_config": dataclasses.asdict(diffusion),
+                      "image_size": cfg.image_size,  # generate.py starts from this size and sampling
                       **{k: getattr(config, k) for k in ("sampler", "sampling_steps", "guidance_scale")}}
         if "train" in self.splits:  # the words its captions use (generate.py warns of a prompt's others)
             words = {w for _, text in self.splits["train"][2] for w in re.findall(r"[a-z0-9]+", text.lower())}
@@ -533,12 +524,8 @@ class TextToImageTask(Task):
     def batch(self, pair_ids, device, split="train"):
         """(uint8 images (B, 3, S, S), tokens (B, T)); an unreadable photo is reported (data.py), left out."""
         dataset, images, pairs, _ = self.splits[split]
-        rows = [pairs[i] for i in pair_ids]
-        if images is None:  # photos, read now
-            pixels, texts = data.read_pairs(dataset, rows, self.cfg.image_size, split)
-        else:
-            pixels = torch.from_numpy(np.asarray(images[[row for row, _ in rows]]))
-            texts = [text for _, text in rows]
+        rows = [pairs[i] for i in pair_ids]  # images None: photos, read now
+        pixels, texts = data.read_pairs(dataset, rows, self.cfg.image_size, split, images)
         return pixels.to(device), self.model.net.tokenize(texts).to(device)
 
     def after_step(self):
@@ -552,12 +539,10 @@ class TextToImageTask(Task):
         loss = sum(model(*self.batch(range(s, min(s + batch_size, len(pairs))), self.device, split),
                          generator).item() for s in range(0, len(pairs), batch_size))
         prompts = [text for _, text in pairs[:c.num_judged if c.judge else 16]]
-        images = torch.cat([draw(prompts[s:s + batch_size], range(s, min(s + batch_size, len(prompts))), None,
-                                 c.sampler, c.sampling_steps, c.guidance_scale, height=cfg.image_size,
-                                 width=cfg.image_size) for s in range(0, len(prompts), batch_size)])
-        path = Path(cfg.out_dir) / "samples" / f"step-{int(model.updates):06d}.png"
-        path.parent.mkdir(exist_ok=True)
-        ddpm.image_grid(ddpm.to_pil(images[:16]), 4, prompts[:16], max(1, 128 // cfg.image_size)).save(path)
+        images = draw(prompts, range(len(prompts)), None, c.sampler, c.sampling_steps, c.guidance_scale,
+                      height=cfg.image_size, width=cfg.image_size, batch_size=batch_size)
+        grid = ddpm.image_grid(ddpm.to_pil(images[:16]), 4, prompts[:16], max(1, 128 // cfg.image_size))
+        weights.save_picture(grid, path := Path(cfg.out_dir, "samples", f"step-{int(model.updates):06d}.png"))
         judged, read = {}, None
         if c.judge:  # read back, scored (data.drawn_right); the first 24 drawings beside what was read
             read, exact = read_back(c.judge, images, cfg.weights_dir or None, cfg.offline, self.device)

@@ -11,7 +11,8 @@
                            TorchScript) without running their code; save_checkpoint (atomic);
                            check_optimizer_state (what AdamW saves, before --resume loads it);
                            check_state_dict / check_config, every model loader's checks
-    checkpoints.py         train.py's checkpoints: read_checkpoint (as data, earlier layouts
+    checkpoints.py         train.py's checkpoints: save_run and resume_run (a run's state
+                           written, read back), read_checkpoint (as data, earlier layouts
                            upgraded), flag, flag_parser and stored_flags (a flag's declaration;
                            the command line read off them; a checkpoint's flags checked against
                            them and the command line's), Parser and one_line_errors (both entry
@@ -29,8 +30,8 @@ never committed; only weights/vocab/ (tokenizer files) is.
 """
 from .checkpoints import (TASKS, FlagsRefused, Parser, clipcap_row, contact_sheet, draw_log, end_of_run, eval_report,
                           flag, flag_parser, hold_run_dir, judged_sheet, log_record, loss_curve, one_line_errors,
-                          read_checkpoint, rebuild, refuse_held_run, save_picture, start_of_run, stored_flags,
-                          upgrade)
+                          read_checkpoint, rebuild, refuse_held_run, resume_run, save_picture, save_run, start_of_run,
+                          stored_flags, upgrade)
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_cifar100, fetch_coco,
                          fetch_first, fetch_karpathy, file_or_fetch, find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -45,7 +46,8 @@ __all__ = [
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
-    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "flag", "flag_parser", "Parser",
+    "check_optimizer_state", "TASKS", "read_checkpoint", "save_run", "resume_run", "upgrade", "flag", "flag_parser",
+    "Parser",
     "one_line_errors", "stored_flags", "FlagsRefused", "clipcap_row", "eval_report", "start_of_run", "end_of_run",
     "refuse_held_run", "rebuild", "hold_run_dir", "log_record", "draw_log", "loss_curve", "contact_sheet",
     "judged_sheet", "save_picture",
