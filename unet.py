@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 import weights
 from clip import CLIPTextTransformer, PromptTokenizer, TextConfig
 from gpt2 import GPT, GPTConfig
-from vae import AutoencoderConfig, AutoencoderKL, GroupNorm32
+from vae import AutoencoderConfig, AutoencoderKL
 
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -41,6 +41,17 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     args = timesteps.float()[:, None] * freqs[None]  # (B, dim/2)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32, C), statistics in float32 (openaimodel's `normalization()`, eps 1e-5, upcasts x; the transformers'
+    `Normalize`, eps 1e-6, gets it from autocast): torch's kernels accumulate bf16/fp16 x in float32 themselves."""
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__(32, channels, eps=eps)
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 def attention(q, k, v, use_sdpa=True, slice_size=None):
@@ -124,7 +135,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels, n_heads, d_head, depth, context_dim, use_linear, dropout=0.0):
         super().__init__()
         inner, self.use_linear = n_heads * d_head, use_linear
-        self.norm = GroupNorm32(channels)
+        self.norm = GroupNorm32(channels, eps=1e-6)
         # SD 1.x projects with 1x1 convolutions, SD 2.x with linear layers: the same map, another weight shape
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
@@ -152,11 +163,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels, dropout=0.0, use_scale_shift_norm=False):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(GroupNorm32(channels, 1e-5), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels  # (scale, shift) or the added bias
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels, 1e-5), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -314,7 +324,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(ch, 1e-5), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         self.gradient_checkpointing = False  # the switch: recompute each block's activations in backward
 
     def forward(self, x, timesteps, context=None, y=None):

@@ -27,14 +27,13 @@ from vit import open_image, to_rgb
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups and eps 1e-6 (model.py `Normalize`, as in the UNet's transformers; its other norms,
-    openaimodel's `normalization()`, pass eps 1e-5), its statistics in float32 for fp16/bf16 inputs, as openaimodel
-    upcasts x and torch.autocast gets them for the official fp16 runs. torch's CPU and CUDA kernels accumulate them
-    in float32 for such x themselves, so x is not copied to float32 first: the same output, and that copy took 14x
-    the norm's own time on a bf16 512x512 decode."""
+    """GroupNorm with 32 groups and eps 1e-6 (model.py `Normalize`), its statistics in float32 for fp16/bf16 inputs,
+    as torch.autocast gets them for the official fp16 runs. torch's CPU and CUDA kernels accumulate them in float32
+    for such x themselves, so x is not copied to float32 first: the same output, and that copy took 14x the norm's
+    own time on a bf16 512x512 decode."""
 
-    def __init__(self, channels, eps=1e-6):
-        super().__init__(32, channels, eps=eps)
+    def __init__(self, channels):
+        super().__init__(32, channels, eps=1e-6)
 
     def forward(self, x):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
