@@ -243,8 +243,7 @@ class Task:
         are cached in out_dir/cache (rank 0 writes, then every rank maps them)."""
         if rank > 0:
             dist.barrier()  # rank 0 writes the caches first
-        self.splits = {split: data.open_pairs(self.cfg, split, tower, tokens, self.device, encode)
-                       for split in splits}
+        self.splits = {s: data.open_pairs(self.cfg, s, tower, tokens, self.device, encode) for s in splits}
         if rank == 0 and world > 1:
             dist.barrier()
         self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
@@ -498,8 +497,9 @@ class TextToImageTask(Task):
         if checkpoint:  # the EMA copy and its step count too
             self.model.load_state_dict(checkpoint["model"], strict=True)
         self.open_splits(splits, str, "photos" if vae else None, rank, world)
-        self.extra = {**net.configs(vae), "diffusion_config": dataclasses.asdict(diffusion),
-                      "image_size": cfg.image_size,  # generate.py starts from this size and sampling
+        self.extra = {"unet_config": dataclasses.asdict(net.unet.config), "text_config": net.text_config(),
+                      "patch": net.patch, "vae_config": vae and dataclasses.asdict(vae.config),
+                      "diffusion_config": dataclasses.asdict(diffusion), "image_size": cfg.image_size,
                       **{k: getattr(config, k) for k in ("sampler", "sampling_steps", "guidance_scale")}}
         if "train" in self.splits:  # the words its captions use (generate.py warns of a prompt's others)
             words = {w for _, text in self.splits["train"][2] for w in re.findall(r"[a-z0-9]+", text.lower())}

@@ -422,11 +422,6 @@ class TextConditionedUNet(nn.Module):
         config = self.text_encoder.gpt.config if self.kind == "gpt2" else self.text_encoder.config
         return {"kind": self.kind, **dataclasses.asdict(config), "context_length": self.tokenize.context_length}
 
-    def configs(self, vae=None):
-        """What a checkpoint keeps beside the weights, which from_checkpoint rebuilds this model and `vae` of."""
-        return {"unet_config": dataclasses.asdict(self.unet.config), "text_config": self.text_config(),
-                "patch": self.patch, "vae_config": vae and dataclasses.asdict(vae.config)}
-
     def encode_text(self, tokens):
         """tokens (B, T) -> context (B, T, context_dim); with the pooled text, its vector rides along as one more
         row (B, T + 1, context_dim), so guidance can batch contexts as one tensor. End-of-text is the largest id of
