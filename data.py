@@ -92,10 +92,13 @@ def canonical_shapes_caption(caption):
     return None if scene is None else shapes_caption(scene)
 
 
-def shapes_exact_match(captions, references):
-    """The share of captions that describe their reference's picture (canonical forms equal, not the words)."""
-    return float(np.mean([canonical_shapes_caption(c) == canonical_shapes_caption(r)
-                          for c, r in zip(captions, references)]))
+def shapes_exact_match(dataset, captions, references):
+    """On shapes, {"exact_match": the share of captions {image row: caption} that describe their first reference's
+    picture (canonical forms equal, not the words)}; on other data, {}."""
+    if not isinstance(dataset, ShapesDataset):
+        return {}
+    return {"exact_match": round(float(np.mean([canonical_shapes_caption(captions[r]) == canonical_shapes_caption(
+        texts[0]) for r, texts in references.items()])), 4)}
 
 
 def drawn_right(prompts, read):
@@ -396,15 +399,16 @@ def open_split(name, split, root=None, download=False, image_size=32, seed=0, ma
     return dataset.subset(dataset.image_ids()[:max_images]) if split != "train" and max_images else dataset
 
 
-def open_pairs(name, split, root=None, download=False, image_size=32, seed=0, most=0, cache="cache", tower=None,
-               tokens=False, device="cpu", encode=str):
-    """One split as train.py reads it: (dataset, inputs, pairs [(image row, encode(caption))], references {image row:
-    captions}) of its readable images (open_split's; a train split keeps its first `most` pairs). Inputs are cached in
-    folder `cache` (cached_features): a frozen tower's embeddings, or pixels (tower None); tower "photos": none, they
-    are read per batch (read_pairs)."""
-    dataset = open_split(name, split, root, download, image_size, seed, most)
+def open_pairs(cfg, split, tower=None, tokens=False, device="cpu", encode=str):
+    """One split as train.py reads it, by its flags `cfg` (--data, --data-root, --download, --image-size, --seed, and
+    --max-train-samples or --max-val-samples: `most`): (dataset, inputs, pairs [(image row, encode(caption))],
+    references {image row: captions}) of its readable images (open_split's; a train split keeps its first `most`
+    pairs). Inputs are cached in out_dir/cache (cached_features): a frozen tower's embeddings, or pixels (tower None);
+    tower "photos": none, they are read per batch (read_pairs)."""
+    name, most = cfg.data, cfg.max_train_samples if split == "train" else cfg.max_val_samples
+    dataset = open_split(name, split, cfg.data_root or None, cfg.download, cfg.image_size, cfg.seed, most)
     images, skipped = (None, set()) if tower == "photos" else cached_features(
-        dataset, cache, tower, image_size, tokens, device)
+        dataset, Path(cfg.out_dir) / "cache", tower, cfg.image_size, tokens, device)
     ids = dataset.image_ids()
     row = {image_id: k for k, image_id in enumerate(ids) if str(image_id) not in skipped}
     references = {row[i]: captions for i, captions in dataset.references().items() if i in row}
@@ -415,9 +419,11 @@ def open_pairs(name, split, root=None, download=False, image_size=32, seed=0, mo
     return dataset, images, pairs[:most or None] if split == "train" else pairs, references
 
 
-def read_pairs(dataset, pairs, size, split="train"):
-    """Pairs [(image row, text)] read from disk: (uint8 centre crops (B, 3, size, size), their texts); an unreadable
-    image is reported (load_image) and left out."""
+def read_pairs(dataset, pairs, size, split="train", cached=None):
+    """Pairs [(image row, text)] -> (their images, their texts): the rows of `cached` (open_pairs' inputs) if given,
+    else read from disk: uint8 centre crops (B, 3, size, size), an unreadable image reported (load_image), left out."""
+    if cached is not None:
+        return torch.from_numpy(np.asarray(cached[[row for row, _ in pairs]])), [text for _, text in pairs]
     ids = dataset.image_ids()
     loaded = [(dataset.load_image(ids[row]), text) for row, text in pairs]
     if not (kept := [(image, text) for image, text in loaded if image is not None]):

@@ -375,11 +375,18 @@ class TextToImage:
 
     @torch.no_grad()
     def __call__(self, prompts, seeds, negative_prompts=None, sampler="ddim", steps=50, guidance_scale=7.5,
-                 eta=0.0, height=512, width=512, init_image=None, strength=0.8, vae_tile_size=None, progress=False):
+                 eta=0.0, height=512, width=512, init_image=None, strength=0.8, vae_tile_size=None, progress=False,
+                 batch_size=None):
         """One image per (prompt, seed) -> (B, 3, height, width) in [0, 1], float32 on the CPU. `init_image`
         (3, H, W) in [-1, 1] switches to image-to-image (with a VAE). Each image draws all its randomness (initial
         noise, the VAE sample of the input image, DDPM's step noise) from its own CPU generator, so a seed gives
-        the same image in any batch and on any device; that is also how diffusers consumes a list of generators."""
+        the same image in any batch and on any device; that is also how diffusers consumes a list of generators.
+        `batch_size`: at most this many images at once (the same images, in less memory)."""
+        if batch_size and len(prompts) > batch_size:
+            return torch.cat([self(prompts[s:s + batch_size], seeds[s:s + batch_size], negative_prompts and
+                                   negative_prompts[s:s + batch_size], sampler, steps, guidance_scale, eta, height,
+                                   width, init_image, strength, vae_tile_size, progress)
+                              for s in range(0, len(prompts), batch_size)])
         device = next(self.denoiser.parameters()).device
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         context = self.text_encoder(self.tokenize(prompts).to(device))

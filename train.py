@@ -24,11 +24,10 @@ Top to bottom: the flags (a dataclass for the harness, one per task) and presets
 task only through the Task interface; the caption task; the text-to-image task; the command line. Datasets,
 splits and caches are data.py's; a checkpoint's models are rebuilt by their own files from the configs stored
 beside their weights, never through these flags; what reads flags and checkpoints and reports a run (flag,
-flag_parser, stored_flags, eval_report, end_of_run) is weights/checkpoints.py's.
+flag_parser, stored_flags, eval_report, start_of_run, end_of_run) is weights/checkpoints.py's.
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
@@ -242,14 +241,9 @@ class Task:
     def open_splits(self, splits, encode=str, tower=None, rank=0, world=1, tokens=False):
         """self.splits[split] = (dataset, inputs, pairs, references) of each split (data.open_pairs): inputs
         are cached in out_dir/cache (rank 0 writes, then every rank maps them)."""
-        cfg, self.splits = self.cfg, {}
         if rank > 0:
             dist.barrier()  # rank 0 writes the caches first
-        for split in splits:
-            most = cfg.max_train_samples if split == "train" else cfg.max_val_samples
-            self.splits[split] = data.open_pairs(cfg.data, split, cfg.data_root or None, cfg.download,
-                                                 cfg.image_size, cfg.seed, most, Path(cfg.out_dir) / "cache",
-                                                 tower, tokens, self.device, encode)
+        self.splits = {s: data.open_pairs(self.cfg, s, tower, tokens, self.device, encode) for s in splits}
         if rank == 0 and world > 1:
             dist.barrier()
         self.num_pairs = len(self.splits["train"][2]) if "train" in self.splits else 0
@@ -317,20 +311,14 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
     steps_per_epoch = max(1, task.num_pairs // cfg.batch_size)  # the last partial batch is dropped
     total_steps = max_steps = max(1, round(cfg.epochs * steps_per_epoch))
     step, earlier_seconds = 0, 0.0  # training seconds of the runs this one resumes
-    if checkpoint:
-        saved = weights.check_optimizer_state(checkpoint["optimizer"], optimizer, cfg.resume)  # before torch
-        optimizer.load_state_dict(saved)  # deep-copies it
-        scaler.load_state_dict(checkpoint["scaler"])
-        step, earlier_seconds = checkpoint["step"], checkpoint.get("train_seconds", 0.0)
-        torch.set_rng_state(checkpoint["rng"])
-        print(f"resumed from {cfg.resume} at step {step}")
+    if checkpoint:  # the optimizer, the scaler and the random state where they were
+        step, earlier_seconds = weights.resume_run(checkpoint, optimizer, scaler, cfg.resume)
     budget = cfg.minutes * 60 - earlier_seconds
     if cfg.minutes and budget <= 0:
         total_steps = step  # its time budget is spent
     runner = DistributedDataParallel(model) if world > 1 else model
     runner = torch.compile(runner) if cfg.compile else runner
-    autocast = dict(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                    enabled=precision != "fp32")
+    autocast = dict(device_type=device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     first_step, started, eval_seconds, timed, metrics, loss_sum = step, clock(), 0.0, None, {}, math.nan
     while step < total_steps:
@@ -389,12 +377,10 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
                 metrics = evaluate(task, model)
                 minutes = round((earlier_seconds + seconds) / 60, 2)
                 weights.log_record(cfg.out_dir, {"step": step, "minutes": minutes, **metrics})
-            weights.save_checkpoint({  # a plain state_dict of the unwrapped model, flags, model configs
-                "task": cfg.task, "config": {**dataclasses.asdict(cfg), **dataclasses.asdict(task.config)},
-                "model": model.state_dict(), "step": step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "metrics": metrics, "total_steps": total_steps,
-                "train_seconds": earlier_seconds + seconds, "rng": torch.get_rng_state(), **task.extra},
-                Path(cfg.out_dir) / "ckpt.pt")
+            weights.save_run(Path(cfg.out_dir) / "ckpt.pt", model, optimizer, scaler, step, task=cfg.task,
+                             config={**dataclasses.asdict(cfg), **dataclasses.asdict(task.config)},
+                             metrics=metrics, total_steps=total_steps,
+                             train_seconds=earlier_seconds + seconds, **task.extra)  # and the models' configs
             weights.draw_log(cfg.out_dir)  # loss_curve.png beside the log, redrawn from all of it
             eval_seconds += clock() - evaluated
         if (due or stopping) and world > 1:
@@ -484,10 +470,8 @@ class CaptionTask(Task):
             captions.update(zip(rows[s:s + batch_size], model.caption(
                 inputs, self.tokenizer, self.cfg.max_caption_tokens, num_beams=self.config.num_beams)))
         metrics = {"val_loss": round(loss / self.count_targets(range(len(pairs)), split), 5),
-                   **{k: round(v, 4) for k, v in caption_scores(references, captions).items()}}
-        if isinstance(dataset, data.ShapesDataset):
-            metrics["exact_match"] = round(data.shapes_exact_match([captions[r] for r in rows],
-                                                                   [references[r][0] for r in rows]), 4)
+                   **{k: round(v, 4) for k, v in caption_scores(references, captions).items()},
+                   **data.shapes_exact_match(dataset, captions, references)}
         for r in rows[:4]:
             print(f"  {captions[r]!r:56} reference: {references[r][0]!r}", flush=True)
         return metrics
@@ -524,19 +508,15 @@ class TextToImageTask(Task):
     def build(self):
         """(text-conditioned UNet, frozen VAE or None) from the flags (unet.py builds it): --sd-weights gives
         SD's VAE, its text tower and the sd15 UNet; GPT-2 comes by name or file; the rest is tiny, new."""
-        cfg, c, sd, unet = self.cfg, self.config, {}, None
+        cfg, c, sd = self.cfg, self.config, {}
         if c.sd_weights:
             sd = weights.load_state_dict(weights.file_or_fetch(c.sd_weights, cfg.weights_dir or None,
                                                                cfg.offline, "--sd-weights"))
         gpt = GPT.from_pretrained(cfg.gpt2_weights, root=cfg.weights_dir or None, offline=cfg.offline) \
             if c.text_encoder == "gpt2" else None
-        if c.unet == "tiny":
-            channels = 4 if c.latent else 3 * c.patch ** 2
-            levels, attention = c.channel_mult.split(","), c.attention_resolutions.split(",")
-            unet = UNetConfig(channels, channels, c.model_channels, tuple(map(int, levels)), c.num_res_blocks,
-                              tuple(int(d) for d in attention if d), num_heads=4, context_dim=c.context_dim,
-                              adm_in_channels=c.context_dim if c.pooled_text else 0,
-                              use_scale_shift_norm=c.scale_shift_norm)
+        unet = UNetConfig.tiny(4 if c.latent else 3 * c.patch ** 2, c.model_channels, c.channel_mult,
+                               c.attention_resolutions, c.num_res_blocks, c.context_dim, c.pooled_text,
+                               c.scale_shift_norm) if c.unet == "tiny" else None
         net = TextConditionedUNet.new(c.text_encoder, sd, gpt, unet, c.context_dim, c.text_layers,
                                       cfg.max_caption_tokens, 1 if c.latent else c.patch)
         return net, AutoencoderKL.from_state_dict(sd) if c.latent else None
@@ -544,12 +524,8 @@ class TextToImageTask(Task):
     def batch(self, pair_ids, device, split="train"):
         """(uint8 images (B, 3, S, S), tokens (B, T)); an unreadable photo is reported (data.py), left out."""
         dataset, images, pairs, _ = self.splits[split]
-        rows = [pairs[i] for i in pair_ids]
-        if images is None:  # photos, read now
-            pixels, texts = data.read_pairs(dataset, rows, self.cfg.image_size, split)
-        else:
-            pixels = torch.from_numpy(np.asarray(images[[row for row, _ in rows]]))
-            texts = [text for _, text in rows]
+        rows = [pairs[i] for i in pair_ids]  # images None: photos, read now
+        pixels, texts = data.read_pairs(dataset, rows, self.cfg.image_size, split, images)
         return pixels.to(device), self.model.net.tokenize(texts).to(device)
 
     def after_step(self):
@@ -563,12 +539,10 @@ class TextToImageTask(Task):
         loss = sum(model(*self.batch(range(s, min(s + batch_size, len(pairs))), self.device, split),
                          generator).item() for s in range(0, len(pairs), batch_size))
         prompts = [text for _, text in pairs[:c.num_judged if c.judge else 16]]
-        images = torch.cat([draw(prompts[s:s + batch_size], range(s, min(s + batch_size, len(prompts))), None,
-                                 c.sampler, c.sampling_steps, c.guidance_scale, height=cfg.image_size,
-                                 width=cfg.image_size) for s in range(0, len(prompts), batch_size)])
-        path = Path(cfg.out_dir) / "samples" / f"step-{int(model.updates):06d}.png"
-        path.parent.mkdir(exist_ok=True)
-        ddpm.image_grid(ddpm.to_pil(images[:16]), 4, prompts[:16], max(1, 128 // cfg.image_size)).save(path)
+        images = draw(prompts, range(len(prompts)), None, c.sampler, c.sampling_steps, c.guidance_scale,
+                      height=cfg.image_size, width=cfg.image_size, batch_size=batch_size)
+        grid = ddpm.image_grid(ddpm.to_pil(images[:16]), 4, prompts[:16], max(1, 128 // cfg.image_size))
+        weights.save_picture(grid, path := Path(cfg.out_dir, "samples", f"step-{int(model.updates):06d}.png"))
         judged, read = {}, None
         if c.judge:  # read back, scored (data.drawn_right); the first 24 drawings beside what was read
             read, exact = read_back(c.judge, images, cfg.weights_dir or None, cfg.offline, self.device)
@@ -664,11 +638,8 @@ def run(argv):
     with weights.hold_run_dir(cfg.out_dir, checkpoint, cfg.overwrite, cfg.resume) if rank == 0 else \
             contextlib.nullcontext():
         task = TASKS[cfg.task][0](cfg, config, rank, world, device, checkpoint=checkpoint)
-        if rank == 0:
-            trained, frozen = (sum(p.numel() for p in task.model.parameters() if p.requires_grad == t)
-                               for t in (True, False))
-            print(json.dumps({**dataclasses.asdict(cfg), **dataclasses.asdict(config)}))
-            print(f"{task.num_pairs:,} training pairs; parameters: {trained:,} trained, {frozen:,} frozen")
+        if rank == 0:  # the flags, the training pairs and the parameters counted
+            print(weights.start_of_run(cfg, config, task.model, task.num_pairs))
         result = train(task, cfg, rank, world, device, checkpoint)
     if world > 1:
         dist.destroy_process_group()

@@ -234,6 +234,14 @@ class UNetConfig:
     use_scale_shift_norm: bool = False  # ResBlocks scale and shift by the embedding (ADM) instead of adding it (SD)
 
     @classmethod
+    def tiny(cls, channels, model_channels, channel_mult="1,2", attention_resolutions="2", num_res_blocks=1,
+             context_dim=64, pooled_text=False, scale_shift_norm=False):
+        """A UNet to train from scratch, of train.py's size flags (levels, attention downsamplings: "1,2"; 4 heads)."""
+        return cls(channels, channels, model_channels, tuple(map(int, channel_mult.split(","))), num_res_blocks,
+                   tuple(int(d) for d in attention_resolutions.split(",") if d), num_heads=4, context_dim=context_dim,
+                   adm_in_channels=context_dim if pooled_text else 0, use_scale_shift_norm=scale_shift_norm)
+
+    @classmethod
     def from_state_dict(cls, sd):
         """Read the architecture off the tensors; the number of heads is not in them and stays SD 1.x's 8."""
         mc = sd["input_blocks.0.0.weight"].shape[0]

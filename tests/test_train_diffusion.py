@@ -156,6 +156,10 @@ def test_caption_dropout_and_ema(tmp_path):
         for p in model.net.parameters():
             p.mul_(3.0)
     torch.testing.assert_close(model.pipeline()(prompt, [5], steps=2, guidance_scale=3.0, height=16, width=16), drawn)
+    # drawn at most batch_size at a time (train.py's evaluation: 100), each image is the one its seed draws alone
+    batched = model.pipeline()(prompt * 3, [7, 5, 6], steps=2, guidance_scale=3.0, height=16, width=16, batch_size=2)
+    assert batched.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(batched[1:2], drawn)
 
 
 def test_generate_ckpt_and_rerank(tmp_path, capsys):

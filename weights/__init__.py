@@ -11,18 +11,20 @@
                            TorchScript) without running their code; save_checkpoint (atomic);
                            check_optimizer_state (what AdamW saves, before --resume loads it);
                            check_state_dict / check_config, every model loader's checks
-    checkpoints.py         train.py's checkpoints: read_checkpoint (as data, earlier layouts
+    checkpoints.py         train.py's checkpoints: save_run and resume_run (a run's state
+                           written, read back), read_checkpoint (as data, earlier layouts
                            upgraded), flag, flag_parser and stored_flags (a flag's declaration;
                            the command line read off them; a checkpoint's flags checked against
                            them and the command line's), Parser and one_line_errors (both entry
                            points' errors in one line), clipcap_row and eval_report (what --eval
-                           prints: the figures and ClipCap's row they compare with), end_of_run
-                           (a training run's last line), rebuild (a model from a checkpoint's
-                           configs, checked), hold_run_dir (one run at a time writes a run
-                           directory) and refuse_held_run (a new run never replaces one unasked);
-                           the pictures a run leaves there: log_record (log.jsonl), draw_log
-                           (loss_curve.png), contact_sheet and judged_sheet (contact_sheet.png),
-                           save_picture
+                           prints: the figures and ClipCap's row they compare with), start_of_run
+                           and end_of_run (a training run's first lines and last), save_run and
+                           resume_run (a run's checkpoint written, and read back into the
+                           optimizer), rebuild (a model from a checkpoint's configs, checked),
+                           hold_run_dir (one run at a time writes a run directory) and
+                           refuse_held_run (a new run never replaces one unasked); the pictures a
+                           run leaves there: log_record (log.jsonl), draw_log (loss_curve.png),
+                           contact_sheet and judged_sheet (contact_sheet.png), save_picture
     tokenizer_tables.py    what tokenizer.py builds from: read_merges, read_json_vocab, read_gzip_merges,
                            check_merges (the official vocabulary files, checked), unicode_classes and
                            char_class (the Unicode classes its pre-token patterns need, for `re`)
@@ -32,7 +34,8 @@ never committed; only weights/vocab/ (tokenizer files) is.
 """
 from .checkpoints import (TASKS, FlagsRefused, Parser, clipcap_row, contact_sheet, draw_log, end_of_run, eval_report,
                           flag, flag_parser, hold_run_dir, judged_sheet, log_record, loss_curve, one_line_errors,
-                          read_checkpoint, rebuild, refuse_held_run, save_picture, stored_flags, upgrade)
+                          read_checkpoint, rebuild, refuse_held_run, resume_run, save_picture, save_run, start_of_run,
+                          stored_flags, upgrade)
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_cifar100, fetch_coco,
                          fetch_first, fetch_karpathy, file_or_fetch, find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -47,8 +50,9 @@ __all__ = [
     "WeightsUnavailable", "ChecksumMismatch",
     "read_safetensors", "read_safetensors_metadata", "write_safetensors",
     "load_state_dict", "load_checkpoint", "save_checkpoint", "check_state_dict", "check_config",
-    "check_optimizer_state", "TASKS", "read_checkpoint", "upgrade", "flag", "flag_parser", "Parser",
-    "one_line_errors", "stored_flags", "FlagsRefused", "clipcap_row", "eval_report", "end_of_run",
+    "check_optimizer_state", "TASKS", "read_checkpoint", "save_run", "resume_run", "upgrade", "flag", "flag_parser",
+    "Parser",
+    "one_line_errors", "stored_flags", "FlagsRefused", "clipcap_row", "eval_report", "start_of_run", "end_of_run",
     "refuse_held_run", "rebuild", "hold_run_dir", "log_record", "draw_log", "loss_curve", "contact_sheet",
     "judged_sheet", "save_picture",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",

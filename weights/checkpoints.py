@@ -1,9 +1,9 @@
 """This project's training checkpoints (train.py writes them): read as data, earlier layouts upgraded, models rebuilt.
 
-A checkpoint of train.py is one torch-saved dict (save_checkpoint, atomic): "task" ("caption" or "diffusion"),
-"config" (the flags of the run, for --resume and for reporting), "model" (a plain state_dict), the optimizer,
-scaler, step and random state, and beside the weights every config its models are rebuilt from (nanoGPT's
-`model_args`):
+A checkpoint of train.py is one torch-saved dict (save_run writes it, resume_run reads a run's state back):
+"task" ("caption" or "diffusion"), "config" (the flags of the run, for --resume and for reporting), "model" (a
+plain state_dict), the optimizer, scaler, step and random state, and beside the weights every config its models
+are rebuilt from (nanoGPT's `model_args`):
 
     caption    captioner_config, gpt_config, vision_config; frozen_tower (None: the tower trained inside the
                model; else the name or file of a frozen CLIP tower, which the checkpoint does not hold)
@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 import ddpm
 
 from .downloader import WeightsUnavailable
-from .readers import check_state_dict, load_checkpoint
+from .readers import check_optimizer_state, check_state_dict, load_checkpoint, save_checkpoint
 
 try:
     import fcntl  # run directories are locked where the OS can (POSIX)
@@ -74,6 +74,24 @@ def read_checkpoint(path, task=None):
         raise ValueError(f"{path}: it holds values of the wrong type or size: {wrong}")
     return checkpoint
 
+
+
+def save_run(path, model, optimizer, scaler, step, **more):
+    """A training run's checkpoint, atomically at `path` (save_checkpoint): a plain state_dict of the unwrapped
+    `model`, the optimizer's and the gradient scaler's states, `step` and the random state (resume_run restores
+    them), and `more`: "task", "config" (the flags), "metrics", "total_steps", "train_seconds", the models' configs."""
+    save_checkpoint({"model": model.state_dict(), "step": step, "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), **more}, path)
+
+
+def resume_run(checkpoint, optimizer, scaler, path):
+    """What save_run kept, restored for --resume `path` (the optimizer's state checked before torch reads it; the
+    model's weights are the task's to load) -> (step, the training seconds of the runs it continues)."""
+    optimizer.load_state_dict(check_optimizer_state(checkpoint["optimizer"], optimizer, path))  # deep-copies it
+    scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"])
+    print(f"resumed from {path} at step {checkpoint['step']}")
+    return checkpoint["step"], checkpoint.get("train_seconds", 0.0)
 
 def flag(default, help, choices=None, role="", most=None):
     """A flag of train.py: a dataclass field whose metadata stored_flags reads (help, choices, role, most)."""
@@ -290,6 +308,14 @@ def eval_report(flags, metrics, images, step=None, mapper=""):
             ("" if diffusion else f"\ncompare with: {clipcap_row(flags)}"))
 
 
+def start_of_run(cfg, config, model, num_pairs):
+    """What a training run says first (train.py prints it), in two lines: its flags (`cfg`, the task's `config`) as
+    JSON, then its `num_pairs` training pairs and the parameters of `model` that train and that stay frozen."""
+    trained, frozen = (sum(p.numel() for p in model.parameters() if p.requires_grad == t) for t in (True, False))
+    return f"{json.dumps({**dataclasses.asdict(cfg), **dataclasses.asdict(config)})}\n{num_pairs:,} training pairs; " \
+           f"parameters: {trained:,} trained, {frozen:,} frozen"
+
+
 def end_of_run(cfg, step, total_steps, max_steps, steps_per_epoch, used, eval_seconds):
     """What happened to a training run, in a line (train.py prints it last): --stop-after stopped it at `step` of
     `total_steps`, or the time budget (--minutes) or --epochs (`max_steps`) ended it, after `used` training seconds
@@ -354,8 +380,9 @@ def judged_sheet(out_dir, drawings, prompts, read, right, judged, judge):
 
 def save_picture(image, path):
     """Write a PNG whole or not at all (a temporary file beside it, then os.replace), so a viewer reloading it
-    while a run redraws it never reads half a picture."""
+    while a run redraws it never reads half a picture; its folder is made if missing."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     image.save(temporary, format="PNG")
     os.replace(temporary, path)
