@@ -18,13 +18,12 @@
                            them and the command line's), Parser and one_line_errors (both entry
                            points' errors in one line), clipcap_row and eval_report (what --eval
                            prints: the figures and ClipCap's row they compare with), start_of_run
-                           and end_of_run (a training run's first lines and last), save_run and
-                           resume_run (a run's checkpoint written, and read back into the
-                           optimizer), rebuild (a model from a checkpoint's configs, checked),
-                           hold_run_dir (one run at a time writes a run directory) and
-                           refuse_held_run (a new run never replaces one unasked); the pictures a
-                           run leaves there: log_record (log.jsonl), draw_log (loss_curve.png),
-                           contact_sheet and judged_sheet (contact_sheet.png), save_picture
+                           and end_of_run (a training run's first lines and last), rebuild (a
+                           model from a checkpoint's configs, checked), hold_run_dir (one run at
+                           a time writes a run directory) and refuse_held_run (a new run never
+                           replaces one unasked); the pictures a run leaves there: log_record
+                           (log.jsonl), draw_log (loss_curve.png), contact_sheet and
+                           judged_sheet (contact_sheet.png), save_picture
     tokenizer_tables.py    what tokenizer.py builds from: read_merges, read_json_vocab, read_gzip_merges,
                            check_merges (the official vocabulary files, checked), unicode_classes and
                            char_class (the Unicode classes its pre-token patterns need, for `re`)
