@@ -51,14 +51,14 @@ def test_shortened_tour(tmp_path, capsys):
     assert {"val_loss", "drawn_right_1", "drawn_exact_1", "judge_exact_match"} <= set(scored)
     assert "drawn right, as" in printed and "12 held-out prompts" in printed and "ddpm, 3 steps" in printed
     with Image.open(diffusion_dir / "contact_sheet.png") as sheet:  # 12 drawings, 3 a row, under the figures
-        assert sheet.format == "PNG" and sheet.size[0] == 3 * (96 + 24 + 28 * 13) and sheet.size[1] > 4 * 96
+        assert sheet.format == "PNG" and sheet.size[0] == 3 * (72 + 24 + 28 * 13) and sheet.size[1] > 4 * 72
     generate.main(["a large red circle", "a small blue square left of a large green triangle", "--ckpt",
                    str(diffusion_dir / "ckpt.pt"), "--sampling-steps", "2", "--seed", "3", "--out-dir", str(out)])
     files = sorted(out.glob("0*.png"))
     assert [f.name for f in files] == ["00000-3.png", "00001-4.png"] and (out / "grid-00000-3.png").exists()
     with Image.open(files[0]) as image:
         # no --sampler or --guidance-scale: the checkpoint's own (the preset's DDPM, guidance 1.5), not SD's DDIM 7.5
-        assert image.size == (32, 32) and "Steps: 2, Sampler: DDPM, CFG scale: 1.5" in image.info["parameters"]
+        assert image.size == (24, 24) and "Steps: 2, Sampler: DDPM, CFG scale: 1.5" in image.info["parameters"]
     capsys.readouterr()
     generate.main([str(out / "0*.png"), "--ckpt", str(caption_dir / "ckpt.pt")])
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == list(map(str, files))
