@@ -244,7 +244,7 @@ class UNetConfig:
     @classmethod
     def from_state_dict(cls, sd):
         """Read the architecture off the tensors; the number of heads is not in them and stays SD 1.x's 8."""
-        mc = sd["input_blocks.0.0.weight"].shape[0]
+        mc = sd["time_embed.0.weight"].shape[1]  # model_channels (the input conv has channel_mult[0] times it)
         n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
         downsamples = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.") and ".op.weight" in k)
         per_level = downsamples[0] if downsamples else n_input - 1  # ResBlocks + Downsample of one level
@@ -294,8 +294,9 @@ class UNetModel(nn.Module):
                                       cfg.use_linear_in_transformer, cfg.dropout)
 
         # Encoder half: every block's output is kept for the skip connection to the decoder half.
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels, ch, ds = [mc], mc, 1
+        ch = first = cfg.channel_mult[0] * mc  # openaimodel's input_ch: the input conv's and the output conv's width
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skip_channels, ds = [ch], 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout, cfg.use_scale_shift_norm)]
@@ -324,7 +325,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(first, cfg.out_channels, 3, padding=1))
         self.gradient_checkpointing = False  # the switch: recompute each block's activations in backward
 
     def forward(self, x, timesteps, context=None, y=None):

@@ -85,6 +85,22 @@ def test_unet_pooled_text_and_scale_shift_match_diffusers(scale_shift):
     assert so.max_rel_diff(got, expected) < TOL
 
 
+@torch.no_grad()
+def test_unet_first_level_wider_than_model_channels():
+    """channel_mult[0] > 1: the input and output convolutions are channel_mult[0] * model_channels wide
+    (openaimodel's input_ch), the timestep embedding stays 4 * model_channels, and the config reads back from the
+    tensors. (diffusers is no oracle here: its time embedding is 4 * block_out_channels[0].)"""
+    config = unet_lib.UNetConfig(in_channels=12, out_channels=12, model_channels=32, channel_mult=(2, 2),
+                                 num_res_blocks=1, attention_resolutions=(2,), num_heads=4, context_dim=64)
+    ours = so.build(unet_lib.UNetModel, config, seed=4)
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes["input_blocks.0.0.weight"] == (64, 12, 3, 3) and shapes["out.2.weight"] == (12, 64, 3, 3)
+    assert shapes["time_embed.0.weight"] == (128, 32)
+    assert dataclasses.replace(unet_lib.UNetConfig.from_state_dict(ours.state_dict()), num_heads=4) == config
+    x, context = torch.randn(2, 12, 16, 16), torch.randn(2, 15, 64)
+    assert ours(x, torch.tensor([999, 37]), context).shape == x.shape
+
+
 def test_unet_from_state_dict_reads_the_single_file(sd15_unet):
     ours, checkpoint, _ = sd15_unet
     loaded = unet_lib.UNetModel.from_state_dict(checkpoint)  # ignores the schedule buffers and model_ema.*
