@@ -199,7 +199,7 @@ PRESETS = {"caption": {  # what each preset measured, and why it is set so: READ
 }, "diffusion": {
     # the tour: 24x24 pixels as 12x12x12 patches, a 0.8M-parameter UNet, FiLM with the pooled prompt
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, image_size=24,
-                   max_train_samples=256_000, minutes=12.0, precision="auto", pooled_text=True,
+                   max_train_samples=384_000, minutes=12.0, precision="auto", pooled_text=True,
                    scale_shift_norm=True, attention_resolutions="", parameterization="v", min_snr_gamma=0.5,
                    eval_every=500, max_val_samples=200, max_caption_tokens=14, sampler="ddpm",
                    sampling_steps=75, guidance_scale=1.5),
