@@ -102,6 +102,7 @@ class TrainConfig:  # the harness's, and what both tasks read
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...", None,
                        "local")
     threads: int = flag(0, "CPU threads for torch (0 = torch's default)", None, "local")
+    threads_after: str = flag("", "take every CPU when the run beside it (this folder) ends", None, "local")
     compile: bool = flag(False, "torch.compile the model")
     smoke_test: bool = flag(False, "a quick run: tiny models, 256 pairs, 32 validation images", None, "local")
     traceback: bool = flag(False, "on an error, the whole traceback instead of one line", None, "local")
@@ -198,7 +199,7 @@ PRESETS = {"caption": {  # what each preset measured, and why it is set so: READ
 }, "diffusion": {
     # the tour: 24x24 pixels as 12x12x12 patches, a 0.8M-parameter UNet, FiLM with the pooled prompt
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, image_size=24,
-                   max_train_samples=256_000, minutes=12.0, precision="auto", pooled_text=True,
+                   max_train_samples=384_000, minutes=12.0, precision="auto", pooled_text=True,
                    scale_shift_norm=True, attention_resolutions="", parameterization="v", min_snr_gamma=0.5,
                    eval_every=500, max_val_samples=200, max_caption_tokens=14, sampler="ddpm",
                    sampling_steps=75, guidance_scale=1.5),
@@ -267,8 +268,7 @@ def lr_at(step, total_steps, cfg):
 
 
 def setup_distributed(cfg):
-    """(rank, world size, device). Under torchrun (RANK is set): a process per GPU with NCCL, or gloo on
-    CPUs."""
+    """(rank, world size, device). Under torchrun (RANK set): a process per GPU with NCCL, or gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(cfg.device)
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
@@ -321,6 +321,7 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
     autocast = dict(device_type=device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     first_step, started, eval_seconds, timed, metrics, loss_sum = step, clock(), 0.0, None, {}, math.nan
+    waiting, anchor, began = cfg.threads_after, step, time.time()  # --threads-after; the pace's first step
     while step < total_steps:
         # this step's batch: one permutation per epoch, fixed by the seed; each rank takes every world-th pair
         epoch, position = divmod(step, steps_per_epoch)
@@ -353,7 +354,7 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
         # --minutes: the steps that fit in the time left at the timed steps' pace (rank 0's clock decides)
         seconds = clock() - started - eval_seconds  # this process's training time, evaluations left out
         if cfg.minutes:
-            timed = (seconds, step) if step - first_step == UNTIMED_STEPS else timed
+            timed = (seconds, step) if step - anchor == UNTIMED_STEPS else timed
             rate = (step - timed[1]) / (seconds - timed[0]) if timed and seconds > timed[0] else math.inf
             more = 0 if seconds >= budget else int(min((budget - seconds) * rate, max_steps))
             fits = min(max_steps, step + more)
@@ -368,6 +369,9 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
                 "pairs_per_s": round((step - first_step) * cfg.batch_size / max(seconds, 1e-9), 1),
                 "minutes": round((earlier_seconds + seconds) / 60, 2),
                 "cpu_minutes": round(time.process_time() / 60, 2)})
+        if waiting and step % cfg.log_every == 0 and weights.run_ended(waiting, began):
+            torch.set_num_threads(os.cpu_count() or 1)  # that run's CPUs are free: the pace is timed again
+            waiting, anchor = "", step
         # evaluate when due; checkpoint then and at --stop-after (atomic; the clock stops meanwhile)
         stopping = cfg.stop_after and step - first_step >= cfg.stop_after
         due = step % cfg.eval_every == 0 or step == total_steps
@@ -482,8 +486,7 @@ class CaptionTask(Task):
 
 class TextToImageTask(Task):
     """Caption -> image. Its inputs are cached uint8 pixels at --image-size (centre crops), or in latent
-    space photos read per batch; a checkpoint's model is rebuilt by unet.py
-    (TextConditionedUNet.from_checkpoint)."""
+    space photos read per batch; a checkpoint's model is rebuilt by unet.py (from_checkpoint)."""
 
     def __init__(self, cfg, config, rank=0, world=1, device="cpu", splits=("train", "val"), checkpoint=None):
         super().__init__(cfg, config, device)
@@ -565,8 +568,7 @@ FLAGS = [f for config in (TrainConfig, CaptionConfig, TextToImageConfig) for f i
 
 
 def configs(task, values):
-    """(TrainConfig, the task's config) of flag values by name (a preset's, a checkpoint's, the command
-    line's)."""
+    """(TrainConfig, the task's config) of flag values by name (a preset's, a checkpoint's, the command's)."""
     def pick(config):
         return {f.name: values[f.name] for f in fields(config) if f.name in values}
     return TrainConfig(**{**pick(TrainConfig), "task": task}), TASKS[task][1](**pick(TASKS[task][1]))
@@ -619,16 +621,14 @@ def evaluate_checkpoint(cfg, config, checkpoint):
 
 def main(argv=None):
     """The command line. The project's own errors print one line (--traceback: the whole traceback) and exit
-    with 2 for a usage problem (a flag, a missing file or folder) or 1 for a failure
-    (weights.one_line_errors)."""
+    with 2 for a usage problem (a flag, a missing file or folder) or 1 for a failure (one_line_errors)."""
     return weights.one_line_errors("train.py", run, sys.argv[1:] if argv is None else list(argv),
                                    (FileNotFoundError, weights.FlagsRefused))
 
 
 def run(argv):
     cfg, config, checkpoint = parse_config(argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())  # 0: torch's default
     torch.manual_seed(cfg.seed)  # the one seed: initialisation (equal on every rank); data order follows
     if cfg.eval:
         return evaluate_checkpoint(cfg, config, checkpoint)

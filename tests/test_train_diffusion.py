@@ -4,7 +4,11 @@ the loss falls, a run stopped and resumed equals an uninterrupted one, caption d
 --rerank by a random-weight CLIP written to a file."""
 import argparse
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -36,7 +40,8 @@ def test_shortened_tour(tmp_path, capsys):
     caption_dir, diffusion_dir, out = tmp_path / "caption", tmp_path / "diffusion", tmp_path / "outputs"
     train.main(["--task", "caption", "--preset", "shapes", "--smoke-test", "--out-dir", str(caption_dir), "--threads", "1"])
     train.main(["--task", "diffusion", "--preset", "shapes", "--smoke-test", "--out-dir", str(diffusion_dir),
-                "--judge", str(caption_dir / "ckpt.pt"), "--threads", "1"])
+                "--judge", str(caption_dir / "ckpt.pt"), "--threads", "1", "--threads-after", str(caption_dir)])
+    assert torch.get_num_threads() == 1  # that run ended before this one began: not beside it, no CPUs to take
     printed = capsys.readouterr().out
     final = json.loads([line for line in printed.splitlines() if "drawn_right_1" in line][-1])
     assert {"val_loss", "drawn_right_1", "drawn_right_2", "drawn_exact_1", "judge_exact_match"} <= set(final)
@@ -120,6 +125,55 @@ def test_minutes_budget_on_a_loaded_machine(tmp_path, capsys):
     train.train(train.TextToImageTask(cfg, config), cfg, clock=lambda: now[0])
     assert "--epochs ended it first" in capsys.readouterr().out
     assert weights.load_checkpoint(tmp_path / "a" / "ckpt.pt")["step"] == 8
+
+
+def test_threads_after_another_run_ends(tmp_path, monkeypatch):
+    """--threads-after DIR (the tour: the text-to-image run takes the captioner's core when it is done). run_ended:
+    a folder ends when a checkpoint written since the wait began is there and no live process holds the folder's
+    lock; then the run takes every CPU and times its pace again: 3 s a step before, 1 s after, the budget still
+    ends it on time with its learning rate near 0."""
+    other = tmp_path / "other"
+    other.mkdir()
+    assert not weights.run_ended(other, 0.0)  # nothing there yet
+    (other / "ckpt.pt").write_bytes(b"x")
+    (other / ".lock").touch()
+    assert not weights.run_ended(other, time.time() + 60)  # an older run's checkpoint
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(120)", str(other / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # the lock is taken: that run is alive
+        assert not weights.run_ended(other, 0.0)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert weights.run_ended(other, 0.0) and weights.run_ended(other, 0.0)  # looking lets the lock go again
+    # the pace: a fake clock; the other run ends at step 20
+    now, steps, threads = [0.0], [0], torch.get_num_threads()
+    monkeypatch.setattr(weights, "run_ended", lambda folder, since: folder == str(other) and steps[0] >= 20)
+
+    def timed_batch(batch):
+        def timed(ids, device, split="train"):
+            if split == "train":
+                now[0] += 5.0 if steps[0] < 5 else 3.0 if steps[0] < 20 else 1.0
+                steps[0] += 1
+            return batch(ids, device, split)
+        return timed
+    cfg, config, _ = train.parse_config([*TINY, "--max-train-samples", "32", "--epochs", "1000", "--warmup-steps", "2",
+                                         "--eval-every", "10000", "--minutes", "2", "--threads-after", str(other),
+                                         "--out-dir", str(tmp_path / "out")])
+    task = train.TextToImageTask(cfg, config)
+    task.batch = timed_batch(task.batch)
+    try:
+        train.train(task, cfg, clock=lambda: now[0])
+        assert torch.get_num_threads() == os.cpu_count()
+    finally:
+        torch.set_num_threads(threads)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert 68 <= steps[0] <= 72 and log[-2]["step"] == steps[0] and log[-2]["lr"] < 0.05 * cfg.lr, log[-2]
+    at_30 = next(r["lr"] for r in log if r["step"] == 30)  # re-timed at step 25: it plans ~70 steps, not ~48
+    assert train.lr_at(29, 66, cfg) < at_30 < train.lr_at(29, 74, cfg), at_30
+    assert 117 <= weights.load_checkpoint(tmp_path / "out" / "ckpt.pt")["train_seconds"] <= 123
 
 
 def test_caption_dropout_and_ema(tmp_path):

@@ -33,8 +33,8 @@ never committed; only weights/vocab/ (tokenizer files) is.
 """
 from .checkpoints import (TASKS, FlagsRefused, Parser, clipcap_row, contact_sheet, draw_log, end_of_run, eval_report,
                           flag, flag_parser, hold_run_dir, judged_sheet, log_record, loss_curve, one_line_errors,
-                          read_checkpoint, rebuild, refuse_held_run, resume_run, save_picture, save_run, start_of_run,
-                          stored_flags, upgrade)
+                          read_checkpoint, rebuild, refuse_held_run, resume_run, run_ended, save_picture, save_run,
+                          start_of_run, stored_flags, upgrade)
 from .downloader import (ChecksumMismatch, WeightsUnavailable, download, fetch, fetch_cifar100, fetch_coco,
                          fetch_first, fetch_karpathy, file_or_fetch, find_in_hub_cache, weights_dir)
 from .readers import (check_config, check_optimizer_state, check_state_dict, load_checkpoint,
@@ -52,7 +52,7 @@ __all__ = [
     "check_optimizer_state", "TASKS", "read_checkpoint", "save_run", "resume_run", "upgrade", "flag", "flag_parser",
     "Parser",
     "one_line_errors", "stored_flags", "FlagsRefused", "clipcap_row", "eval_report", "start_of_run", "end_of_run",
-    "refuse_held_run", "rebuild", "hold_run_dir", "log_record", "draw_log", "loss_curve", "contact_sheet",
+    "refuse_held_run", "rebuild", "hold_run_dir", "run_ended", "log_record", "draw_log", "loss_curve", "contact_sheet",
     "judged_sheet", "save_picture",
     "UnsafeCheckpointError", "Placeholder", "PLACEHOLDER_PREFIXES", "load_pickle",
 ]

@@ -14,8 +14,9 @@ are rebuilt from (nanoGPT's `model_args`):
 Each model file rebuilds its own (gpt2.Captioner.from_checkpoint, unet.TextConditionedUNet.from_checkpoint)
 through `rebuild`, never through the training flags (clipcap_row: what a captioner's flags compare with in
 ClipCap's paper). A run directory (ckpt.pt, log.jsonl, cache/) is held by one
-run at a time (hold_run_dir); the pictures a run leaves there, its log drawn (loss_curve.png, draw_log) and
-the judged drawings beside what the judge read (contact_sheet.png, contact_sheet, judged_sheet), end this file,
+run at a time (hold_run_dir; run_ended: another run waits for its end); the pictures a run leaves there, its log
+drawn (loss_curve.png, draw_log) and the judged drawings beside what the judge read (contact_sheet.png,
+contact_sheet, judged_sheet), end this file,
 after the log they are drawn from (log_record: log.jsonl).
 """
 import argparse
@@ -267,6 +268,20 @@ def hold_run_dir(out_dir, checkpoint=None, overwrite=False, resume=""):
             path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if (
                 step := re.match(r'{"step": (\d+),.*}$', line)) and int(step[1]) <= checkpoint["step"]))
         yield
+
+
+def run_ended(out_dir, since):
+    """Whether the train.py run in out_dir has ended (train.py --threads-after): it wrote ckpt.pt after `since`
+    (time.time(): an older run's files do not count) and no live process holds the folder (hold_run_dir's lock).
+    Without flock (Windows) never: a run that waits keeps its threads."""
+    out = Path(out_dir)
+    try:
+        if not fcntl or (out / "ckpt.pt").stat().st_mtime < since:
+            return False
+        with open(out / ".lock", "rb") as lock:
+            return locked(lock)  # taken: nobody held it; closing the file lets it go
+    except FileNotFoundError:
+        return False
 
 
 def locked(handle):
