@@ -34,6 +34,16 @@ def run(out, *extra):
     return train.main([*TINY, "--out-dir", str(out), *extra])
 
 
+def on_a_fake_clock(batch, now, steps, seconds):
+    """A task's batch(), each training batch moving the fake clock now[0] on by seconds(step) and counting steps[0]."""
+    def timed(ids, device, split="train"):
+        if split == "train":
+            now[0] += seconds(steps[0])
+            steps[0] += 1
+        return batch(ids, device, split)
+    return timed
+
+
 def test_shortened_tour(tmp_path, capsys):
     """The README's tour with --smoke-test (a few steps each): caption training, text-to-image training judged by that
     captioner, then generate.py draws prompts with one checkpoint and captions the drawings with the other."""
@@ -96,12 +106,7 @@ def test_minutes_budget_on_a_loaded_machine(tmp_path, capsys):
     now, steps = [0.0], [0]
 
     def slow(batch):  # each training batch takes 5 s for 5 steps, then 1 s, then 3 s from the 30th step on
-        def timed_batch(ids, device, split="train"):
-            if split == "train":
-                now[0] += 5.0 if steps[0] < 5 else 1.0 if steps[0] < 30 else 3.0
-                steps[0] += 1
-            return batch(ids, device, split)
-        return timed_batch
+        return on_a_fake_clock(batch, now, steps, lambda step: 5.0 if step < 5 else 1.0 if step < 30 else 3.0)
     short = [*TINY, "--max-train-samples", "32", "--epochs", "1000", "--warmup-steps", "2", "--eval-every", "10000"]
     cfg, config, _ = train.parse_config([*short, "--minutes", "1", "--out-dir", str(tmp_path / "out")])
     task = train.TextToImageTask(cfg, config)
@@ -139,8 +144,8 @@ def test_threads_after_another_run_ends(tmp_path, monkeypatch):
     (other / ".lock").touch()
     assert not weights.run_ended(other, time.time() + 60)  # an older run's checkpoint
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(120)", str(other / ".lock")],
-                              stdout=subprocess.PIPE, text=True)
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(120)",
+                               str(other / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         holder.stdout.readline()  # the lock is taken: that run is alive
         assert not weights.run_ended(other, 0.0)
@@ -152,18 +157,11 @@ def test_threads_after_another_run_ends(tmp_path, monkeypatch):
     now, steps, threads = [0.0], [0], torch.get_num_threads()
     monkeypatch.setattr(weights, "run_ended", lambda folder, since: folder == str(other) and steps[0] >= 20)
 
-    def timed_batch(batch):
-        def timed(ids, device, split="train"):
-            if split == "train":
-                now[0] += 5.0 if steps[0] < 5 else 3.0 if steps[0] < 20 else 1.0
-                steps[0] += 1
-            return batch(ids, device, split)
-        return timed
     cfg, config, _ = train.parse_config([*TINY, "--max-train-samples", "32", "--epochs", "1000", "--warmup-steps", "2",
                                          "--eval-every", "10000", "--minutes", "2", "--threads-after", str(other),
                                          "--out-dir", str(tmp_path / "out")])
     task = train.TextToImageTask(cfg, config)
-    task.batch = timed_batch(task.batch)
+    task.batch = on_a_fake_clock(task.batch, now, steps, lambda step: 5.0 if step < 5 else 3.0 if step < 20 else 1.0)
     try:
         train.train(task, cfg, clock=lambda: now[0])
         assert torch.get_num_threads() == os.cpu_count()
