@@ -13,11 +13,10 @@ are rebuilt from (nanoGPT's `model_args`):
 
 Each model file rebuilds its own (gpt2.Captioner.from_checkpoint, unet.TextConditionedUNet.from_checkpoint)
 through `rebuild`, never through the training flags (clipcap_row: what a captioner's flags compare with in
-ClipCap's paper). A run directory (ckpt.pt, log.jsonl, cache/) is held by one
-run at a time (hold_run_dir; run_ended: another run waits for its end); the pictures a run leaves there, its log
-drawn (loss_curve.png, draw_log) and the judged drawings beside what the judge read (contact_sheet.png,
-contact_sheet, judged_sheet), end this file,
-after the log they are drawn from (log_record: log.jsonl).
+ClipCap's paper). A run directory (ckpt.pt, log.jsonl, cache/) is held by one run at a time (hold_run_dir;
+run_ended: another run waits for its end); the pictures a run leaves there, its log drawn (loss_curve.png,
+draw_log) and the judged drawings beside what the judge read (contact_sheet.png, contact_sheet, judged_sheet),
+end this file, after the log they are drawn from (log_record: log.jsonl).
 """
 import argparse
 import contextlib
