@@ -156,7 +156,6 @@ def test_threads_after_another_run_ends(tmp_path, monkeypatch):
     # the pace: a fake clock; the other run ends at step 20
     now, steps, threads = [0.0], [0], torch.get_num_threads()
     monkeypatch.setattr(weights, "run_ended", lambda folder, since: folder == str(other) and steps[0] >= 20)
-
     cfg, config, _ = train.parse_config([*TINY, "--max-train-samples", "32", "--epochs", "1000", "--warmup-steps", "2",
                                          "--eval-every", "10000", "--minutes", "2", "--threads-after", str(other),
                                          "--out-dir", str(tmp_path / "out")])
