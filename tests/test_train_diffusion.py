@@ -84,7 +84,8 @@ def test_loss_falls_and_resume_equals_uninterrupted(tmp_path):
                    "--warmup-steps", "2")  # 4 steps an epoch
     curve = logged_losses(tmp_path / "whole")
     assert sum(curve[-4:]) < 0.7 * sum(curve[:4]), curve
-    short = ["--max-train-samples", "32", "--epochs", "1.5", "--eval-every", "100"]
+    short = ["--max-train-samples", "32", "--epochs", "1.5", "--eval-every", "100",
+             "--ema-decay", "0.999"]  # an EMA (the preset has none) resumes too
     uninterrupted, _ = run(tmp_path / "one", *short)
     run(tmp_path / "two", *short, "--stop-after", "3")
     resumed, _ = run(tmp_path / "two", *short, "--resume", str(tmp_path / "two" / "ckpt.pt"))
@@ -174,7 +175,7 @@ def test_threads_after_another_run_ends(tmp_path, monkeypatch):
 
 
 def test_caption_dropout_and_ema(tmp_path):
-    cfg, config, _ = train.parse_config([*TINY, "--out-dir", str(tmp_path)])
+    cfg, config, _ = train.parse_config([*TINY, "--out-dir", str(tmp_path), "--ema-decay", "0.999"])
     model = train.TextToImageTask(cfg, config, splits=()).model
     tokenize, seen = model.net.tokenize, []
     model.net.encode_text = lambda tokens: seen.append(tokens) or torch.zeros(len(tokens), tokens.shape[1], 32)
