@@ -202,7 +202,7 @@ PRESETS = {"caption": {  # what each preset measured, and why it is set so: READ
                    max_train_samples=384_000, minutes=12.0, precision="auto", pooled_text=True,
                    scale_shift_norm=True, parameterization="v", min_snr_gamma=2.0, ema_decay=0.0,
                    eval_every=500, max_val_samples=200, max_caption_tokens=14, sampler="ddpm",
-                   sampling_steps=75, guidance_scale=1.5),
+                   sampling_steps=75, guidance_scale=2.0),
     # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
     "photos": dict(data="coco", out_dir="runs/diffusion-photos",
                    sd_weights="sd15/v1-5-pruned-emaonly.safetensors", latent=True, text_encoder="clip",

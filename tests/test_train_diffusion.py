@@ -72,8 +72,8 @@ def test_shortened_tour(tmp_path, capsys):
     files = sorted(out.glob("0*.png"))
     assert [f.name for f in files] == ["00000-3.png", "00001-4.png"] and (out / "grid-00000-3.png").exists()
     with Image.open(files[0]) as image:
-        # no --sampler or --guidance-scale: the checkpoint's own (the preset's DDPM, guidance 1.5), not SD's DDIM 7.5
-        assert image.size == (24, 24) and "Steps: 2, Sampler: DDPM, CFG scale: 1.5" in image.info["parameters"]
+        # no --sampler or --guidance-scale: the checkpoint's own (the preset's DDPM, guidance 2), not SD's DDIM 7.5
+        assert image.size == (24, 24) and "Steps: 2, Sampler: DDPM, CFG scale: 2" in image.info["parameters"]
     capsys.readouterr()
     generate.main([str(out / "0*.png"), "--ckpt", str(caption_dir / "ckpt.pt")])
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == list(map(str, files))
@@ -238,7 +238,7 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
                    "--precision", "fp32"])
     kept = int(re.search(r"00000-(\d+)\.png", capsys.readouterr().out).group(1))
     judged_with = [weights.read_checkpoint(ckpt)[k] for k in ("sampler", "sampling_steps", "guidance_scale")]
-    assert judged_with == ["ddpm", 2, 1.5]  # what generate.py draws with when none is given: the checkpoint's
+    assert judged_with == ["ddpm", 2, 2.0]  # what generate.py draws with when none is given: the checkpoint's
     candidates = ddpm.to_pil(draw(["a small blue square"] * 3, [20, 21, 22], None, *judged_with, height=16, width=16))
     args = argparse.Namespace(clip_weights=str(tmp_path / "clip.safetensors"), weights_dir=None, offline=True)
     score = generate.clip_scorer(args, torch.device("cpu"))
