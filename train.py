@@ -1,5 +1,4 @@
-"""Training minimodal's models: the image captioner (--task caption) and text-to-image models (--task
-diffusion).
+"""Training minimodal's models: the image captioner (--task caption), text-to-image ones (--task diffusion).
 
 The captioner is ClipCap (Mokady et al. 2021, github.com/rmokady/CLIP_prefix_caption): an image tower (vit.py:
 frozen CLIP, or a tiny one that trains) embeds each image, a mapper makes a prefix of GPT-2 input vectors of
@@ -493,20 +492,22 @@ class TextToImageTask(Task):
         net, vae = TextConditionedUNet.from_checkpoint(checkpoint, ema=False) if checkpoint else self.build()
         diffusion = ddpm.DiffusionConfig(**checkpoint["diffusion_config"]) if checkpoint else \
             dataclasses.replace(ddpm.PRESETS[config.schedule], parameterization=config.parameterization)
+        self.open_splits(splits, str, "photos" if vae else None, rank, world)
+        captions = sorted({text for _, text in self.splits["train"][2]}) if "train" in self.splits else []
+        if captions and net.kind == "tiny" and not checkpoint:  # a table row per token its captions use (unet.py)
+            net.close_vocabulary(net.tokenize(captions).unique().tolist())
         net.text_encoder.requires_grad_(net.kind == "tiny")  # the other text encoders stay frozen
         net.unet.gradient_checkpointing = config.gradient_checkpointing
         self.model = ddpm.DiffusionModel(net, vae, ddpm.GaussianDiffusion(diffusion), config.ema_decay,
                                          config.caption_dropout, config.min_snr_gamma)
         if checkpoint:  # the EMA copy and its step count too
             self.model.load_state_dict(checkpoint["model"], strict=True)
-        self.open_splits(splits, str, "photos" if vae else None, rank, world)
         self.extra = {"unet_config": dataclasses.asdict(net.unet.config), "text_config": net.text_config(),
                       "patch": net.patch, "vae_config": vae and dataclasses.asdict(vae.config),
                       "diffusion_config": dataclasses.asdict(diffusion), "image_size": cfg.image_size,
                       **{k: getattr(config, k) for k in ("sampler", "sampling_steps", "guidance_scale")}}
-        if "train" in self.splits:  # the words its captions use (generate.py warns of a prompt's others)
-            words = {w for _, text in self.splits["train"][2] for w in re.findall(r"[a-z0-9]+", text.lower())}
-            self.extra["caption_words"] = sorted(words)
+        if captions:  # the words its captions use (generate.py warns of a prompt's others)
+            self.extra["caption_words"] = sorted(set(re.findall("[a-z0-9]+", " ".join(captions).lower())))
 
     def build(self):
         """(text-conditioned UNet, frozen VAE or None) from the flags (unet.py builds it): --sd-weights gives
@@ -579,8 +580,7 @@ def parse_config(argv=None):
     defaults < preset < --smoke-test < the checkpoint's flags (never its "local" ones) < the flags given;
     --help shows each default, a group per dataclass, and what every preset sets."""
     groups = (("both tasks", TrainConfig), *((f"--task {t}", c) for t, (_, c) in TASKS.items()))
-    parser = weights.flag_parser("train.py", "Train minimodal's models: --task caption (ClipCap) or "
-                                 "diffusion.", groups, PRESETS)
+    parser = weights.flag_parser("train.py", "Train a captioner or a text-to-image model.", groups, PRESETS)
     given = vars(parser.parse_args(argv))
     path, checkpoint, stored = given.get("resume") or given.get("eval"), None, {}
     if given.get("eval") in CLIPCAP:  # ClipCap's released captioner, scored as published: no checkpoint

@@ -263,15 +263,7 @@ class UNetConfig:
             == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0])
 
 
-PRESETS = {
-    "sd15": UNetConfig(),  # 859,520,964 parameters; SD 1.x model.diffusion_model (v1-inference.yaml)
-    # small text-to-image models trained from scratch: pixels (3 channels) or SD latents (4), context 512 or 768
-    "tiny-pixel": UNetConfig(in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2),
-                             num_res_blocks=1, attention_resolutions=(4, 2), num_heads=4, context_dim=512),
-    # 7,402,563 parameters
-    "tiny-latent": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                              attention_resolutions=(2, 1), num_heads=2, context_dim=32),  # 1,055,044 parameters
-}
+PRESETS = {"sd15": UNetConfig()}  # 859,520,964 parameters; SD 1.x model.diffusion_model (v1-inference.yaml)
 PREFIX = "model.diffusion_model."  # where an SD 1.x single-file checkpoint keeps the UNet
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,13 +356,11 @@ class UNetModel(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict, prefix=PREFIX, config=None, dtype=torch.float32):
-        """Build the UNet from a whole SD 1.x single-file state dict (weights.load_state_dict of a .safetensors
-        or .ckpt), picking the keys under `prefix`; use prefix="" for a bare UNet state dict.
-
-        Ignored: every key outside the prefix: `first_stage_model.*` (vae.py), `cond_stage_model.*` (clip.py),
-        `model_ema.*` (the EMA copy of v1-5-pruned.ckpt, whose UNet keys are already the EMA weights in the
-        -emaonly files) and the 12 noise-schedule buffers (`betas`, `alphas_cumprod`, ...: ddpm.py recomputes
-        them). The config is read off the tensors unless given."""
+        """Build the UNet from a whole SD 1.x single-file state dict (weights.load_state_dict of a .safetensors or
+        .ckpt), picking the keys under `prefix`; use prefix="" for a bare UNet state dict. Ignored: every key outside
+        the prefix: `first_stage_model.*` (vae.py), `cond_stage_model.*` (clip.py), `model_ema.*` (the EMA copy of
+        v1-5-pruned.ckpt, whose UNet keys are already the EMA weights in the -emaonly files) and the 12 noise-schedule
+        buffers (`betas`, ...: ddpm.py recomputes them). The config is read off the tensors unless given."""
         own = {k[len(prefix):]: v.to(dtype) for k, v in state_dict.items() if k.startswith(prefix)}
         if not own:
             raise KeyError(f"no UNet keys: none start with {prefix!r} (first keys: {sorted(state_dict)[:3]})")
@@ -383,8 +373,7 @@ class UNetModel(nn.Module):
 
 
 # ==========================================================================================================
-# Text conditioning (this project's models): the UNet that train.py --task diffusion trains, with its text
-# encoder and prompt tokenizer, rebuilt from a checkpoint
+# Text conditioning (this project's models): the UNet train.py --task diffusion trains, its text encoder, tokenizer
 # ==========================================================================================================
 TEXT_ENCODERS = ("tiny", "clip", "gpt2")  # a CLIP-style tower trained with the UNet; SD's CLIP ViT-L/14; GPT-2
 
@@ -410,10 +399,13 @@ class TextConditionedUNet(nn.Module):
     compute of a 16x16 UNet with every pixel kept (the "patchify" of Hoogeboom et al. 2023, simple diffusion).
     `kind` is one of TEXT_ENCODERS (GPT-2 comes wrapped in GPTHidden); `tokenize` is the encoder's PromptTokenizer."""
 
-    def __init__(self, unet, text_encoder, kind, context_length, patch=1):
+    def __init__(self, unet, text_encoder, kind, context_length, patch=1, vocab=None):
         super().__init__()
         self.unet, self.text_encoder, self.kind, self.patch = unet, text_encoder, kind, patch
         self.tokenize = PromptTokenizer(kind, context_length)
+        self.register_buffer("vocab", vocab)  # a closed vocabulary's sorted ids (close_vocabulary), or None
+        if vocab is not None and (vocab.dtype != torch.long or len(vocab) + 1 != self.text_config()["vocab_size"]):
+            raise ValueError(f"its closed vocabulary ({len(vocab)} {vocab.dtype} ids) does not fit its token table")
         width, dim = self.text_config()["n_embd" if kind == "gpt2" else "transformer_width"], unet.config.context_dim
         self.text_proj = nn.Identity() if width == dim else nn.Linear(width, dim)
         assert unet.config.adm_in_channels in (0, dim), "the pooled text is a context vector: adm_in_channels"
@@ -423,10 +415,21 @@ class TextConditionedUNet(nn.Module):
         config = self.text_encoder.gpt.config if self.kind == "gpt2" else self.text_encoder.config
         return {"kind": self.kind, **dataclasses.asdict(config), "context_length": self.tokenize.context_length}
 
+    def close_vocabulary(self, ids):
+        """The tiny text encoder keeps its rows of `ids` (its training captions' tokens) and the empty prompt's, over
+        a row 0 of zeros for any other token (encode_text): 49,408 rows' training (only these have gradients), faster."""
+        self.vocab = torch.tensor(sorted({*ids, *self.tokenize([""])[0].tolist()}))
+        rows = F.pad(self.text_encoder.token_embedding.weight.detach()[self.vocab], (0, 0, 1, 0))  # (|vocab| + 1, C)
+        self.text_encoder.token_embedding = nn.Embedding.from_pretrained(rows, freeze=False)
+        self.text_encoder.config = dataclasses.replace(self.text_encoder.config, vocab_size=len(rows))
+
     def encode_text(self, tokens):
         """tokens (B, T) -> context (B, T, context_dim); with the pooled text, its vector rides along as one more
         row (B, T + 1, context_dim), so guidance can batch contexts as one tensor. End-of-text is the largest id of
         CLIP's and GPT-2's vocabularies, so argmax finds the first one (as openai/CLIP's encode_text does)."""
+        if self.vocab is not None:  # closed: the r-th id of the vocabulary is row r + 1 of the table, any other row 0
+            found = torch.searchsorted(self.vocab, tokens).clamp(max=len(self.vocab) - 1)  # (B, T)
+            tokens = torch.where(self.vocab[found] == tokens, found + 1, 0)  # rows in order: end-of-text the last
         context = self.text_proj(self.text_encoder(tokens))  # (B, T, context_dim)
         if not self.unet.config.adm_in_channels:
             return context
@@ -435,12 +438,9 @@ class TextConditionedUNet(nn.Module):
 
     def forward(self, x, timesteps, context):
         """x (B, C, H, W), timesteps (B,), context from encode_text -> the UNet's prediction (B, C, H, W)."""
-        pooled = None
-        if self.unet.config.adm_in_channels:
-            context, pooled = context[:, :-1], context[:, -1]  # (B, T, context_dim), (B, context_dim)
-        if self.patch == 1:
-            return self.unet(x, timesteps, context, pooled)
-        x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
+        pooled = context[:, -1] if self.unet.config.adm_in_channels else None  # (B, context_dim)
+        context = context[:, :-1] if self.unet.config.adm_in_channels else context  # (B, T, context_dim)
+        x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p); patch 1 leaves x as it is
         return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
 
     @classmethod
@@ -461,10 +461,9 @@ class TextConditionedUNet(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint, ema=True):
-        """(model, frozen VAE or None) of a train.py --task diffusion checkpoint (weights.read_checkpoint), rebuilt
-        from the configs stored beside its weights (unet_config, text_config with the encoder's kind, patch,
-        vae_config; weights.rebuild: built on meta, checked, loaded), with the EMA weights when it has them and
-        `ema`. Its noise schedule, diffusion_config, is ddpm.py's."""
+        """(model, frozen VAE or None) of a train.py --task diffusion checkpoint (weights.read_checkpoint), rebuilt from
+        the configs stored beside its weights (unet_config, text_config with the encoder's kind, patch, vae_config;
+        weights.rebuild: built on meta, checked, loaded), with the EMA weights when it has them and `ema`."""
         text, sd = dict(checkpoint["text_config"]), checkpoint["model"]
         kind, length, prefix = text.pop("kind"), text.pop("context_length"), "net."
         if ema and any(k.startswith("ema.") for k in sd):
@@ -473,7 +472,8 @@ class TextConditionedUNet(nn.Module):
         def build():
             encoder = GPTHidden(GPT(GPTConfig(**text))) if kind == "gpt2" else \
                 CLIPTextTransformer(TextConfig(**text, context_length=length))
-            return cls(UNetModel(UNetConfig(**checkpoint["unet_config"])), encoder, kind, length, checkpoint["patch"])
+            return cls(UNetModel(UNetConfig(**checkpoint["unet_config"])), encoder, kind, length, checkpoint["patch"],
+                       sd.get(prefix + "vocab"))  # a closed vocabulary: its ids
         net = weights.rebuild(build, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
         vae = weights.rebuild(lambda: AutoencoderKL(AutoencoderConfig(**checkpoint["vae_config"])), {
             k[4:]: v for k, v in sd.items() if k.startswith("vae.")}) if checkpoint["vae_config"] else None

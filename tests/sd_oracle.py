@@ -25,6 +25,12 @@ from diffusers.loaders import single_file_utils as sfu
 import unet as unet_lib
 import vae as vae_lib
 
+# small UNets of SD's layout for the tests: pixels (3 channels, context 512) and SD latents (4, context 32)
+TINY_UNETS = {"tiny-pixel": unet_lib.UNetConfig(in_channels=3, out_channels=3, model_channels=64,
+                                                channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4, 2),
+                                                num_heads=4, context_dim=512),  # 7,402,563 parameters
+              "tiny-latent": unet_lib.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                                 attention_resolutions=(2, 1), num_heads=2, context_dim=32)}  # 1,055,044
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",

@@ -135,7 +135,7 @@ def test_clip_bf16_embeddings_match_fp32():
 def test_sd_image_and_vae_decode_in_bf16_match_fp32():
     """The tiny text-to-latent UNet and VAE (random weights at O(1) activations), DDIM with guidance from the same
     seed: the sampler's state stays fp32 while the networks run in bf16 (UNetModel returns its input's dtype)."""
-    unet = so.build(unet_lib.UNetModel, unet_lib.PRESETS["tiny-latent"], seed=0)
+    unet = so.build(unet_lib.UNetModel, so.TINY_UNETS["tiny-latent"], seed=0)
     vae = so.build(vae_lib.AutoencoderKL, vae_lib.PRESETS["tiny"], seed=1)
     context, uncond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2)).chunk(2)
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))

@@ -20,6 +20,7 @@ import weights
 from conftest import count_parameters, expected_shapes, sd_text_encoder_shapes
 
 TOL = 1e-4
+UNETS = {**unet_lib.PRESETS, **so.TINY_UNETS}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,9 +176,9 @@ def test_official_key_set_of_the_sd15_file():
     assert not any(k.startswith("first_stage_model.encoder.down.3.downsample") for k in everything)
 
 
-@pytest.mark.parametrize("name", list(unet_lib.PRESETS))
+@pytest.mark.parametrize("name", list(UNETS))
 def test_unet_preset_counts_and_config_from_tensors(name):
-    config = unet_lib.PRESETS[name]
+    config = UNETS[name]
     counts = {"sd15": 859_520_964, "tiny-pixel": 7_402_563, "tiny-latent": 1_055_044}
     assert count_parameters(unet_lib.UNetModel, config) == counts[name]
     with torch.device("meta"):
@@ -195,7 +196,7 @@ def test_vae_tiny_preset_count():
 
 
 def tiny_models(seed=0):
-    return (so.build(unet_lib.UNetModel, unet_lib.PRESETS["tiny-latent"], seed),
+    return (so.build(unet_lib.UNetModel, UNETS["tiny-latent"], seed),
             so.build(vae_lib.AutoencoderKL, vae_lib.PRESETS["tiny"], seed + 1))
 
 
@@ -206,7 +207,7 @@ def test_loaders_read_a_safetensors_single_file(tmp_path, dtype):
     checkpoint = {k: v.to(dtype) if v.is_floating_point() else v for k, v in so.single_file_state(unet, vae).items()}
     weights.write_safetensors({k: v.contiguous() for k, v in checkpoint.items()}, tmp_path / "tiny.safetensors")
     state = weights.load_state_dict(tmp_path / "tiny.safetensors")
-    loaded_unet = unet_lib.UNetModel.from_state_dict(state, config=unet_lib.PRESETS["tiny-latent"]).eval()
+    loaded_unet = unet_lib.UNetModel.from_state_dict(state, config=UNETS["tiny-latent"]).eval()
     loaded_vae = vae_lib.AutoencoderKL.from_state_dict(state).eval()
     assert loaded_vae.config == vae_lib.PRESETS["tiny"]
     assert next(loaded_unet.parameters()).dtype == torch.float32  # cast on load
@@ -223,7 +224,7 @@ def test_loader_errors_name_the_sorted_differences():
     bad = {k: v for k, v in good.items() if not k.endswith(("input_blocks.1.0.in_layers.2.bias", "out.2.bias"))}
     bad["model.diffusion_model.extra.weight"] = torch.zeros(1)
     bad["model.diffusion_model.time_embed.0.weight"] = torch.zeros(3, 3)
-    config = unet_lib.PRESETS["tiny-latent"]
+    config = UNETS["tiny-latent"]
     with pytest.raises(ValueError) as error:
         unet_lib.UNetModel.from_state_dict(bad, config=config)
     message = str(error.value)

@@ -3,6 +3,7 @@ the shapes text-to-image model trained a few steps, the drawings judged by the c
 the loss falls, a run stopped and resumed equals an uninterrupted one, caption dropout for guidance, the EMA, and
 --rerank by a random-weight CLIP written to a file."""
 import argparse
+import copy
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import train
 import weights
 from clip import CLIP, CLIPConfig, TextConfig
 from conftest import logged_losses
-from unet import TextConditionedUNet
+from unet import TextConditionedUNet, UNetConfig
 from vit import VisionConfig
 
 TINY = ["--task", "diffusion", "--preset", "shapes", "--image-size", "16", "--model-channels", "32",
@@ -212,6 +213,46 @@ def test_caption_dropout_and_ema(tmp_path):
     batched = model.pipeline()(prompt * 3, [7, 5, 6], steps=2, guidance_scale=3.0, height=16, width=16, batch_size=2)
     assert batched.shape == (3, 3, 16, 16)
     torch.testing.assert_close(batched[1:2], drawn)
+
+
+def test_closed_vocabulary_trains_as_the_whole_table(tmp_path):
+    """The tiny text encoder keeps only its captions' rows of the 49,408-row table (close_vocabulary): the same
+    outputs and gradients as the whole table, any other token embedded as 0, and a checkpoint rebuilds it."""
+    torch.manual_seed(0)
+    whole = TextConditionedUNet.new("tiny", None, None, UNetConfig.tiny(12, 32, "1,2", "2", 1, 32, True, True), 32, 1,
+                                    14, 2)
+    closed = copy.deepcopy(whole)
+    prompts = ["a large red circle", "a small blue square left of a large green triangle", ""]
+    tokens = whole.tokenize(prompts)
+    closed.close_vocabulary(tokens.unique().tolist())
+    assert closed.text_encoder.token_embedding.weight.shape == (len(tokens.unique()) + 1, 32)
+    x, t = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500, 900])
+    outputs = [net(x, t, net.encode_text(tokens)) for net in (whole, closed)]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)
+    grads = [dict(zip([k for k, _ in net.named_parameters()], torch.autograd.grad(out.square().sum(),
+                                                                                  list(net.parameters()))))
+             for net, out in zip((whole, closed), outputs)]
+    table = grads[0].pop("text_encoder.token_embedding.weight")
+    torch.testing.assert_close(grads[1].pop("text_encoder.token_embedding.weight"),
+                               torch.cat([torch.zeros_like(table[:1]), table[closed.vocab]]), atol=1e-6, rtol=0)
+    assert table.count_nonzero(dim=1).bool().sum() == len(tokens.unique())  # no other row has a gradient
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # a word no caption used embeds as 0 (its rows of the whole table zeroed: the same context)
+    zebra = whole.tokenize(["a large zebra"])
+    with torch.no_grad():
+        whole.text_encoder.token_embedding.weight[[i for i in zebra.unique().tolist() if i not in closed.vocab]] = 0
+    torch.testing.assert_close(closed.encode_text(zebra), whole.encode_text(zebra), atol=1e-6, rtol=0)
+    # train.py closes it over its training captions; the checkpoint holds the ids, generate.py rebuilds the model
+    run(tmp_path, "--max-train-samples", "16", "--epochs", "1")
+    checkpoint = weights.read_checkpoint(tmp_path / "ckpt.pt")
+    vocab = checkpoint["model"]["net.vocab"]
+    assert checkpoint["text_config"]["vocab_size"] == len(vocab) + 1 and len(vocab) < 60
+    net, _ = TextConditionedUNet.from_checkpoint(checkpoint)
+    assert torch.equal(net.vocab, vocab) and net.text_encoder.token_embedding.num_embeddings == len(vocab) + 1
+    for wrong in (vocab.float(), vocab[1:]):  # a crafted file: one ValueError, before anything is drawn
+        with pytest.raises(ValueError, match="closed vocabulary"):
+            TextConditionedUNet.from_checkpoint({**checkpoint, "model": {**checkpoint["model"], "net.vocab": wrong}})
 
 
 def test_generate_ckpt_and_rerank(tmp_path, capsys):
