@@ -404,8 +404,8 @@ class TextConditionedUNet(nn.Module):
         self.unet, self.text_encoder, self.kind, self.patch = unet, text_encoder, kind, patch
         self.tokenize = PromptTokenizer(kind, context_length)
         self.register_buffer("vocab", vocab)  # a closed vocabulary's sorted ids (close_vocabulary), or None
-        if vocab is not None and (vocab.dtype != torch.long or len(vocab) + 1 != self.text_config()["vocab_size"]):
-            raise ValueError(f"its closed vocabulary ({len(vocab)} {vocab.dtype} ids) does not fit its token table")
+        if vocab is not None and (vocab.dtype != torch.long or vocab.shape != (self.text_config()["vocab_size"] - 1,)):
+            raise ValueError("its closed vocabulary is not one int64 id for each row of its token table but row 0")
         width, dim = self.text_config()["n_embd" if kind == "gpt2" else "transformer_width"], unet.config.context_dim
         self.text_proj = nn.Identity() if width == dim else nn.Linear(width, dim)
         assert unet.config.adm_in_channels in (0, dim), "the pooled text is a context vector: adm_in_channels"
@@ -438,8 +438,7 @@ class TextConditionedUNet(nn.Module):
 
     def forward(self, x, timesteps, context):
         """x (B, C, H, W), timesteps (B,), context from encode_text -> the UNet's prediction (B, C, H, W)."""
-        pooled = context[:, -1] if self.unet.config.adm_in_channels else None  # (B, context_dim)
-        context = context[:, :-1] if self.unet.config.adm_in_channels else context  # (B, T, context_dim)
+        context, pooled = (context[:, :-1], context[:, -1]) if self.unet.config.adm_in_channels else (context, None)
         x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p); patch 1 leaves x as it is
         return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
 
