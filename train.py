@@ -494,7 +494,7 @@ class TextToImageTask(Task):
             dataclasses.replace(ddpm.PRESETS[config.schedule], parameterization=config.parameterization)
         self.open_splits(splits, str, "photos" if vae else None, rank, world)
         captions = sorted({text for _, text in self.splits["train"][2]}) if "train" in self.splits else []
-        if captions and net.kind == "tiny" and not checkpoint:  # a table row per token its captions use (unet.py)
+        if captions and net.kind == "tiny" and not checkpoint:  # a table row per token its captions use
             net.close_vocabulary(net.tokenize(captions).unique().tolist())
         net.text_encoder.requires_grad_(net.kind == "tiny")  # the other text encoders stay frozen
         net.unet.gradient_checkpointing = config.gradient_checkpointing
