@@ -439,7 +439,9 @@ class TextConditionedUNet(nn.Module):
     def forward(self, x, timesteps, context):
         """x (B, C, H, W), timesteps (B,), context from encode_text -> the UNet's prediction (B, C, H, W)."""
         context, pooled = (context[:, :-1], context[:, -1]) if self.unet.config.adm_in_channels else (context, None)
-        x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p); patch 1 leaves x as it is
+        if self.patch == 1:  # no folding: pixel_unshuffle by 1 would still copy x
+            return self.unet(x, timesteps, context, pooled)
+        x = F.pixel_unshuffle(x, self.patch)  # (B, C*p*p, H/p, W/p)
         return F.pixel_shuffle(self.unet(x, timesteps, context, pooled), self.patch)  # (B, C, H, W)
 
     @classmethod
@@ -464,9 +466,8 @@ class TextConditionedUNet(nn.Module):
         the configs stored beside its weights (unet_config, text_config with the encoder's kind, patch, vae_config;
         weights.rebuild: built on meta, checked, loaded), with the EMA weights when it has them and `ema`."""
         text, sd = dict(checkpoint["text_config"]), checkpoint["model"]
-        kind, length, prefix = text.pop("kind"), text.pop("context_length"), "net."
-        if ema and any(k.startswith("ema.") for k in sd):
-            prefix = "ema."
+        kind, length = text.pop("kind"), text.pop("context_length")
+        prefix = "ema." if ema and any(k.startswith("ema.") for k in sd) else "net."
 
         def build():
             encoder = GPTHidden(GPT(GPTConfig(**text))) if kind == "gpt2" else \
