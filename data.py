@@ -143,28 +143,35 @@ def sample_shapes_scene(rng, max_objects=2):
         return place_shapes({"objects": [sample_object()], "relation": None}, rng)
     scene = place_shapes({"objects": [sample_object(), sample_object()],
                           "relation": rng.choice(("left of", "above"))}, rng)
-    canonical = parse_shapes_caption(canonical_shapes_caption(shapes_caption(scene)))
-    if canonical["relation"] != scene["relation"]:  # the rule names the other object first
-        scene = {"objects": scene["objects"][::-1], "relation": canonical["relation"]}
+    if [o["size"] for o in scene["objects"]] == ["small", "large"]:  # canonical: the larger object first
+        scene = {"objects": scene["objects"][::-1], "relation": INVERSE[scene["relation"]]}
     return scene
 
 
-def draw_shapes(scene, image_size=32, supersample=4):
-    """A placed scene -> RGB PIL image, anti-aliased: a pixel's colour is blended by the fraction of its supersample
-    x supersample sub-pixel samples inside the shape. Only each object's box is computed."""
-    canvas = np.full((image_size, image_size, 3), BACKGROUND, dtype=np.float32)
-    for obj in scene["objects"]:
-        radius, cx, cy = SIZES[obj["size"]] * image_size, obj["x"] * image_size, obj["y"] * image_size
-        x0, x1 = max(int(cx - radius) - 1, 0), min(int(cx + radius) + 2, image_size)  # box in whole pixels
-        y0, y1 = max(int(cy - radius) - 1, 0), min(int(cy + radius) + 2, image_size)
-        offsets = (np.arange(supersample, dtype=np.float32) + 0.5) / supersample  # sub-pixel sample centres
-        xs = (np.arange(x0, x1, dtype=np.float32)[:, None] + offsets).reshape(1, -1) - cx
-        ys = (np.arange(y0, y1, dtype=np.float32)[:, None] + offsets).reshape(-1, 1) - cy
-        inside = SHAPE_MASKS[obj["shape"]](xs, ys, radius)  # (h * supersample, w * supersample)
-        coverage = inside.reshape(y1 - y0, supersample, x1 - x0, supersample).mean(axis=(1, 3))[..., None]
-        box = canvas[y0:y1, x0:x1]
-        box += coverage * (np.asarray(COLOURS[obj["colour"]], dtype=np.float32) - box)
-    return Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB")
+def draw_shapes(scenes, image_size=32, supersample=4):
+    """Placed scenes -> their pixels (N, size, size, 3) uint8, anti-aliased: a pixel's colour is blended by the
+    fraction of its supersample x supersample sub-pixel samples inside the shape, computed in a box of whole pixels
+    around it. The k-th objects of all scenes that share a shape and size (G of them) are drawn at once."""
+    groups, pad = {}, int(max(SIZES.values()) * image_size) + 4  # the padded canvas holds the box of any centre
+    for n, scene in enumerate(scenes):
+        for k, obj in enumerate(scene["objects"]):
+            groups.setdefault((k, obj["shape"], obj["size"]), []).append((n, obj))
+    canvas = np.full((len(scenes), image_size + 2 * pad, image_size + 2 * pad, 3), BACKGROUND, dtype=np.float32)
+    offsets = (np.arange(supersample, dtype=np.float32) + 0.5) / supersample  # sub-pixel sample centres
+    for (_, shape, size), group in sorted(groups.items(), key=lambda item: item[0][0]):  # first objects first
+        radius, box = SIZES[size] * image_size, int(2 * SIZES[size] * image_size) + 4
+        centres = np.array([(obj["x"], obj["y"]) for _, obj in group]) * image_size  # (G, 2) x, y
+        px, py = ((centres[:, i, None] - radius).astype(int) - 1 + np.arange(box) for i in (0, 1))  # (G, box)
+        dx, dy = ((p.astype(np.float32)[..., None] + offsets).reshape(len(group), -1)  # (G, box * ss) each
+                  - centres[:, i, None].astype(np.float32) for i, p in enumerate((px, py)))
+        inside = SHAPE_MASKS[shape](dx[:, None, :], dy[:, :, None], radius).view(np.uint8)  # (G, box*ss, box*ss)
+        inside = inside.reshape(len(group), box, supersample, box, supersample)
+        coverage = sum(inside[:, :, i, :, j] for i in range(supersample) for j in range(supersample)) / supersample ** 2
+        at = (np.array([n for n, _ in group])[:, None, None], pad + py[:, :, None], pad + px[:, None, :])
+        colours = np.array([COLOURS[obj["colour"]] for _, obj in group], dtype=np.float32)[:, None, None]
+        below = canvas[at]  # (G, box, box, 3)
+        canvas[at] = below + coverage[..., None] * (colours - below)
+    return np.rint(canvas[:, pad:-pad, pad:-pad]).astype(np.uint8)
 
 
 class ShapesDataset:
@@ -190,14 +197,13 @@ class ShapesDataset:
         return self.n
 
     def __getitem__(self, index):
-        scene = self.scene(index)
-        return draw_shapes(scene, self.image_size), shapes_caption(scene), index
+        return self.load_image(index), self.caption(index), index
 
     def image_ids(self):
         return list(range(self.n))
 
     def load_image(self, image_id):
-        return draw_shapes(self.scene(image_id), self.image_size)
+        return Image.fromarray(draw_shapes([self.scene(image_id)], self.image_size)[0], "RGB")
 
     def references(self):
         return {index: [self.caption(index)] for index in range(self.n)}
@@ -448,7 +454,7 @@ def fingerprint(dataset, tower=None):
 
 
 @torch.no_grad()
-def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="cpu", batch_size=64):
+def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="cpu", batch_size=256):
     """Every image of `dataset` once through a frozen `tower` (the caller's: data.py builds no network): embeddings
     (N, D) fp16, or with `tokens` every token's (N, 1 + h*w, D); with no tower, CLIP's crop of its pixels (N, 3,
     size, size) uint8. Computed on first use into folder/{kind}-{fingerprint}.npy (atomic; locked while written),
@@ -464,8 +470,13 @@ def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="
             if fcntl:
                 fcntl.flock(holder, fcntl.LOCK_EX)
             out = np.lib.format.open_memmap(part, "w+", np.uint8 if c is None else np.float16, (len(ids), *shape))
+            drawn = c is None and isinstance(dataset, ShapesDataset) and size == dataset.image_size
             for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
-                images = {row: dataset.load_image(ids[row]) for row in range(start, min(start + batch_size, len(ids)))}
+                rows = range(start, min(start + batch_size, len(ids)))
+                if drawn:  # shapes at their own size: drawn straight as pixels (what resize_crop makes of them)
+                    out[start:rows.stop] = draw_shapes([dataset.scene(r) for r in rows], size).transpose(0, 3, 1, 2)
+                    continue
+                images = {row: dataset.load_image(ids[row]) for row in rows}
                 skipped += [str(ids[row]) for row, image in images.items() if image is None]
                 if rows := [row for row, image in images.items() if image is not None]:
                     pixels = torch.stack([resize_crop(images[r], size) for r in rows])  # (B, 3, h, w) uint8

@@ -88,7 +88,7 @@ def test_parse_rejects_text_outside_the_grammar_and_canonicalises():
 
 def _object_pixels(obj, size):
     """Where one object alone is drawn: boolean (h, w) of pixels differing from the background."""
-    image = np.asarray(draw_shapes({"objects": [obj], "relation": None}, size), dtype=np.int16)
+    image = draw_shapes([{"objects": [obj], "relation": None}], size)[0].astype(np.int16)
     return np.abs(image - np.array(data.BACKGROUND)).sum(-1) > 0
 
 
@@ -142,6 +142,25 @@ def test_shapes_common_interface():
     assert ds.image_ids() == list(range(6)) and len(ds) == 6
     assert ds.references()[3] == [ds.caption(3)]
     assert ds.load_image(3).tobytes() == ds[3][0].tobytes() and ds.load_image(3).size == (20, 20)
+
+
+@pytest.mark.parametrize("size, digest", [
+    (24, "8e3d1162e5b254d91b78d4c10c0ab634566d0ea5e87793a00f7e78cbf7bb8e32"),
+    (32, "a7d21c384336994cb237a1808380484492758eba101832d4197f669c49008c6a")])
+def test_shapes_pixels_pinned_and_cached_as_read(size, digest, tmp_path):
+    """The first 256 training images at the tours' sizes are the pixels every published figure was measured on
+    (sha256 of the one-scene-at-a-time renderer they were drawn with); drawn many at once they are the same, and
+    the cache, which draws them in batches, holds what resize_crop makes of each image read alone."""
+    import hashlib
+    from data import cached_features
+    from vit import resize_crop
+    ds = ShapesDataset(256, image_size=size)
+    alone = np.stack([np.asarray(ds.load_image(i)) for i in range(256)])
+    assert hashlib.sha256(alone.tobytes()).hexdigest() == digest
+    assert np.array_equal(draw_shapes([ds.scene(i) for i in range(256)], size), alone)
+    cached, skipped = cached_features(ds, tmp_path, size=size)
+    assert not skipped and np.array_equal(cached, np.stack([resize_crop(ds.load_image(i), size).numpy()
+                                                            for i in range(256)]))
 
 
 # ----------------------------------------------------------------------------- files on disk
