@@ -454,7 +454,7 @@ def fingerprint(dataset, tower=None):
 
 
 @torch.no_grad()
-def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="cpu", batch_size=256):
+def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="cpu", batch_size=64):
     """Every image of `dataset` once through a frozen `tower` (the caller's: data.py builds no network): embeddings
     (N, D) fp16, or with `tokens` every token's (N, 1 + h*w, D); with no tower, CLIP's crop of its pixels (N, 3,
     size, size) uint8. Computed on first use into folder/{kind}-{fingerprint}.npy (atomic; locked while written),
@@ -471,8 +471,9 @@ def cached_features(dataset, folder, tower=None, size=32, tokens=False, device="
                 fcntl.flock(holder, fcntl.LOCK_EX)
             out = np.lib.format.open_memmap(part, "w+", np.uint8 if c is None else np.float16, (len(ids), *shape))
             drawn = c is None and isinstance(dataset, ShapesDataset) and size == dataset.image_size
-            for start in tqdm(range(0, len(ids), batch_size), desc=f"caching {kind}", unit="batch", disable=None):
-                rows = range(start, min(start + batch_size, len(ids)))
+            step = 256 if drawn else batch_size  # shapes are drawn 256 scenes at a time
+            for start in tqdm(range(0, len(ids), step), desc=f"caching {kind}", unit="batch", disable=None):
+                rows = range(start, min(start + step, len(ids)))
                 if drawn:  # shapes at their own size: drawn straight as pixels (what resize_crop makes of them)
                     out[start:rows.stop] = draw_shapes([dataset.scene(r) for r in rows], size).transpose(0, 3, 1, 2)
                     continue
