@@ -320,7 +320,7 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
     autocast = dict(device_type=device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     first_step, started, eval_seconds, timed, metrics, loss_sum = step, clock(), 0.0, None, {}, math.nan
-    waiting, anchor, began = cfg.threads_after, step, time.time()  # --threads-after; the pace's first step
+    waiting, anchor, began, rate = cfg.threads_after, step, time.time(), math.inf  # --threads-after; the pace
     while step < total_steps:
         # this step's batch: one permutation per epoch, fixed by the seed; each rank takes every world-th pair
         epoch, position = divmod(step, steps_per_epoch)
@@ -353,8 +353,8 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
         # --minutes: the steps that fit in the time left at the timed steps' pace (rank 0's clock decides)
         seconds = clock() - started - eval_seconds  # this process's training time, evaluations left out
         if cfg.minutes:
-            timed = (seconds, step) if step - anchor == UNTIMED_STEPS else timed
-            rate = (step - timed[1]) / (seconds - timed[0]) if timed and seconds > timed[0] else math.inf
+            timed = (seconds, step) if step - anchor == UNTIMED_STEPS else timed  # (re)timed from here on
+            rate = (step - timed[1]) / (seconds - timed[0]) if timed and seconds > timed[0] else rate  # or as was
             more = 0 if seconds >= budget else int(min((budget - seconds) * rate, max_steps))
             fits = min(max_steps, step + more)
             if world > 1:
