@@ -354,7 +354,7 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
         seconds = clock() - started - eval_seconds  # this process's training time, evaluations left out
         if cfg.minutes:
             timed = (seconds, step) if step - anchor == UNTIMED_STEPS else timed  # (re)timed from here on
-            rate = (step - timed[1]) / (seconds - timed[0]) if timed and seconds > timed[0] else rate  # or as was
+            rate = (step - timed[1]) / (seconds - timed[0]) if timed and seconds > timed[0] else rate
             more = 0 if seconds >= budget else int(min((budget - seconds) * rate, max_steps))
             fits = min(max_steps, step + more)
             if world > 1:
