@@ -135,11 +135,11 @@ def place_shapes(scene, rng):
     return scene
 
 
-def sample_shapes_scene(rng, max_objects=2):
-    """A random scene with positions, its objects already in the canonical caption order."""
+def sample_shapes_scene(rng, two_objects=0.5):
+    """A random scene with positions, its objects in the canonical caption order; two with p = `two_objects`."""
     def sample_object():
         return {"size": rng.choice(list(SIZES)), "colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES)}
-    if max_objects == 1 or rng.random() < 0.5:
+    if two_objects == 0 or rng.random() < 1 - two_objects:
         return place_shapes({"objects": [sample_object()], "relation": None}, rng)
     scene = place_shapes({"objects": [sample_object(), sample_object()],
                           "relation": rng.choice(("left of", "above"))}, rng)
@@ -177,18 +177,19 @@ def draw_shapes(scenes, image_size=32, supersample=4):
 class ShapesDataset:
     """n scenes drawn on the fly; item i is the same on every call and machine: its own random stream, seeded by
     the string "shapes/{split}/{seed}/{i}" (hashed with SHA-512). The splits (train, val, test) are disjoint as
-    scenes and share captions (all 70 single-object ones); rarely two scenes draw the same pixels (1 in 1,500 at 32)."""
+    scenes and share captions (all 70 single-object ones); rarely two scenes draw the same pixels (1 in 1,500 at 32).
+    `two_objects`: their share of two-object scenes (a larger share turns some single-object scenes into two)."""
 
-    def __init__(self, n, image_size=32, seed=0, max_objects=2, split="train"):
-        if split not in ("train", "val", "test") or max_objects not in (1, 2):
-            raise ValueError(f"split must be train, val or test and max_objects 1 or 2, got {split!r}, {max_objects}")
-        self.n, self.image_size, self.seed, self.max_objects, self.split = n, image_size, seed, max_objects, split
+    def __init__(self, n, image_size=32, seed=0, two_objects=0.5, split="train"):
+        if split not in ("train", "val", "test") or not 0 <= two_objects <= 1:
+            raise ValueError(f"shapes: split train, val or test and --two-objects 0 to 1, not {split!r}, {two_objects}")
+        self.n, self.image_size, self.seed, self.two_objects, self.split = n, image_size, seed, two_objects, split
         self.skipped = set()  # drawn images are never bad; kept for the common interface
 
     def scene(self, index):
         if not 0 <= index < self.n:
             raise IndexError(f"shapes index {index} out of range for {self.n} images")
-        return sample_shapes_scene(random.Random(f"shapes/{self.split}/{self.seed}/{index}"), self.max_objects)
+        return sample_shapes_scene(random.Random(f"shapes/{self.split}/{self.seed}/{index}"), self.two_objects)
 
     def caption(self, index):
         return shapes_caption(self.scene(index))
@@ -376,18 +377,18 @@ class CIFAR100Captions(CaptionPairs):
 # 3. Splits and caches: one split of any dataset; what train.py computes once per image and keeps on disk
 
 
-def open_split(name, split, root=None, download=False, image_size=32, seed=0, max_images=0):
+def open_split(name, split, root=None, download=False, image_size=32, seed=0, max_images=0, two_objects=0.5):
     """One split (train, val or test) of dataset `name`: shapes, coco, karpathy, folder or cifar100; splits never
-    share an image. Shapes draws max_images images (0: 96,000 for train, 500 else) from the split's own stream; a
-    val or test split of the others keeps its first max_images images (0: all) with all their captions. CIFAR-100
-    holds 5,000 images of its training set out as val; a folder holds out 5%."""
+    share an image. Shapes draws max_images images (0: 96,000 for train, 500 else; a share `two_objects` with two
+    objects) from the split's own stream; a val or test split of the others keeps its first max_images images (0:
+    all) with all their captions. CIFAR-100 holds 5,000 images of its training set out as val; a folder 5%."""
     if split == "test" and name in NO_TEST_SPLIT:
         raise ValueError(NO_TEST_SPLIT[name])
     if (root is None and name == "folder") or (root is not None and not download and not Path(root).is_dir()):
         raise FileNotFoundError(f"--data-root {root}: no such folder" if root else
                                 "--data folder needs --data-root DIR: a folder of images with a captions file")
     if name == "shapes":
-        return ShapesDataset(max_images or (96_000 if split == "train" else 500), image_size, seed, split=split)
+        return ShapesDataset(max_images or (96_000 if split == "train" else 500), image_size, seed, two_objects, split)
     if name == "coco":
         dataset = coco_captions(root, split, download)
     elif name == "karpathy":
@@ -412,7 +413,8 @@ def open_pairs(cfg, split, tower=None, tokens=False, device="cpu", encode=str):
     pairs). Inputs are cached in out_dir/cache (cached_features): a frozen tower's embeddings, or pixels (tower None);
     tower "photos": none, they are read per batch (read_pairs)."""
     name, most = cfg.data, cfg.max_train_samples if split == "train" else cfg.max_val_samples
-    dataset = open_split(name, split, cfg.data_root or None, cfg.download, cfg.image_size, cfg.seed, most)
+    dataset = open_split(name, split, cfg.data_root or None, cfg.download, cfg.image_size, cfg.seed, most,
+                         cfg.two_objects if split == "train" else 0.5)  # held out: always half and half
     images, skipped = (None, set()) if tower == "photos" else cached_features(
         dataset, Path(cfg.out_dir) / "cache", tower, cfg.image_size, tokens, device)
     ids = dataset.image_ids()
@@ -442,7 +444,7 @@ def fingerprint(dataset, tower=None):
     and every byte of the image tower's weights (None: the cache holds the pixels themselves)."""
     h = hashlib.sha256(b"preprocessing 2")  # vit.resize_crop's version: bumped, old caches are rebuilt
     if isinstance(dataset, ShapesDataset):
-        h.update(repr((dataset.n, dataset.image_size, dataset.seed, dataset.max_objects, dataset.split)).encode())
+        h.update(repr((dataset.n, dataset.image_size, dataset.seed, dataset.two_objects, dataset.split)).encode())
     else:
         for image_id in dataset.image_ids():
             path = Path(dataset.files[image_id])

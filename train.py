@@ -69,6 +69,7 @@ class TrainConfig:  # the harness's, and what both tasks read
     split: str = flag("val", "what --eval scores (test: shapes, karpathy, cifar100)", ("val", "test"),
                       "scoring")
     max_train_samples: int = flag(0, "at most this many training pairs (0 = all; shapes: drawn)", most=10**7)
+    two_objects: float = flag(0.5, "shapes: the share of training scenes with two objects (held out: half)")
     max_val_samples: int = flag(500, "evaluate on at most this many images", None, "scoring", 10**7)
     image_size: int = flag(32, "images' side: shapes drawn, a tiny tower's input, drawings made", most=4096)
     max_caption_tokens: int = flag(30, "captions cut to this many tokens; captioning stops there", None,
@@ -110,8 +111,9 @@ class TrainConfig:  # the harness's, and what both tasks read
         """The first thing wrong with these flags, or None."""
         if min(self.batch_size, self.grad_accum, self.eval_every, self.log_every) < 1:
             return "--batch-size, --grad-accum, --eval-every, --log-every must be >= 1"
-        if self.lr <= 0 or self.epochs <= 0 or min(self.warmup_steps, self.minutes, self.stop_after) < 0:
-            return "--lr, --epochs must be > 0, --warmup-steps, --minutes, --stop-after >= 0"
+        if self.lr <= 0 or self.epochs <= 0 or min(self.warmup_steps, self.minutes, self.stop_after) < 0 or \
+                not 0 <= self.two_objects <= 1:
+            return "--lr, --epochs > 0; --warmup-steps, --minutes, --stop-after >= 0; --two-objects 0 to 1"
         if self.split == "test" and self.data in data.NO_TEST_SPLIT:
             return f"--split test: {data.NO_TEST_SPLIT[self.data]}"
         if self.data == "folder" and not self.data_root:
@@ -215,8 +217,7 @@ PRESETS = {"caption": {  # what each preset measured, and why it is set so: READ
                  latent=True, text_encoder="clip", unet="sd15", image_size=512, schedule="sd15",
                  min_snr_gamma=0.0, ema_decay=0.0, batch_size=8, lr=1e-5, warmup_steps=100, epochs=10.0,
                  eval_every=500, max_val_samples=16, max_caption_tokens=75, precision="bf16",
-                 gradient_checkpointing=True, sampling_steps=50, guidance_scale=7.5),
-}}
+                 gradient_checkpointing=True, sampling_steps=50, guidance_scale=7.5)}}
 SMOKE_TEST = dict(image_tower="tiny", language_model="tiny", max_train_samples=256, max_val_samples=32,
                   batch_size=16, epochs=1.0, minutes=0.0, warmup_steps=2, log_every=4, sampling_steps=2,
                   num_judged=16)
@@ -294,8 +295,7 @@ def train(task: Task, cfg: TrainConfig, rank=0, world=1, device=torch.device("cp
     summed loss by the batch's target count, so 1 process equals N processes equals N micro-batches, and a
     resumed run (`checkpoint`: optimizer, scaler, step, random state; the task's model) equals an
     uninterrupted one. `clock` keeps the training time (evaluations left out) for the log and --minutes.
-    Sanity check, one batch overfitted: --max-train-samples 64 --batch-size 64 --epochs 300 (the loss must
-    fall towards 0)."""
+    Sanity check, one batch overfitted: --max-train-samples 64 --batch-size 64 --epochs 300 (loss -> 0)."""
     if task.num_pairs < cfg.batch_size:
         raise ValueError(f"{task.num_pairs} training pairs, fewer than --batch-size {cfg.batch_size}")
     model = task.model.to(device)

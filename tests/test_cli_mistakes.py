@@ -250,7 +250,8 @@ def test_train_usage_mistakes_and_missing_data(home):
         ("train.py", "--data", "karpathy", "--data-root", "empty"),
         ("train.py", "--data", "folder", "--data-root", "empty"),
         ("train.py", "--epochs", "x"),
-        ("train.py", "--image-tower", "ViT-B/32")])])
+        ("train.py", "--image-tower", "ViT-B/32"),
+        ("train.py", "--task", "diffusion", "--two-objects", "1.5")])])
     one_line(results[0], 2, "train.py: error: --data folder needs --data-root DIR (images, captions file)")
     one_line(results[1], 2, "train.py: error: --data-root nowhere: no such folder")
     one_line(results[2], 2, "--offline never downloads: leave out --download")
@@ -261,6 +262,8 @@ def test_train_usage_mistakes_and_missing_data(home):
     one_line(results[5], 2, "train.py: error: argument --epochs: invalid float value: 'x'")
     one_line(results[6], 2, "train.py: error: argument --image-tower: invalid choice: 'ViT-B/32' (choose from "
              "'tiny', 'clip')")
+    one_line(results[7], 2, "train.py: error: --lr, --epochs > 0; --warmup-steps, --minutes, --stop-after >= 0; "
+             "--two-objects 0 to 1")
     help_text = run_script(home, "train.py", "--help").stdout
     assert "(default: 64)" in help_text and "--task diffusion --preset sd15: --data folder" in help_text
     assert "--precision {auto,fp32,bf16,fp16}" in help_text and "--sampling-steps" in help_text

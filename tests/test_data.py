@@ -64,8 +64,27 @@ def test_shapes_captions_parse_round_trip_and_cover_the_grammar():
     assert seen["relation"] == {None, *data.RELATIONS}
     assert seen["shape"] == set(data.SHAPES) and seen["colour"] == set(data.COLOURS)
     assert seen["size"] == set(data.SIZES) and seen["count"] == {1, 2}
-    assert {len(parse_shapes_caption(ShapesDataset(100, max_objects=1).caption(i))["objects"])
+    assert {len(parse_shapes_caption(ShapesDataset(100, two_objects=0).caption(i))["objects"])
             for i in range(100)} == {1}
+
+
+def test_two_objects_share_of_training_scenes_and_held_out_splits_stay_half(tmp_path):
+    counts = {share: [len(parse_shapes_caption(ShapesDataset(2000, two_objects=share).caption(i))["objects"])
+                      for i in range(2000)] for share in (0.0, 0.5, 0.7, 1.0)}
+    assert set(counts[0.0]) == {1} and set(counts[1.0]) == {2}
+    assert abs(counts[0.5].count(2) / 2000 - 0.5) < 0.04 and abs(counts[0.7].count(2) / 2000 - 0.7) < 0.04
+    half, more = ShapesDataset(300), ShapesDataset(300, two_objects=0.7)  # each scene keeps its coin: a larger
+    for i in range(300):  # share only turns some single-object scenes into two-object ones, the rest stay
+        if counts[0.5][i] == 2 or counts[0.7][i] == 1:
+            assert more.caption(i) == half.caption(i)
+    with pytest.raises(ValueError, match="--two-objects 0 to 1"):
+        ShapesDataset(10, two_objects=1.5)
+    cfg = type("Flags", (), dict(data="shapes", data_root="", download=False, image_size=8, seed=0, two_objects=1.0,
+                                 max_train_samples=40, max_val_samples=200, out_dir=str(tmp_path)))
+    train_split, val_split = (data.open_pairs(cfg, split)[0] for split in ("train", "val"))
+    assert {len(parse_shapes_caption(train_split.caption(i))["objects"]) for i in range(40)} == {2}
+    assert [val_split.caption(i) for i in range(200)] == [ShapesDataset(200, split="val").caption(i)
+                                                          for i in range(200)]  # judged prompts: half and half
 
 
 def test_parse_rejects_text_outside_the_grammar_and_canonicalises():
