@@ -189,7 +189,8 @@ def upgrade(checkpoint):
     was the choice itself (--image-tower ViT-B/32, --language-model gpt2-medium, --text-encoder gpt2). Each old setting
     maps once, here:
 
-        flags      image_tower/language_model/text_encoder FILE -> clip/gpt2 + clip_weights/gpt2_weights FILE
+        flags      image_tower/language_model/text_encoder FILE -> clip/gpt2 + clip_weights/gpt2_weights FILE;
+                   two_objects <- 0.5 (before 129df1a every shapes scene had one or two objects at even odds)
         configs    GPTConfig's `sdpa` (which attention runs is no part of the model; set_attention) dropped
         caption    captioner_config <- mapping_type, prefix_length (tokens: the tower's token count),
                    mapper_layers, max_caption_tokens; frozen_tower <- image_tower, clip_weights;
@@ -205,6 +206,7 @@ def upgrade(checkpoint):
                                  ("language_model", "gpt2_weights", "gpt2")):
         if name not in config and config.get(choice, "tiny") not in ("tiny", "clip"):
             config[choice], config[name] = family, config[choice]
+    config.setdefault("two_objects", 0.5)  # a resumed run goes on with the scenes it began with, not the preset's
     new["config"] = config
     if checkpoint["task"] == "caption" and "captioner_config" not in checkpoint:
         vision = checkpoint["vision_config"]
