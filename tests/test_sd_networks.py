@@ -67,17 +67,17 @@ def test_unet_sd15_matches_diffusers(sd15_unet):
 @torch.no_grad()
 @pytest.mark.parametrize("scale_shift", [False, True])
 def test_unet_pooled_text_and_scale_shift_match_diffusers(scale_shift):
-    """The shapes preset's UNet (12 channels: 2x2 patches of RGB; the pooled text through label_emb; ADM's
+    """The shapes preset's UNet (27 channels: 3x3 patches of RGB; the pooled text through label_emb; ADM's
     scale-shift ResBlocks or SD's added embedding) against diffusers' UNet2DConditionModel with a projection
     class embedding and resnet_time_scale_shift, read through the same single-file converter."""
-    config = unet_lib.UNetConfig(in_channels=12, out_channels=12, model_channels=32, channel_mult=(1, 2),
+    config = unet_lib.UNetConfig(in_channels=27, out_channels=27, model_channels=32, channel_mult=(1, 2),
                                  num_res_blocks=1, attention_resolutions=(2,), num_heads=4, context_dim=64,
                                  adm_in_channels=64, use_scale_shift_norm=scale_shift)
     ours = so.build(unet_lib.UNetModel, config, seed=3)
     assert dataclasses.replace(unet_lib.UNetConfig.from_state_dict(ours.state_dict()), num_heads=4) == config
     ref = so.diffusers_unet(so.single_file_state(unet=ours), config)
     gen = torch.Generator().manual_seed(0)
-    x, timesteps = torch.randn(2, 12, 16, 16, generator=gen), torch.tensor([999, 37])
+    x, timesteps = torch.randn(2, 27, 8, 8, generator=gen), torch.tensor([999, 37])
     context, pooled = torch.randn(2, 15, 64, generator=gen), torch.randn(2, 64, generator=gen)
     expected = ref(x, timesteps, encoder_hidden_states=context, class_labels=pooled).sample
     got = ours(x, timesteps, context, pooled)
