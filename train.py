@@ -66,8 +66,7 @@ class TrainConfig:  # the harness's, and what both tasks read
                      ("shapes", "coco", "karpathy", "folder", "cifar100"), "scoring")
     data_root: str = flag("", "dataset folder (karpathy: with dataset_coco.json)", None, "local")
     download: bool = flag(False, "fetch the official archives (COCO, Karpathy's, CIFAR-100)", None, "local")
-    split: str = flag("val", "what --eval scores (test: shapes, karpathy, cifar100)", ("val", "test"),
-                      "scoring")
+    split: str = flag("val", "--eval's split (test: shapes, karpathy, cifar100)", ("val", "test"), "scoring")
     max_train_samples: int = flag(0, "at most this many training pairs (0 = all; shapes: drawn)", most=10**7)
     two_objects: float = flag(0.5, "shapes: the share of training scenes with two objects (held out: half)")
     max_val_samples: int = flag(500, "evaluate on at most this many images", None, "scoring", 10**7)
@@ -99,8 +98,7 @@ class TrainConfig:  # the harness's, and what both tasks read
     eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end")
     log_every: int = flag(50, "log the training loss every this many steps")
     seed: int = flag(0, "the one seed: initialisation, data order, shapes drawn")
-    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, ...", None,
-                       "local")
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1", None, "local")
     threads: int = flag(0, "CPU threads for torch (0 = torch's default)", None, "local")
     threads_after: str = flag("", "take every CPU when the run beside it (this folder) ends", None, "local")
     compile: bool = flag(False, "torch.compile the model")
@@ -162,8 +160,7 @@ class TextToImageConfig:
                              "--gpt2-weights; the last two frozen", TEXT_ENCODERS)
     sd_weights: str = flag("", "SD 1.x weights, a file or registered name: the VAE, text tower, UNet")
     latent: bool = flag(False, "diffuse in the frozen SD VAE's latent space (8x smaller) instead of pixels")
-    unet: str = flag("tiny", "tiny: the sizes below, from scratch; sd15: --sd-weights', fine-tuned",
-                     ("tiny", "sd15"))
+    unet: str = flag("tiny", "tiny: sized below, new; sd15: --sd-weights', fine-tuned", ("tiny", "sd15"))
     model_channels: int = flag(32, "tiny UNet: channels of the first level")
     channel_mult: str = flag("1,2", "tiny UNet: channel multiplier of each level")
     attention_resolutions: str = flag("2", "tiny UNet: downsamplings with attention (\"\": the middle only)")
@@ -188,6 +185,9 @@ class TextToImageConfig:
     def error(self, cfg):
         if not self.sd_weights and (self.latent or self.text_encoder == "clip" or self.unet == "sd15"):
             return "--latent, --text-encoder clip and --unet sd15 need --sd-weights (an SD 1.x file)"
+        side, levels = 8 if self.latent else self.patch, len(self.channel_mult.split(","))
+        if self.unet == "tiny" and cfg.image_size % (n := side * 2 ** (levels - 1)):  # the UNet halves it
+            return f"--image-size must be a multiple of {n}: / {side} (--patch, VAE), halved {levels - 1}x"
 
 
 PRESETS = {"caption": {  # what each preset measured, and why it is set so: README.md, "What to expect"

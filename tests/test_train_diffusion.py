@@ -26,9 +26,10 @@ from conftest import logged_losses
 from unet import TextConditionedUNet, UNetConfig
 from vit import VisionConfig
 
-TINY = ["--task", "diffusion", "--preset", "shapes", "--image-size", "16", "--model-channels", "32",
-        "--context-dim", "32", "--text-layers", "1", "--batch-size", "8", "--max-val-samples", "8",
-        "--sampling-steps", "2", "--log-every", "1", "--threads", "1", "--device", "cpu", "--precision", "fp32"]
+TINY = ["--task", "diffusion", "--preset", "shapes", "--image-size", "16", "--patch", "2",
+        "--model-channels", "32", "--context-dim", "32", "--text-layers", "1", "--batch-size", "8",
+        "--max-val-samples", "8", "--sampling-steps", "2", "--log-every", "1", "--threads", "1", "--device", "cpu",
+        "--precision", "fp32"]
 
 
 def run(out, *extra):
