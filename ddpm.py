@@ -252,7 +252,11 @@ class GaussianDiffusion:
 
     def _ddim(self, model, noise, init, ts, indices, eta, generator):
         """DDIM (Song et al. eq. 12): x_prev = √ᾱ_prev·x̂_0 + √(1-ᾱ_prev-σ²)·ε + σ·z, σ = η·√β̃. η = 0 is
-        deterministic; η = 1 is DDPM's variance. The last step lands on `final_alpha_cumprod`."""
+        deterministic; η = 1 is DDPM's variance. The last step lands on `final_alpha_cumprod`. With clip_sample
+        ε is re-derived from the clamped x̂_0 (improved-diffusion's ddim_sample; diffusers' step with
+        use_clipped_model_output=True): a clamped x̂_0 beside the network's own ε would no longer sum to x_t, and
+        the deterministic chain keeps the difference as noise (the tour's model: 10 % single objects drawn right,
+        64 % re-derived)."""
         alphas_cumprod = self.alphas_cumprod
         x = self._vp_start(noise, init, alphas_cumprod[int(ts[0])])
         for i in indices:
@@ -260,8 +264,9 @@ class GaussianDiffusion:
             a_t = alphas_cumprod[t]
             a_prev = alphas_cumprod[int(ts[i + 1])] if i + 1 < len(ts) else self.final_alpha_cumprod
             eps, x0 = self._predict(model, x, t, a_t**0.5, (1 - a_t) ** 0.5)
-            if self.config.clip_sample:  # the direction term keeps the unclipped ε, as in diffusers
+            if self.config.clip_sample:  # ε re-derived, so that x_t = √ᾱ_t·x̂_0 + √(1-ᾱ_t)·ε still holds
                 x0 = x0.clamp(-1, 1)
+                eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
             std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
             x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
             if eta > 0:

@@ -45,7 +45,9 @@ def reference_run(scheduler, steps, noise, init=None, strength=1.0, eta=0.0, see
     for t in timesteps:
         model_input = scheduler.scale_model_input(x, t)
         out = fake_model(model_input, t.expand(B))
-        kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+        # DDIM with clip_sample re-derives ε from the clamped x̂_0, as ddpm.py does
+        kwargs = {"eta": eta, "use_clipped_model_output": scheduler.config.clip_sample} \
+            if isinstance(scheduler, DDIMScheduler) else {}
         x = scheduler.step(out, t, x, generator=generator, **kwargs).prev_sample
     return x, timesteps
 
