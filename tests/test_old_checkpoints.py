@@ -67,4 +67,4 @@ def test_old_text_to_image_model_draws_and_scores(name, tmp_path):
     metrics, _ = quiet(train.main, ["--eval", str(ckpt), "--max-val-samples", "8"])
     assert metrics["val_loss"] == pytest.approx(GOLDEN[name]["val_loss"], rel=1e-3)
     cfg, _, _ = train.parse_config(["--resume", str(ckpt)])  # trained on even odds, it resumes on them
-    assert cfg.two_objects == 0.5 and train.PRESETS["diffusion"]["shapes"]["two_objects"] == 0.7
+    assert cfg.two_objects == 0.5 and train.PRESETS["diffusion"]["shapes"]["two_objects"] == 0.8
