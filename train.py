@@ -200,9 +200,9 @@ PRESETS = {"caption": {  # what each preset measured, and why it is set so: READ
 }, "diffusion": {
     # the tour: 24x24 pixels as 8x8x27 patches, a 1.1M UNet attending at 4x4, FiLM, no EMA, 80 % two objects
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, image_size=24, patch=3,
-                   max_train_samples=384_000, minutes=12.0, precision="auto", pooled_text=True,
+                   max_train_samples=384_000, minutes=13.0, precision="auto", pooled_text=True,
                    scale_shift_norm=True, parameterization="v", min_snr_gamma=1.0, ema_decay=0.0,
-                   eval_every=500, max_val_samples=200, max_caption_tokens=14, sampler="ddpm",
+                   eval_every=1000, max_val_samples=200, max_caption_tokens=14, sampler="ddpm",
                    sampling_steps=75, guidance_scale=2.0, two_objects=0.8),
     # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
     "photos": dict(data="coco", out_dir="runs/diffusion-photos",
