@@ -4,10 +4,10 @@ prompt -> image pipeline that drives the samplers, and its images as files (PNGs
 AUTOMATIC1111 writes them; grids that carry their prompts).
 
 Papers: DDPM (Ho et al. 2020, arXiv:2006.11239), DDIM (Song et al. 2020, arXiv:2010.02502), the Euler method on
-the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364, Algorithm 1 without churn), DPM-Solver++(2M)
-(Lu et al. 2022, arXiv:2211.01095, Algorithm 2), classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598),
-v-prediction (Salimans & Ho 2022, arXiv:2202.00512) and Min-SNR loss weighting (Hang et al. 2023,
-arXiv:2303.09556).
+the probability-flow ODE (Karras et al. 2022, arXiv:2206.00364, Algorithm 1 without churn; their S_noise scales
+the fresh noise of DDPM and DDIM here), DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2),
+classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598), v-prediction (Salimans & Ho 2022,
+arXiv:2202.00512) and Min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556).
 
 Official code matched: the schedule of CompVis/stable-diffusion (`configs/stable-diffusion/v1-inference.yaml`,
 `ldm/modules/diffusionmodules/util.py make_beta_schedule`) and, step for step within 1e-5 over whole runs, the
@@ -209,18 +209,19 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model, noise, sampler="ddim", steps=50, eta=0.0, generator=None, init=None, strength=1.0,
-               progress=False):
+               progress=False, s_noise=1.0):
         """Denoise `noise` (B, C, h, w), a standard normal draw (see `randn`), into x_0 with `steps` steps.
         Image-to-image: `init` holds the clean x_0 of the input image; it is noised to the first timestep of the
-        run chosen by `strength`. `generator` feeds the fresh noise of DDPM and of DDIM with eta > 0."""
+        run chosen by `strength`. `generator` feeds the fresh noise of DDPM and of DDIM with eta > 0, and that
+        noise is scaled by `s_noise` (1: the samplers as published; below 1 a cooler draw, closer to the mean)."""
         ts, start = self.sampling_timesteps(sampler, steps, strength)
         ts = ts[start:]  # the run: image-to-image skips the first steps, and each sampler starts at ts[0]
         indices = tqdm(range(len(ts)), desc=sampler, disable=not progress, leave=False)
         noise = noise.float()
         if sampler == "ddpm":
-            return self._ddpm(model, noise, init, ts, indices, generator)
+            return self._ddpm(model, noise, init, ts, indices, generator, s_noise)
         if sampler == "ddim":
-            return self._ddim(model, noise, init, ts, indices, eta, generator)
+            return self._ddim(model, noise, init, ts, indices, eta, generator, s_noise)
         if sampler == "euler":
             return self._euler(model, noise, init, ts, indices)
         return self._dpm_solver_pp_2m(model, noise, init, ts, indices)
@@ -231,7 +232,7 @@ class GaussianDiffusion:
             return noise
         return alpha_bar.sqrt() * init.float() + (1 - alpha_bar).sqrt() * noise
 
-    def _ddpm(self, model, noise, init, ts, indices, generator):
+    def _ddpm(self, model, noise, init, ts, indices, generator, s_noise=1.0):
         """Ancestral sampling (DDPM eq. 6-7), with the step's β recomputed from ᾱ so it works on a strided chain,
         and the "fixed small" variance β̃ (eq. 7) clamped at 1e-20 as diffusers does."""
         alphas_cumprod = self.alphas_cumprod
@@ -247,10 +248,10 @@ class GaussianDiffusion:
             x = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
             if t > 0:
                 variance = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
-                x = x + variance**0.5 * randn(x.shape, generator, x.device)
+                x = x + s_noise * variance**0.5 * randn(x.shape, generator, x.device)
         return x
 
-    def _ddim(self, model, noise, init, ts, indices, eta, generator):
+    def _ddim(self, model, noise, init, ts, indices, eta, generator, s_noise=1.0):
         """DDIM (Song et al. eq. 12): x_prev = √ᾱ_prev·x̂_0 + √(1-ᾱ_prev-σ²)·ε + σ·z, σ = η·√β̃. η = 0 is
         deterministic; η = 1 is DDPM's variance. The last step lands on `final_alpha_cumprod`. With clip_sample
         ε is re-derived from the clamped x̂_0 (improved-diffusion's ddim_sample; diffusers' step with
@@ -270,7 +271,7 @@ class GaussianDiffusion:
             std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
             x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
             if eta > 0:
-                x = x + std * randn(x.shape, generator, x.device)
+                x = x + s_noise * std * randn(x.shape, generator, x.device)
         return x
 
     def _euler(self, model, noise, init, ts, indices):
@@ -381,7 +382,7 @@ class TextToImage:
     @torch.no_grad()
     def __call__(self, prompts, seeds, negative_prompts=None, sampler="ddim", steps=50, guidance_scale=7.5,
                  eta=0.0, height=512, width=512, init_image=None, strength=0.8, vae_tile_size=None, progress=False,
-                 batch_size=None):
+                 batch_size=None, s_noise=1.0):
         """One image per (prompt, seed) -> (B, 3, height, width) in [0, 1], float32 on the CPU. `init_image`
         (3, H, W) in [-1, 1] switches to image-to-image (with a VAE). Each image draws all its randomness (initial
         noise, the VAE sample of the input image, DDPM's step noise) from its own CPU generator, so a seed gives
@@ -390,7 +391,7 @@ class TextToImage:
         if batch_size and len(prompts) > batch_size:
             return torch.cat([self(prompts[s:s + batch_size], seeds[s:s + batch_size], negative_prompts and
                                    negative_prompts[s:s + batch_size], sampler, steps, guidance_scale, eta, height,
-                                   width, init_image, strength, vae_tile_size, progress)
+                                   width, init_image, strength, vae_tile_size, progress, s_noise=s_noise)
                               for s in range(0, len(prompts), batch_size)])
         device = next(self.denoiser.parameters()).device
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -406,7 +407,7 @@ class TextToImage:
         noise = randn((len(prompts), channels, height // f, width // f), generators, device)
         x = self.diffusion.sample(classifier_free_guidance(self.denoiser, context, uncond, guidance_scale), noise,
                                   sampler, steps, eta, generators, init, strength if init is not None else 1.0,
-                                  progress)
+                                  progress, s_noise)
         images = self.vae.decode_latents(x.to(vae_dtype), tile_size=vae_tile_size) if self.vae else x.clamp(-1, 1)
         return ((images.float() + 1) / 2).cpu()  # (B, 3, H, W) in [0, 1]
 
@@ -421,13 +422,14 @@ SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "dpm++2m": "D
 
 
 def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, seed, width, height, model,
-                    strength=None, eta=0.0):
+                    strength=None, eta=0.0, s_noise=1.0):
     """AUTOMATIC1111's infotext: the prompt, a "Negative prompt:" line when there is one, then key: value pairs."""
     lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
     fields = [f"Steps: {steps}", f"Sampler: {SAMPLER_NAMES[sampler]}", f"CFG scale: {guidance_scale:g}",
               f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
     fields += [f"Denoising strength: {strength:g}"] if strength is not None else []
     fields += [f"Eta: {eta:g}"] if eta else []  # DDIM's η
+    fields += [f"S noise: {s_noise:g}"] if s_noise != 1 else []
     return "\n".join(lines + [", ".join(fields)])
 
 

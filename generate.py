@@ -116,7 +116,8 @@ def draw(args, prompts, checkpoint):
         batch = jobs[start:start + args.batch_size]
         images = pipe([p for p, _ in batch], [s for _, s in batch], [args.negative_prompt] * len(batch),
                       args.sampler, args.sampling_steps, args.guidance_scale, args.eta, height, width,
-                      init_image, args.strength, vae_tile_size=64 if args.low_memory else None, progress=True)
+                      init_image, args.strength, vae_tile_size=64 if args.low_memory else None, progress=True,
+                      s_noise=args.s_noise)
         for (prompt, image_seed), image in zip(batch, to_pil(images)):
             candidates.append((score(image, prompt) if score else 0.0, image_seed, image))
             if len(candidates) < args.rerank:
@@ -125,7 +126,7 @@ def draw(args, prompts, checkpoint):
             candidates = []
             text = parameters_text(prompt, args.negative_prompt, args.sampling_steps, args.sampler,
                                    args.guidance_scale, image_seed, width, height, path.stem, strength,
-                                   args.eta if args.sampler == "ddim" else 0.0)
+                                   args.eta if args.sampler == "ddim" else 0.0, args.s_noise)
             made.append((out_dir / f"{first + len(made):05d}-{image_seed}.png", image, text))
             save_png(image, made[-1][0], text)
             print(made[-1][0])
@@ -222,6 +223,8 @@ def run(argv):
     parser.add_argument("--sampler", choices=ddpm.SAMPLERS, help="ddim (default: CompVis' txt2img.py, and "
                         "diffusers' DDIMScheduler; or the --ckpt model's own), ddpm, euler or dpm++2m")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise: 0 deterministic, 1 like DDPM")
+    parser.add_argument("--s-noise", type=float, help="DDPM's (and DDIM's) fresh noise times this (default 1, or "
+                        "a --ckpt model's)")
     parser.add_argument("--seed", type=int, help="seed of image 1, the others count up (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="images denoised (or captioned) together")
@@ -262,8 +265,8 @@ def run(argv):
     if min(1 if args.sampling_steps is None else args.sampling_steps, args.num_images, args.batch_size,
            args.rerank, args.num_beams) < 1:
         parser.error("--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be >= 1")
-    if not 0 < args.strength <= 1 or args.eta < 0 or (args.guidance_scale or 0) < 0:
-        parser.error("--strength must be in (0, 1]; --eta and --guidance-scale must be >= 0")
+    if not 0 < args.strength <= 1 or min(args.eta, args.guidance_scale or 0, args.s_noise or 0) < 0:
+        parser.error("--strength must be in (0, 1]; --eta, --guidance-scale and --s-noise must be >= 0")
     if pick_device(args.device) is None:
         parser.error(f"--device {args.device}: this machine has no such device")
     # What the inputs are decides the task (image_files has the rule): images get captions, prompts images
@@ -308,7 +311,7 @@ def run(argv):
     if checkpoint and (args.init_image or {args.width, args.height} - {None, size}):
         parser.error(f"{args.ckpt} draws {size}x{size} images from noise only (no --init-image, and "
                      "--width/--height only at that size)")
-    for name, default in (("sampler", "ddim"), ("sampling_steps", 50), ("guidance_scale", 7.5)):
+    for name, default in (("sampler", "ddim"), ("sampling_steps", 50), ("guidance_scale", 7.5), ("s_noise", 1.0)):
         if getattr(args, name) is None:  # Stable Diffusion's defaults, or what a --ckpt model was judged with
             setattr(args, name, checkpoint[name] if checkpoint else default)
     schedule = checkpoint and ddpm.DiffusionConfig(**checkpoint["diffusion_config"])

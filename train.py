@@ -74,15 +74,12 @@ class TrainConfig:  # the harness's, and what both tasks read
     max_caption_tokens: int = flag(30, "captions cut to this many tokens; captioning stops there", None,
                                    "scoring", 1000)
     gpt2_weights: str = flag("gpt2", "GPT-2 weights: gpt2, gpt2-medium, -large, -xl (fetched) or a file")
-    out_dir: str = flag("runs/caption", "log, checkpoint, cache (--resume, --eval: the checkpoint's)", None,
-                        "local")
+    out_dir: str = flag("runs/caption", "log, checkpoint, cache (--resume, --eval: the checkpoint's)", None, "local")
     overwrite: bool = flag(False, "start afresh in an --out-dir holding a run (its files go)", None, "local")
     resume: str = flag("", "continue this checkpoint: model, optimizer, step, random state", None, "local")
-    eval: str = flag("", "score this checkpoint (or ClipCap's coco, conceptual) on --split and exit", None,
-                     "local")
+    eval: str = flag("", "score this checkpoint (or ClipCap's coco, conceptual) on --split and exit", None, "local")
     stop_after: int = flag(0, "end after this many steps, checkpointed (--resume continues)", None, "local")
-    weights_dir: str = flag("", "official weights' folder (none: $MINIMODAL_WEIGHTS, else weights/)", None,
-                            "local")
+    weights_dir: str = flag("", "official weights' folder (none: $MINIMODAL_WEIGHTS, else weights/)", None, "local")
     offline: bool = flag(False, "never download (weights, data): say which file to put where", None, "local")
     batch_size: int = flag(64, "pairs per optimizer step, over all processes and micro-batches", most=10**5)
     grad_accum: int = flag(1, "micro-batches per step: the same step in less memory")
@@ -179,6 +176,7 @@ class TextToImageConfig:
     sampler: str = flag("ddim", "evaluation samples: the sampler", ddpm.SAMPLERS, "scoring")
     sampling_steps: int = flag(20, "evaluation samples: sampler steps", None, "scoring")
     guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale", None, "scoring")
+    s_noise: float = flag(1.0, "evaluation samples: DDPM's (and DDIM's) fresh noise times this", None, "scoring")
     judge: str = flag("", "a shapes captioner checkpoint: it reads held-out prompts drawn", None, "local")
     num_judged: int = flag(200, "--judge: held-out prompts drawn", None, "scoring", 10**5)
 
@@ -188,6 +186,8 @@ class TextToImageConfig:
         side, levels = 8 if self.latent else self.patch, len(self.channel_mult.split(","))
         if self.unet == "tiny" and cfg.image_size % (n := side * 2 ** (levels - 1)):  # the UNet halves it
             return f"--image-size must be a multiple of {n}: / {side} (--patch, VAE), halved {levels - 1}x"
+        if min(self.guidance_scale, self.s_noise) < 0:  # a checkpoint holding either would not read back
+            return "--guidance-scale and --s-noise must be >= 0"
 
 
 PRESETS = {"caption": {  # what each preset measured, and why it is set so: README.md, "What to expect"
@@ -198,12 +198,12 @@ PRESETS = {"caption": {  # what each preset measured, and why it is set so: READ
     "coco": dict(data="karpathy", image_tower="clip", language_model="gpt2", prefix_length=10, batch_size=40,
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
 }, "diffusion": {
-    # the tour: 24x24 pixels as 8x8x27 patches, a 1.1M UNet attending at 4x4, FiLM, no EMA, 80 % two objects
+    # the tour: 24x24 pixels as 8x8x27 patches, 1.1M UNet attending at 4x4, FiLM, no EMA, 80 % two objects, S_noise 0.7
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, image_size=24, patch=3,
                    max_train_samples=384_000, minutes=13.0, precision="auto", pooled_text=True,
                    scale_shift_norm=True, parameterization="v", min_snr_gamma=1.0, ema_decay=0.0,
                    eval_every=1000, max_val_samples=200, max_caption_tokens=14, sampler="ddpm",
-                   sampling_steps=75, guidance_scale=2.0, two_objects=0.8),
+                   sampling_steps=75, guidance_scale=2.0, s_noise=0.7, two_objects=0.8),
     # COCO (or --data folder) at 256x256 in SD's latent space (32x32x4), SD's frozen text tower, a 100M UNet
     "photos": dict(data="coco", out_dir="runs/diffusion-photos",
                    sd_weights="sd15/v1-5-pruned-emaonly.safetensors", latent=True, text_encoder="clip",
@@ -505,7 +505,7 @@ class TextToImageTask(Task):
         self.extra = {"unet_config": dataclasses.asdict(net.unet.config), "text_config": net.text_config(),
                       "patch": net.patch, "vae_config": vae and dataclasses.asdict(vae.config),
                       "diffusion_config": dataclasses.asdict(diffusion), "image_size": cfg.image_size,
-                      **{k: getattr(config, k) for k in ("sampler", "sampling_steps", "guidance_scale")}}
+                      **{k: getattr(config, k) for k in ("sampler", "sampling_steps", "guidance_scale", "s_noise")}}
         if captions:  # the words its captions use (generate.py warns of a prompt's others)
             self.extra["caption_words"] = sorted(set(re.findall("[a-z0-9]+", " ".join(captions).lower())))
 
@@ -544,7 +544,7 @@ class TextToImageTask(Task):
                          generator).item() for s in range(0, len(pairs), batch_size))
         prompts = [text for _, text in pairs[:c.num_judged if c.judge else 16]]
         images = draw(prompts, range(len(prompts)), None, c.sampler, c.sampling_steps, c.guidance_scale,
-                      height=cfg.image_size, width=cfg.image_size, batch_size=batch_size)
+                      height=cfg.image_size, width=cfg.image_size, batch_size=batch_size, s_noise=c.s_noise)
         grid = ddpm.image_grid(ddpm.to_pil(images[:16]), 4, prompts[:16], max(1, 128 // cfg.image_size))
         weights.save_picture(grid, path := Path(cfg.out_dir, "samples", f"step-{int(model.updates):06d}.png"))
         judged, read = {}, None

@@ -252,7 +252,8 @@ def test_train_usage_mistakes_and_missing_data(home):
         ("train.py", "--epochs", "x"),
         ("train.py", "--image-tower", "ViT-B/32"),
         ("train.py", "--task", "diffusion", "--two-objects", "1.5"),
-        ("train.py", "--task", "diffusion", "--image-size", "16")])])  # the preset's 3x3 patches, halved once
+        ("train.py", "--task", "diffusion", "--image-size", "16"),  # the preset's 3x3 patches, halved once
+        ("train.py", "--task", "diffusion", "--s-noise", "-0.5")])])  # its checkpoint would not read back
     one_line(results[0], 2, "train.py: error: --data folder needs --data-root DIR (images, captions file)")
     one_line(results[1], 2, "train.py: error: --data-root nowhere: no such folder")
     one_line(results[2], 2, "--offline never downloads: leave out --download")
@@ -266,6 +267,7 @@ def test_train_usage_mistakes_and_missing_data(home):
     one_line(results[7], 2, "train.py: error: --lr, --epochs > 0; --warmup-steps, --minutes, --stop-after >= 0; "
              "--two-objects 0 to 1")
     one_line(results[8], 2, "train.py: error: --image-size must be a multiple of 6: / 3 (--patch, VAE), halved 1x")
+    one_line(results[9], 2, "train.py: error: --guidance-scale and --s-noise must be >= 0")
     help_text = run_script(home, "train.py", "--help").stdout
     assert "(default: 64)" in help_text and "--task diffusion --preset sd15: --data folder" in help_text
     assert "--precision {auto,fp32,bf16,fp16}" in help_text and "--sampling-steps" in help_text

@@ -134,6 +134,22 @@ def test_ddim_eta_draws_noise_like_diffusers(eta):
     assert (our_run(diffusion, "ddim", 25, noise, eta=eta, seed=4) - ours).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_s_noise_scales_only_the_fresh_noise(sampler, eta):
+    """s_noise multiplies the noise DDPM (and DDIM with eta > 0) adds at each step, nothing else: with a denoiser
+    that ignores its input (and no clamping) a run is affine in that noise, so in s_noise; 0 leaves none of it."""
+    diffusion = ddpm.GaussianDiffusion()  # SD's schedule: clip_sample off
+    noise, _ = draws()
+    def run(seed, **s_noise):
+        return diffusion.sample(lambda x, t: torch.ones_like(x), noise, sampler, 10, eta,
+                                torch.Generator().manual_seed(seed), **s_noise)
+    full, none, some = run(3), run(3, s_noise=0.0), run(3, s_noise=0.3)  # the default: 1, the samplers as published
+    torch.testing.assert_close(run(3, s_noise=1.0), full, rtol=0, atol=0)
+    torch.testing.assert_close(run(4, s_noise=0.0), none)  # no fresh noise: the seed no longer matters
+    torch.testing.assert_close(some - none, 0.3 * (full - none), rtol=1e-4, atol=1e-5)
+    assert (full - none).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
 @pytest.mark.parametrize("preset", ["linear", "cosine"])
 def test_other_presets_and_v_prediction_match_diffusers(sampler, preset):

@@ -63,8 +63,10 @@ def test_old_text_to_image_model_draws_and_scores(name, tmp_path):
     for file, means in zip(files, GOLDEN[name]["means"]):
         with Image.open(file) as image:
             assert image.size == (32, 32) and "Sampler: DDPM, CFG scale: 1.5" in image.info["parameters"]
+            assert "S noise" not in image.info["parameters"]  # drawn as it was judged: the fresh noise whole
             np.testing.assert_allclose(np.asarray(image, dtype=float).mean(axis=(0, 1)), means, atol=0.05)
     metrics, _ = quiet(train.main, ["--eval", str(ckpt), "--max-val-samples", "8"])
     assert metrics["val_loss"] == pytest.approx(GOLDEN[name]["val_loss"], rel=1e-3)
-    cfg, _, _ = train.parse_config(["--resume", str(ckpt)])  # trained on even odds, it resumes on them
+    cfg, config, _ = train.parse_config(["--resume", str(ckpt)])  # trained on even odds, it resumes on them
     assert cfg.two_objects == 0.5 and train.PRESETS["diffusion"]["shapes"]["two_objects"] == 0.8
+    assert config.s_noise == 1.0 and train.PRESETS["diffusion"]["shapes"]["s_noise"] == 0.7  # and is judged so

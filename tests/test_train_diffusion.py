@@ -283,9 +283,10 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
                    "--clip-weights", str(tmp_path / "clip.safetensors"), "--out-dir", str(tmp_path / "reranked"),
                    "--precision", "fp32"])
     kept = int(re.search(r"00000-(\d+)\.png", capsys.readouterr().out).group(1))
-    judged_with = [weights.read_checkpoint(ckpt)[k] for k in ("sampler", "sampling_steps", "guidance_scale")]
-    assert judged_with == ["ddpm", 2, 2.0]  # what generate.py draws with when none is given: the checkpoint's
-    candidates = ddpm.to_pil(draw(["a small blue square"] * 3, [20, 21, 22], None, *judged_with, height=16, width=16))
+    judged_with = [weights.read_checkpoint(ckpt)[k] for k in ("sampler", "sampling_steps", "guidance_scale", "s_noise")]
+    assert judged_with == ["ddpm", 2, 2.0, 0.7]  # what generate.py draws with when none is given: the checkpoint's
+    candidates = ddpm.to_pil(draw(["a small blue square"] * 3, [20, 21, 22], None, *judged_with[:3], height=16,
+                                  width=16, s_noise=judged_with[3]))
     args = argparse.Namespace(clip_weights=str(tmp_path / "clip.safetensors"), weights_dir=None, offline=True)
     score = generate.clip_scorer(args, torch.device("cpu"))
     scores = [score(image, "a small blue square") for image in candidates]

@@ -9,7 +9,7 @@ are rebuilt from (nanoGPT's `model_args`):
                model; else the name or file of a frozen CLIP tower, which the checkpoint does not hold)
     diffusion  unet_config, text_config (with the encoder's "kind" and the prompt's "context_length"), patch,
                vae_config (None: pixel space), diffusion_config (ddpm.DiffusionConfig); and the plain values
-               generate.py starts from: sampler, sampling_steps, guidance_scale, image_size, caption_words
+               generate.py starts from: sampler, sampling_steps, guidance_scale, s_noise, image_size, caption_words
 
 Each model file rebuilds its own (gpt2.Captioner.from_checkpoint, unet.TextConditionedUNet.from_checkpoint)
 through `rebuild`, never through the training flags (clipcap_row: what a captioner's flags compare with in
@@ -47,6 +47,7 @@ TASKS = ("caption", "diffusion")
 # the plain values a reader takes as they are, each with its test (a crafted file cannot ask for a 10^6-pixel side)
 PLAIN = {"sampler": lambda v: v in ddpm.SAMPLERS, "sampling_steps": lambda v: type(v) is int and 1 <= v <= 10_000,
          "guidance_scale": lambda v: type(v) in (int, float) and 0 <= v <= 1000,
+         "s_noise": lambda v: type(v) in (int, float) and 0 <= v <= 1000,
          "image_size": lambda v: type(v) is int and 1 <= v <= 4096, "patch": lambda v: type(v) is int and 1 <= v <= 64,
          "frozen_tower": lambda v: v is None or type(v) is str,
          "caption_words": lambda v: type(v) is list and all(type(word) is str for word in v)}
@@ -190,7 +191,8 @@ def upgrade(checkpoint):
     maps once, here:
 
         flags      image_tower/language_model/text_encoder FILE -> clip/gpt2 + clip_weights/gpt2_weights FILE;
-                   two_objects <- 0.5 (before 129df1a every shapes scene had one or two objects at even odds)
+                   two_objects <- 0.5 (before 129df1a every shapes scene had one or two objects at even odds);
+                   diffusion: s_noise <- 1 (its samplers' fresh noise as published, before the flag)
         configs    GPTConfig's `sdpa` (which attention runs is no part of the model; set_attention) dropped
         caption    captioner_config <- mapping_type, prefix_length (tokens: the tower's token count),
                    mapper_layers, max_caption_tokens; frozen_tower <- image_tower, clip_weights;
@@ -207,6 +209,9 @@ def upgrade(checkpoint):
         if name not in config and config.get(choice, "tiny") not in ("tiny", "clip"):
             config[choice], config[name] = family, config[choice]
     config.setdefault("two_objects", 0.5)  # a resumed run goes on with the scenes it began with, not the preset's
+    if checkpoint["task"] == "diffusion":  # and is judged as it was: the samplers' noise as published
+        config.setdefault("s_noise", 1.0)
+        new.setdefault("s_noise", 1.0)
     new["config"] = config
     if checkpoint["task"] == "caption" and "captioner_config" not in checkpoint:
         vision = checkpoint["vision_config"]
@@ -314,7 +319,8 @@ def eval_report(flags, metrics, images, step=None, mapper=""):
     `metrics` (a captioner's scores x100), and beside a captioner's the row of ClipCap's paper (clipcap_row)."""
     diffusion = flags["task"] == "diffusion"
     beams = "greedy" if diffusion or flags["num_beams"] == 1 else f"beam search, {flags['num_beams']} beams"
-    how = f"sampler {flags['sampler']}, {flags['sampling_steps']} steps, guidance {flags['guidance_scale']:g}" \
+    how = f"sampler {flags['sampler']}, {flags['sampling_steps']} steps, guidance {flags['guidance_scale']:g}" + \
+        (f", s_noise {flags['s_noise']:g}" if diffusion and flags["s_noise"] != 1 else "") \
         if diffusion else f"decoding: {beams}, at most {flags['max_caption_tokens']} tokens"
     model = "" if diffusion else f", {mapper} mapper, GPT-2 " + ("frozen" if flags["freeze_gpt"] else "trained")
     scores = "  ".join(f"{k} {v}" if diffusion or k == "val_loss" else f"{k} {v * 100:.1f}" for k, v in metrics.items())
