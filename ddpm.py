@@ -429,7 +429,7 @@ def parameters_text(prompt, negative_prompt, steps, sampler, guidance_scale, see
               f"Seed: {seed}", f"Size: {width}x{height}", f"Model: {model}"]
     fields += [f"Denoising strength: {strength:g}"] if strength is not None else []
     fields += [f"Eta: {eta:g}"] if eta else []  # DDIM's η
-    fields += [f"S noise: {s_noise:g}"] if s_noise != 1 else []
+    fields += [f"S noise: {s_noise:g}"] if s_noise != 1 and (sampler == "ddpm" or eta) else []  # fresh noise drawn
     return "\n".join(lines + [", ".join(fields)])
 
 

@@ -223,8 +223,8 @@ def run(argv):
     parser.add_argument("--sampler", choices=ddpm.SAMPLERS, help="ddim (default: CompVis' txt2img.py, and "
                         "diffusers' DDIMScheduler; or the --ckpt model's own), ddpm, euler or dpm++2m")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise: 0 deterministic, 1 like DDPM")
-    parser.add_argument("--s-noise", type=float, help="DDPM's (and DDIM's) fresh noise times this (default 1, or "
-                        "a --ckpt model's)")
+    parser.add_argument("--s-noise", type=float, help="DDPM's (and DDIM's) fresh noise times this "
+                        "(default 1, or a --ckpt model's)")
     parser.add_argument("--seed", type=int, help="seed of image 1, the others count up (default: random)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="images denoised (or captioned) together")
@@ -311,7 +311,8 @@ def run(argv):
     if checkpoint and (args.init_image or {args.width, args.height} - {None, size}):
         parser.error(f"{args.ckpt} draws {size}x{size} images from noise only (no --init-image, and "
                      "--width/--height only at that size)")
-    for name, default in (("sampler", "ddim"), ("sampling_steps", 50), ("guidance_scale", 7.5), ("s_noise", 1.0)):
+    for name, default in (("sampler", "ddim"), ("sampling_steps", 50), ("guidance_scale", 7.5),
+                          ("s_noise", 1.0)):
         if getattr(args, name) is None:  # Stable Diffusion's defaults, or what a --ckpt model was judged with
             setattr(args, name, checkpoint[name] if checkpoint else default)
     schedule = checkpoint and ddpm.DiffusionConfig(**checkpoint["diffusion_config"])

@@ -74,12 +74,12 @@ class TrainConfig:  # the harness's, and what both tasks read
     max_caption_tokens: int = flag(30, "captions cut to this many tokens; captioning stops there", None,
                                    "scoring", 1000)
     gpt2_weights: str = flag("gpt2", "GPT-2 weights: gpt2, gpt2-medium, -large, -xl (fetched) or a file")
-    out_dir: str = flag("runs/caption", "log, checkpoint, cache (--resume, --eval: the checkpoint's)", None, "local")
+    out_dir: str = flag("runs/caption", "log, ckpt.pt, cache (--resume/--eval: ckpt's folder)", None, "local")
     overwrite: bool = flag(False, "start afresh in an --out-dir holding a run (its files go)", None, "local")
     resume: str = flag("", "continue this checkpoint: model, optimizer, step, random state", None, "local")
-    eval: str = flag("", "score this checkpoint (or ClipCap's coco, conceptual) on --split and exit", None, "local")
+    eval: str = flag("", "score this checkpoint (or ClipCap's coco, conceptual) on --split", None, "local")
     stop_after: int = flag(0, "end after this many steps, checkpointed (--resume continues)", None, "local")
-    weights_dir: str = flag("", "official weights' folder (none: $MINIMODAL_WEIGHTS, else weights/)", None, "local")
+    weights_dir: str = flag("", "official weights (none: $MINIMODAL_WEIGHTS, else weights/)", None, "local")
     offline: bool = flag(False, "never download (weights, data): say which file to put where", None, "local")
     batch_size: int = flag(64, "pairs per optimizer step, over all processes and micro-batches", most=10**5)
     grad_accum: int = flag(1, "micro-batches per step: the same step in less memory")
@@ -176,7 +176,7 @@ class TextToImageConfig:
     sampler: str = flag("ddim", "evaluation samples: the sampler", ddpm.SAMPLERS, "scoring")
     sampling_steps: int = flag(20, "evaluation samples: sampler steps", None, "scoring")
     guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale", None, "scoring")
-    s_noise: float = flag(1.0, "evaluation samples: DDPM's (and DDIM's) fresh noise times this", None, "scoring")
+    s_noise: float = flag(1.0, "evaluation samples: DDPM's fresh noise times this", None, "scoring")
     judge: str = flag("", "a shapes captioner checkpoint: it reads held-out prompts drawn", None, "local")
     num_judged: int = flag(200, "--judge: held-out prompts drawn", None, "scoring", 10**5)
 
@@ -198,7 +198,7 @@ PRESETS = {"caption": {  # what each preset measured, and why it is set so: READ
     "coco": dict(data="karpathy", image_tower="clip", language_model="gpt2", prefix_length=10, batch_size=40,
                  lr=2e-5, warmup_steps=5000, epochs=10.0, eval_every=5000, log_every=100, closed_vocab=False),
 }, "diffusion": {
-    # the tour: 24x24 pixels as 8x8x27 patches, 1.1M UNet attending at 4x4, FiLM, no EMA, 80 % two objects, S_noise 0.7
+    # the tour: 24x24 pixels as 8x8x27 patches, 1.1M UNet attending at 4x4, FiLM, no EMA, 80 % two objects
     "shapes": dict(out_dir="runs/diffusion", batch_size=32, lr=2e-3, warmup_steps=50, image_size=24, patch=3,
                    max_train_samples=384_000, minutes=13.0, precision="auto", pooled_text=True,
                    scale_shift_norm=True, parameterization="v", min_snr_gamma=1.0, ema_decay=0.0,
@@ -505,7 +505,7 @@ class TextToImageTask(Task):
         self.extra = {"unet_config": dataclasses.asdict(net.unet.config), "text_config": net.text_config(),
                       "patch": net.patch, "vae_config": vae and dataclasses.asdict(vae.config),
                       "diffusion_config": dataclasses.asdict(diffusion), "image_size": cfg.image_size,
-                      **{k: getattr(config, k) for k in ("sampler", "sampling_steps", "guidance_scale", "s_noise")}}
+                      **{k: vars(config)[k] for k in "sampler sampling_steps guidance_scale s_noise".split()}}
         if captions:  # the words its captions use (generate.py warns of a prompt's others)
             self.extra["caption_words"] = sorted(set(re.findall("[a-z0-9]+", " ".join(captions).lower())))
 

@@ -76,6 +76,7 @@ def test_shortened_tour(tmp_path, capsys):
     with Image.open(files[0]) as image:
         # no --sampler or --guidance-scale: the checkpoint's own (the preset's DDPM, guidance 2), not SD's DDIM 7.5
         assert image.size == (24, 24) and "Steps: 2, Sampler: DDPM, CFG scale: 2" in image.info["parameters"]
+        assert image.info["parameters"].endswith(", S noise: 0.7")  # and its S_noise
     capsys.readouterr()
     generate.main([str(out / "0*.png"), "--ckpt", str(caption_dir / "ckpt.pt")])
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == list(map(str, files))
@@ -271,6 +272,7 @@ def test_generate_ckpt_and_rerank(tmp_path, capsys):
     for k, seed in enumerate((7, 8)):
         with Image.open(out / f"0000{k}-{seed}.png") as image:
             assert image.info["parameters"].startswith("a large red circle\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 2")
+            assert "S noise" not in image.info["parameters"]  # a sampler that draws no fresh noise
             got = torch.from_numpy(np.array(image)).permute(2, 0, 1).int()  # (3, H, W)
             # the same pixels, up to a value that lands on .5 and rounds the other way (batching's float noise)
             torch.testing.assert_close(got, (expected[k] * 255).round().int(), atol=1, rtol=0)
