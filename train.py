@@ -68,11 +68,11 @@ class TrainConfig:  # the harness's, and what both tasks read
     download: bool = flag(False, "fetch the official archives (COCO, Karpathy's, CIFAR-100)", None, "local")
     split: str = flag("val", "--eval's split (test: shapes, karpathy, cifar100)", ("val", "test"), "scoring")
     max_train_samples: int = flag(0, "at most this many training pairs (0 = all; shapes: drawn)", most=10**7)
-    two_objects: float = flag(0.5, "shapes: the share of training scenes with two objects (held out: half)")
+    two_objects: float = flag(0.5, "shapes: two-object share of training scenes (held out: half)", most=1)
     max_val_samples: int = flag(500, "evaluate on at most this many images", None, "scoring", 10**7)
-    image_size: int = flag(32, "images' side: shapes drawn, a tiny tower's input, drawings made", most=4096)
+    image_size: int = flag(32, "image side: shapes drawn, a tiny tower's input, drawings", least=1, most=4096)
     max_caption_tokens: int = flag(30, "captions cut to this many tokens; captioning stops there", None,
-                                   "scoring", 1000)
+                                   "scoring", 1000, least=1)
     gpt2_weights: str = flag("gpt2", "GPT-2 weights: gpt2, gpt2-medium, -large, -xl (fetched) or a file")
     out_dir: str = flag("runs/caption", "log, ckpt.pt, cache (--resume/--eval: ckpt's folder)", None, "local")
     overwrite: bool = flag(False, "start afresh in an --out-dir holding a run (its files go)", None, "local")
@@ -81,8 +81,8 @@ class TrainConfig:  # the harness's, and what both tasks read
     stop_after: int = flag(0, "end after this many steps, checkpointed (--resume continues)", None, "local")
     weights_dir: str = flag("", "official weights (none: $MINIMODAL_WEIGHTS, else weights/)", None, "local")
     offline: bool = flag(False, "never download (weights, data): say which file to put where", None, "local")
-    batch_size: int = flag(64, "pairs per optimizer step, over all processes and micro-batches", most=10**5)
-    grad_accum: int = flag(1, "micro-batches per step: the same step in less memory")
+    batch_size: int = flag(64, "pairs per optimizer step (all processes, micro-batches)", least=1, most=10**5)
+    grad_accum: int = flag(1, "micro-batches per step: the same step in less memory", least=1)
     epochs: float = flag(1.0, "passes over the training pairs")
     minutes: float = flag(0.0, "fit the run into this many training minutes (evaluations left out): the "
                           "cosine schedule ends where they run out, at most --epochs (0: off)")
@@ -92,9 +92,9 @@ class TrainConfig:  # the harness's, and what both tasks read
     grad_clip: float = flag(1.0, "clip the gradient's global norm to this (0 = off)")
     precision: str = flag("fp32", PRECISION_HELP + "; bf16 and fp16 by autocast, fp16 with a gradient scaler",
                           ("auto", *PRECISIONS))
-    eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end")
-    log_every: int = flag(50, "log the training loss every this many steps")
-    seed: int = flag(0, "the one seed: initialisation, data order, shapes drawn")
+    eval_every: int = flag(500, "evaluate and checkpoint every this many steps, and at the end", least=1)
+    log_every: int = flag(50, "log the training loss every this many steps", least=1)
+    seed: int = flag(0, "the one seed: initialisation, data order, shapes drawn", most=2**32 - 1)
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1", None, "local")
     threads: int = flag(0, "CPU threads for torch (0 = torch's default)", None, "local")
     threads_after: str = flag("", "take every CPU when the run beside it (this folder) ends", None, "local")
@@ -104,11 +104,8 @@ class TrainConfig:  # the harness's, and what both tasks read
 
     def error(self):
         """The first thing wrong with these flags, or None."""
-        if min(self.batch_size, self.grad_accum, self.eval_every, self.log_every) < 1:
-            return "--batch-size, --grad-accum, --eval-every, --log-every must be >= 1"
-        if self.lr <= 0 or self.epochs <= 0 or min(self.warmup_steps, self.minutes, self.stop_after) < 0 or \
-                not 0 <= self.two_objects <= 1:
-            return "--lr, --epochs > 0; --warmup-steps, --minutes, --stop-after >= 0; --two-objects 0 to 1"
+        if self.lr <= 0 or self.epochs <= 0:  # the other numbers' bounds are their flags' (weights.flag)
+            return "--lr and --epochs must be > 0"
         if self.split == "test" and self.data in data.NO_TEST_SPLIT:
             return f"--split test: {data.NO_TEST_SPLIT[self.data]}"
         if self.data == "folder" and not self.data_root:
@@ -127,22 +124,23 @@ class CaptionConfig:
     closed_vocab: bool = flag(False, "tiny GPT-2: unused tokens keep a 0 embedding (exact, fewer rows)")
     mapping_type: str = flag("mlp", "mlp, transformer: ClipCap's; tokens: one per tower token (LLaVA-1.5)",
                              ("mlp", "transformer", "tokens"))
-    prefix_length: int = flag(4, "image vectors GPT-2 reads before the caption (tokens: the tower's tokens)")
-    mapper_layers: int = flag(8, "transformer mapper: blocks")
-    patch_size: int = flag(8, "tiny tower: patch size")
-    vision_width: int = flag(128, "tiny tower: width (one head per 64 channels, as in CLIP)")
-    vision_layers: int = flag(3, "tiny tower: blocks")
-    embed_dim: int = flag(128, "tiny tower: width of the image embedding")
-    n_embd: int = flag(64, "tiny GPT-2: width")
-    n_layer: int = flag(2, "tiny GPT-2: blocks")
-    n_head: int = flag(2, "tiny GPT-2: heads")
-    num_beams: int = flag(1, "evaluation decoding: 1 = greedy, more = beam search", None, "scoring")
+    prefix_length: int = flag(4, "image vectors GPT-2 reads before the caption (tokens: the tower's tokens)",
+                              least=1, most=1000)
+    mapper_layers: int = flag(8, "transformer mapper: blocks", most=100)
+    patch_size: int = flag(8, "tiny tower: patch size", least=1)
+    vision_width: int = flag(128, "tiny tower: width (a head per 64 channels: CLIP's)", least=1, most=4096)
+    vision_layers: int = flag(3, "tiny tower: blocks", most=100)
+    embed_dim: int = flag(128, "tiny tower: width of the image embedding", least=1, most=4096)
+    n_embd: int = flag(64, "tiny GPT-2: width", least=1, most=4096)
+    n_layer: int = flag(2, "tiny GPT-2: blocks", least=1, most=100)
+    n_head: int = flag(2, "tiny GPT-2: heads", least=1, most=4096)
+    num_beams: int = flag(1, "eval decoding: 1 = greedy, more = beams", None, "scoring", least=1, most=100)
     captioner: str = flag("", "start from ClipCap's captioner: coco, conceptual (fetched) or its file")
 
     def error(self, cfg):
         """The first thing wrong with these flags (and the harness's `cfg`), or None."""
-        if min(self.prefix_length, self.num_beams) < 1:
-            return "--prefix-length and --num-beams must be >= 1"
+        if self.language_model == "tiny" and self.n_embd % self.n_head:
+            return "--n-embd must be a multiple of --n-head"
         if self.closed_vocab and self.language_model != "tiny":
             return "--closed-vocab needs --language-model tiny"
         if self.captioner and self.image_tower != "clip":
@@ -158,25 +156,29 @@ class TextToImageConfig:
     sd_weights: str = flag("", "SD 1.x weights, a file or registered name: the VAE, text tower, UNet")
     latent: bool = flag(False, "diffuse in the frozen SD VAE's latent space (8x smaller) instead of pixels")
     unet: str = flag("tiny", "tiny: sized below, new; sd15: --sd-weights', fine-tuned", ("tiny", "sd15"))
-    model_channels: int = flag(32, "tiny UNet: channels of the first level")
+    model_channels: int = flag(32, "tiny UNet: channels of the first level", least=1, most=4096)
     channel_mult: str = flag("1,2", "tiny UNet: channel multiplier of each level")
     attention_resolutions: str = flag("2", "tiny UNet: downsamplings with attention (\"\": the middle only)")
-    num_res_blocks: int = flag(1, "tiny UNet: ResBlocks per level")
-    context_dim: int = flag(64, "tiny UNet: width of the text context (and of the tiny text encoder)")
+    num_res_blocks: int = flag(1, "tiny UNet: ResBlocks per level", most=100)
+    context_dim: int = flag(64, "tiny UNet, tiny text encoder: width of the text context", least=1, most=4096)
     pooled_text: bool = flag(False, "tiny UNet: the text at the first end-of-text joins the timestep (SDXL)")
     scale_shift_norm: bool = flag(False, "tiny UNet: the embedding scales and shifts each ResBlock (ADM)")
-    text_layers: int = flag(2, "tiny text encoder: blocks")
-    patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: 32x32 costs 16x16)")
+    text_layers: int = flag(2, "tiny text encoder: blocks", most=100)
+    patch: int = flag(2, "pixel space: denoise patch x patch pixels as channels (2: 32x32 costs 16x16)",
+                      least=1, most=64)
     schedule: str = flag("cosine", "noise schedule, a ddpm.py preset", tuple(ddpm.PRESETS))
     parameterization: str = flag("eps", "the UNet predicts eps (the noise) or v", ("eps", "v"))
     min_snr_gamma: float = flag(5.0, "Min-SNR loss weighting gamma (0 = the plain mean squared error)")
-    caption_dropout: float = flag(0.1, "train on the empty prompt this often (classifier-free guidance)")
-    ema_decay: float = flag(0.999, "EMA of the weights, which draws the samples (0 = none)")
+    caption_dropout: float = flag(0.1, "empty prompts' share of training (classifier-free guidance)", most=1)
+    ema_decay: float = flag(0.999, "EMA of the weights, which draws the samples (0 = none)", most=1)
     gradient_checkpointing: bool = flag(False, "recompute the UNet's activations in backward: less memory")
     sampler: str = flag("ddim", "evaluation samples: the sampler", ddpm.SAMPLERS, "scoring")
-    sampling_steps: int = flag(20, "evaluation samples: sampler steps", None, "scoring")
-    guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale", None, "scoring")
-    s_noise: float = flag(1.0, "evaluation samples: DDPM's fresh noise times this", None, "scoring")
+    sampling_steps: int = flag(20, "evaluation samples: sampler steps", None, "scoring", least=1,
+                               most=1000)
+    guidance_scale: float = flag(3.0, "evaluation samples: classifier-free guidance scale", None, "scoring",
+                                 most=1000)
+    s_noise: float = flag(1.0, "evaluation samples: DDPM's fresh noise times this", None, "scoring",
+                          most=1000)
     judge: str = flag("", "a shapes captioner checkpoint: it reads held-out prompts drawn", None, "local")
     num_judged: int = flag(200, "--judge: held-out prompts drawn", None, "scoring", 10**5)
 
@@ -186,8 +188,6 @@ class TextToImageConfig:
         side, levels = 8 if self.latent else self.patch, len(self.channel_mult.split(","))
         if self.unet == "tiny" and cfg.image_size % (n := side * 2 ** (levels - 1)):  # the UNet halves it
             return f"--image-size must be a multiple of {n}: / {side} (--patch, VAE), halved {levels - 1}x"
-        if min(self.guidance_scale, self.s_noise) < 0:  # a checkpoint holding either would not read back
-            return "--guidance-scale and --s-noise must be >= 0"
 
 
 PRESETS = {"caption": {  # what each preset measured, and why it is set so: README.md, "What to expect"

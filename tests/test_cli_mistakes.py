@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import queue
+import resource
 import struct
 import subprocess
 import sys
@@ -253,7 +254,15 @@ def test_train_usage_mistakes_and_missing_data(home):
         ("train.py", "--image-tower", "ViT-B/32"),
         ("train.py", "--task", "diffusion", "--two-objects", "1.5"),
         ("train.py", "--task", "diffusion", "--image-size", "16"),  # the preset's 3x3 patches, halved once
-        ("train.py", "--task", "diffusion", "--s-noise", "-0.5")])])  # its checkpoint would not read back
+        # every number within its flag's bounds, refused before anything is built or trained (weights.flag): each
+        # of these trained and then wrote a checkpoint --eval refused, or ended in a traceback, or climbed the loss
+        ("train.py", "--task", "diffusion", "--s-noise", "-0.5"),
+        ("train.py", "--task", "diffusion", "--image-size", "5000"),
+        ("train.py", "--task", "diffusion", "--patch", "0"),
+        ("train.py", "--task", "diffusion", "--sampling-steps", "0"),
+        ("train.py", "--grad-clip", "-1"),
+        ("train.py", "--lr", "0"),
+        ("train.py", "--n-embd", "65", "--n-head", "2")])])
     one_line(results[0], 2, "train.py: error: --data folder needs --data-root DIR (images, captions file)")
     one_line(results[1], 2, "train.py: error: --data-root nowhere: no such folder")
     one_line(results[2], 2, "--offline never downloads: leave out --download")
@@ -264,13 +273,34 @@ def test_train_usage_mistakes_and_missing_data(home):
     one_line(results[5], 2, "train.py: error: argument --epochs: invalid float value: 'x'")
     one_line(results[6], 2, "train.py: error: argument --image-tower: invalid choice: 'ViT-B/32' (choose from "
              "'tiny', 'clip')")
-    one_line(results[7], 2, "train.py: error: --lr, --epochs > 0; --warmup-steps, --minutes, --stop-after >= 0; "
-             "--two-objects 0 to 1")
+    one_line(results[7], 2, "train.py: error: argument --two-objects: 1.5 is out of range (0 to 1)")
     one_line(results[8], 2, "train.py: error: --image-size must be a multiple of 6: / 3 (--patch, VAE), halved 1x")
-    one_line(results[9], 2, "train.py: error: --guidance-scale and --s-noise must be >= 0")
+    one_line(results[9], 2, "train.py: error: argument --s-noise: -0.5 is out of range (0 to 1000)")
+    one_line(results[10], 2, "train.py: error: argument --image-size: 5000 is out of range (1 to 4096)")
+    one_line(results[11], 2, "train.py: error: argument --patch: 0 is out of range (1 to 64)")
+    one_line(results[12], 2, "train.py: error: argument --sampling-steps: 0 is out of range (1 to 1000)")
+    one_line(results[13], 2, "train.py: error: argument --grad-clip: -1 is out of range (at least 0)")
+    one_line(results[14], 2, "train.py: error: --lr and --epochs must be > 0")
+    one_line(results[15], 2, "train.py: error: --n-embd must be a multiple of --n-head")
     help_text = run_script(home, "train.py", "--help").stdout
-    assert "(default: 64)" in help_text and "--task diffusion --preset sd15: --data folder" in help_text
+    assert "(default: 0.01)" in help_text and "--task diffusion --preset sd15: --data folder" in help_text
     assert "--precision {auto,fp32,bf16,fp16}" in help_text and "--sampling-steps" in help_text
+    assert "(default: 32; 1 to 4096)" in " ".join(help_text.split())  # --image-size's bounds, as --help says
+
+
+def test_every_number_flag_is_bounded(capsys):
+    """Each number flag of train.py refuses a value past its bounds at the command line, before anything is built
+    (a negative --grad-clip climbed the loss; --patch 0 divided by zero; --image-size 5000 trained, then wrote a
+    checkpoint --eval refused): one line, exit 2. A checkpoint holding one is refused the same way (above)."""
+    numbers = [f for f in train.FLAGS if type(f.default) in (int, float)]
+    assert len(numbers) == 40 and all(f.metadata["least"] <= f.default for f in numbers)
+    for f in numbers:
+        least, most = f.metadata["least"], f.metadata["most"]
+        nan = ["nan"] if type(f.default) is float else []
+        for value in [least - 1] + ([most + 1] if most is not None else []) + nan:
+            with pytest.raises(SystemExit) as exit:
+                train.parse_config([f"--{f.name.replace('_', '-')}", str(value)])
+            assert exit.value.code == 2 and f"{value} is out of range" in capsys.readouterr().err, f.name
 
 
 def test_train_presets_without_weights_say_what_to_fetch(home):
@@ -388,19 +418,34 @@ def test_a_checkpoint_is_data_not_instructions(home):
     checkpoint["config"].update(data="shapes")
     checkpoint["gpt_config"]["n_embd"] = 2 ** 20  # 50257 x 2^20 floats: 200 GB, if it were allocated
     torch.save(checkpoint, root / "huge.pt")
+    checkpoint["config"].update(image_size=0, grad_clip=-1.0, n_head=10**5)  # flags past their bounds: --resume
+    torch.save(checkpoint, root / "bounds.pt")  # would train on them
 
     class Payload:
         def __reduce__(self):
             return os.system, (f"touch {root / 'pwned'}",)
     (root / "evil.pt").write_bytes(pickle.dumps({"task": "caption", "config": {}, "model": Payload()}))
-    crafted, huge, evil, typed = run_all(home, [
+    crafted, huge, evil, typed, bounds = run_all(home, [
         ("train.py", "--eval", "crafted.pt"), ("train.py", "--eval", "huge.pt"), ("train.py", "--resume", "evil.pt"),
-        ("train.py", "--eval", "caption/ckpt.pt", "--epochs", "3")])
+        ("train.py", "--eval", "caption/ckpt.pt", "--epochs", "3"), ("train.py", "--resume", "bounds.pt")])
     one_line(crafted, 2, "train.py: error: ", "captions_val2017.json not found: pass download=True (--download)")
     one_line(huge, 1, "train.py: error: the checkpoint's model does not match its config: ")
     one_line(evil, 1, "train.py: error: evil.pt is not a readable checkpoint: ")
     one_line(typed, 2, "caption/ckpt.pt is a --task caption checkpoint, scored as it was trained: --epochs do not apply")
+    one_line(bounds, 1, "bounds.pt: its config holds values of the wrong type or size: ['grad_clip', 'image_size', "
+             "'n_head']")
     assert not victim.exists() and not (root / "pwned").exists() and not (root / "data").exists()
+
+
+def test_out_of_memory_is_one_line(home):
+    """A model bigger than the machine's memory (here the address space capped at 4 GB) ends in one line and exit 1,
+    not torch's allocator traceback: a GPT-2 of 100 blocks 4096 wide asks for 80 GB."""
+    root, env, _ = home
+    cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--smoke-test", "--n-embd", "4096", "--n-layer",
+                             "100", "--n-head", "64", "--out-dir", "runs/oom"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=180, preexec_fn=cap)
+    one_line(result, 1, "train.py: error: DefaultCPUAllocator: can't allocate memory: you tried to allocate ")
 
 
 def test_eval_split_test_is_never_val(home):

@@ -94,9 +94,31 @@ def resume_run(checkpoint, optimizer, scaler, path):
     print(f"resumed from {path} at step {checkpoint['step']}")
     return checkpoint["step"], checkpoint.get("train_seconds", 0.0)
 
-def flag(default, help, choices=None, role="", most=None):
-    """A flag of train.py: a dataclass field whose metadata stored_flags reads (help, choices, role, most)."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, role=role, most=most))
+
+def flag(default, help, choices=None, role="", most=None, least=0):
+    """A flag of train.py: a dataclass field whose metadata flag_parser and stored_flags read (help, choices, role;
+    a number's bounds: least to most, most None for none above)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, role=role, most=most,
+                                                            least=least))
+
+
+def within(value, metadata):
+    """Whether a number flag's `value` lies within its declared bounds (NaN never does)."""
+    return metadata["least"] <= value <= (math.inf if metadata["most"] is None else metadata["most"])
+
+
+def bounded(kind, metadata):
+    """argparse's type for a number flag: `kind` read, then refused in one line outside its bounds, before anything
+    is built (a 10^8-wide model asks for terabytes; a negative gradient clip climbs the loss)."""
+    def read(text):
+        value = kind(text)  # not a number: argparse says "invalid int value: 'x'"
+        if not within(value, metadata):
+            least, most = metadata["least"], metadata["most"]
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({least} to {most})" if most is not None
+                                             else f"{text} is out of range (at least {least})")
+        return value
+    read.__name__ = kind.__name__
+    return read
 
 
 class Parser(argparse.ArgumentParser):
@@ -108,14 +130,19 @@ class Parser(argparse.ArgumentParser):
 
 def one_line_errors(prog, run, argv, usage=(FileNotFoundError,)):
     """run(argv), as the entry points' main() runs it: the project's own errors (a file missing or unreadable, a
-    value refused, an unsafe pickle, weights not to be had, memory) print one line, "prog: error: ...", and exit
-    with 2 for a usage problem (`usage`: a flag, a missing file) or 1 for a failure; --traceback: raised whole."""
+    value refused, an unsafe pickle, weights not to be had, memory: torch's out-of-memory too) print one line,
+    "prog: error: ...", and exit with 2 for a usage problem (`usage`: a flag, a missing file) or 1 for a failure;
+    --traceback: raised whole."""
     try:
         return run(argv)
-    except (OSError, ValueError, pickle.UnpicklingError, WeightsUnavailable, MemoryError) as error:
-        if "--traceback" in argv:
+    except (OSError, ValueError, pickle.UnpicklingError, WeightsUnavailable, MemoryError, RuntimeError) as error:
+        memory = isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)  # CUDA's, CPU's
+        ours = isinstance(error, (OSError, ValueError, pickle.UnpicklingError, WeightsUnavailable, MemoryError))
+        if "--traceback" in argv or not (ours or memory):  # any other RuntimeError is a bug: its traceback
             raise
-        print(f"{prog}: error: {error or type(error).__name__}", file=sys.stderr)
+        message = re.sub(r"^\[enforce fail at .*?\] err == 0\. ", "", str(error).strip().splitlines()[0]) if memory \
+            else error or type(error).__name__  # the CPU allocator's message, without its C++ assertion
+        print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2 if isinstance(error, usage) else 1) from None
 
 
@@ -133,10 +160,13 @@ def flag_parser(prog, description, groups, presets):
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(config):
             kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
-                dict(type=type(f.default), choices=f.metadata["choices"])
+                dict(type=type(f.default), choices=f.metadata["choices"]) if type(f.default) is str else \
+                dict(type=bounded(type(f.default), f.metadata))
+            least, most = f.metadata["least"], f.metadata["most"]
+            bounds = f"; {least} to {most}" if most is not None else f"; at least {least}" if least else ""
             default = f.default if f.default != "" else "-"
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
-                               help=f"{f.metadata['help']} (default: {default})")
+                               help=f"{f.metadata['help']} (default: {default}{bounds})")
     return parser
 
 
@@ -146,18 +176,19 @@ class FlagsRefused(ValueError):
 
 def stored_flags(checkpoint, path, flags, given=None):
     """A checkpoint's flags ("config") read as data against their declarations (`flags`: dataclass fields whose
-    metadata give "role", "choices", "most"): known names only, none of a run's own (role "local": where to read
-    and write, the device), each of its default's type, one of its choices, within its bound. Checked against the
-    flags `given` on the command line too: a frozen image tower the checkpoint names by file, which it does not
-    hold, must be given again (a checkpoint never chooses a file to read), and --eval scores a checkpoint as it
-    was trained: no other --task, and of the rest only "local" and "scoring" flags (FlagsRefused)."""
+    metadata give "role", "choices", "least", "most"): known names only, none of a run's own (role "local": where to
+    read and write, the device), each of its default's type, one of its choices, within its bounds (as the command
+    line's are: flag_parser). Checked against the flags `given` on the command line too: a frozen image tower the
+    checkpoint names by file, which it does not hold, must be given again (a checkpoint never chooses a file to
+    read), and --eval scores a checkpoint as it was trained: no other --task, and of the rest only "local" and
+    "scoring" flags (FlagsRefused)."""
     flags, given = {f.name: f for f in flags}, given or {}
     config = {k: v for k, v in checkpoint["config"].items() if k in flags and flags[k].metadata["role"] != "local"}
     kinds = {k: type(flags[k].default) for k in config}
     wrong = {k for k, v in config.items() if type(v) is not kinds[k] and (kinds[k], type(v)) != (float, int)}
     for k, v in config.items():
-        most, choices = flags[k].metadata["most"], flags[k].metadata["choices"]
-        if k not in wrong and (most and not 0 <= v <= most or choices and v not in choices):
+        number, choices = kinds[k] in (int, float), flags[k].metadata["choices"]
+        if k not in wrong and (number and not within(v, flags[k].metadata) or choices and v not in choices):
             wrong.add(k)
     if wrong:
         raise ValueError(f"{path}: its config holds values of the wrong type or size: {sorted(wrong)}")
