@@ -293,7 +293,11 @@ def test_every_number_flag_is_bounded(capsys):
     (a negative --grad-clip climbed the loss; --patch 0 divided by zero; --image-size 5000 trained, then wrote a
     checkpoint --eval refused): one line, exit 2. A checkpoint holding one is refused the same way (above)."""
     numbers = [f for f in train.FLAGS if type(f.default) in (int, float)]
-    assert len(numbers) == 40 and all(f.metadata["least"] <= f.default for f in numbers)
+    assert len(numbers) == 40 and all(weights.checkpoints.within(f.default, f.metadata) for f in numbers)
+    bounds = {f.name: f.metadata for f in numbers}  # and every preset's values (the smoke test's too)
+    for name, value in [item for task in train.PRESETS.values() for preset in [*task.values(), train.SMOKE_TEST]
+                        for item in preset.items() if item[0] in bounds]:
+        assert weights.checkpoints.within(value, bounds[name]), (name, value)
     for f in numbers:
         least, most = f.metadata["least"], f.metadata["most"]
         nan = ["nan"] if type(f.default) is float else []
