@@ -265,8 +265,10 @@ def run(argv):
     if min(1 if args.sampling_steps is None else args.sampling_steps, args.num_images, args.batch_size,
            args.rerank, args.num_beams) < 1:
         parser.error("--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be >= 1")
-    if not 0 < args.strength <= 1 or min(args.eta, args.guidance_scale or 0, args.s_noise or 0) < 0:
-        parser.error("--strength must be in (0, 1]; --eta, --guidance-scale and --s-noise must be >= 0")
+    numbers = (args.eta, args.temperature, args.guidance_scale or 0, args.s_noise or 0)
+    if not (0 < args.strength <= 1 and 0 <= args.top_p <= 1 and all(0 <= n < float("inf") for n in numbers)):
+        parser.error("--strength must be in (0, 1], --top-p in [0, 1]; --eta, --temperature, "
+                     "--guidance-scale, --s-noise >= 0")  # NaN fails every test
     if pick_device(args.device) is None:
         parser.error(f"--device {args.device}: this machine has no such device")
     # What the inputs are decides the task (image_files has the rule): images get captions, prompts images

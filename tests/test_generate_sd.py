@@ -214,6 +214,9 @@ def test_cli_reads_the_ckpt_format(tiny, tmp_path):
     (["--height", "500"], "--height must be a positive multiple of 8"),
     (["--width", "0"], "--width must be a positive multiple of 8"),
     (["--strength", "1.5"], "--strength must be in (0, 1]"),
+    (["--temperature", "-1"], "--eta, --temperature, --guidance-scale, --s-noise >= 0"),  # -1: the least likely
+    (["--s-noise", "nan"], "--eta, --temperature, --guidance-scale, --s-noise >= 0"),  # words first
+    (["--top-p", "2"], "--top-p in [0, 1]"),
     (["--sampling-steps", "0"], "--sampling-steps, --num-images, --batch-size, --rerank and --num-beams must be"),
     (["holiday.jpg"], "no such image file: holiday.jpg"),
     (["--sampler", "ddim", "--sampling-steps", "2000"], "steps must be between 1 and 1000"),
