@@ -107,15 +107,19 @@ def within(value, metadata):
     return metadata["least"] <= value <= (math.inf if metadata["most"] is None else metadata["most"])
 
 
+def bounds(metadata):
+    """A number flag's bounds in words, as --help and its error say them: "1 to 4096", "at least 0"."""
+    least, most = metadata["least"], metadata["most"]
+    return f"{least} to {most}" if most is not None else f"at least {least}"
+
+
 def bounded(kind, metadata):
     """argparse's type for a number flag: `kind` read, then refused in one line outside its bounds, before anything
     is built (a 10^8-wide model asks for terabytes; a negative gradient clip climbs the loss)."""
     def read(text):
         value = kind(text)  # not a number: argparse says "invalid int value: 'x'"
         if not within(value, metadata):
-            least, most = metadata["least"], metadata["most"]
-            raise argparse.ArgumentTypeError(f"{text} is out of range ({least} to {most})" if most is not None
-                                             else f"{text} is out of range (at least {least})")
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({bounds(metadata)})")
         return value
     read.__name__ = kind.__name__
     return read
@@ -133,12 +137,12 @@ def one_line_errors(prog, run, argv, usage=(FileNotFoundError,)):
     value refused, an unsafe pickle, weights not to be had, memory: torch's out-of-memory too) print one line,
     "prog: error: ...", and exit with 2 for a usage problem (`usage`: a flag, a missing file) or 1 for a failure;
     --traceback: raised whole."""
+    ours = (OSError, ValueError, pickle.UnpicklingError, WeightsUnavailable, MemoryError)
     try:
         return run(argv)
-    except (OSError, ValueError, pickle.UnpicklingError, WeightsUnavailable, MemoryError, RuntimeError) as error:
+    except (*ours, RuntimeError) as error:
         memory = isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)  # CUDA's, CPU's
-        ours = isinstance(error, (OSError, ValueError, pickle.UnpicklingError, WeightsUnavailable, MemoryError))
-        if "--traceback" in argv or not (ours or memory):  # any other RuntimeError is a bug: its traceback
+        if "--traceback" in argv or not (isinstance(error, ours) or memory):  # another RuntimeError: a bug
             raise
         message = re.sub(r"^\[enforce fail at .*?\] err == 0\. ", "", str(error).strip().splitlines()[0]) if memory \
             else error or type(error).__name__  # the CPU allocator's message, without its C++ assertion
@@ -162,11 +166,10 @@ def flag_parser(prog, description, groups, presets):
             kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else \
                 dict(type=type(f.default), choices=f.metadata["choices"]) if type(f.default) is str else \
                 dict(type=bounded(type(f.default), f.metadata))
-            least, most = f.metadata["least"], f.metadata["most"]
-            bounds = f"; {least} to {most}" if most is not None else f"; at least {least}" if least else ""
+            said = f"; {bounds(f.metadata)}" if f.metadata["least"] or f.metadata["most"] is not None else ""
             default = f.default if f.default != "" else "-"
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
-                               help=f"{f.metadata['help']} (default: {default}{bounds})")
+                               help=f"{f.metadata['help']} (default: {default}{said})")
     return parser
 
 
